@@ -1,0 +1,593 @@
+"""The PersonalizationJob API: one pydantic model that the operator validates, the trainer reads
+and `crds/` is generated from (see `pj_operator.crdgen`).
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+Unknown fields are rejected everywhere so that a typo never silently becomes a default.
+
+This module must stay torch-free: the operator image imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "personalization.dvar.dev"
+API_VERSION = "v1alpha1"
+KIND = "PersonalizationJob"
+PLURAL = "personalizationjobs"
+SINGULAR = "personalizationjob"
+SHORT_NAME = "pj"
+
+# Object-store and hub schemes the trainer knows how to read. Anything else is rejected.
+ALLOWED_URI_SCHEMES = ("s3", "gs", "https")
+
+
+class Method(str, Enum):
+    textual_inversion = "textualInversion"
+    dreambooth = "dreambooth"
+    lora = "lora"
+    custom_diffusion = "customDiffusion"
+    ti_dreambooth = "tiDreambooth"
+
+
+class CriterionName(str, Enum):
+    dvar = "dvar"
+    ema = "ema"
+    hall = "hall"
+    trend = "trend"
+    clip = "clip"
+    none = "none"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class StopReason(str, Enum):
+    convergence_threshold = "ConvergenceThreshold"
+    max_steps = "MaxSteps"
+    cancelled = "Cancelled"
+    failed = "Failed"
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    queued = "Queued"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class ApiModel(BaseModel):
+    """Base of every API object: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, enums as strings, unset optionals dropped."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-method defaults. Published settings (DVAR paper, arXiv 2302.04841, and seed 000 [0130]) are
+# for Stable Diffusion 1.5 with evaluation every step; step budgets follow the original methods.
+# --------------------------------------------------------------------------------------------
+
+
+class MethodDefaults(BaseModel):
+    max_steps: int
+    learning_rate: float
+    window: int
+    threshold: float
+    prior_preservation: bool
+
+
+METHOD_DEFAULTS: dict[Method, MethodDefaults] = {
+    Method.textual_inversion: MethodDefaults(
+        max_steps=6100, learning_rate=5e-3, window=310, threshold=0.15, prior_preservation=False
+    ),
+    Method.dreambooth: MethodDefaults(
+        max_steps=1000, learning_rate=5e-6, window=440, threshold=0.4, prior_preservation=True
+    ),
+    # LoRA has no published DVAR setting; it behaves like a light DreamBooth, so we use the
+    # DreamBooth window with the stricter Textual Inversion threshold (tuned on the tiny world).
+    Method.lora: MethodDefaults(
+        max_steps=1000, learning_rate=1e-4, window=310, threshold=0.15, prior_preservation=False
+    ),
+    Method.custom_diffusion: MethodDefaults(
+        max_steps=500, learning_rate=1e-5, window=180, threshold=0.15, prior_preservation=False
+    ),
+    # Stage 2 of TI-then-DreamBooth is a DreamBooth fine-tune without prior preservation (seed 004).
+    Method.ti_dreambooth: MethodDefaults(
+        max_steps=1000, learning_rate=2e-6, window=440, threshold=0.4, prior_preservation=False
+    ),
+}
+
+# Default thresholds of the non-DVAR criteria (not published; see docs/criteria.md).
+CRITERION_DEFAULT_THRESHOLDS: dict[CriterionName, float] = {
+    CriterionName.ema: 0.01,
+    CriterionName.hall: 0.1,
+    CriterionName.trend: 1e-4,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+
+def _check_uri(uri: str) -> str:
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"{uri!r} is not a URI (expected scheme://...)")
+    if scheme not in ALLOWED_URI_SCHEMES:
+        raise ValueError(f"URI scheme {scheme!r} is not allowed; use one of {', '.join(ALLOWED_URI_SCHEMES)}")
+    return uri
+
+
+def _check_relative_path(path: str) -> str:
+    """A path inside a mounted volume: relative, and no '..' that would escape the volume."""
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        raise ValueError(f"{path!r} must be relative to the volume when claimName is set")
+    if ".." in p.parts:
+        raise ValueError(f"{path!r} must not contain '..'")
+    return path
+
+
+class BaseModelSource(ApiModel):
+    """Where the pretrained pipeline comes from: exactly one of path, hubId, builtin."""
+
+    path: Optional[str] = Field(None, description="Folder of a diffusers pipeline (on a mounted volume).")
+    claim_name: Optional[str] = Field(
+        None, description="PVC holding `path` (then `path` is relative to the volume root)."
+    )
+    hub_id: Optional[str] = Field(None, description="Hugging Face hub id, for clusters with hub access.")
+    revision: Optional[str] = None
+    builtin: Optional[Literal["tiny-world"]] = Field(
+        None, description="A model shipped with the trainer: the tiny world (CPU demo and tests)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BaseModelSource":
+        given = [n for n in ("path", "hub_id", "builtin") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("set exactly one of path, hubId, builtin")
+        if self.claim_name and self.path:
+            _check_relative_path(self.path)
+        return self
+
+
+class ImageSource(ApiModel):
+    """The concept's photos: a folder (optionally on a PVC) or an object-store URI."""
+
+    path: Optional[str] = Field(None, description="Folder of images.")
+    claim_name: Optional[str] = Field(
+        None, description="PVC holding `path` (then `path` is relative to the volume root)."
+    )
+    uri: Optional[str] = Field(None, description="Object-store prefix: s3://, gs:// or https://.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageSource":
+        if bool(self.path) == bool(self.uri):
+            raise ValueError("set exactly one of path, uri")
+        if self.uri:
+            _check_uri(self.uri)
+        if self.claim_name and self.path:
+            _check_relative_path(self.path)
+        return self
+
+
+class Concept(ApiModel):
+    images: ImageSource
+    class_noun: Optional[str] = Field(
+        None, min_length=1, description="What the concept is ('dog'); needed for prior preservation."
+    )
+    token: str = Field(
+        "auto",
+        min_length=1,
+        description="New token for the concept, or 'auto' to pick rare tokens of the vocabulary.",
+    )
+    initializer_token: Optional[str] = Field(
+        None, description="Word whose embedding initialises the new token (default: the class noun)."
+    )
+    num_identifier_tokens: int = Field(1, ge=1, le=8, description="How many rare tokens 'auto' picks.")
+    caption_template: str = Field(
+        "a photo of {token} {class_noun}",
+        description="Training caption; {token} and {class_noun} are substituted.",
+    )
+    captions: list[str] = Field(
+        default_factory=list, description="Extra caption templates; one is drawn per example."
+    )
+
+    @model_validator(mode="after")
+    def _token_shape(self) -> "Concept":
+        if self.token != "auto" and any(c.isspace() for c in self.token):
+            raise ValueError("token must not contain whitespace")
+        if "{token}" not in self.caption_template:
+            raise ValueError("captionTemplate must contain {token}")
+        return self
+
+
+class PriorPreservation(ApiModel):
+    enabled: Optional[bool] = Field(None, description="Default: on for dreambooth, off otherwise.")
+    class_prompt: Optional[str] = Field(None, description="Default: 'a photo of a {classNoun}'.")
+    num_class_images: int = Field(100, ge=1, le=10000)
+    prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0)
+    inference_steps: int = Field(25, ge=1, le=1000, description="Sampling steps for class images.")
+
+
+class Training(ApiModel):
+    max_steps: Optional[int] = Field(None, ge=1, le=1_000_000, description="Default: per method.")
+    min_steps: int = Field(0, ge=0, le=1_000_000, description="No criterion may stop before this.")
+    learning_rate: Optional[float] = Field(None, gt=0.0, le=1.0, description="Default: per method.")
+    batch_size: int = Field(1, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    resolution: Optional[int] = Field(None, ge=8, le=4096, description="Default: the model's sample size.")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: off).")
+
+
+class TextualInversionOptions(ApiModel):
+    num_vectors: int = Field(1, ge=1, le=16, description="Embedding rows learned per identifier token.")
+
+
+class DreamboothOptions(ApiModel):
+    train_text_encoder: bool = False
+
+
+class LoraOptions(ApiModel):
+    rank: int = Field(4, ge=1, le=256)
+    alpha: Optional[float] = Field(None, gt=0.0, description="Default: equal to rank.")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class TiDreamboothOptions(ApiModel):
+    stage1_max_steps: int = Field(3000, ge=1, le=1_000_000, description="Textual Inversion budget.")
+    stage1_learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
+    stage1_window: int = Field(310, ge=2)
+    stage1_threshold: float = Field(0.15, gt=0.0)
+
+
+class FixedComponents(ApiModel):
+    """Which parts of the reference batch stay fixed (True) or are re-sampled per evaluation."""
+
+    images: bool = True
+    latents: bool = True
+    noise: bool = True
+    captions: bool = True
+    timesteps: bool = True
+
+    def code(self) -> str:
+        """The paper's 5-bit code, images/latents/noise/captions/timesteps ('11111' = deterministic)."""
+        return "".join("1" if v else "0" for v in (self.images, self.latents, self.noise, self.captions, self.timesteps))
+
+
+class ClipCriterion(ApiModel):
+    model_path: Optional[str] = Field(None, description="CLIP model folder (builtin tiny world if unset there).")
+    every_steps: int = Field(100, ge=1)
+    patience: int = Field(3, ge=1)
+    epsilon: float = Field(0.0, ge=0.0)
+    num_samples: int = Field(4, ge=1, le=64)
+    inference_steps: int = Field(25, ge=1, le=1000)
+
+
+class EarlyStopping(ApiModel):
+    criterion: CriterionName = CriterionName.dvar
+    window: Optional[int] = Field(
+        None,
+        ge=2,
+        le=1_000_000,
+        description="Window in training steps (not evaluations): the criterion looks at the values of "
+        "the last `window` steps, i.e. ceil(window / evalEvery) evaluations. Default: per method.",
+    )
+    threshold: Optional[float] = Field(None, gt=0.0, le=1e6, description="Default: per criterion/method.")
+    eval_every: int = Field(1, ge=1, le=100_000, description="Evaluate the deterministic loss every N steps.")
+    reference_batch_size: int = Field(4, ge=1, le=256)
+    reference_sub_batches: int = Field(
+        1, ge=1, le=64, description="Accumulate this many reference batches per evaluation."
+    )
+    fixed: FixedComponents = Field(default_factory=FixedComponents)
+    holdout: bool = Field(False, description="Exclude the reference examples from the training set.")
+    clip: ClipCriterion = Field(default_factory=ClipCriterion)
+
+
+class Validation(ApiModel):
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of {token} {class_noun}"],
+        description="Prompts for the final sample grid; {token} and {class_noun} are substituted.",
+    )
+    num_images_per_prompt: int = Field(2, ge=1, le=64)
+    inference_steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
+
+
+class Output(ApiModel):
+    path: str = Field("output", description="Folder for artifacts (on a mounted volume in a cluster).")
+    claim_name: Optional[str] = Field(
+        None, description="PVC holding `path` (then `path` is relative to the volume root)."
+    )
+    uri: Optional[str] = Field(None, description="Optional object-store prefix the artifacts are uploaded to.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Output":
+        if self.uri:
+            _check_uri(self.uri)
+        if self.claim_name:
+            _check_relative_path(self.path)
+        return self
+
+
+class Toleration(ApiModel):
+    key: Optional[str] = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    toleration_seconds: Optional[int] = Field(None, ge=0)
+
+
+class Resources(ApiModel):
+    gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per job; >1 runs data-parallel.")
+    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: Optional[str] = None
+
+
+class PersonalizationJobSpec(ApiModel):
+    base_model: BaseModelSource
+    method: Method
+    concept: Concept
+    prior_preservation: PriorPreservation = Field(default_factory=PriorPreservation)
+    training: Training = Field(default_factory=Training)
+    textual_inversion: TextualInversionOptions = Field(default_factory=TextualInversionOptions)
+    dreambooth: DreamboothOptions = Field(default_factory=DreamboothOptions)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    ti_dreambooth: TiDreamboothOptions = Field(default_factory=TiDreamboothOptions)
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    validation: Validation = Field(default_factory=Validation)
+    output: Output = Field(default_factory=Output)
+    resources: Resources = Field(default_factory=Resources)
+    image: Optional[str] = Field(None, description="Trainer image override (default: the operator's setting).")
+    queue_name: Optional[str] = Field(None, description="Kueue LocalQueue; the Job then starts suspended.")
+    active_deadline_seconds: Optional[int] = Field(None, ge=1)
+    backoff_limit: int = Field(2, ge=0, le=100)
+    ttl_seconds_after_finished: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "PersonalizationJobSpec":
+        defaults = METHOD_DEFAULTS[self.method]
+        pp = self.prior_preservation
+        if pp.enabled and self.method in (Method.textual_inversion, Method.ti_dreambooth):
+            raise ValueError(f"priorPreservation.enabled: not supported by method {self.method.value}")
+        if self.prior_preservation_enabled and not (self.concept.class_noun or pp.class_prompt):
+            raise ValueError(
+                "priorPreservation: needs concept.classNoun or priorPreservation.classPrompt "
+                "(set priorPreservation.enabled: false to train without it)"
+            )
+        if self.training.max_steps is not None and self.training.min_steps > self.training.max_steps:
+            raise ValueError("training.minSteps must not exceed training.maxSteps")
+        if self.concept.initializer_token is None and self.concept.class_noun is None and self.method in (
+            Method.textual_inversion,
+            Method.custom_diffusion,
+            Method.ti_dreambooth,
+        ):
+            raise ValueError(
+                f"concept.initializerToken: method {self.method.value} needs an initializer token "
+                "(or concept.classNoun)"
+            )
+        if "{class_noun}" in self.concept.caption_template and not self.concept.class_noun:
+            raise ValueError("concept.captionTemplate uses {class_noun} but concept.classNoun is not set")
+        del defaults
+        return self
+
+    # ---- resolved values (per-method defaults applied) ------------------------------------
+
+    @property
+    def defaults(self) -> MethodDefaults:
+        return METHOD_DEFAULTS[self.method]
+
+    @property
+    def max_steps(self) -> int:
+        return self.training.max_steps or self.defaults.max_steps
+
+    @property
+    def learning_rate(self) -> float:
+        return self.training.learning_rate or self.defaults.learning_rate
+
+    @property
+    def prior_preservation_enabled(self) -> bool:
+        pp = self.prior_preservation.enabled
+        return self.defaults.prior_preservation if pp is None else pp
+
+    @property
+    def window(self) -> int:
+        """Criterion window in training steps."""
+        return self.early_stopping.window or self.defaults.window
+
+    @property
+    def threshold(self) -> float:
+        es = self.early_stopping
+        if es.threshold is not None:
+            return es.threshold
+        return CRITERION_DEFAULT_THRESHOLDS.get(es.criterion, self.defaults.threshold)
+
+    @property
+    def window_evaluations(self) -> int:
+        """The window in evaluations: the same span of training steps whatever evalEvery is."""
+        return max(2, -(-self.window // self.early_stopping.eval_every))
+
+    @property
+    def initializer_token(self) -> Optional[str]:
+        return self.concept.initializer_token or self.concept.class_noun
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata we read; everything else is passed through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Optional[str] = None
+    namespace: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Status: the trainer writes progress/earlyStop/... (also to result.json); the operator writes
+# the lifecycle (phase, conditions, startTime, completionTime, jobName, attempts).
+# --------------------------------------------------------------------------------------------
+
+
+class Condition(ApiModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: Optional[str] = None
+
+
+class Progress(ApiModel):
+    step: int = Field(0, ge=0)
+    max_steps: int = Field(0, ge=0)
+    percent: float = Field(0.0, ge=0.0, le=100.0)
+    eta_seconds: Optional[float] = Field(None, ge=0.0)
+    stage: Optional[str] = Field(None, description="For tiDreambooth: textualInversion or dreambooth.")
+
+
+class EarlyStop(ApiModel):
+    stopped: bool = False
+    reason: Optional[StopReason] = None
+    criterion: Optional[CriterionName] = None
+    value: Optional[float] = None
+    threshold: Optional[float] = None
+    window: Optional[int] = None
+    step: Optional[int] = None
+    steps_saved: Optional[int] = None
+    fraction_saved: Optional[float] = None
+
+
+class ReferenceInfo(ApiModel):
+    size: int
+    sub_batches: int = 1
+    indices: list[int] = Field(default_factory=list)
+    holdout: bool
+    fixed: str = Field(description="5-bit code images/latents/noise/captions/timesteps, 1 = fixed")
+    eval_every: int = 1
+
+
+class Artifact(ApiModel):
+    location: str
+    files: list[str] = Field(default_factory=list)
+
+
+class TrainerReport(ApiModel):
+    """What the trainer writes into status (and, identically, into result.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+    progress: Optional[Progress] = None
+    deterministic_loss: Optional[float] = None
+    train_loss: Optional[float] = None
+    convergence_value: Optional[float] = None
+    early_stop: Optional[EarlyStop] = None
+    identifier: Optional[str] = None
+    reference: Optional[ReferenceInfo] = None
+    artifact: Optional[Artifact] = None
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+    wall_seconds: Optional[float] = None
+    message: Optional[str] = None
+
+
+class PersonalizationJobStatus(TrainerReport):
+    # `extra=allow`: kopf keeps its own bookkeeping under status too.
+    model_config = ConfigDict(extra="allow")
+    phase: Optional[Phase] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: Optional[int] = None
+    start_time: Optional[str] = None
+    completion_time: Optional[str] = None
+    job_name: Optional[str] = None
+    attempts: Optional[int] = None
+
+
+class PersonalizationJob(ApiModel):
+    model_config = ConfigDict(extra="forbid")
+    api_version: Literal["personalization.dvar.dev/v1alpha1"] = f"{API_GROUP}/{API_VERSION}"  # type: ignore[assignment]
+    kind: Literal["PersonalizationJob"] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: PersonalizationJobSpec
+    status: Optional[PersonalizationJobStatus] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class SpecError(ValueError):
+    """A spec problem, with a message naming the field path (one line per problem)."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        path = f"{prefix}.{path}" if (prefix and path) else (path or prefix)
+        msg = e["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {msg}")
+    return "; ".join(problems)
+
+
+def parse_spec(data: dict[str, Any]) -> PersonalizationJobSpec:
+    """Validate a bare spec dict (camelCase keys)."""
+    if not isinstance(data, dict):
+        raise SpecError("spec: expected a mapping")
+    try:
+        return PersonalizationJobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def parse_job(data: Any) -> PersonalizationJob:
+    """Accept a full PersonalizationJob manifest or a bare spec."""
+    if not isinstance(data, dict):
+        raise SpecError("config: expected a mapping (a PersonalizationJob manifest or its spec)")
+    if "spec" in data or "kind" in data or "apiVersion" in data:
+        kind = data.get("kind", KIND)
+        if kind != KIND:
+            raise SpecError(f"kind: expected {KIND}, got {kind!r}")
+        try:
+            return PersonalizationJob.model_validate({k: v for k, v in data.items() if k != "status"})
+        except ValidationError as err:
+            raise SpecError(format_validation_error(err, prefix="")) from None
+    return PersonalizationJob(spec=parse_spec(data))
+
+
+def load_job(path: str | Path) -> PersonalizationJob:
+    """Load a YAML/JSON file holding a manifest or a bare spec."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"config file {str(p)!r} does not exist") from None
+    except OSError as err:
+        raise SpecError(f"config file {str(p)!r} cannot be read: {err.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise SpecError(f"config file {str(p)!r} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+    return parse_job(data)
