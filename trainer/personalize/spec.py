@@ -10,6 +10,7 @@ This module must stay torch-free: the operator image imports it.
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional
@@ -542,11 +543,23 @@ class SpecError(ValueError):
     """A spec problem, with a message naming the field path (one line per problem)."""
 
 
+def _path_part(part: Any) -> str:
+    """One segment of a field path: `name`, `[3]` for list items, `['odd key']` for odd keys."""
+    if isinstance(part, int):
+        return f"[{part}]"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part)):
+        return f".{part}"
+    return f"[{str(part)!r}]"
+
+
 def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
     problems = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-        path = f"{prefix}.{path}" if (prefix and path) else (path or prefix)
+        parts = [p for p in e["loc"] if not str(p).startswith("function-after")]
+        path = "".join(_path_part(p) for p in parts).removeprefix(".")
+        if prefix and path:
+            path = f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
+        path = path or prefix
         msg = e["msg"].removeprefix("Value error, ")
         problems.append(f"{path}: {msg}")
     return "; ".join(problems)
