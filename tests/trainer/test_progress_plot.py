@@ -1,0 +1,92 @@
+"""The terminal progress line and the convergence plot."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from personalize.plotting import build_convergence_figure, plot_convergence
+from personalize.progress import ProgressPrinter, format_duration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_log_mode_prints_one_line_per_report_with_eta():
+    out, clock = io.StringIO(), Clock()
+    p = ProgressPrinter(max_steps=1000, threshold=0.15, criterion="dvar", stream=out, is_tty=False, clock=clock)
+    p.update(1, train_loss=0.5)
+    clock.now = 10.0  # 10 s for 10 steps -> 1 s per step
+    line = p.update(11, train_loss=0.4, deterministic_loss=0.25, convergence_value=0.3)
+    p.close("stopped")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in out.getvalue()
+    assert lines[1] == line
+    assert "step   11/1000" in line and "1.1%" in line
+    assert "loss 0.4" in line and "det 0.25" in line and "dvar 0.3 (stop < 0.15)" in line
+    assert "ETA 0:16:29" in line  # 989 remaining steps at 1 s each
+    assert "det -" in lines[0] and "ETA ?" in lines[0]  # nothing known yet
+    assert lines[2] == "stopped"
+
+
+def test_tty_mode_rewrites_the_line_in_place():
+    out = io.StringIO()
+    p = ProgressPrinter(max_steps=50, stream=out, is_tty=True, clock=Clock())
+    long = p.update(1, train_loss=0.123456, deterministic_loss=0.5, convergence_value=float("nan"))
+    short = p.update(2, train_loss=0.1)
+    p.close()
+    text = out.getvalue()
+    assert text.count("\r") == 2 and text.count("\n") == 1 and text.endswith("\n")
+    second = text.split("\r")[2]
+    assert second.startswith(short) and len(second.rstrip("\n")) >= len(long)  # old text erased
+
+
+def test_format_duration():
+    assert format_duration(3725) == "1:02:05"
+    assert format_duration(None) == "?" and format_duration(math.inf) == "?"
+
+
+def rows_like_losses_csv(steps: int = 200, eval_every: int = 5) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(1, steps + 1):
+        det = 0.1 + 0.3 * math.exp(-s / 30)
+        row = {"step": s, "train_loss": det * (1 + 0.5 * abs(rng.standard_normal())), "deterministic_loss": "", "convergence_value": ""}
+        if s % eval_every == 0:
+            row["deterministic_loss"] = det
+            row["convergence_value"] = 2.0 * math.exp(-s / 40) if s >= 50 else ""
+        rows.append(row)
+    rows[7]["train_loss"] = float("nan")  # a diverged step must not break the plot
+    return rows
+
+
+def test_convergence_figure_has_both_axes_threshold_and_stop_line():
+    fig = build_convergence_figure(rows_like_losses_csv(), threshold=0.15, stop_step=120)
+    loss_ax, conv_ax = fig.axes
+    assert loss_ax.get_yscale() == "log" and conv_ax.get_yscale() == "log"
+    labels = [line.get_label() for line in loss_ax.lines + conv_ax.lines]
+    assert labels[:2] == ["training loss", "deterministic loss"]
+    assert "|convergence value|" in labels and "threshold 0.15" in labels and "stop at step 120" in labels
+    [stop] = [line for line in loss_ax.lines if line.get_label() == "stop at step 120"]
+    assert list(stop.get_xdata()) == [120, 120]
+    [det] = [line for line in loss_ax.lines if line.get_label() == "deterministic loss"]
+    assert len(det.get_xdata()) == 40  # only evaluated steps
+    [train] = [line for line in loss_ax.lines if line.get_label() == "training loss"]
+    assert len(train.get_xdata()) == 199  # the NaN step left out
+
+
+def test_plot_convergence_writes_a_png(tmp_path):
+    path = plot_convergence(rows_like_losses_csv(), 0.15, None, tmp_path / "convergence.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (900, 500)
+    # A run that never evaluated still gets a plot.
+    plot_convergence([{"step": 1, "train_loss": 0.5}], None, None, tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").stat().st_size > 0
