@@ -345,8 +345,9 @@ class Toleration(ApiModel):
 
 class Resources(ApiModel):
     gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per job; >1 runs data-parallel.")
-    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
-    memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    # Unset: the operator's defaults (PJ_DEFAULT_CPU / PJ_DEFAULT_MEMORY, 4 and 16Gi out of the box).
+    cpu: Optional[str] = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: Optional[str] = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: Optional[str] = None

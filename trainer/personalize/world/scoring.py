@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from personalize.world.shapes import BACKGROUNDS, COLOURS, SHAPES
+from personalize.world.shapes import BACKGROUNDS, COLOURS, PATTERNS, SHAPES
 from personalize.world.tiny_models import TINY_WORLD_DIR, load_tokenizer
 
 ImageLike = Image.Image | np.ndarray
@@ -29,11 +29,13 @@ ZERO_SHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("a {} ", "a photo of a {}"),
     "colour": ("a {} shape", "a {} thing"),
     "background": ("a shape on a {} background", "a photo on a {} background"),
+    "pattern": ("a {} shape", "a {} thing"),
 }
 ZERO_SHOT_CLASSES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "colour": tuple(COLOURS),
     "background": BACKGROUNDS,
+    "pattern": PATTERNS,
 }
 
 
@@ -112,7 +114,7 @@ def class_embeddings(clip: CLIPModel, tokenizer: CLIPTokenizer, attribute: str) 
 def zero_shot_predict(
     clip: CLIPModel, tokenizer: CLIPTokenizer, images: Sequence[ImageLike] | torch.Tensor, attribute: str
 ) -> list[str]:
-    """Predicted class name per image for attribute in {'shape', 'colour', 'background'}."""
+    """Predicted class name per image for attribute in ZERO_SHOT_CLASSES (shape, colour, background, pattern)."""
     classes = ZERO_SHOT_CLASSES[attribute]
     similarities = image_embeddings(clip, images) @ class_embeddings(clip, tokenizer, attribute).T
     return [classes[i] for i in similarities.argmax(dim=-1).tolist()]

@@ -32,18 +32,19 @@ MAX_TEXT_LENGTH = 77
 class TinyConfig:
     image_size: int = 32
     latent_channels: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks -> 2 downsamplings -> 4x
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 blocks -> 2 downsamplings -> 4x
     vae_layers_per_block: int = 1
-    unet_channels: tuple[int, ...] = (64, 128)
-    unet_layers_per_block: int = 2
+    unet_channels: tuple[int, ...] = (48, 96)
+    unet_layers_per_block: int = 1
     unet_attention_heads: int = 4
+    unet_norm_groups: int = 16
     text_hidden: int = 64
     text_layers: int = 4
     text_heads: int = 4
     vision_hidden: int = 96
     vision_layers: int = 4
     vision_heads: int = 4
-    vision_patch: int = 4
+    vision_patch: int = 8
     projection_dim: int = 64
 
     @classmethod
@@ -53,9 +54,8 @@ class TinyConfig:
     @classmethod
     def test(cls) -> "TinyConfig":
         return cls(
-            vae_channels=(16, 32, 32),
+            vae_channels=(16, 16, 32),
             unet_channels=(32, 64),
-            unet_layers_per_block=1,
             unet_attention_heads=2,
             text_hidden=32,
             text_layers=2,
@@ -120,7 +120,9 @@ def build_text_encoder(cfg: TinyConfig, seed: int = 0) -> CLIPTextModel:
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     """The CLIP text tower as a standalone CLIPTextModel (what Stable Diffusion conditions on)."""
     text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
+    target = getattr(text_encoder, "text_model", text_encoder)
+    target.load_state_dict(clip.text_model.state_dict())
     return text_encoder
 
 
@@ -153,7 +155,7 @@ def build_unet(cfg: TinyConfig, seed: int = 0) -> UNet2DConditionModel:
         layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_hidden,
         attention_head_dim=cfg.unet_attention_heads,
-        norm_num_groups=32,
+        norm_num_groups=cfg.unet_norm_groups,
     )
 
 

@@ -1,0 +1,76 @@
+# syntax=docker/dockerfile:1
+#
+# Two images from one file:
+#   docker build --target operator -t personalization-operator .
+#   docker build --target trainer  -t personalization-trainer  .          # CUDA PyTorch base
+#   docker build --target trainer  -t personalization-trainer:cpu \
+#       --build-arg TRAINER_BASE_IMAGE=python:3.11.7-slim-bookworm \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .  # CPU base
+#
+# Every Python package is pinned by docker/constraints.txt (generated from the tested
+# environment by docker/pin_constraints.py); base images are pinned by tag.
+
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+# The CUDA build of PyTorch ships in this image; pip keeps it (torch is not in constraints.txt).
+ARG TRAINER_BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+
+# ---------------------------------------------------------------------------------------------
+# wheel: build the project once; the final stages install the wheel, never the source tree.
+# ---------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+RUN pip install --no-cache-dir build==1.2.2
+COPY pyproject.toml README.md ./
+COPY trainer/ trainer/
+COPY operator/ operator/
+RUN python -m build --wheel --outdir /dist .
+
+# ---------------------------------------------------------------------------------------------
+# operator: slim Python, no torch (the operator and the spec model are torch-free).
+# ---------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS operator
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY docker/constraints.txt /tmp/constraints.txt
+RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
+    pip install --no-cache-dir -c /tmp/constraints.txt "$(ls /dist/*.whl)[operator]" \
+    && rm /tmp/constraints.txt
+RUN groupadd --gid 10001 pj-operator \
+    && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin pj-operator
+# Numeric UID so that Kubernetes can verify runAsNonRoot without reading /etc/passwd.
+USER 10001:10001
+# 8080: /metrics, 8081: /healthz (kopf liveness)
+EXPOSE 8080 8081
+ENTRYPOINT ["personalization-operator"]
+
+# ---------------------------------------------------------------------------------------------
+# trainer: PyTorch base (CUDA by default). With a CPU base, set TORCH_INDEX_URL and pip installs
+# torch==TORCH_VERSION from that index first.
+# ---------------------------------------------------------------------------------------------
+FROM ${TRAINER_BASE_IMAGE} AS trainer
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=""
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/trainer \
+    HF_HOME=/home/trainer/.cache/huggingface \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    HF_HUB_DISABLE_TELEMETRY=1
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
+        pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    fi
+COPY docker/constraints.txt /tmp/constraints.txt
+RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
+    pip install --no-cache-dir -c /tmp/constraints.txt "$(ls /dist/*.whl)[trainer]" \
+    && rm /tmp/constraints.txt
+RUN groupadd --gid 10001 pj-trainer \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/trainer \
+        --shell /usr/sbin/nologin pj-trainer \
+    && mkdir -p /output && chown 10001:10001 /output
+USER 10001:10001
+WORKDIR /home/trainer
+# 9400: /metrics while training
+EXPOSE 9400
+ENTRYPOINT ["personalize-train"]

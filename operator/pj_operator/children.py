@@ -1,0 +1,249 @@
+"""Manifests of the objects a PersonalizationJob owns, as plain dicts (pure functions).
+
+Owner references are added by the caller (`kopf.adopt`), so these builders need only the
+parsed job, its name/namespace and the operator settings, and are easy to test.
+
+Volume layout of the trainer pod (docs/operator.md):
+  /etc/personalization/job.yaml   the manifest (ConfigMap key `job.yaml`), read-only
+  /output                         the output PVC (spec.output.claimName) or an emptyDir
+  /mnt/base-model, /mnt/concept-images   input PVCs, read-only, when claimName is set
+  /tmp, /cache, /dev/shm          emptyDirs (the root filesystem is read-only)
+Paths of PVC-backed inputs are rewritten in the ConfigMap copy of the manifest to where the
+pod mounts them, so the trainer never needs to know about volumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from personalize import spec as api
+
+from . import names
+from .names import PJ_API_VERSION
+from .settings import Settings
+
+Manifest = dict[str, Any]
+
+
+def _meta(name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": dict(labels)}
+
+
+def trainer_manifest(job: api.PersonalizationJob, name: str, namespace: str) -> dict[str, Any]:
+    """The manifest the trainer reads: the spec with defaults spelled out and input paths resolved."""
+    spec = job.spec.to_api()
+    base = spec["baseModel"]
+    if base.get("claimName") and base.get("path"):
+        base["path"] = f"{names.BASE_MODEL_MOUNT}/{base['path']}".rstrip("/")
+        del base["claimName"]
+    images = spec["concept"]["images"]
+    if images.get("claimName") and images.get("path"):
+        images["path"] = f"{names.IMAGES_MOUNT}/{images['path']}".rstrip("/")
+        del images["claimName"]
+    return {
+        "apiVersion": PJ_API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def config_map(job: api.PersonalizationJob, name: str, namespace: str) -> Manifest:
+    text = yaml.safe_dump(trainer_manifest(job, name, namespace), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(names.config_map_name(name), namespace, names.child_labels(name)),
+        "data": {names.CONFIG_KEY: text},
+    }
+
+
+def service_account(name: str, namespace: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(names.trainer_account_name(name), namespace, names.child_labels(name)),
+    }
+
+
+def role(name: str, namespace: str) -> Manifest:
+    """The trainer may read its own resource and patch its own status, nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(names.trainer_account_name(name), namespace, names.child_labels(name)),
+        "rules": [
+            {
+                "apiGroups": [api.API_GROUP],
+                "resources": [api.PLURAL],
+                "resourceNames": [name],
+                "verbs": ["get"],
+            },
+            {
+                "apiGroups": [api.API_GROUP],
+                "resources": [f"{api.PLURAL}/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            },
+        ],
+    }
+
+
+def role_binding(name: str, namespace: str) -> Manifest:
+    account = names.trainer_account_name(name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(account, namespace, names.child_labels(name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+    }
+
+
+def _volumes(spec: api.PersonalizationJobSpec, name: str, settings: Settings) -> tuple[list, list]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names.config_map_name(name)}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {"sizeLimit": settings.cache_size_limit}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size_limit}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/cache"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    # One volume per distinct claim; the same claim may be mounted at several paths.
+    claim_volumes: dict[str, str] = {}
+
+    def claim_volume(claim: str) -> str:
+        if claim not in claim_volumes:
+            claim_volumes[claim] = f"claim-{len(claim_volumes)}"
+            volumes.append({"name": claim_volumes[claim], "persistentVolumeClaim": {"claimName": claim}})
+        return claim_volumes[claim]
+
+    if spec.output.claim_name:
+        mounts.append({"name": claim_volume(spec.output.claim_name), "mountPath": names.OUTPUT_DIR})
+    else:
+        volumes.append({"name": "output", "emptyDir": {}})
+        mounts.append({"name": "output", "mountPath": names.OUTPUT_DIR})
+    if spec.base_model.claim_name:
+        mounts.append({"name": claim_volume(spec.base_model.claim_name), "mountPath": names.BASE_MODEL_MOUNT,
+                       "readOnly": True})
+    if spec.concept.images.claim_name:
+        mounts.append({"name": claim_volume(spec.concept.images.claim_name), "mountPath": names.IMAGES_MOUNT,
+                       "readOnly": True})
+    return volumes, mounts
+
+
+def output_dir(spec: api.PersonalizationJobSpec) -> str:
+    if spec.output.claim_name:
+        return f"{names.OUTPUT_DIR}/{spec.output.path}".rstrip("/")
+    return names.OUTPUT_DIR
+
+
+def _resources(spec: api.PersonalizationJobSpec, settings: Settings) -> dict[str, Any]:
+    res = spec.resources
+    cpu = res.cpu or settings.default_cpu
+    memory = res.memory or settings.default_memory
+    requests = {"cpu": cpu, "memory": memory}
+    limits = {"memory": memory}  # no CPU limit: throttling a data loader only slows the GPU down
+    if res.gpus:
+        limits[settings.gpu_resource] = str(res.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settings) -> Manifest:
+    spec = job.spec
+    method = spec.method.value
+    volumes, mounts = _volumes(spec, name, settings)
+    container = {
+        "name": "trainer",
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": [
+            "personalize-train",
+            "--config", f"{names.CONFIG_DIR}/{names.CONFIG_KEY}",
+            "--output", output_dir(spec),
+            "--metrics-port", str(names.METRICS_PORT),
+        ],
+        "env": [
+            {"name": "PJ_NAMESPACE", "value": namespace},
+            {"name": "PJ_NAME", "value": name},
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "XDG_CACHE_HOME", "value": "/cache"},
+            {"name": "HF_HOME", "value": "/cache/huggingface"},
+            {"name": "TORCH_HOME", "value": "/cache/torch"},
+            {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "ports": [{"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec, settings),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        # Never: a failed attempt becomes a new pod, which backoffLimit counts and we can inspect.
+        "restartPolicy": "Never",
+        "serviceAccountName": names.trainer_account_name(name),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.trainer_uid,
+            "runAsGroup": settings.trainer_uid,
+            "fsGroup": settings.trainer_uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    res = spec.resources
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_api() for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+
+    labels = names.child_labels(name)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {
+            "metadata": {"labels": names.pod_labels(name, method)},
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    if spec.queue_name:
+        # Kueue admits the workload by unsuspending the Job.
+        labels[names.KUEUE_QUEUE_LABEL] = spec.queue_name
+        job_spec["suspend"] = True
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(names.job_name(name), namespace, labels),
+        "spec": job_spec,
+    }
+
+
+def all_children(parsed: api.PersonalizationJob, name: str, namespace: str, settings: Settings) -> list[Manifest]:
+    """In creation order: everything the pod needs exists before the Job that starts it."""
+    return [
+        config_map(parsed, name, namespace),
+        service_account(name, namespace),
+        role(name, namespace),
+        role_binding(name, namespace),
+        job(parsed, name, namespace, settings),
+    ]
+

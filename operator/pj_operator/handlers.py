@@ -1,0 +1,102 @@
+"""The kopf handlers: thin adapters from kopf's callbacks to `reconcile` (which does the work).
+
+Handlers are synchronous (the `kubernetes` client is): kopf runs them in its thread pool.
+They return None so kopf writes nothing into status; kopf's own bookkeeping lives in
+annotations under the API group (see `configure`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from personalize import spec as api
+
+from . import metrics, names, reconcile, status
+from .kube import Kube
+from .pump import Pump
+from .settings import OPERATOR_NAME, Settings
+
+PJ = (api.API_GROUP, api.API_VERSION, api.PLURAL)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account in a cluster, else $KUBECONFIG (read now, not at import time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.API_GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{api.API_GROUP}/finalizer"
+    # Only our own events (kopf.event) and kopf's warnings/errors become Kubernetes Events.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 8
+    memo.config = Settings.from_env()
+    memo.kube = Kube.from_environment()
+    memo.pump = Pump(memo.kube, memo.config)
+    logger.info("serving %s with %s", ", ".join(memo.config.namespaces) or "all namespaces", memo.config)
+
+
+@kopf.on.cleanup()
+def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "pump", None) is not None:
+        memo.pump.stop()
+    if getattr(memo, "kube", None) is not None:
+        memo.kube.close()
+
+
+@kopf.on.create(*PJ)
+@kopf.on.resume(*PJ)
+@metrics.counting_errors("reconcile")
+def on_create_or_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    reconcile.reconcile(memo.kube, dict(body), memo.config)
+
+
+@kopf.on.update(*PJ, field="spec")
+@metrics.counting_errors("spec_change")
+def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+    if (body.get("status") or {}).get("jobName"):
+        changed = sorted({".".join(("spec",) + tuple(d[1])) for d in diff})
+        reconcile.refuse_change(memo.kube, dict(body), changed)
+    else:
+        reconcile.reconcile(memo.kube, dict(body), memo.config)
+
+
+@kopf.on.event(*PJ)
+def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the jobs-by-phase gauge current (a cache of the watch; it decides nothing)."""
+    memo.pump.ensure_started()
+    uid = body.get("metadata", {}).get("uid", "")
+    if type == "DELETED":
+        metrics.PHASES.forget(uid)
+        status.forget(body["metadata"].get("namespace", ""), body["metadata"].get("name", ""))
+    else:
+        metrics.PHASES.observe(uid, (body.get("status") or {}).get("phase"))
+
+
+def _owner_uid(job: kopf.Body) -> str | None:
+    for ref in job.get("metadata", {}).get("ownerReferences", []):
+        if ref.get("kind") == api.KIND and ref.get("apiVersion") == names.PJ_API_VERSION:
+            return ref.get("uid")
+    return None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: OPERATOR_NAME})
+@metrics.counting_errors("job_event")
+def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    owner = _owner_uid(body)
+    pj_name = body.get("metadata", {}).get("labels", {}).get(names.LABEL_JOB)
+    if owner is None or not pj_name:
+        return
+    namespace = body["metadata"]["namespace"]
+    job = None if type == "DELETED" else dict(body)
+    failed = job is not None and any(c.get("type") == "Failed" and c.get("status") == "True"
+                                     for c in (job.get("status") or {}).get("conditions") or [])
+    pods = reconcile.job_pods(memo.kube, namespace, pj_name) if failed else []
+    reconcile.sync_lifecycle(memo.kube, namespace, pj_name, job, pods, owner_uid=owner)

@@ -1,0 +1,103 @@
+"""Operator metrics (names per docs/TEAM_CONTEXT.md), served on PJ_METRICS_PORT at /metrics."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Optional
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from personalize.spec import Phase
+
+COMPLETIONS = Counter(
+    "personalization_job_completions", "PersonalizationJobs that finished, by reason.", ["reason"],
+)
+STEPS_SAVED = Counter(
+    "personalization_steps_saved", "Training steps not run because early stopping stopped the job.",
+    ["method"],
+)
+GPU_SECONDS_SAVED = Counter(
+    "personalization_gpu_seconds_saved",
+    "Estimated GPU-seconds saved by early stopping (steps saved x measured seconds per step x GPUs).",
+    ["method"],
+)
+RECONCILE_ERRORS = Counter(
+    "personalization_reconcile_errors", "Handler invocations that raised (kopf retries them).", ["handler"],
+)
+
+
+class PhaseCollector:
+    """`personalization_jobs{phase}` from the phases the operator last saw on each resource.
+
+    The map is a cache of what the watch stream reports (rebuilt from kopf's initial listing
+    after a restart); it decides nothing, it is only counted at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self._phases: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, uid: str, phase: Optional[str]) -> None:
+        with self._lock:
+            self._phases[uid] = phase or "Unknown"
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._phases.pop(uid, None)
+
+    def counts(self) -> dict[str, int]:
+        counts = {p.value: 0 for p in Phase}
+        with self._lock:
+            for phase in self._phases.values():
+                counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def collect(self):
+        family = GaugeMetricFamily("personalization_jobs", "PersonalizationJobs by phase.", labels=["phase"])
+        for phase, count in sorted(self.counts().items()):
+            family.add_metric([phase], count)
+        yield family
+
+
+PHASES = PhaseCollector()
+REGISTRY.register(PHASES)
+
+
+def record_completion(phase: str, reason: str, method: str, status: dict[str, Any], gpus: int) -> None:
+    """Count one finished job; credit early stopping with the steps (and GPU time) it saved."""
+    COMPLETIONS.labels(reason=reason).inc()
+    if phase != Phase.succeeded.value:
+        return
+    early = status.get("earlyStop") or {}
+    saved = early.get("stepsSaved") or 0
+    if not early.get("stopped") or saved <= 0:
+        return
+    STEPS_SAVED.labels(method=method).inc(saved)
+    # Seconds per step from the trainer's own wall clock over the steps it actually ran.
+    steps_run = (status.get("progress") or {}).get("step") or early.get("step") or 0
+    wall = status.get("wallSeconds") or 0.0
+    if steps_run > 0 and wall > 0 and gpus > 0:
+        GPU_SECONDS_SAVED.labels(method=method).inc(saved * wall / steps_run * gpus)
+
+
+def counting_errors(handler: str) -> Callable:
+    """Decorator: count exceptions of a handler, then let kopf see (and retry) them."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                RECONCILE_ERRORS.labels(handler=handler).inc()
+                raise
+
+        return inner
+
+    return wrap
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    start_http_server(port, registry=registry)

@@ -1,0 +1,50 @@
+"""Names and labels shared by the children builders, the handlers and the tests."""
+
+from __future__ import annotations
+
+from personalize import spec as api
+
+from .settings import OPERATOR_NAME
+
+PJ_API_VERSION = f"{api.API_GROUP}/{api.API_VERSION}"
+
+LABEL_APP = "app.kubernetes.io/name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_JOB = f"{api.API_GROUP}/job"
+LABEL_METHOD = f"{api.API_GROUP}/method"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+TRAINER_APP = "personalization-trainer"
+METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
+
+CONFIG_KEY = "job.yaml"
+CONFIG_DIR = "/etc/personalization"
+OUTPUT_DIR = "/output"
+BASE_MODEL_MOUNT = "/mnt/base-model"
+IMAGES_MOUNT = "/mnt/concept-images"
+
+
+def job_name(pj_name: str) -> str:
+    # The PersonalizationJob name is at most 63 characters (validated), so is the Job's.
+    return pj_name
+
+
+def config_map_name(pj_name: str) -> str:
+    return f"{pj_name}-config"
+
+
+def trainer_account_name(pj_name: str) -> str:
+    """ServiceAccount, Role and RoleBinding share this name."""
+    return f"{pj_name}-trainer"
+
+
+def child_labels(pj_name: str) -> dict[str, str]:
+    """Labels on every child; the operator's Job watch selects on LABEL_MANAGED_BY."""
+    return {LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: pj_name, LABEL_JOB: pj_name}
+
+
+def pod_labels(pj_name: str, method: str) -> dict[str, str]:
+    """Labels a PodMonitor selects trainer pods by (see docs/operator.md)."""
+    return {**child_labels(pj_name), LABEL_APP: TRAINER_APP, LABEL_METHOD: method}

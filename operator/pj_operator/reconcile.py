@@ -1,0 +1,278 @@
+"""What the handlers do, written against a `Kube` client and plain dicts.
+
+reconcile()      create/resume/spec-change-before-start: validate, queue or admit, create children
+refuse_change()  spec changed after the Job was created: say so, change nothing
+sync_lifecycle() Job/pod state -> phase, conditions, times, attempts (+ event, metrics)
+Everything starts from the resource as the API server has it; nothing is remembered between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import kopf
+
+from personalize import spec as api
+
+from . import capacity, children, lifecycle, metrics, names, status
+from .kube import ApiError, Kube
+from .lifecycle import TERMINAL
+from .names import PJ_API_VERSION
+from .settings import Settings
+from .validation import validate_job
+
+logger = logging.getLogger(__name__)
+
+Phase = api.Phase
+
+
+def _meta(obj: dict) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return meta["namespace"], meta["name"], meta.get("uid", "")
+
+
+def _without(conditions: list[dict], *types: str) -> list[dict]:
+    return [c for c in conditions if c.get("type") not in types]
+
+
+def _phase_changed(before: dict, patch: Optional[dict]) -> bool:
+    return bool(patch) and "phase" in patch and patch["phase"] != (before.get("status") or {}).get("phase")
+
+
+def _transition_event(before: dict, patch: Optional[dict], reason: str, message: str) -> None:
+    """One Event per phase transition: `<Phase>/<Reason>`, a Warning when it failed."""
+    if _phase_changed(before, patch):
+        failed = patch["phase"] == Phase.failed.value
+        status.event(before, warning=failed, reason=f"{patch['phase']}/{reason}", message=message)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def mark_invalid(kube: Kube, obj: dict, problems: list[str]) -> None:
+    namespace, name, _ = _meta(obj)
+    message = "; ".join(problems)
+
+    def compute(fresh: dict) -> Optional[dict]:
+        st = fresh.get("status") or {}
+        now = lifecycle.now_iso()
+        conds = lifecycle.set_condition(list(st.get("conditions") or []), lifecycle.VALID, "False",
+                                        lifecycle.INVALID_SPEC, message, now)
+        conds = lifecycle.phase_conditions(conds, Phase.failed.value, lifecycle.INVALID_SPEC, message, now)
+        patch: dict[str, Any] = {"phase": Phase.failed.value, "conditions": conds,
+                                 "observedGeneration": fresh["metadata"].get("generation")}
+        if all(st.get(k) == v for k, v in patch.items()):
+            return None
+        return patch
+
+    before, patch = status.update(kube, namespace, name, compute)
+    if patch:  # a new problem list is worth a new Warning, even without a phase change
+        status.event(before, warning=True, reason=lifecycle.INVALID_SPEC, message=message)
+    if _phase_changed(before, patch):
+        metrics.COMPLETIONS.labels(reason=lifecycle.INVALID_SPEC).inc()
+
+
+# ---- admission -------------------------------------------------------------------------------
+
+
+def mark_queued(kube: Kube, obj: dict, reason: str, message: str) -> None:
+    namespace, name, _ = _meta(obj)
+
+    def compute(fresh: dict) -> Optional[dict]:
+        st = fresh.get("status") or {}
+        if st.get("jobName") or (st.get("phase") in TERMINAL
+                                 and lifecycle.phase_reason(st)[1] != lifecycle.INVALID_SPEC):
+            return None  # admitted or finished meanwhile
+        now = lifecycle.now_iso()
+        conds = _without(list(st.get("conditions") or []), lifecycle.FAILED)
+        conds = lifecycle.set_condition(conds, lifecycle.VALID, "True", "Validated", "spec is valid", now)
+        conds = lifecycle.phase_conditions(conds, Phase.queued.value, reason, message, now)
+        patch = {"phase": Phase.queued.value, "conditions": conds,
+                 "observedGeneration": fresh["metadata"].get("generation")}
+        if all(st.get(k) == v for k, v in patch.items()):
+            return None
+        return patch
+
+    before, patch = status.update(kube, namespace, name, compute)
+    if before is not None:
+        _transition_event(before, patch, reason, message)
+
+
+def admit(kube: Kube, obj: dict, parsed: api.PersonalizationJob, settings: Settings) -> bool:
+    """Claim the slot in status (phase Pending, jobName), then create the children.
+
+    Status first: another admission decision that lists the resources sees the slot taken.
+    Should we crash in between, `reconcile` finds jobName set and no Job, and creates it then.
+    """
+    namespace, name, _ = _meta(obj)
+    job_name = names.job_name(name)
+    kueue = bool(parsed.spec.queue_name)
+    phase = Phase.queued.value if kueue else Phase.pending.value
+    # The same reason and message the Job's first event will yield: no second write for it.
+    reason = "WaitingForKueue" if kueue else lifecycle.JOB_CREATED
+    message = (f"Job {job_name} is suspended until Kueue admits it (LocalQueue {parsed.spec.queue_name})"
+               if kueue else lifecycle.job_created_message(job_name))
+
+    def compute(fresh: dict) -> Optional[dict]:
+        st = fresh.get("status") or {}
+        if st.get("jobName"):
+            return None
+        now = lifecycle.now_iso()
+        conds = _without(list(st.get("conditions") or []), lifecycle.FAILED)
+        conds = lifecycle.set_condition(conds, lifecycle.VALID, "True", "Validated", "spec is valid", now)
+        conds = lifecycle.phase_conditions(conds, phase, reason, message, now)
+        return {"phase": phase, "jobName": job_name, "conditions": conds,
+                "observedGeneration": fresh["metadata"].get("generation")}
+
+    before, patch = status.update(kube, namespace, name, compute)
+    if before is None:
+        return False  # deleted meanwhile
+    create_children(kube, before, parsed, settings)
+    _transition_event(before, patch, reason, message)
+    return True
+
+
+def create_children(kube: Kube, owner: dict, parsed: api.PersonalizationJob, settings: Settings) -> None:
+    """Create what is missing; accept what exists only if this resource owns it."""
+    namespace, name, uid = _meta(owner)
+    manifests = children.all_children(parsed, name, namespace, settings)
+    kopf.adopt(manifests, owner=owner, nested=["spec.template"])
+    for manifest in manifests:
+        try:
+            kube.create(manifest)
+        except ApiError as err:
+            if err.status != 409:
+                # Quota, admission webhook, RBAC...: tell the user, and let kopf retry later.
+                report_child_failure(kube, owner, manifest, err)
+                raise kopf.TemporaryError(str(err), delay=settings.retry_delay) from None
+            existing = kube.get(manifest["apiVersion"], manifest["kind"], namespace, manifest["metadata"]["name"])
+            owners = [ref.get("uid") for ref in (existing or {}).get("metadata", {}).get("ownerReferences", [])]
+            if existing is not None and uid not in owners:
+                raise kopf.PermanentError(
+                    f"{manifest['kind']} {manifest['metadata']['name']} exists and is not owned by this job"
+                ) from None
+
+
+def report_child_failure(kube: Kube, owner: dict, manifest: dict, err: ApiError) -> None:
+    namespace, name, _ = _meta(owner)
+    message = f"cannot create {manifest['kind']} {manifest['metadata']['name']}: {err}"
+
+    def compute(fresh: dict) -> Optional[dict]:
+        st = fresh.get("status") or {}
+        conds = lifecycle.set_condition(list(st.get("conditions") or []), lifecycle.RUNNING, "False",
+                                        "ChildCreationFailed", message, lifecycle.now_iso())
+        return {"conditions": conds} if conds != st.get("conditions") else None
+
+    before, patch = status.update(kube, namespace, name, compute)
+    if patch:
+        status.event(before, warning=True, reason="ChildCreationFailed", message=message)
+
+
+def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
+    st = body.get("status") or {}
+    phase, reason = lifecycle.phase_reason(st)
+    if phase in TERMINAL and reason != lifecycle.INVALID_SPEC:
+        return
+    checked = validate_job(body, settings)
+    if not checked.ok:
+        mark_invalid(kube, body, checked.problems)
+        return
+    namespace, name, _ = _meta(body)
+    if st.get("jobName"):
+        # Admitted earlier (maybe by a previous operator run): finish what is missing, never re-run.
+        job = kube.get("batch/v1", "Job", namespace, st["jobName"])
+        if job is not None:
+            return
+        if st.get("progress") or st.get("earlyStop"):
+            sync_lifecycle(kube, namespace, name, None, [])  # it ran, and its Job is gone
+        else:
+            create_children(kube, body, checked.job, settings)
+        return
+    cap = settings.max_concurrent_jobs
+    if checked.job.spec.queue_name or cap <= 0:
+        admit(kube, body, checked.job, settings)
+        return
+    decision = decide(kube, body, settings)
+    if decision.admit:
+        admit(kube, body, checked.job, settings)
+    else:
+        mark_queued(kube, body, "WaitingForCapacity", decision.message)
+
+
+def list_pjs(kube: Kube, settings: Settings) -> list[dict]:
+    if not settings.namespaces:
+        return kube.list(PJ_API_VERSION, api.KIND)
+    return [pj for ns in settings.namespaces for pj in kube.list(PJ_API_VERSION, api.KIND, ns)]
+
+
+def priorities(kube: Kube) -> tuple[dict[str, int], int]:
+    try:
+        return capacity.priority_values(kube.list("scheduling.k8s.io/v1", "PriorityClass"))
+    except ApiError as err:
+        logger.warning("cannot list PriorityClasses (%s); ordering by creation time only", err)
+        return {}, 0
+
+
+def decide(kube: Kube, body: dict, settings: Settings) -> capacity.Decision:
+    values, default = priorities(kube)
+    return capacity.decide(body, list_pjs(kube, settings), settings.max_concurrent_jobs, values, default)
+
+
+# ---- spec changes ------------------------------------------------------------------------------
+
+
+def refuse_change(kube: Kube, body: dict, changed: list[str]) -> None:
+    namespace, name, _ = _meta(body)
+    generation = body["metadata"].get("generation")
+    job_name = (body.get("status") or {}).get("jobName")
+    message = (f"spec changed ({', '.join(changed) or 'spec'}) after Job {job_name} was created; the Job keeps "
+               "running the spec it started with. Delete and re-create the PersonalizationJob to apply changes.")
+
+    def compute(fresh: dict) -> Optional[dict]:
+        st = fresh.get("status") or {}
+        conds = lifecycle.set_condition(list(st.get("conditions") or []), lifecycle.SPEC_CHANGE_REFUSED, "True",
+                                        "SpecImmutableAfterStart", message, lifecycle.now_iso())
+        return {"conditions": conds, "observedGeneration": generation}
+
+    before, patch = status.update(kube, namespace, name, compute)
+    if patch:
+        status.event(before, warning=True, reason="SpecChangeRefused", message=message)
+
+
+# ---- lifecycle ---------------------------------------------------------------------------------
+
+
+def job_pods(kube: Kube, namespace: str, pj_name: str) -> list[dict]:
+    return kube.list("v1", "Pod", namespace, {names.LABEL_JOB: pj_name, names.LABEL_APP: names.TRAINER_APP})
+
+
+def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], pods: list[dict],
+                   owner_uid: Optional[str] = None) -> Optional[dict]:
+    """Bring phase/conditions in line with the Job; returns the patch written (None if none)."""
+    observed: dict[str, lifecycle.Observation] = {}
+
+    def compute(fresh: dict) -> Optional[dict]:
+        st = fresh.get("status") or {}
+        if owner_uid and fresh["metadata"].get("uid") != owner_uid:
+            return None  # a Job of an older resource with the same name
+        if st.get("phase") in TERMINAL or not st.get("jobName"):
+            return None
+        obs = lifecycle.observe_job(job, pods, st)
+        observed["obs"] = obs
+        return lifecycle.lifecycle_patch(st, obs)
+
+    before, patch = status.update(kube, namespace, name, compute)
+    if not patch or before is None:
+        return patch
+    obs = observed["obs"]
+    _transition_event(before, patch, obs.reason, obs.message)
+    if patch.get("phase") in TERMINAL:
+        spec = before.get("spec") or {}
+        gpus = int((spec.get("resources") or {}).get("gpus", 1))
+        metrics.record_completion(patch["phase"], obs.reason, spec.get("method", ""), before.get("status") or {}, gpus)
+    if obs.delete_job and job is not None:
+        # The pod can never start but would keep its node's GPU: remove the Job (the resource
+        # keeps the record in its status and events).
+        kube.delete("batch/v1", "Job", namespace, job["metadata"]["name"])
+    return patch

@@ -1,0 +1,81 @@
+"""Operator settings, read once from the environment (the Helm chart sets these variables)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+OPERATOR_NAME = "personalization-operator"
+
+
+def _bool(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Image of the trainer container; a PersonalizationJob may override it with spec.image.
+    trainer_image: str = "ghcr.io/dvar-dev/personalization-trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # At most this many jobs hold a Job at once (0: no cap). Jobs with a Kueue queue are not counted:
+    # Kueue admits those.
+    max_concurrent_jobs: int = 0
+    # Honour spec.queueName (Kueue installed). When off, a queueName is an invalid spec.
+    kueue_enabled: bool = True
+    # Used when the job does not set spec.resources.cpu / memory itself.
+    default_cpu: str = "4"
+    default_memory: str = "16Gi"
+    gpu_resource: str = "nvidia.com/gpu"
+    # Size limits of the pod's scratch volumes (emptyDir).
+    cache_size_limit: str = "50Gi"
+    shm_size_limit: str = "8Gi"
+    # Non-root identity of the trainer container.
+    trainer_uid: int = 1000
+    # Namespaces to serve; empty: the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    # How often queued jobs re-check capacity and pending jobs check their pod (seconds).
+    poll_interval: float = 10.0
+    # Back-off before kopf retries a reconcile that the API server refused (quota, webhook...).
+    retry_delay: float = 30.0
+    metrics_port: int = 8080
+    health_port: int = 8081
+    # Standalone: no kopf peering (one replica; the Deployment uses the Recreate strategy).
+    standalone: bool = True
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+
+        def get(name: str, default):
+            return env.get(f"PJ_{name}", default)
+
+        namespaces = tuple(ns.strip() for ns in get("NAMESPACES", "").split(",") if ns.strip())
+        settings = cls(
+            trainer_image=get("TRAINER_IMAGE", d.trainer_image),
+            image_pull_policy=get("IMAGE_PULL_POLICY", d.image_pull_policy),
+            max_concurrent_jobs=int(get("MAX_CONCURRENT_JOBS", d.max_concurrent_jobs)),
+            kueue_enabled=_bool(get("KUEUE_ENABLED", str(d.kueue_enabled))),
+            default_cpu=get("DEFAULT_CPU", d.default_cpu),
+            default_memory=get("DEFAULT_MEMORY", d.default_memory),
+            gpu_resource=get("GPU_RESOURCE", d.gpu_resource),
+            cache_size_limit=get("CACHE_SIZE_LIMIT", d.cache_size_limit),
+            shm_size_limit=get("SHM_SIZE_LIMIT", d.shm_size_limit),
+            trainer_uid=int(get("TRAINER_UID", d.trainer_uid)),
+            namespaces=namespaces,
+            poll_interval=float(get("POLL_INTERVAL", d.poll_interval)),
+            retry_delay=float(get("RETRY_DELAY", d.retry_delay)),
+            metrics_port=int(get("METRICS_PORT", d.metrics_port)),
+            health_port=int(get("HEALTH_PORT", d.health_port)),
+            standalone=_bool(get("STANDALONE", str(d.standalone))),
+        )
+        if settings.max_concurrent_jobs < 0:
+            raise ValueError("PJ_MAX_CONCURRENT_JOBS must be >= 0")
+        if settings.poll_interval <= 0:
+            raise ValueError("PJ_POLL_INTERVAL must be > 0")
+        return settings

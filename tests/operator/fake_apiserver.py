@@ -1,0 +1,270 @@
+"""A stricter kmock: what a real API server would refuse, it refuses (and remembers).
+
+kmock stores whatever it receives. Real API servers:
+- assign metadata.uid, creationTimestamp, resourceVersion, generation (bumped on spec changes);
+- separate the status subresource: a PATCH of /status changes only status, a PATCH of the main
+  resource never changes status;
+- validate every object: builtin kinds against their OpenAPI schema (here: kubernetes-validate's
+  strict schemas, which also reject unknown fields like `kubectl --validate=strict`), custom
+  resources against the CRD's openAPIV3Schema (here: jsonschema on the generated CRD).
+Refused requests get HTTP 422 and are recorded in `violations`; tests assert it stays empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import aiohttp.web
+import attrs
+import jsonschema
+import kmock
+import kubernetes_validate
+import referencing
+import yaml
+from kmock._internal import dicts as kmock_dicts
+from kmock._internal import enums as kmock_enums
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "personalizationjobs.yaml"
+K8S_VERSION = "1.32.0"
+
+# Resources the operator and the tests use that kmock's bundled discovery lacks.
+EXTRA_RESOURCES = {
+    "batch/v1/jobs": ("Job", True, {"status"}),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True, set()),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, set()),
+    "scheduling.k8s.io/v1/priorityclasses": ("PriorityClass", False, set()),
+    "personalization.dvar.dev/v1alpha1/personalizationjobs": ("PersonalizationJob", True, {"status"}),
+}
+VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
+STATUS_SUBRESOURCE = {"pods", "jobs", "personalizationjobs"}
+
+
+class SchemaViolation(Exception):
+    pass
+
+
+# ---- builtin kinds: kubernetes-validate's strict schemas, loaded once -------------------------
+
+_SCHEMA_ROOT = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+_validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
+_definitions: Optional[referencing.Resource] = None
+
+
+def builtin_validator(api_version: str, kind: str):
+    global _definitions
+    key = (api_version, kind)
+    if key not in _validators:
+        group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+        schema = json.loads((_SCHEMA_ROOT / f"{kind.lower()}-{group_version}.json").read_text())
+        if _definitions is None:
+            _definitions = referencing.Resource.from_contents(
+                json.loads((_SCHEMA_ROOT / "_definitions.json").read_text()))
+        registry = referencing.Registry().with_resources([("_definitions.json", _definitions)])
+        registry = (referencing.Resource.from_contents(schema) @ registry).crawl()  # crawl once, not per $ref
+        _validators[key] = jsonschema.Draft202012Validator(schema, registry=registry)
+    return _validators[key]
+
+
+# ---- custom resources: the CRD's openAPIV3Schema as JSON Schema ------------------------------
+
+
+def openapi_to_jsonschema(node: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """Structural OpenAPI v3 -> JSON Schema. strict: unknown fields are errors (field validation)."""
+    out: dict[str, Any] = {}
+    kind = node.get("type")
+    nullable = node.get("nullable", False)
+    if kind:
+        out["type"] = [kind, "null"] if nullable else kind
+    for key in ("minimum", "maximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "required"):
+        if key in node:
+            out[key] = node[key]
+    if "enum" in node:
+        out["enum"] = list(node["enum"]) + ([None] if nullable else [])
+    if node.get("exclusiveMinimum"):
+        out["exclusiveMinimum"] = out.pop("minimum")
+    if node.get("exclusiveMaximum"):
+        out["exclusiveMaximum"] = out.pop("maximum")
+    if "properties" in node:
+        out["properties"] = {k: openapi_to_jsonschema(v, strict) for k, v in node["properties"].items()}
+        if strict and not node.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = openapi_to_jsonschema(node["additionalProperties"], strict)
+    if "items" in node:
+        out["items"] = openapi_to_jsonschema(node["items"], strict)
+    return out
+
+
+def load_crd() -> dict[str, Any]:
+    return yaml.safe_load(CRD_FILE.read_text())
+
+
+def crd_validator(crd: dict[str, Any]):
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft202012Validator(openapi_to_jsonschema(schema))
+
+
+def validate_custom(obj: dict[str, Any], validator, max_name: int = 63) -> None:
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise SchemaViolation("; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]))
+    # The CRD's x-kubernetes-validations rule (CEL) on the name.
+    if len(obj.get("metadata", {}).get("name", "")) > max_name:
+        raise SchemaViolation(f"metadata.name: longer than {max_name}")
+
+
+def validate_builtin(obj: dict[str, Any]) -> None:
+    try:
+        validator = builtin_validator(obj["apiVersion"], obj["kind"])
+    except FileNotFoundError:
+        raise SchemaViolation(f"unknown kind {obj.get('apiVersion')}/{obj.get('kind')}") from None
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise SchemaViolation("; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]))
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class StrictApiServer(kmock.KubernetesEmulator):
+    violations: list[str] = attrs.field(factory=list)
+    # (plural, namespace, name) -> time.monotonic() when the create arrived (for benchmarks).
+    created_at: dict[tuple[str, str, str], float] = attrs.field(factory=dict)
+    # Every request in arrival order. kmock matches each new request against its own whole
+    # request log (by identity, per reaction): O(all requests so far) per request. Answered
+    # requests are dropped from kmock's log (`_retire`) so that it holds only those in flight.
+    log: list = attrs.field(factory=list)
+    _answered_ids: set = attrs.field(factory=set)
+    # Namespaces that exist (kmock itself has no Namespace objects kopf could list).
+    namespaces: set[str] = attrs.field(factory=lambda: {"default"})
+    # plural -> (HTTP status, message): refuse that many next creations (quota, webhook...).
+    refusals: dict[str, list[tuple[int, str]]] = attrs.field(factory=dict)
+    _crd_validator: Any = attrs.field(default=None)
+    _versions: Any = attrs.field(factory=lambda: itertools.count(1))
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.resources.load_bundled()
+        for path, (kind, namespaced, subresources) in EXTRA_RESOURCES.items():
+            self.resources[path] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS,
+                                                      subresources=subresources)
+        self._crd_validator = crd_validator(load_crd())
+
+    def _validate(self, obj: dict[str, Any]) -> None:
+        if obj.get("apiVersion", "").startswith("personalization.dvar.dev/"):
+            validate_custom(obj, self._crd_validator)
+        else:
+            validate_builtin(obj)
+
+    def _current(self, request: kmock.Request) -> Optional[dict[str, Any]]:
+        key = (request.resource, request.namespace, request.name)
+        if key in self.objects and not self.objects[key].deleted:
+            return copy.deepcopy(self.objects[key].raw)
+        return None
+
+    def _admit_create(self, request: kmock.Request) -> None:
+        obj = request.data
+        meta = obj.setdefault("metadata", {})
+        # Clients may omit apiVersion/kind (the URL says it); kopf does for Events.
+        res = request.resource
+        obj.setdefault("apiVersion", f"{res.group}/{res.version}" if res.group else res.version)
+        obj.setdefault("kind", self.resources[res].kind)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        self.created_at[(res.plural, meta.get("namespace") or "", meta.get("name") or "")] = time.monotonic()
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["resourceVersion"] = str(next(self._versions))
+        meta["generation"] = 1
+        if request.resource.plural in STATUS_SUBRESOURCE and request.resource.plural != "pods":
+            obj.pop("status", None)  # status is not settable on create (pods: the test is the kubelet)
+        self._validate(obj)
+
+    def _admit_patch(self, request: kmock.Request) -> None:
+        current = self._current(request)
+        patch = request.data
+        if current is None or not isinstance(patch, dict):
+            if isinstance(patch, list):
+                raise SchemaViolation("JSON patches are not expected from the operator")
+            return  # kmock answers 404
+        if request.resource.plural in STATUS_SUBRESOURCE:
+            if request.subresource == "status":
+                for key in [k for k in patch if k != "status"]:
+                    del patch[key]
+            else:
+                patch.pop("status", None)
+        new = kmock_dicts.patch_dict(current, patch)
+        meta_patch = patch.setdefault("metadata", {}) if isinstance(patch.get("metadata"), dict) or "metadata" not in patch else {}
+        meta_patch["resourceVersion"] = str(next(self._versions))
+        if new.get("spec") != current.get("spec"):
+            meta_patch["generation"] = int(current["metadata"].get("generation", 1)) + 1
+        new = kmock_dicts.patch_dict(current, patch)
+        for immutable in ("uid", "creationTimestamp", "name", "namespace"):
+            if new["metadata"].get(immutable) != current["metadata"].get(immutable):
+                raise SchemaViolation(f"metadata.{immutable} is immutable")
+        self._validate(new)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 cannot parse the cluster-scoped namespace collection (/api/v1/namespaces),
+        # which kopf lists and watches when it serves specific namespaces. Serve it here from
+        # `namespaces`; the watch stays open and silent.
+        if raw_request.path == "/api/v1/namespaces":
+            if raw_request.query.get("watch") in ("true", "1"):
+                response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+                await response.prepare(raw_request)
+                while True:
+                    await asyncio.sleep(3600)
+            names = sorted(self.namespaces)
+            return aiohttp.web.json_response({
+                "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"},
+                "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names],
+            })
+        return await super().__call__(raw_request)
+
+    @property
+    def all_requests(self) -> list:
+        """Every request, in arrival order."""
+        return list(self.log)
+
+    def _retire(self, request: kmock.Request) -> None:
+        self._answered_ids.add(id(request))
+        if len(self._answered_ids) >= 32:
+            self._requests[:] = [r for r in self._requests if id(r) not in self._answered_ids]
+            self._answered_ids.clear()
+
+    async def _handle(self, request: kmock.Request):
+        self.log.append(request)
+        try:
+            if request.action == kmock_enums.action.WATCH:
+                return await super()._handle(request)
+            return await self._handle_strictly(request)
+        finally:
+            self._retire(request)
+
+    async def _handle_strictly(self, request: kmock.Request):
+        if request.action == kmock_enums.action.CREATE and self.refusals.get(request.resource.plural):
+            status, message = self.refusals[request.resource.plural].pop(0)
+            raise kmock.KubernetesError(status=status, reason="Forbidden", message=message)
+        if request.resource is not None and request.data is not None:
+            try:
+                if request.action == kmock_enums.action.CREATE:
+                    self._admit_create(request)
+                elif request.action == kmock_enums.action.UPDATE:
+                    self._admit_patch(request)
+            except SchemaViolation as err:
+                where = f"{request.method.value} {request.url.path}"
+                self.violations.append(f"{where}: {err}")
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=f"{where}: {err}") from None
+        return await super()._handle(request)

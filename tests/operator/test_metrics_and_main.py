@@ -1,0 +1,79 @@
+"""Operator metrics (names per the team contract), the liveness endpoint, the console entry point."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pj_operator import main as main_module
+from pj_operator import metrics
+
+
+def sample(name, labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metric_names_and_early_stopping_savings():
+    before = (sample("personalization_job_completions_total", {"reason": "EarlyStopped"}),
+              sample("personalization_steps_saved_total", {"method": "lora"}),
+              sample("personalization_gpu_seconds_saved_total", {"method": "lora"}))
+    status = {"progress": {"step": 100}, "wallSeconds": 50.0,
+              "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "step": 100, "stepsSaved": 300}}
+    metrics.record_completion("Succeeded", "EarlyStopped", "lora", status, gpus=2)
+    after = (sample("personalization_job_completions_total", {"reason": "EarlyStopped"}),
+             sample("personalization_steps_saved_total", {"method": "lora"}),
+             sample("personalization_gpu_seconds_saved_total", {"method": "lora"}))
+    # 300 steps saved at 0.5 s/step on 2 GPUs = 300 GPU-seconds.
+    assert [a - b for a, b in zip(after, before)] == [1, 300, 300]
+    # A run to maxSteps saved nothing.
+    metrics.record_completion("Succeeded", "MaxSteps", "lora", {"earlyStop": {"stopped": False, "stepsSaved": 0}}, 2)
+    assert sample("personalization_steps_saved_total", {"method": "lora"}) == after[1]
+
+    metrics.PHASES.observe("uid-1", "Running")
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())}
+    assert {"personalization_jobs", "personalization_job_completions", "personalization_steps_saved",
+            "personalization_gpu_seconds_saved"} <= set(families)
+    phases = {s.labels["phase"] for s in families["personalization_jobs"].samples}
+    assert phases >= {"Pending", "Queued", "Running", "Succeeded", "Failed"}
+    metrics.PHASES.forget("uid-1")
+
+
+def test_reconcile_errors_are_counted_and_reraised():
+    @metrics.counting_errors("unit")
+    def broken(**_):
+        raise RuntimeError("boom")
+
+    before = sample("personalization_reconcile_errors_total", {"handler": "unit"})
+    try:
+        broken()
+    except RuntimeError:
+        pass
+    assert sample("personalization_reconcile_errors_total", {"handler": "unit"}) == before + 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_liveness_endpoint_answers_while_running(cluster, run_operator):
+    port = free_port()
+    with run_operator(extra_args=("--liveness", f"http://127.0.0.1:{port}/healthz")):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            assert response.status == 200
+
+
+def test_main_wires_settings_into_kopf(monkeypatch):
+    calls = {}
+    monkeypatch.setenv("PJ_NAMESPACES", "team-a,team-b")
+    monkeypatch.setenv("PJ_HEALTH_PORT", "9999")
+    monkeypatch.setenv("PJ_METRICS_PORT", "0")
+    monkeypatch.setattr(main_module.kopf, "run", lambda **kwargs: calls.update(kwargs))
+    main_module.main()
+    assert calls["standalone"] is True and calls["clusterwide"] is False
+    assert calls["namespaces"] == ["team-a", "team-b"]
+    assert calls["liveness_endpoint"] == "http://0.0.0.0:9999/healthz"

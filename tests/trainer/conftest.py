@@ -1,0 +1,62 @@
+"""Fixtures for the trainer tests: a random-weight tiny pipeline folder and a concept's images.
+
+The machine's 2 cores are shared with other jobs; one thread per test process avoids the
+oversubscription that makes small-tensor work many times slower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TEST_CONCEPT = "red_striped_triangle"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    from personalize.world.tiny_models import build_tiny_pipeline_folder
+
+    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def concept_dir(tmp_path_factory) -> Path:
+    from personalize.world import concept_by_name, write_concept_images
+
+    folder = tmp_path_factory.mktemp("concept") / "images"
+    write_concept_images(concept_by_name(TEST_CONCEPT), 6, folder, seed=0)
+    return folder
+
+
+@pytest.fixture
+def base_pipe(tiny_pipeline_dir):
+    """A fresh copy of the tiny pipeline (tests change it in place)."""
+    from personalize.pipeline_io import load_base_pipeline
+    from personalize.spec import BaseModelSource
+
+    pipe = load_base_pipeline(BaseModelSource(path=str(tiny_pipeline_dir)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def job_spec(pipeline_dir: Path, concept_dir: Path, method: str, **overrides) -> dict:
+    """A small, fast job spec (camelCase dict); `overrides` replace top-level sections."""
+    spec = {
+        "baseModel": {"path": str(pipeline_dir)},
+        "method": method,
+        "concept": {"images": {"path": str(concept_dir)}, "classNoun": "triangle"},
+        "training": {"maxSteps": 3, "batchSize": 2, "learningRate": 1e-2},
+        "earlyStopping": {"window": 4, "referenceBatchSize": 2},
+        "priorPreservation": {"enabled": False},
+        "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2},
+    }
+    if method in ("textualInversion", "tiDreambooth"):
+        del spec["priorPreservation"]
+    if method == "tiDreambooth":
+        spec["tiDreambooth"] = {"stage1MaxSteps": 2, "stage1LearningRate": 1e-2, "stage1Window": 4}
+    spec.update(overrides)
+    return spec

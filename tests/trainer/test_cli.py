@@ -1,0 +1,171 @@
+"""`personalize-train --config FILE --output DIR`: end to end on the tiny pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from personalize.run import main
+from personalize.spec import TrainerReport
+
+from conftest import job_spec
+
+OUTPUT_FILES = {"result.json", "losses.csv", "convergence.png", "samples.png"}
+
+
+def write_config(tmp_path, spec: dict, manifest: bool = True):
+    path = tmp_path / "job.yaml"
+    data = {"apiVersion": "personalization.dvar.dev/v1alpha1", "kind": "PersonalizationJob",
+            "metadata": {"name": "demo", "namespace": "default"}, "spec": spec} if manifest else spec
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def read_losses(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, concept_dir, tmp_path):
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "textualInversion")
+    spec["training"]["maxSteps"] = 6
+    spec["earlyStopping"] = {"window": 4, "evalEvery": 2, "referenceBatchSize": 2, "holdout": True}
+    spec["validation"] = {"prompts": ["a photo of {token}", "{token} on grass"], "numImagesPerPrompt": 2, "inferenceSteps": 2}
+    config, out = write_config(tmp_path, spec), tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PJ_NAME", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "personalize.cli", "--config", str(config), "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert OUTPUT_FILES | {"learned_embeds.safetensors"} <= {p.name for p in out.iterdir()}
+    assert "step 6/6" in proc.stdout
+
+    rows = read_losses(out / "losses.csv")
+    assert list(rows[0]) == ["step", "train_loss", "deterministic_loss", "convergence_value"]
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert [bool(r["deterministic_loss"]) for r in rows] == [False, True] * 3  # evalEvery 2
+    assert all(r["train_loss"] for r in rows)
+
+    result = json.loads((out / "result.json").read_text())
+    TrainerReport.model_validate(result)  # the status shape, camelCase on the wire
+    assert result["identifier"].startswith("<")
+    assert result["reference"] == {"size": 2, "subBatches": 1, "indices": result["reference"]["indices"],
+                                   "holdout": True, "fixed": "11111", "evalEvery": 2}
+    stop = result["earlyStop"]
+    assert stop["step"] == 6 and stop["stepsSaved"] == 0 and stop["fractionSaved"] == 0.0
+    assert stop["window"] == 2  # 4 steps at evalEvery 2
+    assert result["artifact"]["files"] == ["learned_embeds.safetensors"]
+    assert result["deterministicLoss"] == pytest.approx(float(rows[-1]["deterministic_loss"]))
+    assert Image.open(out / "samples.png").size == (64, 64)  # 2 prompts x 2 images of 32 px
+
+
+def test_early_stop_is_recorded_with_steps_saved(tiny_pipeline_dir, concept_dir, tmp_path):
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    # A huge threshold: DVAR stops as soon as its window is full and minSteps is passed.
+    spec["training"] = {"maxSteps": 20, "minSteps": 5, "batchSize": 1, "learningRate": 1e-3}
+    spec["earlyStopping"] = {"window": 3, "threshold": 1e6, "referenceBatchSize": 2}
+    out = tmp_path / "out"
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    stop = result["earlyStop"]
+    assert stop["stopped"] is True and stop["reason"] == "ConvergenceThreshold"
+    assert stop["step"] == 5 and stop["stepsSaved"] == 15 and stop["fractionSaved"] == 0.75
+    assert len(read_losses(out / "losses.csv")) == 5
+    assert "pytorch_lora_weights.safetensors" in result["artifact"]["files"]
+
+
+def test_dreambooth_with_prior_preservation_caches_class_images(tiny_pipeline_dir, concept_dir, tmp_path):
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "dreambooth")
+    spec["priorPreservation"] = {"enabled": True, "numClassImages": 3, "inferenceSteps": 2}
+    config, out = write_config(tmp_path, spec, manifest=False), tmp_path / "out"
+    assert main(["--config", str(config), "--output", str(out)]) == 0
+    class_dir = out / "class_images"
+    images = sorted(class_dir.glob("class_*.png"))
+    assert len(images) == 3 and (class_dir / "prompt.txt").read_text() == "a photo of a triangle"
+    stamps = [p.stat().st_mtime_ns for p in images]
+    assert (out / "pipeline" / "model_index.json").is_file()
+    # A rerun (e.g. a restarted pod) reuses the cached class images instead of regenerating them.
+    assert main(["--config", str(config), "--output", str(out)]) == 0
+    assert [p.stat().st_mtime_ns for p in images] == stamps
+
+
+def test_ti_dreambooth_reports_both_stages(tiny_pipeline_dir, concept_dir, tmp_path):
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "tiDreambooth")
+    out = tmp_path / "out"
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert [(s["name"], s["stopStep"]) for s in result["stages"]] == [("textualInversion", 2), ("dreambooth", 3)]
+    assert result["earlyStop"]["stepsSaved"] == 0
+    assert result["artifact"]["files"] == ["learned_embeds.safetensors", "pipeline"]
+    assert [r["step"] for r in read_losses(out / "losses.csv")] == ["1", "2", "3", "4", "5"]
+
+
+def test_clip_baseline_criterion_stops_when_clip_i_stops_improving(tiny_pipeline_dir, concept_dir, tmp_path):
+    from personalize.world.tiny_models import TinyConfig, build_clip
+
+    clip_dir = tmp_path / "clip"
+    build_clip(TinyConfig.test(), seed=0).save_pretrained(clip_dir)
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    spec["training"] = {"maxSteps": 10, "batchSize": 1}
+    # epsilon 1.0: no check can improve by that much, so the second check is already stale.
+    spec["earlyStopping"] = {"criterion": "clip", "referenceBatchSize": 2, "evalEvery": 1,
+                             "clip": {"modelPath": str(clip_dir), "everySteps": 2, "patience": 1, "epsilon": 1.0,
+                                      "numSamples": 2, "inferenceSteps": 2}}
+    out = tmp_path / "out"
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["earlyStop"]["reason"] == "ConvergenceThreshold" and result["earlyStop"]["step"] == 4
+    rows = read_losses(out / "losses.csv")
+    assert all(r["deterministic_loss"] for r in rows)  # L_det is still recorded for the plot
+    assert [bool(r["convergence_value"]) for r in rows] == [False, False, False, True]  # CLIP-I gain at check 2
+
+
+class RecordingReporter:
+    def __init__(self):
+        self.reports, self.closed = [], False
+
+    def report(self, report, final=False):
+        self.reports.append((report.to_api(), final))
+
+    def close(self):
+        self.closed = True
+
+
+def test_status_reports_progress_and_a_final_decision_equal_to_result_json(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
+    import personalize.job_runner as job_runner
+
+    reporter = RecordingReporter()
+    monkeypatch.setattr(job_runner.StatusReporter, "from_env", classmethod(lambda cls: reporter))
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    out = tmp_path / "out"
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == 0
+    progress = [r for r, final in reporter.reports if not final]
+    assert [r["progress"]["step"] for r in progress] == [1, 2, 3]
+    final = [r for r, final in reporter.reports if final]
+    assert len(final) == 1 and reporter.closed
+    result = json.loads((out / "result.json").read_text())
+    result.pop("wallSeconds"), final[0].pop("wallSeconds")
+    assert final[0] == result and final[0]["earlyStop"]["reason"] == "MaxSteps"
+
+
+def test_status_reporter_without_cluster_access_is_a_clear_error(tiny_pipeline_dir, concept_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setenv("PJ_NAMESPACE", "default")
+    monkeypatch.setenv("PJ_NAME", "demo")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot reach the Kubernetes API")

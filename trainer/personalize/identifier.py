@@ -1,0 +1,138 @@
+"""The concept's unique identifier: rare tokens of the vocabulary (`token: auto`) or the user's token.
+
+DreamBooth (seed 001) binds the concept to rare tokens: for CLIP's BPE vocabulary the merge rank
+is the frequency proxy (a later merge, i.e. a higher id, is rarer). We take the highest-id
+plain word tokens (`[a-z]{1,3}</w>`, like "sks"), decode them to text and keep only those whose
+text tokenizes back to exactly the same ids.
+
+Methods that learn a token embedding (textual inversion, custom diffusion, TI-DreamBooth) need
+a *new* row in the embedding table, so they add a new token: the user's token, or for `auto` the
+rare text in angle brackets (`<lun>`), which cannot collide with a word of the vocabulary and is
+never matched inside another word. DreamBooth and LoRA with `auto` use the rare tokens as they
+are (no new rows); with a user's token they add it too (its row is initialised and stays fixed
+unless the text encoder is trained).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from personalize.errors import TrainerInputError
+
+PLAIN_WORD = re.compile(r"[a-z]{1,3}</w>")
+
+
+@dataclass
+class Identifier:
+    text: str  # what goes into captions and prompts ("lun", "<lun>", or "<lun> <lun>_1" multi-vector)
+    token: str  # the token name (for pipe.load_textual_inversion(path, token=...))
+    token_ids: list[int]  # the ids the text maps to (new rows when `added`)
+    added: bool  # new rows were added to the tokenizer / embedding table
+    rare_tokens: list[str] = field(default_factory=list)  # vocabulary entries chosen by `auto`
+
+
+def token_ids_of(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def exists_in_vocabulary(tokenizer, token: str) -> bool:
+    """True when `token` is already an entry (or a single word) of the tokenizer's vocabulary."""
+    vocab = tokenizer.get_vocab()
+    if token in vocab or f"{token}</w>" in vocab:
+        return True
+    return len(token_ids_of(tokenizer, token)) == 1
+
+
+def words_in(texts: Iterable[str]) -> set[str]:
+    return {w for text in texts for w in re.findall(r"[a-z0-9]+", text.lower())}
+
+
+def pick_rare_tokens(tokenizer, count: int, exclude: Iterable[str] = ()) -> list[int]:
+    """The `count` rarest plain word tokens whose text round-trips, skipping excluded words and
+    tokens that were already added to this tokenizer (e.g. other concepts' tokens)."""
+    excluded = set(exclude) | set(tokenizer.get_added_vocab())
+    vocab = tokenizer.get_vocab()
+    chosen: list[int] = []
+    for entry, token_id in sorted(vocab.items(), key=lambda kv: -kv[1]):
+        if not PLAIN_WORD.fullmatch(entry):
+            continue
+        text = entry[: -len("</w>")]
+        if text in excluded or entry in excluded:
+            continue
+        if token_ids_of(tokenizer, text) != [token_id]:
+            continue
+        chosen.append(token_id)
+        if len(chosen) == count:
+            return chosen
+    raise TrainerInputError(f"could not find {count} rare tokens in the tokenizer's vocabulary")
+
+
+def decode_rare_tokens(tokenizer, token_ids: list[int]) -> str:
+    """The short text of rare tokens; it must tokenize back to exactly `token_ids`."""
+    text = tokenizer.decode(token_ids).strip()
+    if token_ids_of(tokenizer, text) != token_ids:
+        raise TrainerInputError(f"rare tokens {token_ids} do not round-trip through the tokenizer")
+    return text
+
+
+def _initial_embedding(tokenizer, embeddings: torch.nn.Embedding, initializer: Optional[str]) -> torch.Tensor:
+    """The row new tokens start from: the initializer word (mean of its pieces), else the mean row."""
+    table = embeddings.weight.data
+    if not initializer:
+        return table.mean(dim=0)
+    ids = token_ids_of(tokenizer, initializer)
+    if not ids:
+        raise TrainerInputError(f"initializer token {initializer!r} is empty after tokenization")
+    return table[ids].mean(dim=0)
+
+
+def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initializer: Optional[str]) -> Identifier:
+    """Add `token` (and `token_1` ... for multi-vector embeddings) and grow the embedding table."""
+    names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+    added = tokenizer.add_tokens(names)
+    if added != num_vectors:
+        raise TrainerInputError(f"token {token!r} (or one of {names}) already exists in the tokenizer")
+    new_ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
+    init = _initial_embedding(tokenizer, text_encoder.get_input_embeddings(), initializer)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for new_id in new_ids:
+            table[new_id] = init
+    return Identifier(text=" ".join(names), token=token, token_ids=new_ids, added=True)
+
+
+def setup_identifier(
+    tokenizer,
+    text_encoder,
+    token: str,
+    *,
+    learns_embedding: bool,
+    num_identifier_tokens: int = 1,
+    num_vectors: int = 1,
+    initializer: Optional[str] = None,
+    exclude_texts: Iterable[str] = (),
+) -> Identifier:
+    """Resolve the concept's `token` setting into an Identifier, changing tokenizer/text encoder
+    in place when new tokens are needed."""
+    if token != "auto":
+        if exists_in_vocabulary(tokenizer, token):
+            raise TrainerInputError(
+                f"concept.token {token!r} already exists in the tokenizer's vocabulary; "
+                "choose a new word or use token: auto"
+            )
+        return add_tokens(tokenizer, text_encoder, token, num_vectors if learns_embedding else 1, initializer)
+
+    rare_ids = pick_rare_tokens(tokenizer, num_identifier_tokens, exclude=words_in(exclude_texts))
+    rare_text = decode_rare_tokens(tokenizer, rare_ids)
+    rare_entries = tokenizer.convert_ids_to_tokens(rare_ids)
+    if not learns_embedding:
+        return Identifier(text=rare_text, token=rare_text, token_ids=rare_ids, added=False, rare_tokens=rare_entries)
+    placeholder = f"<{rare_text.replace(' ', '-')}>"
+    identifier = add_tokens(tokenizer, text_encoder, placeholder, num_vectors, initializer)
+    identifier.rare_tokens = rare_entries
+    return identifier

@@ -1,0 +1,249 @@
+"""Run one PersonalizationJob: load everything, train each stage (loop.py), write the outputs.
+
+Output directory layout:
+    <artifact files of the method>  learned_embeds.safetensors, pytorch_lora_weights.safetensors,
+                                    pytorch_custom_diffusion_weights.safetensors, pipeline/
+    class_images/                   prior-preservation images (cached; reused on restart)
+    losses.csv  convergence.png  samples.png  result.json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import diffusers
+import torch
+import transformers
+from accelerate import Accelerator
+
+from personalize.data import caption_templates, load_concept_examples
+from personalize.errors import TrainerInputError
+from personalize.identifier import Identifier, setup_identifier
+from personalize.loop import StageOutcome, train_stage
+from personalize.methods import Stage, learns_embedding, plan_stages
+from personalize.metrics import TrainerMetrics
+from personalize.pipeline_io import load_base_pipeline, models_of
+from personalize.plotting import plot_convergence
+from personalize.prior import class_prompt, prepare_class_images
+from personalize.progress import ProgressPrinter
+from personalize.run import write_json, write_losses_csv
+from personalize.samples import SAMPLES_FILE, write_samples
+from personalize.spec import (
+    Artifact,
+    CriterionName,
+    EarlyStop,
+    PersonalizationJob,
+    Progress,
+    StopReason,
+    TrainerReport,
+)
+from personalize.status_reporter import StatusReporter, StatusReportError
+
+log = logging.getLogger("personalize")
+
+# Library progress bars and info chatter would drown the trainer's own progress line.
+diffusers.utils.logging.disable_progress_bar()
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+RESULT_FILE = "result.json"
+LOSSES_FILE = "losses.csv"
+PLOT_FILE = "convergence.png"
+
+
+def make_accelerator(job: PersonalizationJob) -> Accelerator:
+    training = job.spec.training
+    mixed_precision = training.mixed_precision.value
+    if mixed_precision != "no" and not torch.cuda.is_available():
+        log.warning("training.mixedPrecision=%s is ignored on CPU (training in fp32)", mixed_precision)
+        mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=training.gradient_accumulation_steps)
+
+
+def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
+    """The decision of the last stage; steps saved summed over all stages (tiDreambooth has two)."""
+    last = outcomes[-1]
+    saved = sum(o.max_steps - o.stop_step for o in outcomes)
+    budget = sum(o.max_steps for o in outcomes)
+    return EarlyStop(
+        stopped=any(o.reason == StopReason.convergence_threshold for o in outcomes),
+        reason=last.reason,
+        criterion=CriterionName(last.criterion),
+        value=last.convergence_value,
+        threshold=last.threshold,
+        window=last.window_evaluations,
+        step=last.stop_step,
+        steps_saved=saved,
+        fraction_saved=saved / budget if budget else 0.0,
+    )
+
+
+class JobRunner:
+    def __init__(self, job: PersonalizationJob, output: Path, metrics_port: Optional[int] = None):
+        self.job, self.spec, self.output = job, job.spec, output
+        self.metrics_port = metrics_port
+        self.started = time.monotonic()
+        self.rows: list[dict] = []  # losses.csv
+        self.outcomes: list[StageOutcome] = []
+        self.files: list[str] = []
+        self.identifier: Optional[Identifier] = None
+        self.report = TrainerReport()
+
+    # ---- status plumbing -----------------------------------------------------------------------
+
+    def _names(self) -> tuple[Optional[str], Optional[str]]:
+        meta = self.job.metadata
+        return os.environ.get("PJ_NAMESPACE", meta.namespace), os.environ.get("PJ_NAME", meta.name)
+
+    def _publish(self, final: bool = False) -> None:
+        self.report.wall_seconds = round(time.monotonic() - self.started, 3)
+        if self.reporter is not None:
+            self.reporter.report(self.report, final=final)
+
+    def _on_step(self, stage: Stage, offset: int, printer: ProgressPrinter):
+        def on_step(step, train_loss, det_loss, conv_value, seconds):
+            if not self.accelerator.is_main_process:
+                return
+            self.rows.append(
+                {"step": offset + step, "train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
+            )
+            printer.update(step, train_loss, det_loss, conv_value)
+            self.metrics.observe(step, stage.max_steps, train_loss, det_loss, conv_value, stage.threshold, seconds)
+            report = self.report
+            report.progress = Progress(
+                step=step,
+                max_steps=stage.max_steps,
+                percent=round(100.0 * step / stage.max_steps, 2),
+                eta_seconds=printer.eta_seconds(step),
+                stage=stage.name if len(self.stages) > 1 else None,
+            )
+            report.train_loss = train_loss
+            if det_loss is not None:
+                report.deterministic_loss = det_loss
+            if conv_value is not None:
+                report.convergence_value = conv_value
+            self._publish()
+
+        return on_step
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def execute(self) -> int:
+        spec = self.spec
+        namespace, name = self._names()
+        self.accelerator = make_accelerator(self.job)
+        main_process = self.accelerator.is_main_process  # only it reports, serves and writes files
+        try:
+            self.reporter = StatusReporter.from_env() if main_process else None
+        except StatusReportError as err:  # PJ_NAME set but no cluster access: fail before training
+            raise TrainerInputError(str(err)) from None
+        self.metrics = TrainerMetrics(namespace, name, spec.method.value, spec.early_stopping.criterion.value)
+        if self.metrics_port is not None and main_process:
+            self.metrics.serve(self.metrics_port)
+        try:
+            return self._train_and_save()
+        except TrainerInputError:
+            raise
+        except Exception as err:  # a crash mid-training: still leave result.json and the status
+            if self.accelerator.is_main_process:
+                self.report.message = f"{type(err).__name__}: {err}"
+                self.report.early_stop = EarlyStop(stopped=False, reason=StopReason.failed)
+                write_json(self.report.to_api(), self.output / RESULT_FILE)
+                try:
+                    self._publish(final=True)
+                except StatusReportError:
+                    pass
+            raise
+        finally:
+            self.metrics.close()
+            if self.reporter is not None:
+                self.reporter.close()
+
+    def _train_and_save(self) -> int:
+        spec, output = self.spec, self.output
+        accelerator = self.accelerator
+        device = accelerator.device
+        pipe = load_base_pipeline(spec.base_model)
+        models = models_of(pipe)
+        for module in (models.unet, models.vae, models.text_encoder):
+            module.to(device)
+        resolution = spec.training.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if spec.training.gradient_checkpointing and device.type == "cpu":
+            log.warning("training.gradientCheckpointing is ignored on CPU")
+        elif spec.training.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        self.stages = plan_stages(spec)
+
+        class_examples = None
+        if any(stage.prior_preservation for stage in self.stages):
+            with accelerator.main_process_first():
+                class_examples = prepare_class_images(spec, models, output, resolution, device)
+
+        concept = spec.concept
+        self.identifier = identifier = setup_identifier(
+            models.tokenizer,
+            models.text_encoder,
+            concept.token,
+            learns_embedding=learns_embedding(spec),
+            num_identifier_tokens=concept.num_identifier_tokens,
+            num_vectors=spec.textual_inversion.num_vectors,
+            initializer=spec.initializer_token,
+            exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+        )
+        self.report.identifier = identifier.token
+        examples = load_concept_examples(concept, identifier.text, resolution)
+        log.info(
+            "method %s: %d concept images at %dpx, identifier %r, %d stage(s)",
+            spec.method.value, len(examples), resolution, identifier.token, len(self.stages),
+        )
+
+        offset = 0
+        for index, stage in enumerate(self.stages):
+            printer = ProgressPrinter(stage.max_steps, stage.threshold, spec.early_stopping.criterion.value)
+            outcome, method = train_stage(
+                stage, spec, models, identifier, examples, class_examples, accelerator,
+                self._on_step(stage, offset, printer), stage_index=index,
+            )
+            if accelerator.is_main_process:
+                printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value})")
+            offset += outcome.stop_step
+            self.outcomes.append(outcome)
+            self.report.reference = outcome.reference
+            if accelerator.is_main_process:
+                self.files += [f for f in method.save(output) if f not in self.files]
+
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return 0
+        early_stop = early_stop_summary(self.outcomes)
+        self.metrics.set_early_stopped(early_stop.stopped)
+        write_losses_csv(self.rows, output / LOSSES_FILE)
+        plot_convergence(
+            self.rows, early_stop.threshold, early_stop.step if len(self.stages) == 1 else offset, output / PLOT_FILE,
+            title=f"{spec.method.value} / {early_stop.criterion.value}",
+        )
+        models.unet.eval()
+        models.text_encoder.eval()
+        write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
+
+        report = self.report
+        report.early_stop = early_stop
+        report.artifact = Artifact(location=str(output), files=self.files)
+        report.stages = [
+            {"name": o.name, "stopStep": o.stop_step, "maxSteps": o.max_steps, "reason": o.reason.value,
+             "convergenceValue": o.convergence_value, "threshold": o.threshold, "seconds": round(o.seconds, 3)}
+            for o in self.outcomes
+        ]
+        report.wall_seconds = round(time.monotonic() - self.started, 3)
+        write_json(report.to_api(), output / RESULT_FILE)
+        try:
+            self._publish(final=True)
+        except StatusReportError as err:
+            log.error("final status patch failed (result.json is written): %s", err)
+            return 1
+        return 0

@@ -1,0 +1,195 @@
+"""The training loop of one stage, top to bottom.
+
+    setup method -> reference batch + criterion -> for each step: sample a batch, diffusion loss
+    (+ prior loss), backward, optimizer step -> every evalEvery steps L_det and the criterion ->
+    stop at convergence (after minSteps) or maxSteps.
+
+Randomness: the training batches come from their own generator; the reference batch has its own
+(see reference_batch.py), so how often L_det is evaluated never changes the training itself.
+With several processes (accelerate, one per GPU), the reference batch and the criterion live
+on the main process, which broadcasts the stop decision so that all processes stop together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from personalize.clip_check import ClipCheck
+from personalize.criteria import StopPolicy, make_criterion
+from personalize.data import ConceptExamples
+from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
+from personalize.identifier import Identifier
+from personalize.methods import Method, Models, Stage
+from personalize.reference_batch import ReferenceBatch
+from personalize.spec import CriterionName, PersonalizationJobSpec, ReferenceInfo, StopReason
+
+WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
+
+# on_step(step, train_loss, deterministic_loss, convergence_value, step_seconds)
+StepCallback = Callable[[int, float, Optional[float], Optional[float], float], None]
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    max_steps: int
+    stop_step: int
+    reason: StopReason
+    criterion: str
+    window_evaluations: int
+    threshold: float
+    train_loss: Optional[float]
+    deterministic_loss: Optional[float]
+    convergence_value: Optional[float]
+    reference: Optional[ReferenceInfo]
+    seconds: float
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def window_in_evaluations(window_steps: int, eval_every: int) -> int:
+    """A window of `window_steps` training steps holds ceil(window_steps / evalEvery) evaluations."""
+    return max(2, -(-window_steps // eval_every))
+
+
+def train_stage(
+    stage: Stage,
+    spec: PersonalizationJobSpec,
+    models: Models,
+    identifier: Identifier,
+    examples: ConceptExamples,
+    class_examples: Optional[ConceptExamples],
+    accelerator: Accelerator,
+    on_step: StepCallback,
+    stage_index: int = 0,
+) -> tuple[StageOutcome, Method]:
+    started = time.monotonic()
+    es, training = spec.early_stopping, spec.training
+    device = accelerator.device
+
+    # ---- method: what is trained -------------------------------------------------------------
+    method = stage.method_class(models, spec, identifier)
+    modules = method.train_modules()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (models.unet, models.vae, models.text_encoder):
+        dtype = torch.float32 if any(p.requires_grad for p in module.parameters()) else weight_dtype
+        if module.dtype != dtype:
+            module.to(dtype=dtype)  # frozen parts in half precision on GPU, trained ones in fp32
+    optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
+    *prepared, optimizer = accelerator.prepare(*modules, optimizer)
+    wrapped = {id(m): p for m, p in zip(modules, prepared)}
+    unet = wrapped.get(id(models.unet), models.unet)
+    text_encoder = wrapped.get(id(models.text_encoder), models.text_encoder)
+    for module in modules:
+        module.train()
+
+    # ---- reference batch and criterion (main process only) -----------------------------------
+    n_slots = es.reference_batch_size * es.reference_sub_batches
+    reference: Optional[ReferenceBatch] = None
+    if accelerator.is_main_process:
+        reference = ReferenceBatch(
+            examples,
+            size=es.reference_batch_size,
+            sub_batches=es.reference_sub_batches,
+            fixed=es.fixed,
+            holdout=es.holdout,
+            seed=training.seed,
+            vae=models.vae,
+            tokenizer=models.tokenizer,
+            scheduler=models.noise_scheduler,
+            text_encoder_trained=method.text_encoder_trained,
+            eval_every=es.eval_every,
+        )
+        train_examples = reference.training_examples
+    else:
+        indices = ReferenceBatch.select_indices(len(examples), n_slots, training.seed)
+        train_examples = ReferenceBatch.training_split(examples, indices, es.holdout)
+    window = window_in_evaluations(stage.window_steps, es.eval_every)
+    options = {"eval_every": es.eval_every} if es.criterion == CriterionName.trend else {}
+    clip_check = None
+    if es.criterion == CriterionName.clip:  # the paper's baseline: CLIP-I of samples, not L_det
+        options = {"patience": es.clip.patience, "epsilon": es.clip.epsilon, "every_steps": es.clip.every_steps}
+        if accelerator.is_main_process:
+            clip_check = ClipCheck(spec, identifier.token, examples.files, examples.images.shape[-1])
+    criterion = make_criterion(es.criterion.value, window, stage.threshold, **options)
+    policy = StopPolicy(criterion, stage.max_steps, min(training.min_steps, stage.max_steps))
+
+    # ---- the loop ----------------------------------------------------------------------------
+    generator = torch.Generator().manual_seed(training.seed + 7919 * accelerator.process_index + 104729 * stage_index)
+    num_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
+    prior_weight = spec.prior_preservation.prior_loss_weight
+    use_prior = stage.prior_preservation and class_examples is not None
+    step, reason = 0, None
+    train_loss = det_loss = conv_value = None
+    while reason is None:
+        step_started = time.monotonic()
+        step += 1
+        losses = []
+        for _ in range(training.gradient_accumulation_steps):
+            with accelerator.accumulate(*prepared):
+                images, captions = train_examples.sample(training.batch_size, generator)  # [B,3,H,W]
+                if use_prior:
+                    class_images, class_captions = class_examples.sample(training.batch_size, generator)
+                    images, captions = torch.cat([images, class_images]), captions + class_captions
+                with torch.no_grad():
+                    latents = sample_latents(models.vae, images.to(device), generator)  # [B',4,h,w]
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
+                with accelerator.autocast():
+                    with torch.set_grad_enabled(method.text_encoder_trained):
+                        embeddings = encode_captions(models.tokenizer, text_encoder, captions, device)
+                    per_example = diffusion_loss(
+                        unet, models.noise_scheduler, latents, noise, timesteps, embeddings, reduction="none"
+                    )  # [B']
+                if use_prior:
+                    instance, prior = per_example.chunk(2)
+                    loss = instance.mean() + prior_weight * prior.mean()
+                else:
+                    loss = per_example.mean()
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+        method.after_optimizer_step()
+        train_loss = sum(losses) / len(losses)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} at step {step} of stage {stage.name}")
+
+        det_step = conv_step = None
+        if reference is not None:
+            if step % es.eval_every == 0:
+                with accelerator.autocast():
+                    det_step = reference.deterministic_loss(models.unet, models.text_encoder)
+                conv_step = policy.update(det_step) if clip_check is None else None
+                det_loss = det_step
+            if clip_check is not None and step % es.clip.every_steps == 0:
+                conv_step = policy.update(clip_check.score(models))
+            conv_value = conv_step if conv_step is not None else conv_value
+            reason = policy.check(step)
+        if accelerator.num_processes > 1:
+            reason = broadcast_object_list([reason])[0]  # every process stops together
+        on_step(step, train_loss, det_step, conv_step, time.monotonic() - step_started)
+
+    return StageOutcome(
+        name=stage.name,
+        max_steps=stage.max_steps,
+        stop_step=step,
+        reason=reason,
+        criterion=es.criterion.value,
+        window_evaluations=window,
+        threshold=stage.threshold,
+        train_loss=train_loss,
+        deterministic_loss=det_loss,
+        convergence_value=conv_value,
+        reference=reference.info() if reference is not None else None,
+        seconds=time.monotonic() - started,
+    ), method

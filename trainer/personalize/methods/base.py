@@ -1,0 +1,101 @@
+"""What every method shares: the models it works on and the small interface the loop calls.
+
+A method freezes everything, then unfreezes exactly what `trainable_parameters()` lists: that
+function is the one place to read what a method trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+
+from personalize.identifier import Identifier
+from personalize.spec import PersonalizationJobSpec
+
+LEARNED_EMBEDS = "learned_embeds.safetensors"
+
+
+@dataclass
+class Models:
+    """The pipeline's parts (the loop moves them to the accelerator's device)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object  # DDPM-style scheduler with add_noise / get_velocity (training)
+    sampling_scheduler: object  # the pipeline's own scheduler (for samples)
+
+
+class Method:
+    name: str = ""
+    learns_embedding: bool = False  # needs new token rows (decided before the models are touched)
+
+    def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier):
+        self.models, self.spec, self.identifier = models, spec, identifier
+        self.prepare()
+        for module in (models.unet, models.vae, models.text_encoder):
+            module.requires_grad_(False)
+        self.parameters = self.trainable_parameters()
+        for p in self.parameters:
+            p.requires_grad_(True)
+
+    # ---- override ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Change the models' structure before freezing (adapters, attention processors)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        """Whether caption embeddings change during training (they must be re-encoded)."""
+        return False
+
+    def train_modules(self) -> list[torch.nn.Module]:
+        """Modules that run in train mode (and go through accelerator.prepare)."""
+        return [self.models.unet, self.models.text_encoder] if self.text_encoder_trained else [self.models.unet]
+
+    def after_optimizer_step(self) -> None:
+        """Undo what the optimizer must not change (e.g. embedding rows of other tokens)."""
+
+    def save(self, output_dir: Path) -> list[str]:
+        """Write the artifact(s); return their file names relative to output_dir."""
+        raise NotImplementedError
+
+    # ---- shared helpers ----------------------------------------------------------------------
+
+    def learned_rows(self) -> torch.Tensor:
+        """The identifier's embedding rows [num_vectors, D]."""
+        table = self.models.text_encoder.get_input_embeddings().weight
+        return table[self.identifier.token_ids].detach().float().cpu().clone()
+
+    def save_learned_embeds(self, output_dir: Path) -> str:
+        """`learned_embeds.safetensors` in the format `pipe.load_textual_inversion(path, token=...)` reads."""
+        save_file({self.identifier.token: self.learned_rows().contiguous()}, str(output_dir / LEARNED_EMBEDS))
+        return LEARNED_EMBEDS
+
+
+class EmbeddingRowsKeeper:
+    """Keeps every embedding row except the identifier's bit-identical across optimizer steps.
+
+    The optimizer sees the whole table (an nn.Parameter cannot be sliced), so after each step the
+    rows of all other tokens are copied back from the original (AdamW weight decay and the
+    gradients of the other caption words would otherwise move them).
+    """
+
+    def __init__(self, embeddings: torch.nn.Embedding, trained_ids: list[int]):
+        self.embeddings = embeddings
+        self.original = embeddings.weight.detach().clone()
+        self.frozen = torch.ones(self.original.shape[0], dtype=torch.bool)
+        self.frozen[trained_ids] = False
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        weight = self.embeddings.weight
+        frozen = self.frozen.to(weight.device)
+        weight[frozen] = self.original.to(weight.device, weight.dtype)[frozen]
+

@@ -1,0 +1,49 @@
+"""DreamBooth: fine-tune the whole UNet (optionally the text encoder too).
+
+Prior preservation (class images, `priorLossWeight * L_prior`) is handled by the loop for every
+method that enables it; see personalize/prior.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from personalize.methods.base import Method
+
+PIPELINE_DIR = "pipeline"
+
+
+def save_pipeline(models, output_dir: Path) -> str:
+    """The fine-tuned model as a diffusers pipeline folder (`StableDiffusionPipeline.from_pretrained`)."""
+    pipe = StableDiffusionPipeline(
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        unet=models.unet,
+        scheduler=models.sampling_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(output_dir / PIPELINE_DIR, safe_serialization=True)
+    return PIPELINE_DIR
+
+
+class Dreambooth(Method):
+    name = "dreambooth"
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.models.unet.parameters())
+        if self.text_encoder_trained:
+            params += list(self.models.text_encoder.parameters())
+        return params
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        return self.spec.dreambooth.train_text_encoder
+
+    def save(self, output_dir: Path) -> list[str]:
+        return [save_pipeline(self.models, output_dir)]

@@ -1,0 +1,110 @@
+"""Input checks that run before anything heavy is imported or loaded (torch-free), so that bad
+input fails in a second with one line naming the problem (`error: ...`, exit code 2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from personalize.errors import TrainerInputError
+from personalize.spec import BaseModelSource, Concept, EarlyStopping, PersonalizationJob
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+# Where PersonalizationJob volumes are mounted in the trainer pod: `<root>/<claimName>/<path>`.
+VOLUMES_ROOT_ENV = "PJ_VOLUMES_ROOT"
+DEFAULT_VOLUMES_ROOT = "/volumes"
+
+
+def resolve_volume_path(path: str, claim_name: Optional[str]) -> Path:
+    """A spec path: relative to the claim's mount point when `claimName` is set, else as given."""
+    if claim_name:
+        return Path(os.environ.get(VOLUMES_ROOT_ENV, DEFAULT_VOLUMES_ROOT)) / claim_name / path
+    return Path(path)
+
+
+def concept_folder(concept: Concept) -> Path:
+    if concept.images.uri:
+        raise TrainerInputError(
+            f"concept.images.uri {concept.images.uri!r}: this trainer reads images from a mounted folder only; "
+            "copy them to a volume and set concept.images.path"
+        )
+    return resolve_volume_path(concept.images.path or "", concept.images.claim_name)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise TrainerInputError(f"concept image folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise TrainerInputError(f"concept image folder {str(folder)!r} is not a directory")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TrainerInputError(
+            f"concept image folder {str(folder)!r} has no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})"
+        )
+    return files
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image fully (a truncated file fails here, not in the middle of training)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise TrainerInputError(f"image {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def check_reference_fits(n_images: int, early_stopping: EarlyStopping) -> None:
+    n_slots = early_stopping.reference_batch_size * early_stopping.reference_sub_batches
+    if n_slots > n_images:
+        raise TrainerInputError(
+            f"earlyStopping.referenceBatchSize x referenceSubBatches = {n_slots} reference examples, "
+            f"but the concept has only {n_images} image(s)"
+        )
+    if early_stopping.holdout and n_images - n_slots < 1:
+        raise TrainerInputError(
+            f"earlyStopping.holdout: holding out {n_slots} reference image(s) leaves no training images "
+            f"(the concept has {n_images}); add images, lower referenceBatchSize or set holdout: false"
+        )
+
+
+def check_base_model(source: BaseModelSource) -> None:
+    if not source.path:
+        return  # builtin / hub: checked when loading
+    folder = resolve_volume_path(source.path, source.claim_name)
+    if not folder.exists():
+        raise TrainerInputError(f"baseModel.path {str(folder)!r} does not exist")
+    if not (folder / "model_index.json").is_file():
+        raise TrainerInputError(f"baseModel.path {str(folder)!r} is not a diffusers pipeline folder (no model_index.json)")
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise TrainerInputError(f"output directory {str(path)!r} is not writable: {err.strerror or err}") from None
+    return out
+
+
+def preflight(job: PersonalizationJob, output: str | Path) -> Path:
+    """All cheap checks, in the order a user would fix them; returns the output directory."""
+    spec = job.spec
+    if spec.early_stopping.criterion.value == "clip" and not (
+        spec.early_stopping.clip.model_path or spec.base_model.builtin
+    ):
+        raise TrainerInputError("earlyStopping.clip.modelPath: criterion clip needs a CLIP model folder")
+    out = prepare_output_dir(output)
+    check_base_model(spec.base_model)
+    files = list_image_files(concept_folder(spec.concept))
+    for path in files:
+        open_rgb(path)
+    check_reference_fits(len(files), spec.early_stopping)
+    return out

@@ -1,0 +1,198 @@
+"""The reference batch and the deterministic loss L_det (DVAR, brief section 1).
+
+At the start of training R examples (x R per sub-batch, S sub-batches) are drawn once, with a
+generator of their own, and each of the five random components of the diffusion loss is fixed:
+
+    images      which training image each slot holds
+    latents     the VAE posterior sample z_0 = mean(x) + std(x) * n  (n is fixed per slot)
+    noise       eps
+    captions    which caption template each slot uses
+    timesteps   t; distinct across the slots (a random permutation of all timesteps)
+
+Any subset may instead be re-sampled at every evaluation (the paper's 5-bit code). The
+reference generator is separate from the training generator, so evaluating (or not) never
+changes the training trajectory.
+
+Everything that does not depend on trained weights is computed once: the latents (the VAE is
+always frozen), and the caption embeddings when the text encoder's input is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from personalize.data import ConceptExamples
+from personalize.diffusion import diffusion_loss, encode_captions, latent_distribution, scaled_latents
+from personalize.preflight import check_reference_fits
+from personalize.spec import EarlyStopping, FixedComponents, ReferenceInfo
+
+# Offset that separates the reference generator's stream from the training generator's.
+REFERENCE_SEED_OFFSET = 0x5EED_DE7
+
+
+class ReferenceBatch:
+    def __init__(
+        self,
+        examples: ConceptExamples,
+        *,
+        size: int,
+        sub_batches: int = 1,
+        fixed: FixedComponents = FixedComponents(),
+        holdout: bool = False,
+        seed: int = 0,
+        vae,
+        tokenizer,
+        scheduler,
+        text_encoder_trained: bool,
+        eval_every: int = 1,
+    ):
+        n_slots = size * sub_batches
+        n_images = len(examples)
+        check_reference_fits(n_images, EarlyStopping(reference_batch_size=size, reference_sub_batches=sub_batches, holdout=holdout))
+        self.examples = examples
+        self.size, self.sub_batches, self.n_slots = size, sub_batches, n_slots
+        self.fixed, self.holdout, self.eval_every = fixed, holdout, eval_every
+        self.vae, self.tokenizer, self.scheduler = vae, tokenizer, scheduler
+        self.text_encoder_trained = text_encoder_trained
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.generator = torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
+        self.evaluations = 0
+
+        # Draw every component once, in a fixed order, whether or not it stays fixed: the
+        # reference examples (and so the held-out set) then depend on the seed only.
+        g = self.generator
+        self.indices: list[int] = torch.randperm(n_images, generator=g)[:n_slots].tolist()  # == select_indices
+        self.image_pool = self.indices if holdout else list(range(n_images))
+        mean, std = self._posterior(self.indices)  # [S*R, C, h, w] each
+        self.latent_shape = tuple(mean.shape[1:])
+        self.latent_noise = self._randn()
+        self.noise = self._randn()
+        self.caption_ids = self._draw_captions()
+        self.timesteps = self._draw_timesteps()
+
+        self._posterior_cache = (mean, std) if fixed.images else None
+        self._latents_cache = scaled_latents(vae, mean, std, self.latent_noise) if (fixed.images and fixed.latents) else None
+        self._caption_cache: Optional[torch.Tensor] = None  # filled at the first evaluation when allowed
+
+    # ---- the sets the trainer uses ---------------------------------------------------------
+
+    @staticmethod
+    def select_indices(n_images: int, n_slots: int, seed: int) -> list[int]:
+        """The reference examples for a seed, without building the batch (other processes)."""
+        g = torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
+        return torch.randperm(n_images, generator=g)[:n_slots].tolist()
+
+    @staticmethod
+    def training_split(examples: ConceptExamples, indices: list[int], holdout: bool) -> ConceptExamples:
+        if not holdout:
+            return examples
+        held = set(indices)
+        return examples.subset([i for i in range(len(examples)) if i not in held])
+
+    @property
+    def training_examples(self) -> ConceptExamples:
+        """The examples training may draw from: without the reference ones when holding out."""
+        return self.training_split(self.examples, self.indices, self.holdout)
+
+    def info(self) -> ReferenceInfo:
+        return ReferenceInfo(
+            size=self.size,
+            sub_batches=self.sub_batches,
+            indices=list(self.indices),
+            holdout=self.holdout,
+            fixed=self.fixed.code(),
+            eval_every=self.eval_every,
+        )
+
+    # ---- drawing ---------------------------------------------------------------------------
+
+    def _randn(self) -> torch.Tensor:
+        return torch.randn((self.n_slots, *self.latent_shape), generator=self.generator)
+
+    def _draw_captions(self) -> list[int]:
+        return torch.randint(len(self.examples.captions), (self.n_slots,), generator=self.generator).tolist()
+
+    def _draw_timesteps(self) -> torch.Tensor:
+        """Distinct timesteps across the slots (with repeats only if slots outnumber timesteps)."""
+        perm = torch.randperm(self.num_timesteps, generator=self.generator)
+        return perm.repeat(-(-self.n_slots // self.num_timesteps))[: self.n_slots].long()
+
+    def _draw_images(self) -> list[int]:
+        pool = torch.tensor(self.image_pool)
+        if self.n_slots <= len(pool):
+            return pool[torch.randperm(len(pool), generator=self.generator)[: self.n_slots]].tolist()
+        return pool[torch.randint(len(pool), (self.n_slots,), generator=self.generator)].tolist()
+
+    @torch.no_grad()
+    def _posterior(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = latent_distribution(self.vae, self.examples.images[indices])
+        return mean.float().cpu(), std.float().cpu()
+
+    # ---- one evaluation --------------------------------------------------------------------
+
+    def components(self, text_encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """latents [S*R,C,h,w], noise [S*R,C,h,w], timesteps [S*R], caption embeddings [S*R,77,D]
+        for this evaluation: fixed parts reused, the others re-sampled (in a fixed order)."""
+        fixed = self.fixed
+        indices = self.indices if fixed.images else self._draw_images()
+        latent_noise = self.latent_noise if fixed.latents else self._randn()
+        noise = self.noise if fixed.noise else self._randn()
+        caption_ids = self.caption_ids if fixed.captions else self._draw_captions()
+        timesteps = self.timesteps if fixed.timesteps else self._draw_timesteps()
+
+        if self._latents_cache is not None:
+            latents = self._latents_cache
+        else:
+            mean, std = self._posterior_cache if self._posterior_cache is not None else self._posterior(indices)
+            latents = scaled_latents(self.vae, mean, std, latent_noise)
+
+        cacheable = fixed.captions and not self.text_encoder_trained
+        if cacheable and self._caption_cache is not None:
+            embeddings = self._caption_cache
+        else:
+            captions = [self.examples.captions[i] for i in caption_ids]
+            device = next(text_encoder.parameters()).device
+            embeddings = encode_captions(self.tokenizer, text_encoder, captions, device).float().cpu()
+            if cacheable:
+                self._caption_cache = embeddings
+        return latents, noise, timesteps, embeddings
+
+    @torch.no_grad()
+    def deterministic_loss(self, unet, text_encoder) -> float:
+        """L_det: the training MSE on the reference batch, averaged over its sub-batches."""
+        unet_was_training, text_was_training = unet.training, text_encoder.training
+        unet.eval()
+        text_encoder.eval()
+        try:
+            latents, noise, timesteps, embeddings = self.components(text_encoder)
+            device, dtype = unet.device, unet.dtype
+            total = 0.0
+            for s in range(self.sub_batches):
+                part = slice(s * self.size, (s + 1) * self.size)
+                loss = diffusion_loss(
+                    unet,
+                    self.scheduler,
+                    latents[part].to(device, dtype),
+                    noise[part].to(device, dtype),
+                    timesteps[part].to(device),
+                    embeddings[part].to(device, dtype),
+                )
+                total += float(loss)
+        finally:
+            unet.train(unet_was_training)
+            text_encoder.train(text_was_training)
+        self.evaluations += 1
+        return total / self.sub_batches
+
+    # ---- resume (issue 6): the generator decides every re-sampled component ------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices, "evaluations": self.evaluations, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["indices"]) != self.indices:
+            raise ValueError("reference batch indices differ from the checkpoint's (different seed or images?)")
+        self.evaluations = int(state["evaluations"])
+        self.generator.set_state(state["generator"])

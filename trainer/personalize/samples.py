@@ -1,0 +1,50 @@
+"""The grid of final samples: one row per validation prompt, `numImagesPerPrompt` columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from personalize.data import fill_template
+from personalize.methods import Models
+from personalize.pipeline_io import sampling_pipeline
+from personalize.spec import PersonalizationJobSpec
+
+SAMPLES_FILE = "samples.png"
+
+
+def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            grid.paste(image, (c * width, r * height))
+    return grid
+
+
+@torch.no_grad()
+def write_samples(
+    spec: PersonalizationJobSpec, models: Models, prompt_token: str, resolution: int, device: torch.device, path: Path
+) -> list[str]:
+    """Generate the validation grid with the trained models; returns the prompts used."""
+    options = spec.validation
+    prompts = [fill_template(p, prompt_token, spec.concept.class_noun) for p in options.prompts]
+    pipe = sampling_pipeline(models).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(spec.training.seed)
+    rows = []
+    for prompt in prompts:
+        rows.append(
+            pipe(
+                prompt,
+                num_images_per_prompt=options.num_images_per_prompt,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=options.inference_steps,
+                guidance_scale=options.guidance_scale,
+                generator=generator,
+            ).images
+        )
+    image_grid(rows).save(path)
+    return prompts
