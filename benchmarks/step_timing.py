@@ -9,6 +9,11 @@ rotates each round), so that load from other processes on the machine hits all o
 Each run trains a fresh copy of the tiny pipeline; the first step of each run (warm-up) is not
 counted. Ratios are median step time of a condition over median step time without tracking.
 
+Paired timing (robust to drift): in the evalEvery-1 runs every step's training part and its
+L_det evaluation are timed back to back, so both see the same machine load; the per-step ratios
+(train + eval) / train and (train + eval / 5) / train are reported as medians, with the
+evaluation's cost as a fraction of a training step.
+
 Stop step: one run per method evaluates L_det at every step; because the training randomness
 is independent of the evaluations (separate generators) and L_det at a step does not depend on
 earlier evaluations, the evalEvery-5 series is exactly every 5th value of that same run. DVAR
@@ -38,6 +43,7 @@ from personalize.identifier import setup_identifier
 from personalize.loop import train_stage, window_in_evaluations
 from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import builtin_tiny_world_folder, load_base_pipeline, models_of
+from personalize.reference_batch import ReferenceBatch
 from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
 from personalize.world.tiny_models import build_tiny_pipeline_folder
@@ -64,6 +70,22 @@ def make_spec(method: str, model: dict, concept_dir: Path, steps: int, eval_ever
     return spec
 
 
+EVAL_SECONDS: list[float] = []  # filled by the timing wrapper below
+
+
+def _timed_deterministic_loss(original):
+    def wrapper(self, unet, text_encoder):
+        started = time.perf_counter()
+        value = original(self, unet, text_encoder)
+        EVAL_SECONDS.append(time.perf_counter() - started)
+        return value
+
+    return wrapper
+
+
+ReferenceBatch.deterministic_loss = _timed_deterministic_loss(ReferenceBatch.deterministic_loss)
+
+
 def train(spec_dict: dict) -> list[tuple[int, float, float | None, float]]:
     """One fresh run; rows (step, train_loss, deterministic_loss, step_seconds) over all stages."""
     spec = parse_spec(spec_dict)
@@ -87,11 +109,20 @@ def step_timing(model: dict, concept_dir: Path, rounds: int, steps: int) -> dict
     names = list(CONDITIONS)
     for method in METHODS:
         seconds: dict[str, list[float]] = {name: [] for name in names}
+        paired_e1, paired_e5, eval_fraction = [], [], []
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]  # rotate the order each round
             for name in order:
+                EVAL_SECONDS.clear()
                 rows = train(make_spec(method, model, concept_dir, steps, CONDITIONS[name]))
                 seconds[name] += [sec for step, _, _, sec in rows if step > 1]
+                if name == "eval_every_1":  # one evaluation per step, in step order
+                    for (step, _, _, sec), ev in zip(rows, EVAL_SECONDS):
+                        if step > 1:
+                            train_part = sec - ev
+                            paired_e1.append(sec / train_part)
+                            paired_e5.append((train_part + ev / 5) / train_part)
+                            eval_fraction.append(ev / train_part)
         medians = {name: statistics.median(v) for name, v in seconds.items()}
         results[method] = {
             "median_step_seconds": {k: round(v, 5) for k, v in medians.items()},
@@ -99,6 +130,11 @@ def step_timing(model: dict, concept_dir: Path, rounds: int, steps: int) -> dict
                 k: round(medians[k] / medians["no_tracking"], 3) for k in names if k != "no_tracking"
             },
             "steps_timed_per_condition": len(seconds["no_tracking"]),
+            "paired_ratio": {
+                "eval_every_1": round(statistics.median(paired_e1), 3),
+                "eval_every_5": round(statistics.median(paired_e5), 3),
+            },
+            "eval_seconds_over_train_step_seconds": round(statistics.median(eval_fraction), 3),
         }
         print(method, results[method], flush=True)
     return results
@@ -145,16 +181,21 @@ def markdown(report: dict) -> str:
         f"batch size 4, reference batch 4; {report['rounds']} interleaved rounds x {report['steps_per_run']} steps "
         "per condition (first step of each run not counted). Command: `python benchmarks/step_timing.py`.",
         "",
-        "| method | s/step no tracking | s/step evalEvery 1 | s/step evalEvery 5 | ratio e1 | ratio e5 |",
-        "|---|---|---|---|---|---|",
+        "| method | s/step no tracking | s/step evalEvery 1 | s/step evalEvery 5 | ratio e1 | ratio e5 "
+        "| paired ratio e1 | paired ratio e5 | eval / train step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, r in report["step_timing"].items():
         s, q = r["median_step_seconds"], r["ratio_to_no_tracking"]
         lines.append(
             f"| {method} | {s['no_tracking']:.4f} | {s['eval_every_1']:.4f} | {s['eval_every_5']:.4f} "
-            f"| {q['eval_every_1']:.2f} | {q['eval_every_5']:.2f} |"
+            f"| {q['eval_every_1']:.2f} | {q['eval_every_5']:.2f} | {r['paired_ratio']['eval_every_1']:.2f} "
+            f"| {r['paired_ratio']['eval_every_5']:.2f} | {r['eval_seconds_over_train_step_seconds']:.2f} |"
         )
     lines += [
+        "",
+        "Ratios: whole runs per condition, interleaved (end to end, sensitive to load from other "
+        "processes). Paired: the same steps' training and evaluation timed back to back.",
         "",
         f"Stop step of DVAR (window {report['stop_window_steps']} steps, method threshold, maxSteps "
         f"{report['stop_max_steps']}) on one run, replayed at evalEvery 1 and 5:",

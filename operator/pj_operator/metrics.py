@@ -9,7 +9,9 @@ from typing import Any, Callable, Optional
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from personalize.spec import Phase
+from personalize.spec import Method, Phase
+
+from . import lifecycle
 
 COMPLETIONS = Counter(
     "personalization_job_completions", "PersonalizationJobs that finished, by reason.", ["reason"],
@@ -26,6 +28,18 @@ GPU_SECONDS_SAVED = Counter(
 RECONCILE_ERRORS = Counter(
     "personalization_reconcile_errors", "Handler invocations that raised (kopf retries them).", ["handler"],
 )
+
+
+# Known label values start at 0, so that rate() and absent-series alerts work from the first scrape.
+for _reason in (lifecycle.EARLY_STOPPED, lifecycle.MAX_STEPS, lifecycle.COMPLETED, lifecycle.INVALID_SPEC,
+                lifecycle.IMAGE_PULL, lifecycle.OOM_KILLED, lifecycle.DEADLINE, lifecycle.BACKOFF_LIMIT,
+                lifecycle.JOB_LOST):
+    COMPLETIONS.labels(reason=_reason)
+for _method in Method:
+    STEPS_SAVED.labels(method=_method.value)
+    GPU_SECONDS_SAVED.labels(method=_method.value)
+for _handler in ("reconcile", "spec_change", "job_event", "queue_pump"):
+    RECONCILE_ERRORS.labels(handler=_handler)
 
 
 class PhaseCollector:

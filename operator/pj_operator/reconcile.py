@@ -142,31 +142,32 @@ def create_children(kube: Kube, owner: dict, parsed: api.PersonalizationJob, set
         try:
             kube.create(manifest)
         except ApiError as err:
+            what = f"{manifest['kind']} {manifest['metadata']['name']}"
             if err.status != 409:
                 # Quota, admission webhook, RBAC...: tell the user, and let kopf retry later.
-                report_child_failure(kube, owner, manifest, err)
+                report_child_failure(kube, owner, "ChildCreationFailed", f"cannot create {what}: {err}")
                 raise kopf.TemporaryError(str(err), delay=settings.retry_delay) from None
             existing = kube.get(manifest["apiVersion"], manifest["kind"], namespace, manifest["metadata"]["name"])
             owners = [ref.get("uid") for ref in (existing or {}).get("metadata", {}).get("ownerReferences", [])]
             if existing is not None and uid not in owners:
-                raise kopf.PermanentError(
-                    f"{manifest['kind']} {manifest['metadata']['name']} exists and is not owned by this job"
-                ) from None
+                message = f"{what} already exists and is not owned by this PersonalizationJob"
+                report_child_failure(kube, owner, "NameConflict", message)
+                raise kopf.PermanentError(message) from None
 
 
-def report_child_failure(kube: Kube, owner: dict, manifest: dict, err: ApiError) -> None:
+def report_child_failure(kube: Kube, owner: dict, reason: str, message: str) -> None:
+    """A child could not be created: say why on the Running condition and in a Warning Event."""
     namespace, name, _ = _meta(owner)
-    message = f"cannot create {manifest['kind']} {manifest['metadata']['name']}: {err}"
 
     def compute(fresh: dict) -> Optional[dict]:
         st = fresh.get("status") or {}
         conds = lifecycle.set_condition(list(st.get("conditions") or []), lifecycle.RUNNING, "False",
-                                        "ChildCreationFailed", message, lifecycle.now_iso())
+                                        reason, message, lifecycle.now_iso())
         return {"conditions": conds} if conds != st.get("conditions") else None
 
     before, patch = status.update(kube, namespace, name, compute)
     if patch:
-        status.event(before, warning=True, reason="ChildCreationFailed", message=message)
+        status.event(before, warning=True, reason=reason, message=message)
 
 
 def reconcile(kube: Kube, body: dict, settings: Settings) -> None:

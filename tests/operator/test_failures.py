@@ -117,3 +117,32 @@ def test_refused_job_creation_is_reported_and_retried(cluster, run_operator):
         # kopf retries; the quota has room now.
         wait_for(lambda: cluster.job("squeezed"), what="the Job on retry")
         assert len(cluster.owned_by(cluster.pj("squeezed")["metadata"]["uid"])) == 5
+
+
+def test_job_deleted_by_hand_while_running_is_job_lost(cluster, run_operator):
+    with run_operator():
+        cluster.create(pj_manifest("orphan"))
+        wait_for(lambda: cluster.job("orphan"))
+        cluster.start_pod("orphan")
+        cluster.pod_running("orphan")
+        cluster.trainer_reports("orphan", {"progress": {"step": 10, "maxSteps": 400, "percent": 2.5}})
+        wait_for(lambda: status_of(cluster, "orphan").get("phase") == "Running")
+        cluster.delete("batch/v1", "Job", "default", "orphan")
+        status = wait_for(lambda: status_of(cluster, "orphan").get("phase") == "Failed" and status_of(cluster, "orphan"))
+        assert condition(status, "Failed")["reason"] == "JobLost"
+        assert status["progress"]["step"] == 10
+        # Never re-run: a lost job is not re-created.
+        assert len(cluster.creations("jobs")) == 1
+
+
+def test_a_foreign_object_with_a_childs_name_is_never_taken_over(cluster, run_operator):
+    cluster.create({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "clash-config", "namespace": "default"}, "data": {"job.yaml": "mine"}})
+    with run_operator():
+        cluster.create(pj_manifest("clash"))
+        cond = wait_for(lambda: condition(status_of(cluster, "clash"), "Running") and
+                        condition(status_of(cluster, "clash"), "Running")["reason"] == "NameConflict"
+                        and condition(status_of(cluster, "clash"), "Running"))
+        assert "ConfigMap clash-config" in cond["message"]
+        assert cluster.get("v1", "ConfigMap", "default", "clash-config")["data"] == {"job.yaml": "mine"}
+        assert cluster.creations("jobs") == []

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import urllib.request
+
+import pytest
 
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -77,3 +81,14 @@ def test_main_wires_settings_into_kopf(monkeypatch):
     assert calls["standalone"] is True and calls["clusterwide"] is False
     assert calls["namespaces"] == ["team-a", "team-b"]
     assert calls["liveness_endpoint"] == "http://0.0.0.0:9999/healthz"
+
+
+def test_exposition_passes_promtool_lint():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    text = generate_latest(REGISTRY)
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).decode().splitlines()
+                if line.startswith("personalization_")]
+    assert problems == [], problems

@@ -14,9 +14,13 @@ from personalize.spec import Concept, FixedComponents
 COMPONENTS = ("images", "latents", "noise", "captions", "timesteps")
 
 
-@pytest.fixture
-def models(base_pipe):
-    return models_of(base_pipe)
+@pytest.fixture(scope="module")
+def models(tiny_pipeline_dir):
+    """Shared by the module's tests: none of them changes the weights for good."""
+    from personalize.pipeline_io import load_base_pipeline
+    from personalize.spec import BaseModelSource
+
+    return models_of(load_base_pipeline(BaseModelSource(path=str(tiny_pipeline_dir))))
 
 
 @pytest.fixture
@@ -116,10 +120,16 @@ def test_caption_embeddings_are_encoded_once_when_the_text_encoder_is_frozen(mod
 def test_text_encoder_changes_reach_the_loss_when_it_is_trained(models, examples):
     ref = make(models, examples, text_encoder_trained=True)
     before = ref.deterministic_loss(models.unet, models.text_encoder)
+    table = models.text_encoder.get_input_embeddings().weight
+    row = models.tokenizer.convert_tokens_to_ids("lun</w>")
+    saved = table[row].detach().clone()
     with torch.no_grad():
-        table = models.text_encoder.get_input_embeddings().weight
-        table[models.tokenizer.convert_tokens_to_ids("lun</w>")] += 1.0
-    assert ref.deterministic_loss(models.unet, models.text_encoder) != before
+        table[row] += 1.0
+    try:
+        assert ref.deterministic_loss(models.unet, models.text_encoder) != before
+    finally:
+        with torch.no_grad():
+            table[row] = saved
 
 
 def test_v_prediction_target(models, examples):
