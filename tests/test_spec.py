@@ -86,6 +86,12 @@ def test_full_manifest_and_bare_spec_agree(tmp_path):
         ({"resources": {"gpus": -1}}, "spec.resources.gpus"),
         ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
         ({"output": {"path": "/abs", "claimName": "out"}}, "spec.output"),
+        ({"output": {"path": "runs/../../other", "claimName": "out"}}, "spec.output"),
+        ({"output": {"uri": "file:///var/data"}}, "spec.output"),
+        ({"baseModel": {"path": "../models", "claimName": "models"}}, "spec.baseModel"),
+        ({"concept": {"images": {"uri": "s3://key:secret@bucket/x"}, "classNoun": "cat"}}, "spec.concept.images"),
+        ({"concept": {"images": {"uri": "https://h/x?X-Amz-Signature=s"}, "classNoun": "cat"}}, "spec.concept.images"),
+        ({"output": {"secretRef": {"name": "s", "key": "k"}}}, "spec.output.secretRef.key"),
     ],
 )
 def test_bad_values_name_the_field(patch, field):

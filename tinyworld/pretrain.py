@@ -331,6 +331,8 @@ def main() -> None:
         "unet_steps_planned": args.unet_steps,
         "batch": {"clip": args.clip_batch, "vae": args.vae_batch, "unet": args.unet_batch},
         "pool_size": args.pool_size,
+        # A wall-clock cap makes the UNet's LR schedule follow elapsed time while it runs slow.
+        "time_capped": max_seconds is not None,
         "threads": args.threads,
         "wall_seconds": {k: round(v, 1) for k, v in timings.items()},
         "parameters": {

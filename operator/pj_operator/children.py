@@ -21,7 +21,8 @@ import yaml
 from personalize import spec as api
 
 from . import names
-from .names import PJ_API_VERSION
+from .names import EXIT_BAD_INPUT, EXIT_INTERRUPTED, PJ_API_VERSION, TERMINATION_LOG
+from .names import TRAINER_CONTAINER as CONTAINER
 from .settings import Settings
 
 Manifest = dict[str, Any]
@@ -155,12 +156,42 @@ def _resources(spec: api.PersonalizationJobSpec, settings: Settings) -> dict[str
     return {"requests": requests, "limits": limits}
 
 
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """How the Job controller counts a failed trainer pod (first matching rule wins).
+
+    Every rule lists both `onExitCodes`/`onPodConditions` keys: Kubernetes 1.28's schema
+    requires `onPodConditions` (an empty list is allowed next to `onExitCodes`).
+    """
+    exit_code = lambda action, code: {  # noqa: E731
+        "action": action,
+        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [code]},
+        "onPodConditions": [],
+    }
+    return {"rules": [
+        # Preempted or evicted (the pod carries the DisruptionTarget condition): not the job's
+        # fault, so it does not use up backoffLimit; the replacement resumes from the checkpoint.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # Bad input fails the Job at once: the same input would fail the same way again.
+        exit_code("FailJob", EXIT_BAD_INPUT),
+        # Any other SIGTERM (exit 143 after a checkpoint) is a retry that counts.
+        exit_code("Count", EXIT_INTERRUPTED),
+    ]}
+
+
+def secret_refs(spec: api.PersonalizationJobSpec) -> list[str]:
+    """Names of the Secrets the spec references, deduplicated, in spec order."""
+    refs = [spec.base_model.secret_ref, spec.concept.images.secret_ref, spec.output.secret_ref]
+    return list(dict.fromkeys(ref.name for ref in refs if ref is not None))
+
+
 def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settings) -> Manifest:
     spec = job.spec
     method = spec.method.value
     volumes, mounts = _volumes(spec, name, settings)
     container = {
-        "name": "trainer",
+        "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": [
@@ -182,6 +213,10 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
         "ports": [{"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"}],
         "resources": _resources(spec, settings),
         "volumeMounts": mounts,
+        # The trainer writes its final result (compact JSON, < 4096 bytes) here, so the operator
+        # can recover the decision if the status patch was lost; on a crash, the log tail instead.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -189,9 +224,17 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    secrets = secret_refs(spec)
+    if secrets:
+        # Credentials only by reference: the kubelet resolves the Secret; its values never pass
+        # through the operator, the spec, the ConfigMap or the status.
+        container["envFrom"] = [{"secretRef": {"name": secret}} for secret in secrets]
     pod_spec: dict[str, Any] = {
-        # Never: a failed attempt becomes a new pod, which backoffLimit counts and we can inspect.
+        # Never: a failed attempt becomes a new pod, which backoffLimit counts and we can inspect
+        # (podFailurePolicy requires it, too).
         "restartPolicy": "Never",
+        # SIGTERM -> SIGKILL: time for the trainer's SIGTERM checkpoint.
+        "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
         "serviceAccountName": names.trainer_account_name(name),
         "securityContext": {
             "runAsNonRoot": True,
@@ -216,6 +259,9 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
         "backoffLimit": spec.backoff_limit,
         "completions": 1,
         "parallelism": 1,
+        "podFailurePolicy": pod_failure_policy(),
+        # The replacement pod starts only when the old one has finished (written its checkpoint).
+        "podReplacementPolicy": "Failed",
         "template": {
             "metadata": {"labels": names.pod_labels(name, method)},
             "spec": pod_spec,

@@ -38,7 +38,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
     memo.config = Settings.from_env()
-    memo.kube = Kube.from_environment()
+    memo.kube = Kube.from_environment(retries=memo.config.api_retries, backoff=memo.config.api_backoff)
     memo.pump = Pump(memo.kube, memo.config)
     logger.info("serving %s with %s", ", ".join(memo.config.namespaces) or "all namespaces", memo.config)
 

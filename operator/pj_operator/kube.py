@@ -8,12 +8,14 @@ does what it is for: configuration (in-cluster or kubeconfig), auth headers, TLS
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
+import time
 from typing import Any, Optional
 from urllib.parse import quote, urlencode
 
 import kubernetes
+import urllib3
 
 from personalize import spec as api
 
@@ -34,16 +36,32 @@ _PLURALS = {
 
 MERGE_PATCH = "application/merge-patch+json"
 
+# Answers that say "try again later" rather than "no": throttling (429) and server-side trouble.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, method: str, path: str, body: str):
+    def __init__(self, status: int, method: str, path: str, body: str, retry_after: Optional[float] = None):
         self.status = status
+        # Seconds the server asked us to wait (Retry-After header or the Status' retryAfterSeconds).
+        self.retry_after = retry_after
         try:
-            self.reason = json.loads(body).get("reason", "")
-            message = json.loads(body).get("message", body)
-        except ValueError:
+            parsed = json.loads(body)
+            self.reason = parsed.get("reason", "")
+            message = parsed.get("message", body)
+            if self.retry_after is None and (parsed.get("details") or {}).get("retryAfterSeconds") is not None:
+                self.retry_after = float(parsed["details"]["retryAfterSeconds"])
+        except (ValueError, AttributeError):
             self.reason, message = "", body
         super().__init__(f"{method} {path}: HTTP {status}: {message}"[:2000])
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    value = (headers or {}).get("Retry-After") if hasattr(headers, "get") else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own back-off
 
 
 def collection_path(api_version: str, kind: str, namespace: Optional[str]) -> str:
@@ -59,11 +77,21 @@ def object_path(api_version: str, kind: str, namespace: Optional[str], name: str
 
 
 class Kube:
-    def __init__(self, client: kubernetes.client.ApiClient):
+    """`retries` extra attempts for 429/5xx answers, waiting `backoff` x 2^n seconds (capped at
+    `max_backoff`, or what the server's Retry-After asks for, whichever is longer). Retrying is
+    safe for every verb the operator uses: merge patches are idempotent, a repeated DELETE gets
+    404 (treated as done), and a repeated POST whose first attempt did land gets 409, which
+    `reconcile.create_children` resolves by checking that the existing object is ours."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, retries: int = 5, backoff: float = 0.5,
+                 max_backoff: float = 8.0):
         self.client = client
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
 
     @classmethod
-    def from_environment(cls) -> "Kube":
+    def from_environment(cls, **retry_options: Any) -> "Kube":
         """In-cluster service account if available, else the kubeconfig ($KUBECONFIG)."""
         try:
             kubernetes.config.load_incluster_config()
@@ -73,13 +101,35 @@ class Kube:
             # $KUBECONFIG is read here, not when `kubernetes.config` was imported.
             kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
                                                client_configuration=configuration)
-        return cls(kubernetes.client.ApiClient(configuration))
+        return cls.for_configuration(configuration, **retry_options)
+
+    @classmethod
+    def for_configuration(cls, configuration: kubernetes.client.Configuration, **retry_options: Any) -> "Kube":
+        """One retry policy, ours: urllib3 keeps retrying failed connections but hands every
+        HTTP answer (429/503 with Retry-After included) back to `request`."""
+        configuration.retries = urllib3.Retry(total=None, connect=3, read=0, status=0, redirect=0,
+                                              respect_retry_after_header=False, raise_on_status=False)
+        return cls(kubernetes.client.ApiClient(configuration), **retry_options)
 
     def close(self) -> None:
         self.client.close()
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                 query: Optional[dict[str, str]] = None) -> Any:
+        """One API call, retried with exponential back-off while the server answers 429/5xx."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._request_once(method, path, body, content_type, query)
+            except ApiError as err:
+                if err.status not in RETRYABLE_STATUSES or attempt == self.retries:
+                    raise
+                delay = max(min(self.backoff * 2 ** attempt, self.max_backoff), err.retry_after or 0.0)
+                logger.warning("%s; retry %d of %d in %.1f s", err, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, body: Any, content_type: str,
+                      query: Optional[dict[str, str]]) -> Any:
         if query:
             path = f"{path}?{urlencode(query)}"
         headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -89,7 +139,8 @@ class Kube:
         response = self.client.call_api(method, url, header_params=headers, body=body)
         data = response.read()
         if not 200 <= response.status < 300:
-            raise ApiError(response.status, method, path, data.decode(errors="replace"))
+            raise ApiError(response.status, method, path, data.decode(errors="replace"),
+                           retry_after=_retry_after(response.getheaders()))
         return json.loads(data) if data else None
 
     # ---- verbs -------------------------------------------------------------------------------

@@ -2,16 +2,26 @@
 
 `observe_job` reads what Kubernetes reports; `lifecycle_patch` turns an observation into a merge
 patch of the operator-owned status fields. The patch never names a field the trainer writes
-(progress, deterministicLoss, earlyStop, ...): merge patches leave unnamed keys untouched.
+(progress, deterministicLoss, earlyStop, ...): merge patches leave unnamed keys untouched. The
+one exception is decision recovery: when the Job completed and status lacks the trainer's
+earlyStop, the fields the trainer wrote to its termination message fill in what status lacks.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from personalize.spec import Phase, StopReason
+from pydantic import ValidationError
+
+from personalize.spec import Phase, StopReason, TrainerReport
+
+from .names import EXIT_BAD_INPUT, TRAINER_CONTAINER
+
+logger = logging.getLogger(__name__)
 
 TERMINAL = (Phase.succeeded.value, Phase.failed.value)
 
@@ -30,12 +40,21 @@ OOM_KILLED = "OOMKilled"
 DEADLINE = "DeadlineExceeded"
 BACKOFF_LIMIT = "BackoffLimitExceeded"
 JOB_LOST = "JobLost"
+BAD_INPUT = "BadInput"  # the trainer exited 2: podFailurePolicy failed the Job without retries
+POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job's own reason for a FailJob rule
 # Pending reasons.
 JOB_CREATED = "JobCreated"
 # Succeeded reasons.
 EARLY_STOPPED = "EarlyStopped"
 MAX_STEPS = "MaxSteps"
 COMPLETED = "Completed"
+
+SUCCESS_REASONS = (EARLY_STOPPED, MAX_STEPS, COMPLETED)
+# Every failure reason the operator itself decides. A Job may also fail for a reason of its own
+# (its Failed condition's reason, e.g. PodFailurePolicy, MaxFailedIndexesExceeded), passed through.
+FAILURE_REASONS = (INVALID_SPEC, IMAGE_PULL, OOM_KILLED, DEADLINE, BACKOFF_LIMIT, JOB_LOST, BAD_INPUT,
+                   POD_FAILURE_POLICY)
+
 
 # Kubelet waiting reasons that will not fix themselves: the pod would hold its GPU forever.
 _IMAGE_FAILURES = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
@@ -59,6 +78,9 @@ class Observation:
     attempts: Optional[int] = None
     # The Job should be deleted (its pod can never start and would keep its node's GPU).
     delete_job: bool = False
+    # Trainer fields recovered from the pod's termination message, to write into status (only
+    # those the status lacks): the trainer's own final status patch never arrived.
+    recovered: dict[str, Any] = field(default_factory=dict)
 
 
 def _job_condition(job: dict, kind: str) -> Optional[dict]:
@@ -93,6 +115,45 @@ def oom_killed(pods: list[dict]) -> Optional[str]:
             if terminated.get("reason") == "OOMKilled":
                 return f"pod {pod['metadata']['name']} was OOMKilled (exit code {terminated.get('exitCode')})"
         return None
+    return None
+
+
+def _trainer_terminations(pods: list[dict], phase: str) -> list[dict]:
+    """`state.terminated` of the trainer container in pods of `phase`, newest pod first."""
+    chosen = [p for p in pods if p.get("status", {}).get("phase") == phase]
+    chosen.sort(key=lambda p: p.get("metadata", {}).get("creationTimestamp", ""), reverse=True)
+    out = []
+    for pod in chosen:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated")
+            if cs.get("name") == TRAINER_CONTAINER and terminated:
+                out.append(terminated)
+    return out
+
+
+def termination_report(pods: list[dict]) -> Optional[dict[str, Any]]:
+    """The trainer's final report from its succeeded pod's termination message, or None.
+
+    The trainer writes its result.json (compact JSON; under 4096 bytes, else the subset
+    earlyStop/progress/identifier/artifact) to /dev/termination-log; the kubelet copies it into
+    the container status. Anything that is not a valid TrainerReport is ignored."""
+    for terminated in _trainer_terminations(pods, "Succeeded"):
+        text = terminated.get("message") or ""
+        try:
+            report = TrainerReport.model_validate(json.loads(text)).to_api()
+        except (ValueError, ValidationError) as err:  # JSONDecodeError is a ValueError
+            logger.warning("termination message of the trainer is not a report (%s)", type(err).__name__)
+            continue
+        return {k: v for k, v in report.items() if v not in (None, [], {})}
+    return None
+
+
+def bad_input_message(pods: list[dict]) -> Optional[str]:
+    """If the most recent failed trainer exited 2 (bad input): its last message line."""
+    for terminated in _trainer_terminations(pods, "Failed")[:1]:
+        if terminated.get("exitCode") == EXIT_BAD_INPUT:
+            lines = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
+            return lines[-1][:512] if lines else "(no message)"
     return None
 
 
@@ -131,9 +192,18 @@ def observe_job(job: Optional[dict], pods: list[dict], status: dict) -> Observat
 
     complete = _job_condition(job, "Complete")
     if complete:
-        reason, message = succeeded_reason(status)
         completion = job_status.get("completionTime") or complete.get("lastTransitionTime") or now_iso()
-        return Observation(Phase.succeeded.value, reason, message, completion_time=completion, **common)
+        recovered: dict[str, Any] = {}
+        if not status.get("earlyStop"):
+            # The trainer's final status patch never arrived (API server down, RBAC...): its pod's
+            # termination message still carries the decision.
+            report = termination_report(pods) or {}
+            recovered = {k: v for k, v in report.items() if status.get(k) in (None, [], {})}
+        reason, message = succeeded_reason({**status, **recovered})
+        if recovered:
+            message += " (recovered from the trainer pod's termination message)"
+        return Observation(Phase.succeeded.value, reason, message, completion_time=completion,
+                           recovered=recovered, **common)
 
     failed = _job_condition(job, "Failed")
     if failed:
@@ -145,6 +215,11 @@ def observe_job(job: Optional[dict], pods: list[dict], status: dict) -> Observat
         if oom:
             return Observation(Phase.failed.value, OOM_KILLED, f"Job {name} failed: {oom}; raise "
                                "spec.resources.memory", completion_time=completion, **common)
+        bad_input = bad_input_message(pods) if failed.get("reason") == POD_FAILURE_POLICY else None
+        if bad_input:
+            return Observation(Phase.failed.value, BAD_INPUT,
+                               f"Job {name}: the trainer rejected its input (exit code {EXIT_BAD_INPUT}, not "
+                               f"retried): {bad_input}", completion_time=completion, **common)
         reason = failed.get("reason") or BACKOFF_LIMIT
         return Observation(Phase.failed.value, reason, f"Job {name}: {failed.get('message', 'failed')}",
                            completion_time=completion, **common)
@@ -240,6 +315,7 @@ def lifecycle_patch(status: dict, obs: Observation, now: Optional[str] = None) -
         patch["completionTime"] = obs.completion_time
     if obs.attempts is not None and status.get("attempts") != obs.attempts:
         patch["attempts"] = obs.attempts
+    patch.update(obs.recovered)
     return patch or None
 
 

@@ -30,15 +30,15 @@ RECONCILE_ERRORS = Counter(
 )
 
 
-# Known label values start at 0, so that rate() and absent-series alerts work from the first scrape.
-for _reason in (lifecycle.EARLY_STOPPED, lifecycle.MAX_STEPS, lifecycle.COMPLETED, lifecycle.INVALID_SPEC,
-                lifecycle.IMAGE_PULL, lifecycle.OOM_KILLED, lifecycle.DEADLINE, lifecycle.BACKOFF_LIMIT,
-                lifecycle.JOB_LOST):
+# Every known label value exists from start-up at 0, so the first increment is an increase that
+# increase()/rate() see (a series born at 1 has no earlier sample to differ from).
+HANDLERS = ("reconcile", "spec_change", "job_event", "queue_pump")
+for _reason in lifecycle.SUCCESS_REASONS + lifecycle.FAILURE_REASONS:
     COMPLETIONS.labels(reason=_reason)
 for _method in Method:
     STEPS_SAVED.labels(method=_method.value)
     GPU_SECONDS_SAVED.labels(method=_method.value)
-for _handler in ("reconcile", "spec_change", "job_event", "queue_pump"):
+for _handler in HANDLERS:
     RECONCILE_ERRORS.labels(handler=_handler)
 
 

@@ -19,6 +19,12 @@ TRAINER_APP = "personalization-trainer"
 METRICS_PORT = 9400
 METRICS_PORT_NAME = "metrics"
 
+# The trainer's container and its exit codes (personalize.run / personalize.shutdown).
+TRAINER_CONTAINER = "trainer"
+EXIT_BAD_INPUT = 2  # the spec, images, model or a checkpoint are unusable: retrying cannot help
+EXIT_INTERRUPTED = 143  # SIGTERM, after a checkpoint: a replacement pod resumes from it
+TERMINATION_LOG = "/dev/termination-log"
+
 CONFIG_KEY = "job.yaml"
 CONFIG_DIR = "/etc/personalization"
 OUTPUT_DIR = "/output"

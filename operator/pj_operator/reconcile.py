@@ -139,20 +139,34 @@ def create_children(kube: Kube, owner: dict, parsed: api.PersonalizationJob, set
     manifests = children.all_children(parsed, name, namespace, settings)
     kopf.adopt(manifests, owner=owner, nested=["spec.template"])
     for manifest in manifests:
+        _create_child(kube, owner, manifest, settings)
+
+
+def _create_child(kube: Kube, owner: dict, manifest: dict, settings: Settings) -> None:
+    """Create one child. A 409 means "it exists" (ours: fine; anyone else's: never taken over)
+    or, if nothing is there, a conflict that a second attempt resolves."""
+    namespace, _, uid = _meta(owner)
+    what = f"{manifest['kind']} {manifest['metadata']['name']}"
+    for attempt in range(2):
         try:
             kube.create(manifest)
+            return
         except ApiError as err:
-            what = f"{manifest['kind']} {manifest['metadata']['name']}"
             if err.status != 409:
-                # Quota, admission webhook, RBAC...: tell the user, and let kopf retry later.
+                # Quota, admission webhook, RBAC, a server that stayed unavailable through the
+                # client's retries...: tell the user, and let kopf retry later.
                 report_child_failure(kube, owner, "ChildCreationFailed", f"cannot create {what}: {err}")
                 raise kopf.TemporaryError(str(err), delay=settings.retry_delay) from None
             existing = kube.get(manifest["apiVersion"], manifest["kind"], namespace, manifest["metadata"]["name"])
-            owners = [ref.get("uid") for ref in (existing or {}).get("metadata", {}).get("ownerReferences", [])]
-            if existing is not None and uid not in owners:
+            if existing is None:
+                continue  # 409 but nothing there: a conflict, not an existing object; try again
+            owners = [ref.get("uid") for ref in existing.get("metadata", {}).get("ownerReferences", [])]
+            if uid not in owners:
                 message = f"{what} already exists and is not owned by this PersonalizationJob"
                 report_child_failure(kube, owner, "NameConflict", message)
                 raise kopf.PermanentError(message) from None
+            return  # ours already (created by an earlier attempt or operator run)
+    raise kopf.TemporaryError(f"cannot create {what}: repeated conflicts", delay=settings.retry_delay)
 
 
 def report_child_failure(kube: Kube, owner: dict, reason: str, message: str) -> None:
@@ -248,17 +262,26 @@ def job_pods(kube: Kube, namespace: str, pj_name: str) -> list[dict]:
     return kube.list("v1", "Pod", namespace, {names.LABEL_JOB: pj_name, names.LABEL_APP: names.TRAINER_APP})
 
 
+def _is_complete(job: Optional[dict]) -> bool:
+    return job is not None and any(c.get("type") == "Complete" and c.get("status") == "True"
+                                   for c in (job.get("status") or {}).get("conditions") or [])
+
+
 def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], pods: list[dict],
                    owner_uid: Optional[str] = None) -> Optional[dict]:
     """Bring phase/conditions in line with the Job; returns the patch written (None if none)."""
     observed: dict[str, lifecycle.Observation] = {}
 
     def compute(fresh: dict) -> Optional[dict]:
+        nonlocal pods
         st = fresh.get("status") or {}
         if owner_uid and fresh["metadata"].get("uid") != owner_uid:
             return None  # a Job of an older resource with the same name
         if st.get("phase") in TERMINAL or not st.get("jobName"):
             return None
+        if _is_complete(job) and not st.get("earlyStop") and not pods:
+            # Completed without the trainer's decision in status: read its termination message.
+            pods = job_pods(kube, namespace, name)
         obs = lifecycle.observe_job(job, pods, st)
         observed["obs"] = obs
         return lifecycle.lifecycle_patch(st, obs)
@@ -271,7 +294,12 @@ def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], p
     if patch.get("phase") in TERMINAL:
         spec = before.get("spec") or {}
         gpus = int((spec.get("resources") or {}).get("gpus", 1))
-        metrics.record_completion(patch["phase"], obs.reason, spec.get("method", ""), before.get("status") or {}, gpus)
+        final_status = {**(before.get("status") or {}), **obs.recovered}
+        metrics.record_completion(patch["phase"], obs.reason, spec.get("method", ""), final_status, gpus)
+        if obs.recovered:
+            status.event(before, warning=False, reason="DecisionRecovered",
+                         message="the trainer's final status was missing; recovered "
+                                 f"{', '.join(sorted(obs.recovered))} from its pod's termination message")
     if obs.delete_job and job is not None:
         # The pod can never start but would keep its node's GPU: remove the Job (the resource
         # keeps the record in its status and events).

@@ -42,6 +42,11 @@ class Settings:
     poll_interval: float = 10.0
     # Back-off before kopf retries a reconcile that the API server refused (quota, webhook...).
     retry_delay: float = 30.0
+    # Our API client retries 429/5xx answers this many times, waiting api_backoff x 2^n seconds.
+    api_retries: int = 5
+    api_backoff: float = 0.5
+    # Seconds between SIGTERM and SIGKILL for the trainer pod: its SIGTERM checkpoint must fit.
+    termination_grace_period_seconds: int = 120
     metrics_port: int = 8080
     health_port: int = 8081
     # Standalone: no kopf peering (one replica; the Deployment uses the Recreate strategy).
@@ -70,12 +75,20 @@ class Settings:
             namespaces=namespaces,
             poll_interval=float(get("POLL_INTERVAL", d.poll_interval)),
             retry_delay=float(get("RETRY_DELAY", d.retry_delay)),
+            api_retries=int(get("API_RETRIES", d.api_retries)),
+            api_backoff=float(get("API_BACKOFF", d.api_backoff)),
+            termination_grace_period_seconds=int(get("TERMINATION_GRACE_PERIOD_SECONDS",
+                                                     d.termination_grace_period_seconds)),
             metrics_port=int(get("METRICS_PORT", d.metrics_port)),
             health_port=int(get("HEALTH_PORT", d.health_port)),
             standalone=_bool(get("STANDALONE", str(d.standalone))),
         )
         if settings.max_concurrent_jobs < 0:
             raise ValueError("PJ_MAX_CONCURRENT_JOBS must be >= 0")
+        if settings.api_retries < 0 or settings.api_backoff < 0:
+            raise ValueError("PJ_API_RETRIES and PJ_API_BACKOFF must be >= 0")
+        if settings.termination_grace_period_seconds < 0:
+            raise ValueError("PJ_TERMINATION_GRACE_PERIOD_SECONDS must be >= 0")
         if settings.poll_interval <= 0:
             raise ValueError("PJ_POLL_INTERVAL must be > 0")
         return settings

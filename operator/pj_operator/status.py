@@ -15,8 +15,11 @@ import kopf
 
 from personalize import spec as api
 
-from .kube import Kube
+from .kube import ApiError, Kube
 from .names import PJ_API_VERSION
+
+# A status patch answered 409 Conflict is recomputed from a fresh read this many times.
+CONFLICT_ATTEMPTS = 5
 
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -38,15 +41,26 @@ def get_pj(kube: Kube, namespace: str, name: str) -> Optional[dict]:
 
 def update(kube: Kube, namespace: str, name: str,
            compute: Callable[[dict], Optional[dict[str, Any]]]) -> tuple[Optional[dict], Optional[dict]]:
-    """Apply `compute(fresh_object) -> status patch | None`. Returns (object before, patch)."""
+    """Apply `compute(fresh_object) -> status patch | None`. Returns (object before, patch).
+
+    On 409 Conflict the object changed under us: read it again and recompute (the decision may
+    differ now, e.g. another handler already wrote the transition)."""
     with _lock(namespace, name):
-        obj = get_pj(kube, namespace, name)
-        if obj is None or obj.get("metadata", {}).get("deletionTimestamp"):
-            return obj, None
-        patch = compute(obj)
-        if patch:
-            kube.patch(PJ_API_VERSION, api.KIND, namespace, name, {"status": patch}, subresource="status")
-        return obj, patch
+        for attempt in range(CONFLICT_ATTEMPTS):
+            obj = get_pj(kube, namespace, name)
+            if obj is None or obj.get("metadata", {}).get("deletionTimestamp"):
+                return obj, None
+            patch = compute(obj)
+            if not patch:
+                return obj, patch
+            try:
+                kube.patch(PJ_API_VERSION, api.KIND, namespace, name, {"status": patch}, subresource="status")
+            except ApiError as err:
+                if err.status != 409 or attempt == CONFLICT_ATTEMPTS - 1:
+                    raise
+                continue
+            return obj, patch
+        raise AssertionError("unreachable")
 
 
 def event(obj: dict, *, warning: bool, reason: str, message: str) -> None:

@@ -86,6 +86,14 @@ def _check_kubernetes_fields(spec: api.PersonalizationJobSpec) -> list[str]:
     for where, claim in claims.items():
         if claim and not _is_dns_subdomain(claim):
             problems.append(f"{where}: {claim!r} is not a valid PersistentVolumeClaim name")
+    secret_refs = {
+        "spec.baseModel.secretRef.name": spec.base_model.secret_ref,
+        "spec.concept.images.secretRef.name": spec.concept.images.secret_ref,
+        "spec.output.secretRef.name": spec.output.secret_ref,
+    }
+    for where, ref in secret_refs.items():
+        if ref is not None and not _is_dns_subdomain(ref.name):
+            problems.append(f"{where}: {ref.name!r} is not a valid Secret name")
     if spec.queue_name and not _is_label_value(spec.queue_name):
         problems.append(f"spec.queueName: {spec.queue_name!r} is not a valid label value")
     return problems

@@ -15,6 +15,8 @@ from fake_cluster import FakeCluster, wait_for
 # The queue pump's period; short so capacity tests move quickly (it is read at operator start).
 os.environ.setdefault("PJ_POLL_INTERVAL", "0.3")
 os.environ.setdefault("PJ_RETRY_DELAY", "0.5")
+# Our API client's back-off for 429/5xx (0.5 s doubling in production): short, same logic.
+os.environ.setdefault("PJ_API_BACKOFF", "0.01")
 
 
 @pytest.fixture()

@@ -8,6 +8,13 @@ kmock stores whatever it receives. Real API servers:
   strict schemas, which also reject unknown fields like `kubectl --validate=strict`), custom
   resources against the CRD's openAPIV3Schema (here: jsonschema on the generated CRD).
 Refused requests get HTTP 422 and are recorded in `violations`; tests assert it stays empty.
+
+Builtin kinds are checked against the oldest and the newest Kubernetes version we support
+(K8S_VERSIONS): a field that one of them lacks or requires differently is caught.
+
+Faults are scripted per test (`inject`, `expire_watches`): HTTP errors such as 409/429/500 for
+matching requests from the operator (never for the harness), and watch streams that end with
+the "410 Gone" ERROR event a real API server sends when a resourceVersion is too old.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums as kmock_enums
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "personalizationjobs.yaml"
-K8S_VERSION = "1.32.0"
+# The oldest and the newest Kubernetes minor version the operator's manifests must be valid for.
+K8S_VERSIONS = ("1.28.0", "1.37.0")
 
 # Resources the operator and the tests use that kmock's bundled discovery lacks.
 EXTRA_RESOURCES = {
@@ -54,21 +62,22 @@ class SchemaViolation(Exception):
 
 # ---- builtin kinds: kubernetes-validate's strict schemas, loaded once -------------------------
 
-_SCHEMA_ROOT = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
-_validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
-_definitions: Optional[referencing.Resource] = None
+_SCHEMA_ROOTS = {version: Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+                 / f"v{version}-local-strict" for version in K8S_VERSIONS}
+_validators: dict[tuple[str, str, str], jsonschema.protocols.Validator] = {}
+_definitions: dict[str, referencing.Resource] = {}
 
 
-def builtin_validator(api_version: str, kind: str):
-    global _definitions
-    key = (api_version, kind)
+def builtin_validator(api_version: str, kind: str, k8s_version: str):
+    key = (k8s_version, api_version, kind)
     if key not in _validators:
+        root = _SCHEMA_ROOTS[k8s_version]
         group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
-        schema = json.loads((_SCHEMA_ROOT / f"{kind.lower()}-{group_version}.json").read_text())
-        if _definitions is None:
-            _definitions = referencing.Resource.from_contents(
-                json.loads((_SCHEMA_ROOT / "_definitions.json").read_text()))
-        registry = referencing.Registry().with_resources([("_definitions.json", _definitions)])
+        schema = json.loads((root / f"{kind.lower()}-{group_version}.json").read_text())
+        if k8s_version not in _definitions:
+            _definitions[k8s_version] = referencing.Resource.from_contents(
+                json.loads((root / "_definitions.json").read_text()))
+        registry = referencing.Registry().with_resources([("_definitions.json", _definitions[k8s_version])])
         registry = (referencing.Resource.from_contents(schema) @ registry).crawl()  # crawl once, not per $ref
         _validators[key] = jsonschema.Draft202012Validator(schema, registry=registry)
     return _validators[key]
@@ -123,13 +132,55 @@ def validate_custom(obj: dict[str, Any], validator, max_name: int = 63) -> None:
 
 
 def validate_builtin(obj: dict[str, Any]) -> None:
-    try:
-        validator = builtin_validator(obj["apiVersion"], obj["kind"])
-    except FileNotFoundError:
-        raise SchemaViolation(f"unknown kind {obj.get('apiVersion')}/{obj.get('kind')}") from None
-    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise SchemaViolation("; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]))
+    """Valid for every version in K8S_VERSIONS, or SchemaViolation naming the version."""
+    for k8s_version in K8S_VERSIONS:
+        try:
+            validator = builtin_validator(obj["apiVersion"], obj["kind"], k8s_version)
+        except FileNotFoundError:
+            raise SchemaViolation(f"unknown kind {obj.get('apiVersion')}/{obj.get('kind')}") from None
+        errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise SchemaViolation(f"Kubernetes {k8s_version}: " + "; ".join(
+                f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]))
+
+
+# ---- scripted faults --------------------------------------------------------------------------
+
+# kmock's action names -> Kubernetes verbs.
+_VERBS = {"CREATE": "create", "UPDATE": "patch", "FETCH": "get", "LIST": "list", "DELETE": "delete",
+          "WATCH": "watch"}
+_STATUS_REASONS = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+                   410: "Expired"}
+
+
+@attrs.define(kw_only=True)
+class Fault:
+    """Answer the next `times` matching operator requests with HTTP `status` instead of serving them."""
+    verb: str  # create, patch, get, list, delete
+    plural: str
+    status: int
+    subresource: Optional[str] = None  # "status": only status-subresource requests; None: only main resource
+    times: int = 1
+    retry_after: Optional[int] = None  # seconds, sent as the Retry-After header
+    # Which client: "operator" (anything but the harness), "kopf" (kopf's own client), "kube" (ours).
+    client: str = "operator"
+    hits: int = 0
+
+    def matches(self, request: kmock.Request, verb: str, user_agent: str) -> bool:
+        if self.hits >= self.times or request.resource is None:
+            return False
+        if verb != self.verb or request.resource.plural != self.plural:
+            return False
+        if (request.subresource or None) != self.subresource:
+            return False
+        if user_agent.startswith(HARNESS_PREFIXES):
+            return False
+        is_kopf = user_agent.startswith("kopf")
+        return self.client == "operator" or (self.client == "kopf") == is_kopf
+
+
+# Requests from these clients are never faulted: the test harness and kmock itself.
+HARNESS_PREFIXES = ("fake-cluster-harness", "kmock/")
 
 
 # ---- the server -------------------------------------------------------------------------------
@@ -149,6 +200,13 @@ class StrictApiServer(kmock.KubernetesEmulator):
     namespaces: set[str] = attrs.field(factory=lambda: {"default"})
     # plural -> (HTTP status, message): refuse that many next creations (quota, webhook...).
     refusals: dict[str, list[tuple[int, str]]] = attrs.field(factory=dict)
+    # Scripted HTTP errors (see `inject`), and the ones that fired, as "verb plural[/sub] -> status".
+    faults: list[Fault] = attrs.field(factory=list)
+    fired: list[str] = attrs.field(factory=list)
+    # plural -> how many times its watch streams were ended with 410 Gone.
+    _expirations: dict[str, int] = attrs.field(factory=dict)
+    # plural -> watch streams that were ended with 410 Gone.
+    expired_streams: dict[str, int] = attrs.field(factory=dict)
     _crd_validator: Any = attrs.field(default=None)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
 
@@ -244,9 +302,62 @@ class StrictApiServer(kmock.KubernetesEmulator):
             self._requests[:] = [r for r in self._requests if id(r) not in self._answered_ids]
             self._answered_ids.clear()
 
+    # ---- scripted faults -----------------------------------------------------------------------
+
+    def inject(self, verb: str, plural: str, status: int, times: int = 1, **options: Any) -> Fault:
+        fault = Fault(verb=verb, plural=plural, status=status, times=times, **options)
+        self.faults.append(fault)
+        return fault
+
+    def expire_watches(self, plural: str) -> None:
+        """End every open watch stream of `plural` with an ERROR event, code 410 (Gone).
+
+        Runs on the server's event loop (`FakeCluster.expire_watches` schedules it). Events
+        that happen before the client watches again reach nobody, as on a real server: only a
+        fresh LIST shows them."""
+        self._expirations[plural] = self._expirations.get(plural, 0) + 1
+        for resource, bus in list(self._buses.items()):
+            if resource.plural == plural:
+                # Wake the streams up; each one sees its expiration count moved and ends.
+                asyncio.ensure_future(bus.put({"type": "PJ-TEST-EXPIRE", "object": {"metadata": {}}}))
+
+    async def _serve_watch(self, request: kmock.Request):
+        plural = request.resource.plural if request.resource is not None else ""
+        epoch = self._expirations.get(plural, 0)
+        async for event in super()._serve_watch(request):
+            if self._expirations.get(plural, 0) != epoch:
+                self.expired_streams[plural] = self.expired_streams.get(plural, 0) + 1
+                yield {"type": "ERROR", "object": {
+                    "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": "too old resource version"}}
+                return
+            if isinstance(event, dict) and event.get("type") == "PJ-TEST-EXPIRE":
+                continue
+            yield event
+
+    def _scripted_fault(self, request: kmock.Request) -> Optional[aiohttp.web.Response]:
+        if request.action is None or request.action == kmock_enums.action.WATCH:
+            return None
+        verb = _VERBS.get(request.action.name, "")
+        user_agent = request.headers.get("User-Agent", "")
+        for fault in self.faults:
+            if fault.matches(request, verb, user_agent):
+                fault.hits += 1
+                target = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+                self.fired.append(f"{verb} {target} -> {fault.status}")
+                reason = _STATUS_REASONS.get(fault.status, "Unknown")
+                body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                        "code": fault.status, "reason": reason, "message": f"scripted fault: {reason}"}
+                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+                return aiohttp.web.json_response(body, status=fault.status, headers=headers)
+        return None
+
     async def _handle(self, request: kmock.Request):
         self.log.append(request)
         try:
+            fault = self._scripted_fault(request)
+            if fault is not None:
+                return fault
             if request.action == kmock_enums.action.WATCH:
                 return await super()._handle(request)
             return await self._handle_strictly(request)

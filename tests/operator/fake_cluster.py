@@ -226,18 +226,45 @@ class FakeCluster:
         })
 
     def pod_failed(self, job_name: str, reason: str = "Error", namespace: str = "default", attempt: int = 0,
-                   exit_code: int = 1) -> None:
-        """The pod's container exits; the Job controller counts the failure."""
-        self.patch_status("v1", "Pod", namespace, f"{job_name}-{attempt}", {
+                   exit_code: int = 1, message: Optional[str] = None, disrupted: bool = False) -> str:
+        """The pod's container exits; the Job controller applies the Job's podFailurePolicy.
+
+        Returns the action taken: Ignore (not counted), FailJob (the Job fails at once) or Count
+        (counted; the Job fails with BackoffLimitExceeded once failures exceed backoffLimit).
+        `disrupted`: the pod carries the DisruptionTarget condition (preemption, eviction)."""
+        terminated = {"reason": reason, "exitCode": exit_code, "finishedAt": now()}
+        if message is not None:
+            terminated["message"] = message
+        pod_status: dict[str, Any] = {
             "phase": "Failed",
             "containerStatuses": [{"name": "trainer", "image": "trainer", "imageID": "", "ready": False,
-                                   "restartCount": 0,
-                                   "state": {"terminated": {"reason": reason, "exitCode": exit_code,
-                                                            "finishedAt": now()}}}],
-        })
+                                   "restartCount": 0, "state": {"terminated": terminated}}],
+        }
+        if disrupted:
+            pod_status["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                         "reason": "PreemptionByScheduler", "lastTransitionTime": now(),
+                                         "message": "preempted by a higher-priority pod"}]
+        pod = self.patch_status("v1", "Pod", namespace, f"{job_name}-{attempt}", pod_status)
         job = self.job(job_name, namespace)
-        failed = int((job.get("status") or {}).get("failed") or 0) + 1
+        action, index = pod_failure_action(job, pod)
+        failed = int((job.get("status") or {}).get("failed") or 0)
+        if action == "Ignore":
+            self.patch_status("batch/v1", "Job", namespace, job_name, {"active": 0, "ready": 0})
+            return action
+        failed += 1
         self.patch_status("batch/v1", "Job", namespace, job_name, {"active": 0, "ready": 0, "failed": failed})
+        if action == "FailJob":
+            self.job_failed(job_name, "PodFailurePolicy",
+                            f"Container trainer for pod {namespace}/{job_name}-{attempt} failed with exit code "
+                            f"{exit_code} matching FailJob rule at index {index}", namespace)
+        elif failed > int(job["spec"].get("backoffLimit", 6)):
+            self.job_failed(job_name, "BackoffLimitExceeded", "Job has reached the specified backoff limit",
+                            namespace)
+        return action
+
+    def pod_preempted(self, job_name: str, namespace: str = "default", attempt: int = 0) -> str:
+        """The scheduler preempts the pod: DisruptionTarget, SIGTERM, the trainer checkpoints, exits 143."""
+        return self.pod_failed(job_name, namespace=namespace, attempt=attempt, exit_code=143, disrupted=True)
 
     def job_failed(self, job_name: str, reason: str, message: str, namespace: str = "default") -> None:
         self.patch_status("batch/v1", "Job", namespace, job_name, {
@@ -250,13 +277,17 @@ class FakeCluster:
             ],
         })
 
-    def job_succeeded(self, job_name: str, namespace: str = "default", attempt: int = 0) -> None:
+    def job_succeeded(self, job_name: str, namespace: str = "default", attempt: int = 0,
+                      termination_message: Optional[str] = None) -> None:
+        """The trainer exits 0 (its pod must exist: `start_pod`); `termination_message` is what it
+        wrote to /dev/termination-log (the kubelet copies it into the container status)."""
+        terminated = {"reason": "Completed", "exitCode": 0, "finishedAt": now()}
+        if termination_message is not None:
+            terminated["message"] = termination_message
         self.patch_status("v1", "Pod", namespace, f"{job_name}-{attempt}", {
             "phase": "Succeeded",
             "containerStatuses": [{"name": "trainer", "image": "trainer", "imageID": "", "ready": False,
-                                   "restartCount": 0,
-                                   "state": {"terminated": {"reason": "Completed", "exitCode": 0,
-                                                            "finishedAt": now()}}}],
+                                   "restartCount": 0, "state": {"terminated": terminated}}],
         })
         self.patch_status("batch/v1", "Job", namespace, job_name, {
             "active": 0, "ready": 0, "succeeded": 1, "completionTime": now(),
@@ -271,6 +302,16 @@ class FakeCluster:
     def kueue_admits(self, job_name: str, namespace: str = "default") -> None:
         """Kueue admits the workload: it unsuspends the Job (a spec patch on the main resource)."""
         self.kube.patch("batch/v1", "Job", namespace, job_name, {"spec": {"suspend": False}})
+
+    # ---- scripted faults -------------------------------------------------------------------------
+
+    def inject(self, verb: str, plural: str, status: int, times: int = 1, **options: Any):
+        """The next `times` matching operator requests get HTTP `status` (see fake_apiserver.Fault)."""
+        return self.server.inject(verb, plural, status, times, **options)
+
+    def expire_watches(self, plural: str) -> None:
+        """End the open watch streams of `plural` with 410 Gone (from the server's own loop)."""
+        self._loop.call_soon_threadsafe(self.server.expire_watches, plural)
 
     # ---- the trainer -----------------------------------------------------------------------------
 
@@ -293,6 +334,29 @@ class FakeCluster:
             if any(ref.get("uid") == uid for ref in raw.get("metadata", {}).get("ownerReferences", [])):
                 out.append(raw)
         return out
+
+
+def pod_failure_action(job: dict, pod: dict) -> tuple[str, Optional[int]]:
+    """The Job controller's reading of `spec.podFailurePolicy` for a failed pod: the action of the
+    first matching rule (and its index), else Count. Implements what the operator uses: onExitCodes
+    with In/NotIn (optionally per container) and onPodConditions (type, status)."""
+    rules = ((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []
+    status = pod.get("status") or {}
+    conditions = {(c.get("type"), c.get("status")) for c in status.get("conditions") or []}
+    exits = [(cs.get("name"), cs["state"]["terminated"].get("exitCode"))
+             for cs in status.get("containerStatuses") or [] if (cs.get("state") or {}).get("terminated")]
+    for index, rule in enumerate(rules):
+        on_exit = rule.get("onExitCodes")
+        if on_exit:
+            for container, code in exits:
+                if on_exit.get("containerName") not in (None, container) or code == 0:
+                    continue
+                if (code in on_exit["values"]) == (on_exit["operator"] == "In"):
+                    return rule["action"], index
+        for pattern in rule.get("onPodConditions") or []:
+            if (pattern["type"], pattern.get("status", "True")) in conditions:
+                return rule["action"], index
+    return "Count", None
 
 
 def pj_manifest(name: str, namespace: str = "default", **spec_overrides: Any) -> dict:

@@ -148,3 +148,8 @@ def test_settings_from_env():
         Settings.from_env({"PJ_MAX_CONCURRENT_JOBS": "-1"})
     with pytest.raises(ValueError):
         Settings.from_env({"PJ_KUEUE_ENABLED": "maybe"})
+    s = Settings.from_env({"PJ_API_RETRIES": "2", "PJ_API_BACKOFF": "0.1", "PJ_TERMINATION_GRACE_PERIOD_SECONDS": "300"})
+    assert (s.api_retries, s.api_backoff, s.termination_grace_period_seconds) == (2, 0.1, 300)
+    assert Settings().termination_grace_period_seconds == 120
+    with pytest.raises(ValueError):
+        Settings.from_env({"PJ_API_RETRIES": "-1"})

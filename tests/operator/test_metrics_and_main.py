@@ -92,3 +92,47 @@ def test_exposition_passes_promtool_lint():
     problems = [line for line in (result.stdout + result.stderr).decode().splitlines()
                 if line.startswith("personalization_")]
     assert problems == [], problems
+
+
+def test_every_known_label_value_exists_at_zero_from_start_up():
+    """A fresh operator process exposes every series at 0, so the first completion (failure, error)
+    is an increase that increase()/rate() and the alert rules see."""
+    import json
+    import sys
+
+    code = ("import json; from prometheus_client import REGISTRY, generate_latest; "
+            "from prometheus_client.parser import text_string_to_metric_families; import pj_operator.metrics; "
+            "print(json.dumps([[s.name, s.labels, s.value] for f in "
+            "text_string_to_metric_families(generate_latest(REGISTRY).decode()) for s in f.samples "
+            "if s.name.startswith('personalization_')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    samples = {(name, tuple(sorted(labels.items()))): value for name, labels, value in json.loads(out.stdout)}
+
+    from personalize.spec import Method, Phase
+    from pj_operator import lifecycle
+
+    expected = (
+        [("personalization_jobs", ("phase", p.value)) for p in Phase]
+        + [("personalization_job_completions_total", ("reason", r))
+           for r in lifecycle.SUCCESS_REASONS + lifecycle.FAILURE_REASONS]
+        + [(f"personalization_{m}_total", ("method", method.value)) for m in ("steps_saved", "gpu_seconds_saved")
+           for method in Method]
+        + [("personalization_reconcile_errors_total", ("handler", h)) for h in metrics.HANDLERS]
+    )
+    for name, label in expected:
+        assert samples.get((name, (label,))) == 0.0, (name, label)
+    # The specific failure reasons are label values of their own (alerts group by reason).
+    assert {"OOMKilled", "ImagePullBackOff", "DeadlineExceeded", "BackoffLimitExceeded", "JobLost",
+            "InvalidSpec", "BadInput"} <= set(lifecycle.FAILURE_REASONS)
+
+
+def test_handlers_counted_are_the_pre_created_ones():
+    """Every `counting_errors(...)` name used by the operator is in metrics.HANDLERS."""
+    import inspect
+    import re
+
+    from pj_operator import handlers, pump
+
+    used = set(re.findall(r'counting_errors\("([a-z_]+)"\)', inspect.getsource(handlers)))
+    used |= set(re.findall(r'labels\(handler="([a-z_]+)"\)', inspect.getsource(pump)))
+    assert used and used <= set(metrics.HANDLERS)

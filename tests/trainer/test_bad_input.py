@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import yaml
-from PIL import Image
 
 from personalize.run import main
 

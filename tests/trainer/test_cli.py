@@ -169,3 +169,47 @@ def test_status_reporter_without_cluster_access_is_a_clear_error(tiny_pipeline_d
     assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot reach the Kubernetes API")
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together(tiny_pipeline_dir, concept_dir, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): the main process decides, both stop at the same
+    step (a process that kept training would block in the next broadcast: the run would hang)."""
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    spec["training"] = {"maxSteps": 30, "minSteps": 4, "batchSize": 1, "learningRate": 1e-3}
+    spec["earlyStopping"] = {"window": 3, "threshold": 1e6, "referenceBatchSize": 2, "holdout": True}
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "personalize.cli", "--config", str(write_config(tmp_path, spec)), "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["earlyStop"]["step"] == 4 and result["earlyStop"]["reason"] == "ConvergenceThreshold"
+    assert proc.stdout.count("stopped at step 4/30") == 1  # only the main process prints
+
+
+def test_a_crash_mid_training_still_writes_result_json_as_failed(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    import personalize.loop as loop
+    from personalize.loop import TrainingDiverged
+
+    real = loop.diffusion_loss
+    calls = []
+
+    def diverging(*args, **kwargs):  # the third training step's loss is NaN
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", diverging)
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    spec["training"]["maxSteps"] = 5
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)])
+    result = json.loads((out / "result.json").read_text())
+    assert result["earlyStop"] == {"stopped": False, "reason": "Failed"}
+    assert result["progress"]["step"] == 2 and "TrainingDiverged" in result["message"]

@@ -3,7 +3,6 @@ with the documented loader and changes what the pipeline generates."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +188,16 @@ def test_ti_dreambooth(tiny_pipeline_dir, concept_dir, base_pipe, tmp_path):
     embedded = load_base(tiny_pipeline_dir)
     embedded.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token=ident.token)
     assert not np.array_equal(generate(embedded, prompt), plain)
+
+
+def test_lora_with_a_new_token_ships_its_embedding(tiny_pipeline_dir, concept_dir, base_pipe, tmp_path):
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    spec["concept"]["token"] = "zqtoy"
+    models, ident, methods, _, before, after = train(spec, base_pipe)
+    assert ident.added and changed_names(before, after) == set()  # the new row is not trained
+    assert methods[-1].save(tmp_path) == ["pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]
+    pipe = load_base(tiny_pipeline_dir)
+    pipe.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token="zqtoy")
+    pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("zqtoy")]
+    assert torch.equal(row, after[EMBEDDING][ident.token_ids[0]])

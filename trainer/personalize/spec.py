@@ -134,10 +134,23 @@ CRITERION_DEFAULT_THRESHOLDS: dict[CriterionName, float] = {
 def _check_uri(uri: str) -> str:
     scheme, sep, rest = uri.partition("://")
     if not sep or not rest:
-        raise ValueError(f"{uri!r} is not a URI (expected scheme://...)")
+        raise ValueError("not a URI (expected scheme://...)")
     if scheme not in ALLOWED_URI_SCHEMES:
         raise ValueError(f"URI scheme {scheme!r} is not allowed; use one of {', '.join(ALLOWED_URI_SCHEMES)}")
+    # Credentials belong in a Secret (secretRef), never in the spec: a URI with user:password@ or
+    # a query string (pre-signed URLs carry signatures there) would be copied into conditions,
+    # events and logs. The message does not repeat the URI for the same reason.
+    if "@" in rest.split("/", 1)[0] or "?" in rest or "#" in rest:
+        raise ValueError("URI must not contain credentials, a query string or a fragment; "
+                         "reference a Secret with secretRef instead")
     return uri
+
+
+class SecretRef(ApiModel):
+    """A Secret in the job's namespace whose keys become the trainer's environment variables
+    (`envFrom`), e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or HF_TOKEN."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of a Secret in the same namespace.")
 
 
 def _check_relative_path(path: str) -> str:
@@ -162,6 +175,7 @@ class BaseModelSource(ApiModel):
     builtin: Optional[Literal["tiny-world"]] = Field(
         None, description="A model shipped with the trainer: the tiny world (CPU demo and tests)."
     )
+    secret_ref: Optional[SecretRef] = Field(None, description="Credentials for hubId (e.g. HF_TOKEN).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "BaseModelSource":
@@ -181,6 +195,7 @@ class ImageSource(ApiModel):
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
     uri: Optional[str] = Field(None, description="Object-store prefix: s3://, gs:// or https://.")
+    secret_ref: Optional[SecretRef] = Field(None, description="Credentials for uri.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageSource":
@@ -325,6 +340,7 @@ class Output(ApiModel):
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
     uri: Optional[str] = Field(None, description="Optional object-store prefix the artifacts are uploaded to.")
+    secret_ref: Optional[SecretRef] = Field(None, description="Credentials for uri.")
 
     @model_validator(mode="after")
     def _check(self) -> "Output":

@@ -60,7 +60,7 @@ def uint8_batch_to_pixels(batch: np.ndarray) -> torch.Tensor:
 
 def load_tiny_clip(path: str | Path | None = None) -> tuple[CLIPModel, CLIPTokenizer]:
     """The pretrained tiny CLIP (float32, eval mode) and the shipped tokenizer."""
-    clip = CLIPModel.from_pretrained(Path(path) if path else TINY_WORLD_DIR / "clip", torch_dtype=torch.float32)
+    clip = CLIPModel.from_pretrained(Path(path) if path else TINY_WORLD_DIR / "clip", dtype=torch.float32)
     return clip.eval(), load_tokenizer()
 
 
