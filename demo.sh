@@ -11,4 +11,4 @@ from personalize.world.shapes import concept_by_name, write_concept_images
 paths = write_concept_images(concept_by_name("red_striped_triangle"), 8, "demo-output/concept-images", seed=0)
 print(f"wrote {len(paths)} concept images to demo-output/concept-images")
 PY
-personalize-train --config examples/demo-tiny-world.yaml --output demo-output
+personalize-train --config demo/job.yaml --output demo-output
