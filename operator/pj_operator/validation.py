@@ -78,22 +78,18 @@ def _check_kubernetes_fields(spec: api.PersonalizationJobSpec) -> list[str]:
             problems.append(f"{where}: tolerationSeconds only applies to effect NoExecute")
     if res.priority_class_name and not _is_dns_subdomain(res.priority_class_name):
         problems.append(f"spec.resources.priorityClassName: {res.priority_class_name!r} is not a valid name")
-    claims = {
-        "spec.baseModel.claimName": spec.base_model.claim_name,
-        "spec.concept.images.claimName": spec.concept.images.claim_name,
-        "spec.output.claimName": spec.output.claim_name,
+    # The three places data comes from or goes to may each name a PVC and a Secret.
+    sources = {
+        "spec.baseModel": spec.base_model,
+        "spec.concept.images": spec.concept.images,
+        "spec.output": spec.output,
     }
-    for where, claim in claims.items():
-        if claim and not _is_dns_subdomain(claim):
-            problems.append(f"{where}: {claim!r} is not a valid PersistentVolumeClaim name")
-    secret_refs = {
-        "spec.baseModel.secretRef.name": spec.base_model.secret_ref,
-        "spec.concept.images.secretRef.name": spec.concept.images.secret_ref,
-        "spec.output.secretRef.name": spec.output.secret_ref,
-    }
-    for where, ref in secret_refs.items():
-        if ref is not None and not _is_dns_subdomain(ref.name):
-            problems.append(f"{where}: {ref.name!r} is not a valid Secret name")
+    for where, source in sources.items():
+        if source.claim_name and not _is_dns_subdomain(source.claim_name):
+            problems.append(f"{where}.claimName: {source.claim_name!r} is not a valid PersistentVolumeClaim name")
+    for where, source in sources.items():
+        if source.secret_ref is not None and not _is_dns_subdomain(source.secret_ref.name):
+            problems.append(f"{where}.secretRef.name: {source.secret_ref.name!r} is not a valid Secret name")
     if spec.queue_name and not _is_label_value(spec.queue_name):
         problems.append(f"spec.queueName: {spec.queue_name!r} is not a valid label value")
     return problems

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from personalize.preflight import check_base_model, resolve_volume_path
 from personalize.errors import TrainerInputError
-from personalize.methods import Models
+from personalize.methods.base import Models
 from personalize.spec import BaseModelSource
 
 TINY_WORLD_DIR = Path(__file__).resolve().parent / "assets" / "tiny_world"

@@ -75,7 +75,6 @@ class ApiModel(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
-        use_enum_values=False,
     )
 
     def to_api(self) -> dict[str, Any]:
@@ -391,7 +390,6 @@ class PersonalizationJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PersonalizationJobSpec":
-        defaults = METHOD_DEFAULTS[self.method]
         pp = self.prior_preservation
         if pp.enabled and self.method in (Method.textual_inversion, Method.ti_dreambooth):
             raise ValueError(f"priorPreservation.enabled: not supported by method {self.method.value}")
@@ -413,7 +411,6 @@ class PersonalizationJobSpec(ApiModel):
             )
         if "{class_noun}" in self.concept.caption_template and not self.concept.class_noun:
             raise ValueError("concept.captionTemplate uses {class_noun} but concept.classNoun is not set")
-        del defaults
         return self
 
     # ---- resolved values (per-method defaults applied) ------------------------------------

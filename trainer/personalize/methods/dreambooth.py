@@ -9,25 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
-
 from personalize.methods.base import Method
+from personalize.pipeline_io import sampling_pipeline
 
 PIPELINE_DIR = "pipeline"
 
 
 def save_pipeline(models, output_dir: Path) -> str:
     """The fine-tuned model as a diffusers pipeline folder (`StableDiffusionPipeline.from_pretrained`)."""
-    pipe = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=models.sampling_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sampling_pipeline(models)
     pipe.save_pretrained(output_dir / PIPELINE_DIR, safe_serialization=True)
     return PIPELINE_DIR
 
