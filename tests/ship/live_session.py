@@ -145,7 +145,7 @@ def start(workdir: Path, trainer_timeout: float = 240.0) -> LiveSession:
         with trainer_log.open("wb") as log:
             trainer = subprocess.Popen(
                 ["personalize-train", "--config", str(config), "--output", str(workdir / "output"),
-                 "--metrics-port", str(trainer_port)],
+                 "--metrics-port", str(trainer_port), "--metrics-linger", "3"],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         processes.append(trainer)

@@ -84,9 +84,16 @@ def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
 
 
 class JobRunner:
-    def __init__(self, job: PersonalizationJob, output: Path, metrics_port: Optional[int] = None):
+    def __init__(
+        self,
+        job: PersonalizationJob,
+        output: Path,
+        metrics_port: Optional[int] = None,
+        metrics_linger: float = 0.0,
+    ):
         self.job, self.spec, self.output = job, job.spec, output
         self.metrics_port = metrics_port
+        self.metrics_linger = metrics_linger
         self.started = time.monotonic()
         self.rows: list[dict] = []  # losses.csv
         self.outcomes: list[StageOutcome] = []
@@ -160,6 +167,10 @@ class JobRunner:
                     pass
             raise
         finally:
+            if self.metrics_port is not None and main_process and self.metrics_linger > 0:
+                # A process that exits right after its last update is never scraped in that state:
+                # wait so that Prometheus sees the final values (the early-stop flag above all).
+                time.sleep(self.metrics_linger)
             self.metrics.close()
             if self.reporter is not None:
                 self.reporter.close()

@@ -31,6 +31,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="PersonalizationJob manifest or its spec (YAML/JSON)")
     parser.add_argument("--output", required=True, help="output directory (artifacts, result.json, plots)")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+        help="keep serving /metrics this long after the final values, so a scrape sees the decision",
+    )
     return parser.parse_args(argv)
 
 
@@ -44,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from personalize.job_runner import JobRunner  # heavy imports (torch, diffusers) only past input checks
 
-        runner = JobRunner(job, output, metrics_port=args.metrics_port)
+        runner = JobRunner(job, output, metrics_port=args.metrics_port, metrics_linger=args.metrics_linger)
         return runner.execute()
     except (TrainerInputError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
