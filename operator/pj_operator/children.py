@@ -186,6 +186,11 @@ def secret_refs(spec: api.PersonalizationJobSpec) -> list[str]:
     return list(dict.fromkeys(ref.name for ref in refs if ref is not None))
 
 
+def _seconds(value: float) -> str:
+    """`30.0` -> "30", `2.5` -> "2.5" (as a user would write it on the command line)."""
+    return f"{value:g}"
+
+
 def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settings) -> Manifest:
     spec = job.spec
     method = spec.method.value
@@ -199,6 +204,8 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             "--config", f"{names.CONFIG_DIR}/{names.CONFIG_KEY}",
             "--output", output_dir(spec),
             "--metrics-port", str(names.METRICS_PORT),
+            # Keep /metrics up after the final values so a scrape sees the early-stop decision.
+            "--metrics-linger", _seconds(settings.trainer_metrics_linger_seconds),
         ],
         "env": [
             {"name": "PJ_NAMESPACE", "value": namespace},

@@ -47,6 +47,10 @@ class Settings:
     api_backoff: float = 0.5
     # Seconds between SIGTERM and SIGKILL for the trainer pod: its SIGTERM checkpoint must fit.
     termination_grace_period_seconds: int = 120
+    # The trainer keeps serving /metrics this long after its final values (`--metrics-linger`), so
+    # a PodMonitor scrape (typically every 30 s) sees the early-stop decision before the pod ends.
+    # The linger also runs after SIGTERM, so it must stay below the grace period above.
+    trainer_metrics_linger_seconds: float = 30.0
     metrics_port: int = 8080
     health_port: int = 8081
     # Standalone: no kopf peering (one replica; the Deployment uses the Recreate strategy).
@@ -79,6 +83,8 @@ class Settings:
             api_backoff=float(get("API_BACKOFF", d.api_backoff)),
             termination_grace_period_seconds=int(get("TERMINATION_GRACE_PERIOD_SECONDS",
                                                      d.termination_grace_period_seconds)),
+            trainer_metrics_linger_seconds=float(get("TRAINER_METRICS_LINGER_SECONDS",
+                                                     d.trainer_metrics_linger_seconds)),
             metrics_port=int(get("METRICS_PORT", d.metrics_port)),
             health_port=int(get("HEALTH_PORT", d.health_port)),
             standalone=_bool(get("STANDALONE", str(d.standalone))),
@@ -89,6 +95,15 @@ class Settings:
             raise ValueError("PJ_API_RETRIES and PJ_API_BACKOFF must be >= 0")
         if settings.termination_grace_period_seconds < 0:
             raise ValueError("PJ_TERMINATION_GRACE_PERIOD_SECONDS must be >= 0")
+        if settings.trainer_metrics_linger_seconds < 0:
+            raise ValueError("PJ_TRAINER_METRICS_LINGER_SECONDS must be >= 0")
+        if settings.trainer_metrics_linger_seconds and (
+            settings.trainer_metrics_linger_seconds >= settings.termination_grace_period_seconds
+        ):
+            raise ValueError(
+                "PJ_TRAINER_METRICS_LINGER_SECONDS must be below PJ_TERMINATION_GRACE_PERIOD_SECONDS "
+                "(the trainer lingers after SIGTERM too, and needs time left for its checkpoint)"
+            )
         if settings.poll_interval <= 0:
             raise ValueError("PJ_POLL_INTERVAL must be > 0")
         return settings

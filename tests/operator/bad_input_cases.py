@@ -5,8 +5,10 @@ the operator rejects before creating anything: the resource goes to phase Failed
 `Valid=False` / `Failed=True`, reason `InvalidSpec`, and this exact message, plus a Warning
 Event `InvalidSpec` with the same message. `test_bad_input_table.py` drives every case through
 the operator and checks that the document's rows are exactly `render_rows()`.
+The trainer's rows (T1, T2, ...) live in tests/trainer/trainer_bad_input_cases.py; this script
+writes both tables.
 
-    python tests/operator/bad_input_cases.py      # rewrite the operator rows in docs/bad-input.md
+    python tests/operator/bad_input_cases.py      # rewrite the operator and trainer rows in docs/bad-input.md
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
 HEADER = "| # | area | input | what the user sees |\n|---|---|---|---|\n"
 INTRO = """# Bad input: what the user sees
+
+Two tables: the operator's rows (`O1`...) and, below them, the trainer's (`T1`...).
 
 Rows `O1`, `O2`, ... are rejected by the operator before it creates anything (the CRD schema
 accepts them, so `kubectl apply` succeeds): the PersonalizationJob goes to phase `Failed` with
@@ -157,6 +161,14 @@ def write_doc(path: Path = DOC) -> None:
     path.write_text(text)
 
 
+def main(path: Path = DOC) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+    import trainer_bad_input_cases as trainer_cases  # torch-free, like this module
+
+    write_doc(path)
+    trainer_cases.write_doc(path)
+    print(f"wrote {len(CASES)} operator rows and {len(trainer_cases.CASES)} trainer rows to {path}")
+
+
 if __name__ == "__main__":
-    write_doc(Path(sys.argv[1]) if len(sys.argv) > 1 else DOC)
-    print(f"wrote {len(CASES)} operator rows to {DOC}")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DOC)

@@ -34,12 +34,21 @@ def test_job_runs_the_trainer_contract():
     (container,) = pod["containers"]
     assert container["image"] == "example.org/trainer:1"
     assert container["command"] == ["personalize-train", "--config", "/etc/personalization/job.yaml",
-                                    "--output", "/output/runs/cat", "--metrics-port", "9400"]
+                                    "--output", "/output/runs/cat", "--metrics-port", "9400",
+                                    "--metrics-linger", "30"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["PJ_NAMESPACE"] == "team-a" and env["PJ_NAME"] == "cat"
     assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
     assert pod["serviceAccountName"] == "cat-trainer"
     assert pod["restartPolicy"] == "Never"
+
+
+def test_metrics_linger_is_an_operator_setting_below_the_grace_period():
+    settings = Settings.from_env({"PJ_TRAINER_METRICS_LINGER_SECONDS": "2.5"})
+    pod = children.job(parsed(), "cat", "team-a", settings)["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--metrics-linger") + 1] == "2.5"
+    assert pod["terminationGracePeriodSeconds"] > settings.trainer_metrics_linger_seconds
 
 
 def test_job_resources_scheduling_and_retries():

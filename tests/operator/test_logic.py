@@ -151,5 +151,13 @@ def test_settings_from_env():
     s = Settings.from_env({"PJ_API_RETRIES": "2", "PJ_API_BACKOFF": "0.1", "PJ_TERMINATION_GRACE_PERIOD_SECONDS": "300"})
     assert (s.api_retries, s.api_backoff, s.termination_grace_period_seconds) == (2, 0.1, 300)
     assert Settings().termination_grace_period_seconds == 120
+    assert Settings().trainer_metrics_linger_seconds == 30.0  # about one scrape interval
+    assert Settings.from_env({"PJ_TRAINER_METRICS_LINGER_SECONDS": "0"}).trainer_metrics_linger_seconds == 0
+    for bad in ({"PJ_TRAINER_METRICS_LINGER_SECONDS": "-1"},
+                # the linger also runs after SIGTERM: it must leave the grace period room for the checkpoint
+                {"PJ_TRAINER_METRICS_LINGER_SECONDS": "120"},
+                {"PJ_TERMINATION_GRACE_PERIOD_SECONDS": "20"}):
+        with pytest.raises(ValueError, match="PJ_TRAINER_METRICS_LINGER_SECONDS"):
+            Settings.from_env(bad)
     with pytest.raises(ValueError):
         Settings.from_env({"PJ_API_RETRIES": "-1"})

@@ -223,6 +223,17 @@ def test_defaults_give_the_operator_a_cap_and_no_kueue(default_objects):
     assert settings.kueue_enabled is False
     assert settings.max_concurrent_jobs == 4
     assert settings.namespaces == ()
+    # Trainer pods keep /metrics up past the pod monitor's scrape interval, inside their grace period.
+    assert settings.trainer_metrics_linger_seconds == 30
+    assert settings.termination_grace_period_seconds > settings.trainer_metrics_linger_seconds
+
+
+def test_a_metrics_linger_beyond_the_grace_period_is_refused_at_render():
+    # The operator would refuse these settings at start; the chart says so at install instead.
+    with pytest.raises(helm_python.HelmError, match="trainerMetricsLingerSeconds must be below"):
+        render({"operator": {"trainerMetricsLingerSeconds": 60, "trainerTerminationGracePeriodSeconds": 60}})
+    env = _env(one(manifests(render({"operator": {"trainerMetricsLingerSeconds": 0}})), "Deployment"))
+    assert env["PJ_TRAINER_METRICS_LINGER_SECONDS"] == "0"
 
 
 def test_every_pj_variable_is_one_the_operator_reads(all_on_objects):
@@ -373,7 +384,8 @@ def test_values_schema_accepts_defaults_and_all_on():
     {"operator": {"concurrency": 3}},
     {"monitoring": {"podMonitor": {"interval": "fast"}}},
     {"image": {"operator": {"pullPolicy": "Sometimes"}}},
-], ids=["negative-cap", "bad-namespace", "unknown-key", "bad-duration", "bad-pull-policy"])
+    {"operator": {"trainerMetricsLingerSeconds": -5}},
+], ids=["negative-cap", "bad-namespace", "unknown-key", "bad-duration", "bad-pull-policy", "negative-linger"])
 def test_values_schema_rejects_mistakes(bad):
     with load_chart() as chart:
         with pytest.raises(helm_python.HelmValuesError):

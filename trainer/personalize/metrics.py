@@ -19,6 +19,8 @@ from urllib.error import URLError
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, push_to_gateway, start_http_server
 
+from personalize.errors import TrainerInputError
+
 log = logging.getLogger(__name__)
 
 LABELS = ("namespace", "personalizationjob", "method", "criterion")
@@ -110,7 +112,15 @@ class TrainerMetrics:
         """Serve /metrics in a background thread; returns the bound port (useful with port 0)."""
         if self._server is not None:
             raise RuntimeError("metrics server already running")
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        # A port that is taken or impossible is the user's to fix: one `error:` line, not a traceback.
+        if not 0 <= port <= 65535:
+            raise TrainerInputError(f"--metrics-port {port}: not a TCP port number (0-65535)")
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as err:
+            raise TrainerInputError(
+                f"--metrics-port {port}: cannot serve /metrics on {addr}: {err.strerror or err}"
+            ) from None
         return self._server.server_port
 
     def push(self, gateway_url: str, timeout: float = 10.0) -> bool:

@@ -1,0 +1,313 @@
+"""The trainer's rows of the bad-input table (docs/bad-input.md), kept in one list.
+
+Each case starts from a small valid textualInversion job (tests/trainer/conftest.py `job_spec`),
+breaks one thing (the spec, the files it points to, the command line or the environment) and
+expects `personalize-train` to end with exit code 2 and exactly one line `error: <message>` on
+stderr, without starting to train. `{dir}` in a message stands for the case's own temporary
+folder. `test_bad_input.py` drives every case through `personalize.run.main` and checks that the
+document's trainer rows are exactly `render_rows()`.
+
+Torch-free on purpose: `python tests/operator/bad_input_cases.py` imports it to rewrite the table.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
+HEADER = "| # | area | input | what the user sees |\n|---|---|---|---|\n"
+SECTION = """## Trainer: `personalize-train`
+
+Rows `T1`, `T2`, ... are input the trainer itself refuses: what the operator cannot see from the
+spec alone (the files behind the paths, the pod's environment) or what someone gives the trainer
+directly on the command line. Each ends, before any training step, with exit code 2 and exactly
+one line `error: <message>` on stderr (no traceback). In a cluster the Job's podFailurePolicy
+fails it at once (no retry) and the operator sets phase `Failed`, reason `BadInput`, with that
+line (from the pod's termination message) in the condition. The input column says what is broken
+in an otherwise valid textualInversion job; `{dir}` is the job's working folder and `{port}` a
+port another process holds. These rows are generated from
+`tests/trainer/trainer_bad_input_cases.py` (by the same `python tests/operator/bad_input_cases.py`);
+`tests/trainer/test_bad_input.py` drives each through `personalize-train` in-process.
+
+"""
+ROW = re.compile(r"^\| T\d+ \|.*\n?", flags=re.M)
+
+
+@dataclass
+class Workspace:
+    """What one case may change before the trainer runs."""
+
+    dir: Path  # the case's own empty folder (`{dir}` in messages)
+    spec: dict  # a valid job spec (camelCase) to break
+    concept_dir: Path  # 6 valid concept images (do not modify: shared between cases)
+    pipeline_dir: Path  # a valid tiny diffusers pipeline folder (shared too)
+    output: Path = field(init=False)
+    config: Path = field(init=False)  # where the spec is written as YAML, unless the case writes it
+    write_config: bool = True
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # set for the run
+    unset_env: list[str] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)  # placeholders in the message: {dir}, {port}
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run after the trainer returned
+
+    def __post_init__(self) -> None:
+        self.output = self.dir / "out"
+        self.config = self.dir / "job.yaml"
+        self.values["dir"] = str(self.dir)
+
+    def fill(self, text: str) -> str:
+        """`text` with its placeholders ({dir}, {port}) replaced by this workspace's values."""
+        for name, value in self.values.items():
+            text = text.replace("{" + name + "}", value)
+        return text
+
+    def argv(self) -> list[str]:
+        return ["--config", str(self.config), "--output", str(self.output), *self.extra_args]
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    area: str
+    input: str  # markdown for the input column
+    message: str  # the exact text after `error: ` (see Workspace.values for its placeholders)
+    prepare: Callable[[Workspace], None]
+
+
+# ---- how the cases break the job ------------------------------------------------------------------
+
+Prepare = Callable[[Workspace], None]
+
+
+def spec_sets(section: str, **values) -> Prepare:
+    """Set fields of one spec section ("" for the top level); "{dir}" in a string is the workspace."""
+    def prepare(ws: Workspace) -> None:
+        target = ws.spec[section] if section else ws.spec
+        target.update({k: ws.fill(v) if isinstance(v, str) else v for k, v in values.items()})
+    return prepare
+
+
+def images_at(make_folder: Callable[[Workspace], Path]) -> Prepare:
+    """Point concept.images.path at the folder `make_folder` builds in the workspace."""
+    return lambda ws: ws.spec["concept"].update(images={"path": str(make_folder(ws))})
+
+
+def folder_with(files: dict[str, bytes], name: str = "images", good_images: int = 0) -> Callable[[Workspace], Path]:
+    def make(ws: Workspace) -> Path:
+        folder = ws.dir / name
+        folder.mkdir()
+        for p in sorted(ws.concept_dir.iterdir())[:good_images]:
+            shutil.copy(p, folder / p.name)
+        for file_name, data in files.items():
+            (folder / file_name).write_bytes(data)
+        return folder
+    return make
+
+
+def a_file(name: str) -> Callable[[Workspace], Path]:
+    def make(ws: Workspace) -> Path:
+        (ws.dir / name).write_bytes(b"")
+        return ws.dir / name
+    return make
+
+
+def config_holds(text: str) -> Prepare:
+    def prepare(ws: Workspace) -> None:
+        ws.config.write_text(text)
+        ws.write_config = False
+    return prepare
+
+
+def no_config_file(ws: Workspace) -> None:
+    ws.config, ws.write_config = ws.dir / "none.yaml", False
+
+
+def model_folder(files: dict[str, str]) -> Prepare:
+    """baseModel.path: a folder with a `unet/` subfolder and these files."""
+    def prepare(ws: Workspace) -> None:
+        folder = ws.dir / "model"
+        (folder / "unet").mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        ws.spec["baseModel"] = {"path": str(folder)}
+    return prepare
+
+
+def volume_not_mounted(ws: Workspace) -> None:
+    ws.env["PJ_VOLUMES_ROOT"] = str(ws.dir / "volumes")  # where the pod would mount claims; empty here
+    ws.spec["concept"]["images"] = {"claimName": "concept-images", "path": "cat"}
+
+
+def output_under_a_file(ws: Workspace) -> None:
+    (ws.dir / "a-file").write_text("")
+    ws.output = ws.dir / "a-file" / "out"  # no directory can be made under a regular file, even as root
+
+
+def output_is_a_file(ws: Workspace) -> None:
+    ws.output = ws.dir / "result"
+    ws.output.write_text("")
+
+
+def args(*extra: str) -> Prepare:
+    return lambda ws: ws.extra_args.extend(extra)
+
+
+def metrics_port_taken(ws: Workspace) -> None:
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen()
+    ws.closers.append(sock.close)
+    ws.values["port"] = str(sock.getsockname()[1])
+    ws.extra_args += ["--metrics-port", ws.values["port"]]
+
+
+def named_resource(**env: str) -> Prepare:
+    """PJ_NAMESPACE/PJ_NAME set (status reporting on) plus `env`; unset variables are removed."""
+    def prepare(ws: Workspace) -> None:
+        ws.env.update(PJ_NAMESPACE="team-a", PJ_NAME="cat")
+        ws.unset_env += ["KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "PJ_STATUS_INTERVAL"]
+        ws.env.update({k: v.replace("{dir}", str(ws.dir)) for k, v in env.items()})
+    return prepare
+
+
+TRUNCATED_JPEG = b"\xff\xd8\xff\xe0 truncated jpeg"
+HTML_PAGE = b"<html><body>403 Forbidden</body></html>\n"  # what a failed download often saves
+TINY_INDEX = '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+REFERENCE = "earlyStopping.referenceBatchSize x referenceSubBatches"
+
+CASES: list[Case] = [
+    # ---- spec ----
+    Case("config-missing", "spec", "`--config {dir}/none.yaml`, no such file",
+         "config file '{dir}/none.yaml' does not exist",
+         no_config_file),
+    Case("config-not-yaml", "spec", "config file holds `spec: {method: lora` (unclosed)",
+         "config file '{dir}/job.yaml' is not valid YAML/JSON: while parsing a flow mapping",
+         config_holds("spec: {method: lora\n")),
+    Case("config-not-a-mapping", "spec", "config file holds a YAML list",
+         "config: expected a mapping (a PersonalizationJob manifest or its spec)",
+         config_holds("- method: lora\n")),
+    Case("unknown-method", "spec", "`method: hypernetwork`",
+         "spec.method: Input should be 'textualInversion', 'dreambooth', 'lora', 'customDiffusion' or 'tiDreambooth'",
+         spec_sets("", method="hypernetwork")),
+    Case("unknown-criterion", "spec", "`earlyStopping.criterion: patience`",
+         "spec.earlyStopping.criterion: Input should be 'dvar', 'ema', 'hall', 'trend', 'clip' or 'none'",
+         spec_sets("earlyStopping", criterion="patience")),
+    Case("clip-without-model", "spec", "`earlyStopping.criterion: clip`, no `clip.modelPath`",
+         "earlyStopping.clip.modelPath: criterion clip needs a CLIP model folder",
+         spec_sets("earlyStopping", criterion="clip")),
+    Case("token-in-vocabulary", "spec", "`concept.token: dog`, a word the tokenizer knows",
+         "concept.token 'dog' already exists in the tokenizer's vocabulary; choose a new word or use token: auto",
+         spec_sets("concept", token="dog")),
+    # ---- images ----
+    Case("images-missing", "images", "`concept.images.path` names no folder",
+         "concept image folder '{dir}/nope' does not exist",
+         images_at(lambda ws: ws.dir / "nope")),
+    Case("images-not-a-folder", "images", "`concept.images.path` names a file",
+         "concept image folder '{dir}/cat.png' is not a directory",
+         images_at(a_file("cat.png"))),
+    Case("images-empty", "images", "empty image folder",
+         "concept image folder '{dir}/images' has no images (png/jpg/jpeg/webp)",
+         images_at(folder_with({}))),
+    Case("images-wrong-types", "images", "folder holding only `cat.gif`, `cat.bmp`, `notes.txt`",
+         "concept image folder '{dir}/images' has no images (png/jpg/jpeg/webp)",
+         images_at(folder_with({"cat.gif": b"GIF89a", "cat.bmp": b"BM", "notes.txt": b"cat"}))),
+    Case("image-truncated", "images", "3 good images and a truncated `broken.jpg`",
+         "image '{dir}/images/broken.jpg' cannot be read (OSError: Truncated File Read)",
+         images_at(folder_with({"broken.jpg": TRUNCATED_JPEG}, good_images=3))),
+    Case("image-not-an-image", "images", "3 good images and a `photo.png` that is an HTML error page",
+         "image '{dir}/images/photo.png' cannot be read (UnidentifiedImageError: cannot identify image file "
+         "'{dir}/images/photo.png')",
+         images_at(folder_with({"photo.png": HTML_PAGE}, good_images=3))),
+    Case("images-too-few", "images", "1 image, `earlyStopping.referenceBatchSize: 2`",
+         f"{REFERENCE} = 2 reference examples, but the concept has only 1 image(s)",
+         images_at(folder_with({}, good_images=1))),
+    Case("reference-batch-too-large", "images", "6 images, `earlyStopping.referenceBatchSize: 8`",
+         f"{REFERENCE} = 8 reference examples, but the concept has only 6 image(s)",
+         spec_sets("earlyStopping", referenceBatchSize=8)),
+    Case("holdout-leaves-nothing", "images",
+         "6 images, `earlyStopping: {referenceBatchSize: 3, referenceSubBatches: 2, holdout: true}`",
+         "earlyStopping.holdout: holding out 6 reference image(s) leaves no training images (the concept has 6); "
+         "add images, lower referenceBatchSize or set holdout: false",
+         spec_sets("earlyStopping", referenceBatchSize=3, referenceSubBatches=2, holdout=True)),
+    Case("images-uri", "images", "`concept.images.uri: s3://photos/cat` given to the trainer directly",
+         "concept.images.uri 's3://photos/cat': this trainer reads images from a mounted folder only; "
+         "copy them to a volume and set concept.images.path",
+         spec_sets("concept", images={"uri": "s3://photos/cat"})),
+    Case("images-volume-not-mounted", "images",
+         "`concept.images: {claimName: concept-images, path: cat}`, no such volume under `PJ_VOLUMES_ROOT`",
+         "concept image folder '{dir}/volumes/concept-images/cat' does not exist",
+         volume_not_mounted),
+    # ---- model ----
+    Case("model-missing", "model", "`baseModel.path` names no folder",
+         "baseModel.path '{dir}/nomodel' does not exist",
+         spec_sets("baseModel", path="{dir}/nomodel")),
+    Case("model-not-a-pipeline", "model", "`baseModel.path`: a folder without `model_index.json`",
+         "baseModel.path '{dir}/model' is not a diffusers pipeline folder (no model_index.json)",
+         model_folder({})),
+    Case("model-broken", "model", "`baseModel.path`: `model_index.json` names a `unet` that has no files",
+         "baseModel.path '{dir}/model' cannot be loaded as a Stable Diffusion pipeline: "
+         "Error no file named config.json found in directory {dir}/model/unet.",
+         model_folder({"model_index.json": TINY_INDEX})),
+    Case("model-unknown-builtin", "model", "`baseModel: {builtin: sd15}`",
+         "spec.baseModel.builtin: Input should be 'tiny-world'",
+         spec_sets("", baseModel={"builtin": "sd15"})),
+    # ---- output ----
+    Case("output-under-a-file", "output", "`--output {dir}/a-file/out`, `a-file` being a regular file",
+         "output directory '{dir}/a-file/out' is not writable: Not a directory",
+         output_under_a_file),
+    Case("output-is-a-file", "output", "`--output` names an existing regular file",
+         "output directory '{dir}/result' is not writable: File exists",
+         output_is_a_file),
+    # ---- resources / runtime ----
+    Case("metrics-port-in-use", "resources", "`--metrics-port {port}` that another process listens on",
+         "--metrics-port {port}: cannot serve /metrics on 0.0.0.0: Address already in use",
+         metrics_port_taken),
+    Case("metrics-port-out-of-range", "resources", "`--metrics-port 70000`",
+         "--metrics-port 70000: not a TCP port number (0-65535)",
+         args("--metrics-port", "70000")),
+    Case("status-kubeconfig-missing", "resources", "`PJ_NAMESPACE`/`PJ_NAME` set, `KUBECONFIG` names no file",
+         "cannot reach the Kubernetes API to report status of team-a/cat: Invalid kube-config file. No configuration found.",
+         named_resource(KUBECONFIG="{dir}/no-kubeconfig")),
+    Case("status-outside-a-pod", "resources", "`PJ_NAMESPACE`/`PJ_NAME` set, no `KUBECONFIG`, not in a pod",
+         "cannot reach the Kubernetes API to report status of team-a/cat: Service host/port is not set.",
+         named_resource()),
+    Case("status-interval-not-a-number", "resources", "`PJ_NAMESPACE`/`PJ_NAME` set, `PJ_STATUS_INTERVAL=soon`",
+         "PJ_STATUS_INTERVAL='soon' is not a number of seconds",
+         named_resource(PJ_STATUS_INTERVAL="soon")),
+]
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_rows() -> str:
+    rows = []
+    for number, case in enumerate(CASES, start=1):
+        seen = f"`error: {case.message}`, exit 2"
+        rows.append(f"| T{number} | {case.area} | {_cell(case.input)} | {_cell(seen)} |")
+    return "\n".join(rows) + "\n"
+
+
+def documented_rows(text: str) -> str:
+    """The trainer's rows as they are in the document."""
+    return "".join(m.group(0).rstrip("\n") + "\n" for m in ROW.finditer(text))
+
+
+def write_doc(path: Path = DOC) -> None:
+    """Replace the trainer rows where they are, or append the trainer section; other text stays."""
+    text = path.read_text()
+    first = ROW.search(text)
+    if first:
+        text = text[:first.start()] + render_rows() + ROW.sub("", text[first.start():])
+    else:
+        text = text.rstrip("\n") + "\n\n" + SECTION + HEADER + render_rows()
+    path.write_text(text)
