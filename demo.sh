@@ -12,3 +12,18 @@ paths = write_concept_images(concept_by_name("red_striped_triangle"), 8, "demo-o
 print(f"wrote {len(paths)} concept images to demo-output/concept-images")
 PY
 personalize-train --config demo/job.yaml --output demo-output
+# How far training moved the samples towards the concept: tiny-CLIP image similarity (CLIP-I) of
+# the before/after grids (same prompts, same noise) to the concept's photos.
+TRANSFORMERS_VERBOSITY=error python3 - <<'PY'
+from pathlib import Path
+from PIL import Image
+import transformers
+transformers.utils.logging.disable_progress_bar()
+from personalize.samples import grid_tiles
+from personalize.world.scoring import clip_i_score, load_tiny_clip
+clip, _ = load_tiny_clip()
+photos = [Image.open(p).convert("RGB") for p in sorted(Path("demo-output/concept-images").iterdir())]
+before, after = (grid_tiles(Image.open(f"demo-output/{name}").convert("RGB"), 32) for name in ("samples_before.png", "samples.png"))
+print(f"CLIP-I to the concept photos: before {clip_i_score(clip, before, photos):.3f}, after {clip_i_score(clip, after, photos):.3f}"
+      " (compare demo-output/samples_before.png with demo-output/samples.png)")
+PY

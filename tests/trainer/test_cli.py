@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -17,7 +18,7 @@ from personalize.spec import TrainerReport
 
 from conftest import job_spec
 
-OUTPUT_FILES = {"result.json", "losses.csv", "convergence.png", "samples.png"}
+OUTPUT_FILES = {"result.json", "losses.csv", "convergence.png", "samples_before.png", "samples.png"}
 
 
 def write_config(tmp_path, spec: dict, manifest: bool = True):
@@ -66,6 +67,8 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     assert result["artifact"]["files"] == ["learned_embeds.safetensors"]
     assert result["deterministicLoss"] == pytest.approx(float(rows[-1]["deterministic_loss"]))
     assert Image.open(out / "samples.png").size == (64, 64)  # 2 prompts x 2 images of 32 px
+    before, after = (np.asarray(Image.open(out / f), dtype=np.float32) for f in ("samples_before.png", "samples.png"))
+    assert before.shape == after.shape and np.abs(after - before).mean() > 0  # same noise, trained weights
 
 
 def test_early_stop_is_recorded_with_steps_saved(tiny_pipeline_dir, concept_dir, tmp_path):

@@ -429,6 +429,7 @@ def save_checkpoint(directory: Union[str, Path], ckpt: TrainingCheckpoint, keep:
     d.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(d)
 
+    started = time.monotonic()
     tmp = d / f"{_TMP_PREFIX}{ckpt.step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -446,7 +447,8 @@ def save_checkpoint(directory: Union[str, Path], ckpt: TrainingCheckpoint, keep:
     for old in list_checkpoints(d)[keep:]:
         _remove(old)
     _fsync_dir(d)
-    log.info("checkpoint saved: %s (step %d)", final, ckpt.step)
+    size = sum(meta["size"] for meta in manifest["files"].values())
+    log.info("checkpoint saved: %s (step %d, %d bytes, %.3f s)", final, ckpt.step, size, time.monotonic() - started)
     return final
 
 

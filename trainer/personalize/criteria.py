@@ -242,12 +242,15 @@ class DvarCriterion(Criterion):
         self._since_recompute = 0
 
     def _state(self) -> dict[str, Any]:
-        # The window sums are not stored: they are recomputed exactly from the values on load.
+        # The running window sums are stored as they are (JSON floats round-trip exactly): a
+        # recompute on load would differ in the last bits, and a value that close to the
+        # threshold would move the stop step of a resumed run.
         return {
             "origin": self._origin,
             "all_mean": self._all_mean,
             "all_m2": self._all_m2,
             "recent": self._win.values(),
+            "window_sums": {"shift": self._shift, "s1": self._s1, "s2": self._s2, "since": self._since_recompute},
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -255,7 +258,12 @@ class DvarCriterion(Criterion):
         self._all_mean = float(state["all_mean"])
         self._all_m2 = float(state["all_m2"])
         self._win.load(state["recent"])
-        self._recompute_window()
+        sums = state.get("window_sums")
+        if sums is None:  # a state written before the sums were stored: rebuild them
+            self._recompute_window()
+            return
+        self._shift, self._s1, self._s2 = float(sums["shift"]), float(sums["s1"]), float(sums["s2"])
+        self._since_recompute = int(sums["since"])
 
 
 class EmaCriterion(Criterion):
@@ -402,11 +410,18 @@ class TrendCriterion(Criterion):
         self._since_recompute = 0
 
     def _state(self) -> dict[str, Any]:
-        return {"eval_every": self.eval_every, "recent": self._win.values()}
+        # Running sums stored exactly, as in DVAR: a resumed run computes bit-identical values.
+        sums = {"shift": self._shift, "sy": self._sy, "sxy": self._sxy, "since": self._since_recompute}
+        return {"eval_every": self.eval_every, "recent": self._win.values(), "window_sums": sums}
 
     def _load(self, state: dict[str, Any]) -> None:
         self._win.load(state["recent"])
-        self._recompute()
+        sums = state.get("window_sums")
+        if sums is None:  # a state written before the sums were stored: rebuild them
+            self._recompute()
+            return
+        self._shift, self._sy, self._sxy = float(sums["shift"]), float(sums["sy"]), float(sums["sxy"])
+        self._since_recompute = int(sums["since"])
 
 
 class ClipScoreCriterion(Criterion):

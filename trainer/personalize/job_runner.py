@@ -4,7 +4,13 @@ Output directory layout:
     <artifact files of the method>  learned_embeds.safetensors, pytorch_lora_weights.safetensors,
                                     pytorch_custom_diffusion_weights.safetensors, pipeline/
     class_images/                   prior-preservation images (cached; reused on restart)
-    losses.csv  convergence.png  samples.png  result.json
+    losses.csv  convergence.png  samples_before.png  samples.png  result.json
+    checkpoints/                    while running: the latest resumable checkpoint (resume.py);
+                                    removed once result.json is written
+
+Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
+TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
+run.main exits 143. The next start resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from personalize.pipeline_io import load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
+from personalize.resume import RunCheckpoints
 from personalize.run import write_json, write_losses_csv
-from personalize.samples import SAMPLES_FILE, write_samples
+from personalize.samples import SAMPLES_BEFORE_FILE, SAMPLES_FILE, write_samples
 from personalize.spec import (
     Artifact,
     CriterionName,
@@ -41,7 +48,9 @@ from personalize.spec import (
     StopReason,
     TrainerReport,
 )
+from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.status_reporter import StatusReporter, StatusReportError
+from personalize.termination import write_termination_message
 
 log = logging.getLogger("personalize")
 
@@ -90,10 +99,12 @@ class JobRunner:
         output: Path,
         metrics_port: Optional[int] = None,
         metrics_linger: float = 0.0,
+        shutdown: Optional[GracefulShutdown] = None,
     ):
         self.job, self.spec, self.output = job, job.spec, output
         self.metrics_port = metrics_port
         self.metrics_linger = metrics_linger
+        self.shutdown = shutdown  # SIGTERM -> checkpoint + TrainingInterrupted (None: no signal handling)
         self.started = time.monotonic()
         self.rows: list[dict] = []  # losses.csv
         self.outcomes: list[StageOutcome] = []
@@ -152,28 +163,41 @@ class JobRunner:
         self.metrics = TrainerMetrics(namespace, name, spec.method.value, spec.early_stopping.criterion.value)
         if self.metrics_port is not None and main_process:
             self.metrics.serve(self.metrics_port)
+        linger = main_process and self.metrics_port is not None and self.metrics_linger > 0
         try:
             return self._train_and_save()
         except TrainerInputError:
+            linger = False  # nothing was trained: exit at once with the error line
+            raise
+        except TrainingInterrupted as stop:  # preempted: a checkpoint is saved, the run is not over
+            linger = False  # the grace period is for the checkpoint, not for a last scrape
+            if main_process:
+                self.report.message = f"{stop}; a restarted trainer resumes from the checkpoint"
+                self._write_last_report()
             raise
         except Exception as err:  # a crash mid-training: still leave result.json and the status
-            if self.accelerator.is_main_process:
+            if main_process:
                 self.report.message = f"{type(err).__name__}: {err}"
                 self.report.early_stop = EarlyStop(stopped=False, reason=StopReason.failed)
-                write_json(self.report.to_api(), self.output / RESULT_FILE)
-                try:
-                    self._publish(final=True)
-                except StatusReportError:
-                    pass
+                self._write_last_report()
             raise
         finally:
-            if self.metrics_port is not None and main_process and self.metrics_linger > 0:
+            if linger:
                 # A process that exits right after its last update is never scraped in that state:
                 # wait so that Prometheus sees the final values (the early-stop flag above all).
                 time.sleep(self.metrics_linger)
             self.metrics.close()
             if self.reporter is not None:
                 self.reporter.close()
+
+    def _write_last_report(self) -> None:
+        """result.json, the termination message and a final status patch of an unfinished run."""
+        write_json(self.report.to_api(), self.output / RESULT_FILE)
+        write_termination_message(self.report)
+        try:
+            self._publish(final=True)
+        except StatusReportError:
+            pass
 
     def _train_and_save(self) -> int:
         spec, output = self.spec, self.output
@@ -207,18 +231,36 @@ class JobRunner:
             exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
         )
         self.report.identifier = identifier.token
+        # Resume (issue 6): the checkpoint's run state (loss rows, finished stages and their
+        # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
+        checkpoints = RunCheckpoints(spec, output, accelerator, self.shutdown)
+        self.rows, self.outcomes, self.files = checkpoints.rows, checkpoints.completed, checkpoints.files
+        loading = time.monotonic()
+        resume = checkpoints.load(identifier.token)
+        if resume is not None:
+            log.info("resuming from %s (stage %s, step %d; read in %.3f s)",
+                     resume.path, resume.stage, resume.step, time.monotonic() - loading)
         examples = load_concept_examples(concept, identifier.text, resolution)
         log.info(
             "method %s: %d concept images at %dpx, identifier %r, %d stage(s)",
             spec.method.value, len(examples), resolution, identifier.token, len(self.stages),
         )
 
+        if accelerator.is_main_process and not (output / SAMPLES_BEFORE_FILE).exists():  # kept across a resume
+            write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_BEFORE_FILE)
+
         offset = 0
         for index, stage in enumerate(self.stages):
+            if index < len(self.outcomes):  # finished before the restart; its artifacts are saved
+                offset += self.outcomes[index].stop_step
+                self.report.reference = self.outcomes[index].reference
+                continue
+            checkpoints.apply_carry(models, identifier)  # e.g. tiDreambooth's stage-1 embedding
             printer = ProgressPrinter(stage.max_steps, stage.threshold, spec.early_stopping.criterion.value)
             outcome, method = train_stage(
                 stage, spec, models, identifier, examples, class_examples, accelerator,
                 self._on_step(stage, offset, printer), stage_index=index,
+                checkpoints=checkpoints.for_stage(index, stage.name),
             )
             if accelerator.is_main_process:
                 printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value})")
@@ -227,6 +269,8 @@ class JobRunner:
             self.report.reference = outcome.reference
             if accelerator.is_main_process:
                 self.files += [f for f in method.save(output) if f not in self.files]
+            if index + 1 < len(self.stages) and method.learns_embedding:
+                checkpoints.carry[f"stage{index + 1}.identifier_rows"] = method.learned_rows()
 
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
@@ -252,6 +296,8 @@ class JobRunner:
         ]
         report.wall_seconds = round(time.monotonic() - self.started, 3)
         write_json(report.to_api(), output / RESULT_FILE)
+        checkpoints.remove()  # the result is safe: a restart now would only redo finished work
+        write_termination_message(report)
         try:
             self._publish(final=True)
         except StatusReportError as err:

@@ -8,6 +8,9 @@ Randomness: the training batches come from their own generator; the reference ba
 (see reference_batch.py), so how often L_det is evaluated never changes the training itself.
 With several processes (accelerate, one per GPU), the reference batch and the criterion live
 on the main process, which broadcasts the stop decision so that all processes stop together.
+
+Preemption (issue 6): `checkpoints` (resume.py) restores a stage from its checkpoint before the
+first step and, after each step, saves one every checkpointEvery steps or on SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, set_seed
 
 from personalize.clip_check import ClipCheck
 from personalize.criteria import StopPolicy, make_criterion
@@ -28,6 +31,7 @@ from personalize.diffusion import diffusion_loss, encode_captions, sample_latent
 from personalize.identifier import Identifier
 from personalize.methods import Method, Models, Stage
 from personalize.reference_batch import ReferenceBatch
+from personalize.resume import StageCheckpoints, TrainState
 from personalize.spec import CriterionName, PersonalizationJobSpec, ReferenceInfo, StopReason
 
 WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
@@ -71,12 +75,16 @@ def train_stage(
     accelerator: Accelerator,
     on_step: StepCallback,
     stage_index: int = 0,
+    checkpoints: Optional[StageCheckpoints] = None,
 ) -> tuple[StageOutcome, Method]:
     started = time.monotonic()
     es, training = spec.early_stopping, spec.training
     device = accelerator.device
 
     # ---- method: what is trained -------------------------------------------------------------
+    # Adapter initialisation (LoRA's A matrices) and dropout draw from the global RNGs: seed them,
+    # or two runs of the same seed (or a run and its resumption) train different weights.
+    set_seed(training.seed + 7919 * accelerator.process_index + 104729 * stage_index)
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -130,6 +138,20 @@ def train_stage(
     use_prior = stage.prior_preservation and class_examples is not None
     step, reason = 0, None
     train_loss = det_loss = conv_value = None
+
+    # ---- resume (issue 6): continue from a checkpoint of this stage, if there is one -----------
+    generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
+    keeper = getattr(method, "keeper", None)  # an embedding table of which only the identifier's rows train
+    state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
+                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None)
+    if checkpoints is not None:
+        step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
+        last = checkpoints.last
+        train_loss, det_loss, conv_value = last["train_loss"], last["deterministic_loss"], last["convergence_value"]
+        if step and reference is not None:
+            reason = policy.check(step)  # a checkpoint taken at the stop step (never saved today)
+        checkpoints.after_step(step, reason, state, checkpoints.last)  # SIGTERM during setup: exit now
+
     while reason is None:
         step_started = time.monotonic()
         step += 1
@@ -178,6 +200,9 @@ def train_stage(
         if accelerator.num_processes > 1:
             reason = broadcast_object_list([reason])[0]  # every process stops together
         on_step(step, train_loss, det_step, conv_step, time.monotonic() - step_started)
+        if checkpoints is not None:  # every checkpointEvery steps, and on SIGTERM (then raises TrainingInterrupted)
+            last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
+            checkpoints.after_step(step, reason, state, last)
 
     return StageOutcome(
         name=stage.name,

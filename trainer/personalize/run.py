@@ -3,7 +3,8 @@
 Writes into DIR: the method's artifact(s), `losses.csv`, `convergence.png`, `samples.png` and
 `result.json` (the trainer's status fields, `TrainerReport.to_api()`); serves /metrics while
 running and patches the resource's status when the environment names it (PJ_NAMESPACE/PJ_NAME).
-Bad input ends with one line `error: ...` on stderr and exit code 2.
+Bad input ends with one line `error: ...` on stderr and exit code 2. SIGTERM/SIGINT: the run
+saves a checkpoint after the current step and exits 143; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional
 
 from personalize.errors import TrainerInputError
 from personalize.preflight import preflight
+from personalize.shutdown import INTERRUPTED_EXIT_CODE, GracefulShutdown, TrainingInterrupted
 from personalize.spec import SpecError, load_job
 
 EXIT_BAD_INPUT = 2
@@ -48,8 +50,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from personalize.job_runner import JobRunner  # heavy imports (torch, diffusers) only past input checks
 
-        runner = JobRunner(job, output, metrics_port=args.metrics_port, metrics_linger=args.metrics_linger)
-        return runner.execute()
+        # SIGTERM (preemption) and SIGINT only set a flag: the loop checkpoints after its step.
+        with GracefulShutdown() as shutdown:
+            runner = JobRunner(job, output, metrics_port=args.metrics_port, metrics_linger=args.metrics_linger,
+                               shutdown=shutdown)
+            return runner.execute()
+    except TrainingInterrupted as stop:
+        # Not 0 (the Job would succeed and never resume) and not a failure: the pod's restart
+        # resumes from the checkpoint (podFailurePolicy counts 143 as a retry).
+        logging.getLogger("personalize").warning("%s", stop)
+        return INTERRUPTED_EXIT_CODE
     except (TrainerInputError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

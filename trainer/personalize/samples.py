@@ -1,4 +1,7 @@
-"""The grid of final samples: one row per validation prompt, `numImagesPerPrompt` columns."""
+"""Sample grids: one row per validation prompt, `numImagesPerPrompt` columns.
+
+`samples_before.png` is drawn before the first step and `samples.png` after the last one, with the
+same prompts and the same noise, so the two grids differ only by what training changed."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from personalize.pipeline_io import sampling_pipeline
 from personalize.spec import PersonalizationJobSpec
 
 SAMPLES_FILE = "samples.png"
+SAMPLES_BEFORE_FILE = "samples_before.png"
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -24,11 +28,17 @@ def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
     return grid
 
 
+def grid_tiles(grid: Image.Image, tile: int) -> list[Image.Image]:
+    """The images of a grid written by `image_grid` (row by row), each `tile` pixels square."""
+    columns, rows = grid.width // tile, grid.height // tile
+    return [grid.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(columns)]
+
+
 @torch.no_grad()
 def write_samples(
     spec: PersonalizationJobSpec, models: Models, prompt_token: str, resolution: int, device: torch.device, path: Path
 ) -> list[str]:
-    """Generate the validation grid with the trained models; returns the prompts used."""
+    """Generate the validation grid with the models as they are now; returns the prompts used."""
     options = spec.validation
     prompts = [fill_template(p, prompt_token, spec.concept.class_noun) for p in options.prompts]
     pipe = sampling_pipeline(models).to(device)
