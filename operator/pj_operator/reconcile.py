@@ -1,7 +1,8 @@
 """What the handlers do, written against a `Kube` client and plain dicts.
 
 reconcile()      create/resume/spec-change-before-start: validate, queue or admit, create children
-refuse_change()  spec changed after the Job was created: say so, change nothing
+refuse_change()  spec changed after the Job was created: say so, change nothing (and clear
+                 the refusal when the spec is changed back to the one the Job runs)
 sync_lifecycle() Job/pod state -> phase, conditions, times, attempts (+ event, metrics)
 Everything starts from the resource as the API server has it; nothing is remembered between calls.
 """
@@ -12,6 +13,7 @@ import logging
 from typing import Any, Optional
 
 import kopf
+import yaml
 
 from personalize import spec as api
 
@@ -237,21 +239,41 @@ def decide(kube: Kube, body: dict, settings: Settings) -> capacity.Decision:
 # ---- spec changes ------------------------------------------------------------------------------
 
 
+def runs_started_spec(kube: Kube, body: dict) -> bool:
+    """Whether the resource's spec is again the one its Job runs (the ConfigMap is its snapshot)."""
+    namespace, name, _ = _meta(body)
+    try:
+        config = kube.get("v1", "ConfigMap", namespace, names.config_map_name(name))
+        started = yaml.safe_load(((config or {}).get("data") or {})[names.CONFIG_KEY])
+        current = api.parse_job({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    except (ApiError, KeyError, TypeError, yaml.YAMLError, api.SpecError):
+        return False  # cannot tell: keep refusing
+    return started == children.trainer_manifest(current, name, namespace)
+
+
 def refuse_change(kube: Kube, body: dict, changed: list[str]) -> None:
     namespace, name, _ = _meta(body)
     generation = body["metadata"].get("generation")
     job_name = (body.get("status") or {}).get("jobName")
-    message = (f"spec changed ({', '.join(changed) or 'spec'}) after Job {job_name} was created; the Job keeps "
-               "running the spec it started with. Delete and re-create the PersonalizationJob to apply changes.")
+    reverted = runs_started_spec(kube, body)
+    if reverted:
+        value, reason = "False", "SpecMatchesJob"
+        message = f"the spec is back to the one Job {job_name} runs"
+    else:
+        value, reason = "True", "SpecImmutableAfterStart"
+        message = (f"spec changed ({', '.join(changed) or 'spec'}) after Job {job_name} was created; the Job keeps "
+                   "running the spec it started with. Delete and re-create the PersonalizationJob to apply changes.")
 
     def compute(fresh: dict) -> Optional[dict]:
         st = fresh.get("status") or {}
-        conds = lifecycle.set_condition(list(st.get("conditions") or []), lifecycle.SPEC_CHANGE_REFUSED, "True",
-                                        "SpecImmutableAfterStart", message, lifecycle.now_iso())
+        conds = list(st.get("conditions") or [])
+        if reverted and not any(c.get("type") == lifecycle.SPEC_CHANGE_REFUSED for c in conds):
+            return {"observedGeneration": generation}  # never refused: nothing to clear
+        conds = lifecycle.set_condition(conds, lifecycle.SPEC_CHANGE_REFUSED, value, reason, message, lifecycle.now_iso())
         return {"conditions": conds, "observedGeneration": generation}
 
     before, patch = status.update(kube, namespace, name, compute)
-    if patch:
+    if patch and not reverted:
         status.event(before, warning=True, reason="SpecChangeRefused", message=message)
 
 

@@ -107,6 +107,16 @@ def test_spec_change_after_start_is_refused(cluster, run_operator):
         assert "maxSteps: 400" in config
         assert len(cluster.creations("jobs")) == 1
 
+        # Changing it back to what the Job runs clears the refusal (no new Warning, no new Job).
+        warnings = len([e for e in cluster.events_for("fixed") if e["reason"] == "SpecChangeRefused"])
+        cluster.kube.patch(*PJ, "default", "fixed", {"spec": {"training": {"maxSteps": 400}}})
+        status = wait_for(lambda: condition(status_of(cluster, "fixed"), "SpecChangeRefused")["status"] == "False"
+                          and status_of(cluster, "fixed"))
+        cleared = condition(status, "SpecChangeRefused")
+        assert cleared["reason"] == "SpecMatchesJob" and status["observedGeneration"] == 3
+        assert len([e for e in cluster.events_for("fixed") if e["reason"] == "SpecChangeRefused"]) == warnings
+        assert len(cluster.creations("jobs")) == 1
+
 
 def test_refused_job_creation_is_reported_and_retried(cluster, run_operator):
     cluster.server.refusals["jobs"] = [(403, 'jobs "quota" is forbidden: exceeded quota: gpu-quota')]
