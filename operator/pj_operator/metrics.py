@@ -1,4 +1,4 @@
-"""Operator metrics (names per docs/TEAM_CONTEXT.md), served on PJ_METRICS_PORT at /metrics."""
+"""Operator metrics (names listed in docs/operator.md), served on PJ_METRICS_PORT at /metrics."""
 
 from __future__ import annotations
 
