@@ -9,15 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from personalize import pipeline_io  # a module reference: pipeline_io imports methods.base in turn
 from personalize.methods.base import Method
-from personalize.pipeline_io import sampling_pipeline
 
 PIPELINE_DIR = "pipeline"
 
 
 def save_pipeline(models, output_dir: Path) -> str:
     """The fine-tuned model as a diffusers pipeline folder (`StableDiffusionPipeline.from_pretrained`)."""
-    pipe = sampling_pipeline(models)
+    pipe = pipeline_io.sampling_pipeline(models)
     pipe.save_pretrained(output_dir / PIPELINE_DIR, safe_serialization=True)
     return PIPELINE_DIR
 
