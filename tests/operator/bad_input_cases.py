@@ -14,14 +14,14 @@ writes both tables.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
-HEADER = "| # | area | input | what the user sees |\n|---|---|---|---|\n"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table format
+import bad_input_table as table  # noqa: E402
+from bad_input_table import DOC, HEADER  # noqa: E402
 INTRO = """# Bad input: what the user sees
 
 Two tables: the operator's rows (`O1`...) and, below them, the trainer's (`T1`...).
@@ -38,8 +38,7 @@ each through the running operator.
 
 """
 
-# The operator's rows are numbered O1, O2, ... (other helpers' rows use plain numbers).
-ROW = re.compile(r"^\| O\d+ \|.*\n?", flags=re.M)
+PREFIX = "O"  # the operator's rows are numbered O1, O2, ...
 
 CONCEPT_PVC = {"path": "concept", "claimName": "concept-images"}
 
@@ -123,10 +122,6 @@ CASES: list[Case] = [
 ]
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def describe_input(case: Case) -> str:
     """The input column: the spec fields the case sets (or the name), as compact JSON."""
     if case.name:
@@ -135,16 +130,12 @@ def describe_input(case: Case) -> str:
 
 
 def render_rows() -> str:
-    rows = []
-    for number, case in enumerate(CASES, start=1):
-        seen = f"`InvalidSpec`: `{case.message}`"
-        rows.append(f"| O{number} | {case.area} | {_cell(describe_input(case))} | {_cell(seen)} |")
-    return "\n".join(rows) + "\n"
+    return table.render_rows(PREFIX, [(c.area, describe_input(c), f"`InvalidSpec`: `{c.message}`") for c in CASES])
 
 
 def documented_rows(text: str) -> str:
     """The operator's rows as they are in the document."""
-    return "".join(m.group(0).rstrip("\n") + "\n" for m in ROW.finditer(text))
+    return table.documented_rows(text, PREFIX)
 
 
 def write_doc(path: Path = DOC) -> None:
@@ -152,13 +143,8 @@ def write_doc(path: Path = DOC) -> None:
     text = path.read_text() if path.exists() else INTRO + HEADER
     if HEADER.splitlines()[0] not in text:
         text = text.rstrip("\n") + "\n\n" + HEADER
-    first = ROW.search(text)
-    if first:
-        before, after = text[:first.start()], ROW.sub("", text[first.start():])
-        text = before + render_rows() + after
-    else:
-        text = text.rstrip("\n") + "\n" + render_rows()
-    path.write_text(text)
+    replaced = table.replace_rows(text, PREFIX, render_rows())
+    path.write_text(replaced if replaced is not None else text.rstrip("\n") + "\n" + render_rows())
 
 
 def main(path: Path = DOC) -> None:

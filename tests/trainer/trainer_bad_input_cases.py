@@ -12,15 +12,16 @@ Torch-free on purpose: `python tests/operator/bad_input_cases.py` imports it to 
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
-HEADER = "| # | area | input | what the user sees |\n|---|---|---|---|\n"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table format
+import bad_input_table as table  # noqa: E402
+from bad_input_table import DOC, HEADER  # noqa: E402
 SECTION = """## Trainer: `personalize-train`
 
 Rows `T1`, `T2`, ... are input the trainer itself refuses: what the operator cannot see from the
@@ -35,7 +36,7 @@ port another process holds. These rows are generated from
 `tests/trainer/test_bad_input.py` drives each through `personalize-train` in-process.
 
 """
-ROW = re.compile(r"^\| T\d+ \|.*\n?", flags=re.M)
+PREFIX = "T"  # the trainer's rows are numbered T1, T2, ...
 
 
 @dataclass
@@ -285,29 +286,17 @@ CASES: list[Case] = [
 # ---- the table ----------------------------------------------------------------------------------
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def render_rows() -> str:
-    rows = []
-    for number, case in enumerate(CASES, start=1):
-        seen = f"`error: {case.message}`, exit 2"
-        rows.append(f"| T{number} | {case.area} | {_cell(case.input)} | {_cell(seen)} |")
-    return "\n".join(rows) + "\n"
+    return table.render_rows(PREFIX, [(c.area, c.input, f"`error: {c.message}`, exit 2") for c in CASES])
 
 
 def documented_rows(text: str) -> str:
     """The trainer's rows as they are in the document."""
-    return "".join(m.group(0).rstrip("\n") + "\n" for m in ROW.finditer(text))
+    return table.documented_rows(text, PREFIX)
 
 
 def write_doc(path: Path = DOC) -> None:
     """Replace the trainer rows where they are, or append the trainer section; other text stays."""
     text = path.read_text()
-    first = ROW.search(text)
-    if first:
-        text = text[:first.start()] + render_rows() + ROW.sub("", text[first.start():])
-    else:
-        text = text.rstrip("\n") + "\n\n" + SECTION + HEADER + render_rows()
-    path.write_text(text)
+    replaced = table.replace_rows(text, PREFIX, render_rows())
+    path.write_text(replaced if replaced is not None else text.rstrip("\n") + "\n\n" + SECTION + HEADER + render_rows())
