@@ -148,8 +148,6 @@ def train_stage(
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
         last = checkpoints.last
         train_loss, det_loss, conv_value = last["train_loss"], last["deterministic_loss"], last["convergence_value"]
-        if step and reference is not None:
-            reason = policy.check(step)  # a checkpoint taken at the stop step (never saved today)
         checkpoints.after_step(step, reason, state, checkpoints.last)  # SIGTERM during setup: exit now
 
     while reason is None:
