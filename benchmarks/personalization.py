@@ -158,10 +158,11 @@ def evaluate(
 ) -> dict[str, float]:
     """CLIP-I and CLIP-T of the fixed evaluation sample set generated with `models` as they are."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from PIL import Image
 
     from personalize.data import fill_template
+    from personalize.pipeline_io import sampling_pipeline
     from personalize.world import concept_by_name
     from personalize.world.scoring import clip_i_score, clip_t_score
 
@@ -172,13 +173,9 @@ def evaluate(
     was_training = models.unet.training, models.text_encoder.training
     models.unet.eval()
     models.text_encoder.eval()
-    pipe = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-        scheduler=DDIMScheduler.from_config(models.sampling_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    size = models.unet.config.sample_size * (2 ** (len(models.vae.config.block_out_channels) - 1))
+    pipe = sampling_pipeline(models)
+    pipe.scheduler = DDIMScheduler.from_config(models.sampling_scheduler.config)  # 25 steps, as evaluate.py
+    size = models.unet.config.sample_size * pipe.vae_scale_factor
     all_images, clip_t = [], []
     with torch.no_grad():
         for index, template in enumerate(EVAL_TEMPLATES):
@@ -315,7 +312,6 @@ def run_task(task: Task) -> dict:
 
 def base_scores(task: Task, work: Path) -> dict[str, float]:
     """The untrained model, {token} replaced by the initializer token (the class noun)."""
-    import personalize.methods  # noqa: F401  (imported before pipeline_io: their import cycle)
     from personalize.pipeline_io import load_base_pipeline, models_of
     from personalize.spec import BaseModelSource
     from personalize.world import concept_by_name
