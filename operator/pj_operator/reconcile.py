@@ -22,7 +22,7 @@ from .kube import ApiError, Kube
 from .lifecycle import TERMINAL
 from .names import PJ_API_VERSION
 from .settings import Settings
-from .validation import validate_job
+from .validation import parse_body, validate_job
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def runs_started_spec(kube: Kube, body: dict) -> bool:
     try:
         config = kube.get("v1", "ConfigMap", namespace, names.config_map_name(name))
         started = yaml.safe_load(((config or {}).get("data") or {})[names.CONFIG_KEY])
-        current = api.parse_job({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+        current = parse_body(body)
     except (ApiError, KeyError, TypeError, yaml.YAMLError, api.SpecError):
         return False  # cannot tell: keep refusing
     return started == children.trainer_manifest(current, name, namespace)

@@ -129,12 +129,18 @@ def _check_method_sections(raw_spec: dict[str, Any], spec: api.PersonalizationJo
     return problems
 
 
+def parse_body(body: dict[str, Any]) -> api.PersonalizationJob:
+    """The API model of a body as the API server sends it (status and server fields left out);
+    raises api.SpecError."""
+    return api.parse_job({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+
+
 def validate_job(body: dict[str, Any], settings: Settings) -> Validated:
     """Parse and check a PersonalizationJob body (as received from the API server)."""
     name = body.get("metadata", {}).get("name", "")
     raw_spec = body.get("spec") or {}
     try:
-        job = api.parse_job({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+        job = parse_body(body)
     except api.SpecError as err:
         return Validated(problems=str(err).split("; "))
     problems = []
