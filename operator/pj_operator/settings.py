@@ -49,7 +49,8 @@ class Settings:
     termination_grace_period_seconds: int = 120
     # The trainer keeps serving /metrics this long after its final values (`--metrics-linger`), so
     # a PodMonitor scrape (typically every 30 s) sees the early-stop decision before the pod ends.
-    # The linger also runs after SIGTERM, so it must stay below the grace period above.
+    # A SIGTERM during that linger (a pod deleted right after it finished) does not cut it short,
+    # so it must stay below the grace period above. An interrupted run does not linger.
     trainer_metrics_linger_seconds: float = 30.0
     metrics_port: int = 8080
     health_port: int = 8081
@@ -102,7 +103,7 @@ class Settings:
         ):
             raise ValueError(
                 "PJ_TRAINER_METRICS_LINGER_SECONDS must be below PJ_TERMINATION_GRACE_PERIOD_SECONDS "
-                "(the trainer lingers after SIGTERM too, and needs time left for its checkpoint)"
+                "(a SIGTERM does not cut a finished trainer's linger short)"
             )
         if settings.poll_interval <= 0:
             raise ValueError("PJ_POLL_INTERVAL must be > 0")
