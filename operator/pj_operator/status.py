@@ -54,7 +54,8 @@ def update(kube: Kube, namespace: str, name: str,
             if not patch:
                 return obj, patch
             try:
-                kube.patch(PJ_API_VERSION, api.KIND, namespace, name, {"status": patch}, subresource="status")
+                kube.patch(PJ_API_VERSION, api.KIND, namespace, name, {"status": api.finite_or_null(patch)},
+                           subresource="status")
             except ApiError as err:
                 if err.status != 409 or attempt == CONFLICT_ATTEMPTS - 1:
                     raise

@@ -49,7 +49,7 @@ from personalize.spec import (
     TrainerReport,
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
-from personalize.status_reporter import StatusReporter, StatusReportError
+from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
 from personalize.termination import write_termination_message
 
 log = logging.getLogger("personalize")
@@ -301,6 +301,7 @@ class JobRunner:
         try:
             self._publish(final=True)
         except StatusReportError as err:
-            log.error("final status patch failed (result.json is written): %s", err)
-            return 1
+            # Finished: a rerun would only repeat it. The operator reads the termination message.
+            log.error("final status patch failed (result.json and the termination message are written): %s", err)
+            return EXIT_STATUS_UNREPORTED
         return 0
