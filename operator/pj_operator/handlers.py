@@ -63,12 +63,14 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(*PJ)
 @metrics.counting_errors("reconcile")
 def on_create_or_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    status.remember(body)
     reconcile.reconcile(memo.kube, dict(body), memo.config)
 
 
 @kopf.on.update(*PJ, field="spec")
 @metrics.counting_errors("spec_change")
 def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+    status.remember(body)
     if (body.get("status") or {}).get("jobName"):
         changed = sorted({".".join(("spec",) + tuple(d[1])) for d in diff})
         reconcile.refuse_change(memo.kube, dict(body), changed)
@@ -78,7 +80,8 @@ def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.event(*PJ)
 def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the jobs-by-phase gauge current (a cache of the watch; it decides nothing)."""
+    """Keep the jobs-by-phase gauge and the latest copy of the resource current (caches of the
+    watch; they decide nothing)."""
     memo.pump.ensure_started()
     uid = body.get("metadata", {}).get("uid", "")
     if type == "DELETED":
@@ -86,6 +89,7 @@ def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         status.forget(body["metadata"].get("namespace", ""), body["metadata"].get("name", ""))
     else:
         metrics.PHASES.observe(uid, (body.get("status") or {}).get("phase"))
+        status.remember(body)  # the latest copy: status writes then need no read
 
 
 def _owner_uid(job: kopf.Body) -> str | None:

@@ -352,8 +352,8 @@ def observe_job(job: Optional[dict], pods: list[dict], status: dict, events: Opt
     if int(job_status.get("failed") or 0) > 0 and int(job_status.get("active") or 0) > 0:
         return Observation(Phase.pending.value, "Restarting",
                            f"Job {name}: attempt {attempts} starting after {job_status['failed']} failed", **common)
-    if int(job_status.get("active") or 0) > 0:
-        return Observation(Phase.pending.value, "PodStarting", f"Job {name}: its pod is starting", **common)
+    # An active pod that is not ready yet is still "waiting for its pod": the same condition as
+    # before it existed, so no status write (the pod's own events tell its progress).
     return Observation(Phase.pending.value, JOB_CREATED, job_created_message(name), **common)
 
 
@@ -428,7 +428,9 @@ def lifecycle_patch(status: dict, obs: Observation, now: Optional[str] = None) -
     if obs.attempts is not None and status.get("attempts") != obs.attempts:
         patch["attempts"] = obs.attempts
     patch.update(obs.recovered)
-    return patch or None
+    if set(patch) <= {"startTime", "attempts"}:
+        return None  # bookkeeping alone is not worth a write: it rides along with the next transition
+    return patch
 
 
 def phase_reason(status: dict) -> tuple[Optional[str], str]:

@@ -42,9 +42,16 @@ def _phase_changed(before: dict, patch: Optional[dict]) -> bool:
     return bool(patch) and "phase" in patch and patch["phase"] != (before.get("status") or {}).get("phase")
 
 
+# Phases whose entry is an Event on the resource. Pending and Running are not: the Job and its
+# pod record their own (SuccessfulCreate, Scheduled, Pulled, Started), and the conditions keep
+# the transition times; two Events fewer per job is a fifth of its API requests.
+_EVENT_PHASES = (Phase.queued.value, Phase.succeeded.value, Phase.failed.value)
+
+
 def _transition_event(before: dict, patch: Optional[dict], reason: str, message: str) -> None:
-    """One Event per phase transition: `<Phase>/<Reason>`, a Warning when it failed."""
-    if _phase_changed(before, patch):
+    """One Event per transition into an _EVENT_PHASES phase: `<Phase>/<Reason>`, a Warning when
+    it failed."""
+    if _phase_changed(before, patch) and patch["phase"] in _EVENT_PHASES:
         failed = patch["phase"] == Phase.failed.value
         status.event(before, warning=failed, reason=f"{patch['phase']}/{reason}", message=message)
 
@@ -312,6 +319,7 @@ def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], p
     """Bring phase/conditions in line with the Job; returns the patch written (None if none).
     `events` and `limits`: also fail a job whose pod cannot start (see lifecycle.start_failure)."""
     observed: dict[str, lifecycle.Observation] = {}
+    asked = {"fresh": False}
 
     def compute(fresh: dict) -> Optional[dict]:
         nonlocal pods
@@ -321,6 +329,9 @@ def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], p
         if st.get("phase") in TERMINAL or not st.get("jobName"):
             return None
         if lifecycle.job_condition(job, "Complete") and not st.get("earlyStop") and not pods:
+            if not asked["fresh"]:
+                asked["fresh"] = True
+                raise status.Stale  # the trainer's final patch may be newer than our copy
             # Completed without the trainer's decision in status: read its termination message.
             pods = job_pods(kube, namespace, name)
         obs = lifecycle.observe_job(job, pods, st, events, limits)

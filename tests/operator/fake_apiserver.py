@@ -461,6 +461,16 @@ class StrictApiServer(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(body, status=400)
         return None
 
+    @staticmethod
+    def _bad_timeout(request: kmock.Request) -> Optional[aiohttp.web.Response]:
+        """timeoutSeconds is an integer to a real API server ("300.0" is a 400)."""
+        value = request.params.get("timeoutSeconds")
+        if value is None or value.isdigit():
+            return None
+        body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": 400,
+                "reason": "BadRequest", "message": f"timeoutSeconds: invalid value {value!r}: not an integer"}
+        return aiohttp.web.json_response(body, status=400)
+
     def _stale_resource_version(self, request: kmock.Request) -> bool:
         if request.action != kmock_enums.action.UPDATE or not isinstance(request.data, dict):
             return False
@@ -504,7 +514,7 @@ class StrictApiServer(kmock.KubernetesEmulator):
             hang = self._hang(request)
             if hang is not None:
                 await asyncio.sleep(hang)
-            fault = self._scripted_fault(request) or self._non_finite_json(request)
+            fault = self._scripted_fault(request) or self._non_finite_json(request) or self._bad_timeout(request)
             if fault is not None:
                 return fault
             if request.action == kmock_enums.action.WATCH:

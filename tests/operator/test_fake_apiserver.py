@@ -119,3 +119,10 @@ def test_stale_resource_version_in_a_patch_is_a_conflict(cluster):
                                                  "status": {"phase": "Running"}}, subresource="status")
     assert err.value.status == 409
     assert cluster.pj("x")["status"]["phase"] == "Pending"
+
+
+def test_watch_timeouts_must_be_integers(cluster):
+    with pytest.raises(ApiError) as err:
+        cluster.kube.request("GET", "/api/v1/namespaces/default/configmaps", query={"timeoutSeconds": "300.0"})
+    assert err.value.status == 400
+    assert cluster.kube.request("GET", "/api/v1/namespaces/default/configmaps", query={"timeoutSeconds": "300"})

@@ -22,7 +22,7 @@ def failed_cond(reason):
 
 @pytest.mark.parametrize("status,pods,phase,reason", [
     ({}, [], "Pending", "JobCreated"),
-    ({"active": 1}, [], "Pending", "PodStarting"),
+    ({"active": 1}, [], "Pending", "JobCreated"),
     ({"active": 1, "ready": 1, "startTime": "s"}, [], "Running", "PodRunning"),
     ({"active": 1, "failed": 1}, [], "Pending", "Restarting"),
     ({"failed": 3, "conditions": [failed_cond("BackoffLimitExceeded")]}, [], "Failed", "BackoffLimitExceeded"),
@@ -32,7 +32,7 @@ def failed_cond(reason):
          {"state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}}], "Failed", "OOMKilled"),
     # Without start limits (the Job watch, which lists no pods) a stuck pod is not judged.
     ({"active": 1}, [{"metadata": {"name": "p"}, "status": {"containerStatuses": [
-        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}], "Pending", "PodStarting"),
+        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}], "Pending", "JobCreated"),
 ])
 def test_job_state_maps_to_phase_and_reason(status, pods, phase, reason):
     obs = lifecycle.observe_job(job(status), pods, {})
