@@ -1,4 +1,4 @@
-"""Operator faults, scripted in the strict fake API server (issue 6, item 2).
+"""Operator faults, scripted in the strict fake API server.
 
 Each scenario ends with the resource in the right state and exactly one of each child:
 409 conflicts, 429/500/503 answers (our client and kopf retry with back-off), watch streams that

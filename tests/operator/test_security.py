@@ -1,4 +1,4 @@
-"""Security of what the operator creates (issue 6, item 4): the trainer pod is locked down, the
+"""Security of what the operator creates: the trainer pod is locked down, the
 trainer's Role reaches only its own resource, and credentials travel only by Secret reference."""
 
 from __future__ import annotations
