@@ -67,7 +67,7 @@ FAILURE_REASONS = (INVALID_SPEC, OOM_KILLED, DEADLINE, BACKOFF_LIMIT, JOB_LOST, 
 # retried by the kubelet and often recover (registry rate limits, blips); the others rarely do.
 _PULL_NEVER = ("InvalidImageName", "ErrImageNeverPull")  # fail at once: no retry can help
 _PULL_RETRYING = ("ImagePullBackOff", "ErrImagePull")
-_WAITING_FAILURES = {CONTAINER_CONFIG: CONTAINER_CONFIG, CONTAINER_CREATE: CONTAINER_CREATE}
+_WAITING_FAILURES = (CONTAINER_CONFIG, CONTAINER_CREATE)
 _POD_EVENT_FAILURES = (VOLUME_ATTACH, VOLUME_MOUNT)
 
 
@@ -157,7 +157,7 @@ def start_failure(job: dict, pods: list[dict], events: list[dict], limits: Start
             if reason in _PULL_NEVER or (reason in _PULL_RETRYING and age >= limits.image_pull_grace):
                 return IMAGE_PULL, f"pod {name}: {reason}: {detail}"
             if reason in _WAITING_FAILURES and age >= limits.start_failure_grace:
-                return _WAITING_FAILURES[reason], f"pod {name}: {reason}: {detail}"
+                return reason, f"pod {name}: {reason}: {detail}"
         for event in _events_about(events, "Pod", name):
             if event.get("reason") in _POD_EVENT_FAILURES and age >= limits.start_failure_grace:
                 return event["reason"], f"pod {name}: {event['reason']}: {event.get('message', '')}"
