@@ -174,7 +174,7 @@ def test_non_finite_values_are_skipped(tmp_path, capsys):
         ("[1, 2, \"x\"]", [], "item 2: expected a number"),
         ("[1, 2", [], "not valid JSON"),
         ("[1, 2, 3]", ["--criterion", "dvarx"], "unknown criterion 'dvarx'"),
-        ("[1, 2, 3]", ["--criterion", "clip"], "clip needs CLIP scores"),
+        ("[1, 2, 3]", ["--criterion", "clip"], "clip needs scores of samples"),
         ("[1, 2, 3]", ["--threshold", "-1"], "--threshold must be a positive number"),
         ("[1, 2, 3]", ["--window", "abc"], "invalid int value"),
         ("[1, 2, 3]", ["--eval-every", "0"], "--eval-every must be >= 1"),

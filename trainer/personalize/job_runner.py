@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from personalize.data import caption_templates, load_concept_examples
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, setup_identifier
-from personalize.loop import StageOutcome, train_stage
+from personalize.loop import train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
 from personalize.pipeline_io import load_base_pipeline, models_of
@@ -37,7 +37,7 @@ from personalize.plotting import plot_convergence
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
 from personalize.resume import RunCheckpoints
-from personalize.run import write_json, write_losses_csv
+from personalize.run_files import LOSSES_FILE, PLOT_FILE, RESULT_FILE, write_json, write_losses_csv
 from personalize.samples import SAMPLES_BEFORE_FILE, SAMPLES_FILE, write_samples
 from personalize.spec import (
     Artifact,
@@ -49,6 +49,7 @@ from personalize.spec import (
     TrainerReport,
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
+from personalize.stage_outcome import StageOutcome
 from personalize.status_reporter import StatusReporter, StatusReportError
 from personalize.termination import write_termination_message
 
@@ -59,10 +60,6 @@ diffusers.utils.logging.disable_progress_bar()
 diffusers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
-
-RESULT_FILE = "result.json"
-LOSSES_FILE = "losses.csv"
-PLOT_FILE = "convergence.png"
 
 
 def make_accelerator(job: PersonalizationJob) -> Accelerator:
@@ -289,11 +286,7 @@ class JobRunner:
         report = self.report
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files)
-        report.stages = [
-            {"name": o.name, "stopStep": o.stop_step, "maxSteps": o.max_steps, "reason": o.reason.value,
-             "convergenceValue": o.convergence_value, "threshold": o.threshold, "seconds": round(o.seconds, 3)}
-            for o in self.outcomes
-        ]
+        report.stages = [o.to_report() for o in self.outcomes]
         report.wall_seconds = round(time.monotonic() - self.started, 3)
         write_json(report.to_api(), output / RESULT_FILE)
         checkpoints.remove()  # the result is safe: a restart now would only redo finished work

@@ -13,7 +13,6 @@ the random streams LAST (nothing may draw a random number after them).
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,29 +35,14 @@ from personalize.checkpoint import (
     trainable_state,
 )
 from personalize.criteria import StopPolicy
+from personalize.identifier import Identifier
+from personalize.pipeline_io import Models
 from personalize.reference_batch import ReferenceBatch
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
-from personalize.spec import PersonalizationJobSpec, ReferenceInfo, StopReason
+from personalize.spec import PersonalizationJobSpec, StopReason
+from personalize.stage_outcome import StageOutcome
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-def outcome_to_json(outcome: Any) -> dict[str, Any]:
-    """A loop.StageOutcome as JSON (for the `completed_stages` of a checkpoint)."""
-    data = dataclasses.asdict(outcome)
-    data["reason"] = outcome.reason.value
-    data["reference"] = outcome.reference.model_dump(mode="json") if outcome.reference is not None else None
-    return data
-
-
-def outcome_from_json(data: dict[str, Any]) -> Any:
-    from personalize.loop import StageOutcome  # loop imports this module
-
-    fields = dict(data)
-    fields["reason"] = StopReason(fields["reason"])
-    if fields.get("reference") is not None:
-        fields["reference"] = ReferenceInfo.model_validate(fields["reference"])
-    return StageOutcome(**fields)
 
 
 @dataclass
@@ -123,7 +107,7 @@ class RunCheckpoints:
         self.resume: Optional[TrainingCheckpoint] = None
         # Shared with the JobRunner (same list objects): saved in every checkpoint.
         self.rows: list[dict] = []
-        self.completed: list[Any] = []  # StageOutcomes of the finished stages
+        self.completed: list[StageOutcome] = []  # the finished stages
         self.files: list[str] = []  # artifact files written by finished stages
         self.carry: dict[str, torch.Tensor] = {}  # what a later stage needs from an earlier one
         self.token: Optional[str] = None
@@ -140,7 +124,7 @@ class RunCheckpoints:
             )
         self.resume = ckpt
         self.rows[:] = ckpt.loss_rows
-        self.completed[:] = [outcome_from_json(o) for o in ckpt.extra.get("completed_stages", [])]
+        self.completed[:] = [StageOutcome.from_json(o) for o in ckpt.extra.get("completed_stages", [])]
         self.files[:] = ckpt.extra.get("files", [])
         self.carry = {k: v for k, v in ckpt.trainable.items() if k.startswith("stage")}
         return ckpt
@@ -151,7 +135,7 @@ class RunCheckpoints:
             ckpt = None  # the checkpoint belongs to a later stage (this one is completed) or none
         return StageCheckpoints(self, index, name, ckpt)
 
-    def apply_carry(self, models: Any, identifier: Any) -> None:
+    def apply_carry(self, models: Models, identifier: Identifier) -> None:
         """Put what earlier stages trained back into the models (a resumed run skipped those stages)."""
         rows = self.carry.get(f"stage{len(self.completed)}.identifier_rows")
         if rows is None:
@@ -235,7 +219,7 @@ class StageCheckpoints:
                 extra={
                     "stage_index": self.index,
                     "reference_evaluations": reference.evaluations if reference is not None else 0,
-                    "completed_stages": [outcome_to_json(o) for o in run.completed],
+                    "completed_stages": [o.to_json() for o in run.completed],
                     "files": run.files,
                     "last": self.last,
                 },

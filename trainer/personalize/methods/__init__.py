@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from personalize.methods.base import LEARNED_EMBEDS, Method, Models
+from personalize.criteria import stop_threshold
+from personalize.methods.base import LEARNED_EMBEDS, Method
 from personalize.methods.custom_diffusion import CustomDiffusion, load_custom_diffusion
 from personalize.methods.dreambooth import Dreambooth
 from personalize.methods.lora import Lora
@@ -20,7 +21,6 @@ from personalize.spec import Method as MethodName
 __all__ = [
     "LEARNED_EMBEDS",
     "Method",
-    "Models",
     "Stage",
     "plan_stages",
     "learns_embedding",
@@ -59,14 +59,14 @@ def plan_stages(spec: PersonalizationJobSpec) -> list[Stage]:
         max_steps=spec.max_steps,
         learning_rate=spec.learning_rate,
         window_steps=spec.window,
-        threshold=spec.threshold,
+        threshold=stop_threshold(spec),
         prior_preservation=spec.prior_preservation_enabled,
     )
     if spec.method != MethodName.ti_dreambooth:
         return [main]
     options = spec.ti_dreambooth
     es = spec.early_stopping
-    ti_threshold = options.stage1_threshold if es.criterion == CriterionName.dvar else spec.threshold
+    ti_threshold = options.stage1_threshold if es.criterion == CriterionName.dvar else stop_threshold(spec)
     textual_inversion = Stage(
         name=MethodName.textual_inversion.value,
         method_class=TextualInversion,

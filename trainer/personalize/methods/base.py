@@ -6,32 +6,25 @@ function is the one place to read what a method trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import torch
 from safetensors.torch import save_file
 
 from personalize.identifier import Identifier
+from personalize.pipeline_io import Models
 from personalize.spec import PersonalizationJobSpec
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 
 
-@dataclass
-class Models:
-    """The pipeline's parts (the loop moves them to the accelerator's device)."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    noise_scheduler: object  # DDPM-style scheduler with add_noise / get_velocity (training)
-    sampling_scheduler: object  # the pipeline's own scheduler (for samples)
-
-
 class Method:
     name: str = ""
     learns_embedding: bool = False  # needs new token rows (decided before the models are touched)
+    # Set by methods that train an embedding table of which only the identifier's rows may change
+    # (`trainable_parameters` creates it); checkpoints then save only those rows.
+    keeper: Optional["EmbeddingRowsKeeper"] = None
 
     def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier):
         self.models, self.spec, self.identifier = models, spec, identifier
