@@ -1,4 +1,5 @@
-"""The reference batch and the deterministic loss L_det (DVAR, brief section 1).
+"""The reference batch and the deterministic loss L_det of DVAR (the loss on a batch whose
+random components are drawn once and then kept fixed).
 
 At the start of training R examples (x R per sub-batch, S sub-batches) are drawn once, with a
 generator of their own, and each of the five random components of the diffusion loss is fixed:
@@ -186,13 +187,14 @@ class ReferenceBatch:
         self.evaluations += 1
         return total / self.sub_batches
 
-    # ---- resume (issue 6): the generator decides every re-sampled component ------------------
+    # ---- resume ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": self.indices, "evaluations": self.evaluations, "generator": self.generator.get_state()}
+        """What a resumed run needs besides the seed: the generator that decides every
+        re-sampled component is saved and restored with the other random streams (last)."""
+        return {"indices": list(self.indices), "evaluations": self.evaluations}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["indices"]) != self.indices:
-            raise ValueError("reference batch indices differ from the checkpoint's (different seed or images?)")
+            raise ValueError("the reference batch differs from the checkpoint's (other images or seed?)")
         self.evaluations = int(state["evaluations"])
-        self.generator.set_state(state["generator"])
