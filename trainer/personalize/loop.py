@@ -127,7 +127,7 @@ def train_stage(
     step, reason = 0, None
     train_loss = det_loss = conv_value = None
 
-    # ---- resume: continue from a checkpoint of this stage, if there is one -----------
+    # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
     keeper = method.keeper  # an embedding table of which only the identifier's rows train
     state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,

@@ -58,13 +58,13 @@ class ReferenceBatch:
         self.vae, self.tokenizer, self.scheduler = vae, tokenizer, scheduler
         self.text_encoder_trained = text_encoder_trained
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
-        self.generator = torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
+        self.generator = self._generator(seed)
         self.evaluations = 0
 
         # Draw every component once, in a fixed order, whether or not it stays fixed: the
         # reference examples (and so the held-out set) then depend on the seed only.
         g = self.generator
-        self.indices: list[int] = torch.randperm(n_images, generator=g)[:n_slots].tolist()  # == select_indices
+        self.indices: list[int] = self._draw_indices(n_images, n_slots, g)
         self.image_pool = self.indices if holdout else list(range(n_images))
         mean, std = self._posterior(self.indices)  # [S*R, C, h, w] each
         self.latent_shape = tuple(mean.shape[1:])
@@ -80,10 +80,18 @@ class ReferenceBatch:
     # ---- the sets the trainer uses ---------------------------------------------------------
 
     @staticmethod
-    def select_indices(n_images: int, n_slots: int, seed: int) -> list[int]:
+    def _generator(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
+
+    @staticmethod
+    def _draw_indices(n_images: int, n_slots: int, generator: torch.Generator) -> list[int]:
+        """The reference examples: the first draw of the reference generator."""
+        return torch.randperm(n_images, generator=generator)[:n_slots].tolist()
+
+    @classmethod
+    def select_indices(cls, n_images: int, n_slots: int, seed: int) -> list[int]:
         """The reference examples for a seed, without building the batch (other processes)."""
-        g = torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
-        return torch.randperm(n_images, generator=g)[:n_slots].tolist()
+        return cls._draw_indices(n_images, n_slots, cls._generator(seed))
 
     @staticmethod
     def training_split(examples: ConceptExamples, indices: list[int], holdout: bool) -> ConceptExamples:

@@ -1,4 +1,8 @@
-"""Checkpoint and resume plumbing between the job runner, the loop and `personalize.checkpoint`.
+"""Checkpoint and resume orchestration between the job runner, the loop and `personalize.checkpoint`.
+
+Each object saves and loads its own state (`ReferenceBatch`, `StopPolicy` with its criterion,
+`StageOutcome`, the optimizer); this module only decides when a checkpoint is written, what goes
+into it and in which order it is restored.
 
 `RunCheckpoints` (one per run, built by the JobRunner) finds the checkpoint to resume from and
 holds what the whole run shares: the loss rows, the finished stages, the identifier.

@@ -14,9 +14,9 @@ from typing import ClassVar, Optional
 import torch
 from safetensors.torch import save_file
 
+from personalize.criteria import stop_threshold
 from personalize.identifier import Identifier
 from personalize.pipeline_io import Models
-from personalize.criteria import stop_threshold
 from personalize.spec import PersonalizationJobSpec
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
