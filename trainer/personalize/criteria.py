@@ -45,6 +45,7 @@ __all__ = [
     "StopPolicy",
     "make_criterion",
     "build_criterion",
+    "criterion_class",
     "from_spec",
     "default_threshold",
     "stop_threshold",

@@ -11,6 +11,10 @@ Output directory layout:
 Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
 TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
 run.main exits 143. The next start resumes from the checkpoint.
+
+Extension points (instead of patching this module): `after_training` is called on the main
+process once the last stage is done, with the trained models in hand (`TrainedRun`);
+`sample_grids=False` skips samples_before.png and samples.png.
 """
 
 from __future__ import annotations
