@@ -403,6 +403,15 @@ def test_corrupt_only_checkpoint_is_a_clear_error_naming_the_file(tmp_path, dama
     assert str(tmp_path / "checkpoint-000001") in str(err.value)
 
 
+def test_a_checkpoint_of_another_format_version_is_refused_not_misread(tmp_path):
+    where = save_checkpoint(tmp_path, make_checkpoint())
+    manifest = json.loads((where / "manifest.json").read_text())
+    manifest["format"] = ckpt_mod.CHECKPOINT_FORMAT - 1
+    (where / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"has format {ckpt_mod.CHECKPOINT_FORMAT - 1}; this trainer reads format"):
+        load_latest_checkpoint(tmp_path)
+
+
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert load_latest_checkpoint(tmp_path / "missing") is None
     assert load_latest_checkpoint(tmp_path) is None

@@ -62,7 +62,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+# Raised whenever the layout changes: a trainer then refuses a checkpoint it cannot read, with
+# both versions in the message, instead of misreading it.
+CHECKPOINT_FORMAT = 2
 
 TRAINABLE_FILE = "trainable.safetensors"
 RNG_FILE = "rng.safetensors"
