@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from personalize.criteria import StopPolicy, make_criterion
+from personalize.criteria import StopPolicy, make_criterion, window_in_evaluations
 from personalize.data import load_concept_examples
 from personalize.errors import TrainerInputError
 from personalize.identifier import setup_identifier
-from personalize.loop import train_stage, window_in_evaluations
+from personalize.loop import train_stage
 from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import builtin_tiny_world_folder, load_base_pipeline, models_of
 from personalize.reference_batch import ReferenceBatch

@@ -241,3 +241,27 @@ def test_a_crash_mid_training_still_writes_result_json_as_failed(tiny_pipeline_d
     result = json.loads((out / "result.json").read_text())
     assert result["earlyStop"] == {"stopped": False, "reason": "Failed"}
     assert result["progress"]["step"] == 2 and "TrainingDiverged" in result["message"]
+
+
+def test_after_training_hook_gets_the_trained_models_and_the_loss_rows(tiny_pipeline_dir, concept_dir, tmp_path):
+    from personalize.job_runner import JobRunner
+    from personalize.spec import parse_job
+
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    spec["training"]["maxSteps"] = 3
+    seen = []
+
+    def after_training(trained):
+        lora = [n for n, p in trained.models.unet.named_parameters() if "lora" in n and p.requires_grad]
+        seen.append((trained.identifier_token, [r["step"] for r in trained.loss_rows], len(lora),
+                     trained.models.unet.training, [o.stop_step for o in trained.outcomes]))
+
+    job = parse_job({"apiVersion": "personalization.dvar.dev/v1alpha1", "kind": "PersonalizationJob",
+                     "metadata": {"name": "demo", "namespace": "default"}, "spec": spec})
+    out = tmp_path / "out"
+    out.mkdir()
+    assert JobRunner(job, out, after_training=after_training, sample_grids=False).execute() == 0
+    result = json.loads((out / "result.json").read_text())
+    assert seen == [(result["identifier"], [1, 2, 3], seen[0][2], False, [3])] and seen[0][2] > 0
+    written = {p.name for p in out.iterdir()}
+    assert "samples.png" not in written and "samples_before.png" not in written and "result.json" in written

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from accelerate import Accelerator
 
+from personalize.criteria import window_in_evaluations
 from personalize.data import load_concept_examples
 from personalize.identifier import setup_identifier
-from personalize.loop import train_stage, window_in_evaluations
+from personalize.loop import train_stage
 from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import load_base_pipeline, models_of
 from personalize.spec import parse_spec

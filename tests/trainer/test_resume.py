@@ -1,4 +1,4 @@
-"""Preemption end to end (issue 6): the real `personalize-train` CLI is SIGTERMed in the middle of
+"""Preemption end to end: the real `personalize-train` CLI is SIGTERMed in the middle of
 a run, exits 143 with a checkpoint, and the same command resumes it. The resumed run must equal
 an uninterrupted run of the same seed: losses.csv identical row for row (tolerance 0: on one CPU
 process the resume is bit-exact, DVAR's window sums included), the same stop step, the same

@@ -1,6 +1,6 @@
 """The concept's unique identifier: rare tokens of the vocabulary (`token: auto`) or the user's token.
 
-DreamBooth (seed 001) binds the concept to rare tokens: for CLIP's BPE vocabulary the merge rank
+DreamBooth (Ruiz et al., 2022) binds the concept to rare tokens: for CLIP's BPE vocabulary the merge rank
 is the frequency proxy (a later merge, i.e. a higher id, is rarer). We take the highest-id
 plain word tokens (`[a-z]{1,3}</w>`, like "sks"), decode them to text and keep only those whose
 text tokenizes back to exactly the same ids.

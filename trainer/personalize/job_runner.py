@@ -11,6 +11,10 @@ Output directory layout:
 Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
 TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
 run.main exits 143. The next start resumes from the checkpoint.
+
+Extension points (instead of patching this module): `after_training` is called on the main
+process once the last stage is done, with the trained models in hand (`TrainedRun`);
+`sample_grids=False` skips samples_before.png and samples.png.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import diffusers
 import torch
@@ -29,15 +34,15 @@ from accelerate import Accelerator
 from personalize.data import caption_templates, load_concept_examples
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, setup_identifier
-from personalize.loop import StageOutcome, train_stage
+from personalize.loop import train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
-from personalize.pipeline_io import load_base_pipeline, models_of
+from personalize.pipeline_io import Models, load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
 from personalize.resume import RunCheckpoints
-from personalize.run import write_json, write_losses_csv
+from personalize.run_files import LOSSES_FILE, PLOT_FILE, RESULT_FILE, write_json, write_losses_csv
 from personalize.samples import SAMPLES_BEFORE_FILE, SAMPLES_FILE, write_samples
 from personalize.spec import (
     Artifact,
@@ -49,6 +54,7 @@ from personalize.spec import (
     TrainerReport,
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
+from personalize.stage_outcome import StageOutcome
 from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
 from personalize.termination import write_termination_message
 
@@ -60,9 +66,21 @@ diffusers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-RESULT_FILE = "result.json"
-LOSSES_FILE = "losses.csv"
-PLOT_FILE = "convergence.png"
+
+@dataclass
+class TrainedRun:
+    """What `JobRunner.after_training` hooks receive: the trained models, still in memory and in
+    eval mode, with what the run recorded (main process only, before the final sample grid)."""
+
+    models: Models
+    identifier_token: str
+    resolution: int
+    device: torch.device
+    loss_rows: list[dict]
+    outcomes: list[StageOutcome]
+
+
+AfterTraining = Callable[[TrainedRun], None]
 
 
 def make_accelerator(job: PersonalizationJob) -> Accelerator:
@@ -100,8 +118,15 @@ class JobRunner:
         metrics_port: Optional[int] = None,
         metrics_linger: float = 0.0,
         shutdown: Optional[GracefulShutdown] = None,
+        after_training: Optional[AfterTraining] = None,
+        sample_grids: bool = True,
     ):
+        """`after_training` is called once the last stage is done, with the models in hand (e.g. a
+        benchmark scores them without reloading the artifacts); `sample_grids=False` skips
+        samples_before.png and samples.png."""
         self.job, self.spec, self.output = job, job.spec, output
+        self.after_training = after_training
+        self.sample_grids = sample_grids
         self.metrics_port = metrics_port
         self.metrics_linger = metrics_linger
         self.shutdown = shutdown  # SIGTERM -> checkpoint + TrainingInterrupted (None: no signal handling)
@@ -173,13 +198,13 @@ class JobRunner:
             linger = False  # the grace period is for the checkpoint, not for a last scrape
             if main_process:
                 self.report.message = f"{stop}; a restarted trainer resumes from the checkpoint"
-                self._write_last_report()
+                self._write_final_report()
             raise
         except Exception as err:  # a crash mid-training: still leave result.json and the status
             if main_process:
                 self.report.message = f"{type(err).__name__}: {err}"
                 self.report.early_stop = EarlyStop(stopped=False, reason=StopReason.failed)
-                self._write_last_report()
+                self._write_final_report()
             raise
         finally:
             if linger:
@@ -190,14 +215,21 @@ class JobRunner:
             if self.reporter is not None:
                 self.reporter.close()
 
-    def _write_last_report(self) -> None:
-        """result.json, the termination message and a final status patch of an unfinished run."""
+    def _write_final_report(self, checkpoints: Optional[RunCheckpoints] = None) -> bool:
+        """result.json, the termination message and the final status patch, for a finished, an
+        interrupted or a failed run alike. With `checkpoints` (a finished run) they are removed
+        once result.json is safe. False when the status patch failed (result.json is written)."""
+        self.report.wall_seconds = round(time.monotonic() - self.started, 3)
         write_json(self.report.to_api(), self.output / RESULT_FILE)
+        if checkpoints is not None:
+            checkpoints.remove()  # a restart now would only redo finished work
         write_termination_message(self.report)
         try:
             self._publish(final=True)
-        except StatusReportError:
-            pass
+        except StatusReportError as err:
+            log.error("final status patch failed (result.json and the termination message are written): %s", err)
+            return False
+        return True
 
     def _train_and_save(self) -> int:
         spec, output = self.spec, self.output
@@ -231,7 +263,7 @@ class JobRunner:
             exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
         )
         self.report.identifier = identifier.token
-        # Resume (issue 6): the checkpoint's run state (loss rows, finished stages and their
+        # Resume: the checkpoint's run state (loss rows, finished stages and their
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
         checkpoints = RunCheckpoints(spec, output, accelerator, self.shutdown)
         self.rows, self.outcomes, self.files = checkpoints.rows, checkpoints.completed, checkpoints.files
@@ -246,8 +278,9 @@ class JobRunner:
             spec.method.value, len(examples), resolution, identifier.token, len(self.stages),
         )
 
-        if accelerator.is_main_process and not (output / SAMPLES_BEFORE_FILE).exists():  # kept across a resume
-            write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_BEFORE_FILE)
+        before = output / SAMPLES_BEFORE_FILE
+        if self.sample_grids and accelerator.is_main_process and not before.exists():  # kept across a resume
+            write_samples(spec, models, identifier.token, resolution, device, before)
 
         offset = 0
         for index, stage in enumerate(self.stages):
@@ -284,24 +317,15 @@ class JobRunner:
         )
         models.unet.eval()
         models.text_encoder.eval()
-        write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
+        if self.after_training is not None:
+            self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
+        if self.sample_grids:
+            write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
 
         report = self.report
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files)
-        report.stages = [
-            {"name": o.name, "stopStep": o.stop_step, "maxSteps": o.max_steps, "reason": o.reason.value,
-             "convergenceValue": o.convergence_value, "threshold": o.threshold, "seconds": round(o.seconds, 3)}
-            for o in self.outcomes
-        ]
-        report.wall_seconds = round(time.monotonic() - self.started, 3)
-        write_json(report.to_api(), output / RESULT_FILE)
-        checkpoints.remove()  # the result is safe: a restart now would only redo finished work
-        write_termination_message(report)
-        try:
-            self._publish(final=True)
-        except StatusReportError as err:
-            # Finished: a rerun would only repeat it. The operator reads the termination message.
-            log.error("final status patch failed (result.json and the termination message are written): %s", err)
-            return EXIT_STATUS_UNREPORTED
-        return 0
+        report.stages = [o.to_report() for o in self.outcomes]
+        # Finished either way. Unreported: a rerun would only repeat it; the operator reads the
+        # result from the termination message instead.
+        return 0 if self._write_final_report(checkpoints) else EXIT_STATUS_UNREPORTED

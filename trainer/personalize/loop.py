@@ -9,7 +9,7 @@ Randomness: the training batches come from their own generator; the reference ba
 With several processes (accelerate, one per GPU), the reference batch and the criterion live
 on the main process, which broadcasts the stop decision so that all processes stop together.
 
-Preemption (issue 6): `checkpoints` (resume.py) restores a stage from its checkpoint before the
+Preemption: `checkpoints` (resume.py) restores a stage from its checkpoint before the
 first step and, after each step, saves one every checkpointEvery steps or on SIGTERM.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -25,14 +24,16 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from personalize.clip_check import ClipCheck
-from personalize.criteria import StopPolicy, make_criterion
+from personalize.criteria import StopPolicy, from_spec, window_in_evaluations
 from personalize.data import ConceptExamples
 from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
 from personalize.identifier import Identifier
-from personalize.methods import Method, Models, Stage
+from personalize.methods import Method, Stage
+from personalize.pipeline_io import Models
 from personalize.reference_batch import ReferenceBatch
 from personalize.resume import StageCheckpoints, TrainState
-from personalize.spec import CriterionName, PersonalizationJobSpec, ReferenceInfo, StopReason
+from personalize.stage_outcome import StageOutcome
+from personalize.spec import CriterionName, PersonalizationJobSpec
 
 WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 
@@ -40,29 +41,17 @@ WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 StepCallback = Callable[[int, float, Optional[float], Optional[float], float], None]
 
 
-@dataclass
-class StageOutcome:
-    name: str
-    max_steps: int
-    stop_step: int
-    reason: StopReason
-    criterion: str
-    window_evaluations: int
-    threshold: float
-    train_loss: Optional[float]
-    deterministic_loss: Optional[float]
-    convergence_value: Optional[float]
-    reference: Optional[ReferenceInfo]
-    seconds: float
-
-
 class TrainingDiverged(RuntimeError):
     pass
 
 
-def window_in_evaluations(window_steps: int, eval_every: int) -> int:
-    """A window of `window_steps` training steps holds ceil(window_steps / evalEvery) evaluations."""
-    return max(2, -(-window_steps // eval_every))
+def process_seed(seed: int, process_index: int, stage_index: int) -> int:
+    """The seed of one process's random streams in one stage.
+
+    Distinct large primes keep the (process, stage) streams apart for any small user seed, so
+    two processes never draw the same batches and stage 2 does not replay stage 1's draws.
+    """
+    return seed + 7919 * process_index + 104729 * stage_index
 
 
 def train_stage(
@@ -84,7 +73,8 @@ def train_stage(
     # ---- method: what is trained -------------------------------------------------------------
     # Adapter initialisation (LoRA's A matrices) and dropout draw from the global RNGs: seed them,
     # or two runs of the same seed (or a run and its resumption) train different weights.
-    set_seed(training.seed + 7919 * accelerator.process_index + 104729 * stage_index)
+    seed = process_seed(training.seed, accelerator.process_index, stage_index)
+    set_seed(seed)
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -122,26 +112,24 @@ def train_stage(
         indices = ReferenceBatch.select_indices(len(examples), n_slots, training.seed)
         train_examples = ReferenceBatch.training_split(examples, indices, es.holdout)
     window = window_in_evaluations(stage.window_steps, es.eval_every)
-    options = {"eval_every": es.eval_every} if es.criterion == CriterionName.trend else {}
+    criterion = from_spec(spec, stage.window_steps, stage.threshold)
     clip_check = None
-    if es.criterion == CriterionName.clip:  # the paper's baseline: CLIP-I of samples, not L_det
-        options = {"patience": es.clip.patience, "epsilon": es.clip.epsilon, "every_steps": es.clip.every_steps}
-        if accelerator.is_main_process:
-            clip_check = ClipCheck(spec, identifier.token, examples.files, examples.images.shape[-1])
-    criterion = make_criterion(es.criterion.value, window, stage.threshold, **options)
+    if es.criterion == CriterionName.clip and accelerator.is_main_process:
+        # the paper's baseline: the criterion consumes CLIP-I of samples, not L_det
+        clip_check = ClipCheck(spec, identifier.token, examples.files, examples.images.shape[-1])
     policy = StopPolicy(criterion, stage.max_steps, min(training.min_steps, stage.max_steps))
 
     # ---- the loop ----------------------------------------------------------------------------
-    generator = torch.Generator().manual_seed(training.seed + 7919 * accelerator.process_index + 104729 * stage_index)
+    generator = torch.Generator().manual_seed(seed)
     num_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
     prior_weight = spec.prior_preservation.prior_loss_weight
     use_prior = stage.prior_preservation and class_examples is not None
     step, reason = 0, None
     train_loss = det_loss = conv_value = None
 
-    # ---- resume (issue 6): continue from a checkpoint of this stage, if there is one -----------
+    # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
-    keeper = getattr(method, "keeper", None)  # an embedding table of which only the identifier's rows train
+    keeper = method.keeper  # an embedding table of which only the identifier's rows train
     state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
                        trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None)
     if checkpoints is not None:

@@ -28,13 +28,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-from personalize.criteria import StopPolicy, _json_float, default_threshold, make_criterion
+from personalize.criteria import (
+    CRITERIA,
+    StopPolicy,
+    _json_float,
+    build_criterion,
+    default_threshold,
+    window_in_evaluations,
+)
 from personalize.spec import METHOD_DEFAULTS, Method
 
 PROG = "personalize-train replay"
-# Criteria that make sense on a loss series (clip needs CLIP scores; none never stops).
-REPLAYABLE = ("dvar", "ema", "hall", "trend", "none")
-DEFAULT_SET = ("dvar", "ema", "hall", "trend")
+# Criteria that run on a loss series; by default replay compares those that can stop early.
+REPLAYABLE = tuple(name for name, criterion in CRITERIA.items() if criterion.replayable)
+DEFAULT_SET = tuple(name for name in REPLAYABLE if CRITERIA[name].stops_early)
 
 
 class ReplayError(Exception):
@@ -197,11 +204,10 @@ def replay_one(
     method: Method,
     last_step: int,
 ) -> dict[str, Any]:
-    window_evals = max(2, math.ceil(window_steps / eval_every))
+    window_evals = window_in_evaluations(window_steps, eval_every)
     if threshold is None:
         threshold = default_threshold(name, METHOD_DEFAULTS[method].threshold)
-    opts: dict[str, Any] = {"eval_every": eval_every} if name == "trend" else {}
-    criterion = make_criterion(name, window_evals, threshold, **opts)
+    criterion = build_criterion(name, window_steps, eval_every, threshold)
     # max_steps is irrelevant to "where would the criterion stop": set it beyond the series.
     policy = StopPolicy(criterion, max_steps=max(last_step, min_steps) + 1, min_steps=min_steps)
     step, value = stop_step(points, policy, last_step)
@@ -221,7 +227,7 @@ def replay_one(
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.criterion is not None and args.criterion not in REPLAYABLE:
-        hint = " (clip needs CLIP scores, not a loss series)" if args.criterion == "clip" else ""
+        hint = f" ({args.criterion} needs scores of samples, not a loss series)" if args.criterion in CRITERIA else ""
         raise ReplayError(f"unknown criterion {args.criterion!r}{hint}; choose one of {', '.join(REPLAYABLE)}")
     if args.window is not None and args.window < 1:
         raise ReplayError(f"--window must be >= 1 step, got {args.window}")

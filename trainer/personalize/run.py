@@ -11,12 +11,9 @@ finished but could not write its final status exits 3 (status_reporter.EXIT_STAT
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 from personalize.errors import TrainerInputError
@@ -26,7 +23,6 @@ from personalize.spec import SpecError, load_job
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-LOSSES_HEADER = ("step", "train_loss", "deterministic_loss", "convergence_value")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -64,18 +60,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (TrainerInputError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def write_losses_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(LOSSES_HEADER)
-        for row in rows:
-            writer.writerow(["" if row.get(k) is None else row[k] for k in LOSSES_HEADER])
-
-
-def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-

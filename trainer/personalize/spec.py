@@ -96,8 +96,8 @@ def finite_or_null(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-method defaults. Published settings (DVAR paper, arXiv 2302.04841, and seed 000 [0130]) are
-# for Stable Diffusion 1.5 with evaluation every step; step budgets follow the original methods.
+# Per-method defaults. Published settings (the DVAR paper, arXiv 2302.04841) are for
+# Stable Diffusion 1.5 with evaluation every step; step budgets follow the original methods.
 # --------------------------------------------------------------------------------------------
 
 
@@ -124,19 +124,11 @@ METHOD_DEFAULTS: dict[Method, MethodDefaults] = {
     Method.custom_diffusion: MethodDefaults(
         max_steps=500, learning_rate=1e-5, window=180, threshold=0.15, prior_preservation=False
     ),
-    # Stage 2 of TI-then-DreamBooth is a DreamBooth fine-tune without prior preservation (seed 004).
+    # TI-then-DreamBooth: stage 2 fine-tunes the UNet like DreamBooth, without prior preservation.
     Method.ti_dreambooth: MethodDefaults(
         max_steps=1000, learning_rate=2e-6, window=440, threshold=0.4, prior_preservation=False
     ),
 }
-
-# Default thresholds of the non-DVAR criteria (not published; see docs/criteria.md).
-CRITERION_DEFAULT_THRESHOLDS: dict[CriterionName, float] = {
-    CriterionName.ema: 0.01,
-    CriterionName.hall: 0.1,
-    CriterionName.trend: 1e-4,
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Spec
@@ -454,18 +446,6 @@ class PersonalizationJobSpec(ApiModel):
     def window(self) -> int:
         """Criterion window in training steps."""
         return self.early_stopping.window or self.defaults.window
-
-    @property
-    def threshold(self) -> float:
-        es = self.early_stopping
-        if es.threshold is not None:
-            return es.threshold
-        return CRITERION_DEFAULT_THRESHOLDS.get(es.criterion, self.defaults.threshold)
-
-    @property
-    def window_evaluations(self) -> int:
-        """The window in evaluations: the same span of training steps whatever evalEvery is."""
-        return max(2, -(-self.window // self.early_stopping.eval_every))
 
     @property
     def initializer_token(self) -> Optional[str]:
