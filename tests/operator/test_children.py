@@ -72,9 +72,11 @@ def test_job_resources_scheduling_and_retries():
 def test_operator_default_resources_apply_only_when_the_job_sets_none():
     settings = Settings(default_cpu="8", default_memory="32Gi")
     job = children.job(parsed(), "cat", "team-a", settings)
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "32Gi",
+                                                                                   "ephemeral-storage": "50Gi"}
     job = children.job(parsed(resources={"memory": "4Gi"}), "cat", "team-a", settings)
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "4Gi"}
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "4Gi",
+                                                                                   "ephemeral-storage": "50Gi"}
 
 
 def test_pod_is_locked_down_with_writable_scratch_only():

@@ -162,6 +162,31 @@ def test_status_reports_progress_and_a_final_decision_equal_to_result_json(
     assert final[0] == result and final[0]["earlyStop"]["reason"] == "MaxSteps"
 
 
+def test_a_failed_final_status_patch_keeps_the_result_and_exits_3(tiny_pipeline_dir, concept_dir, tmp_path,
+                                                                 monkeypatch):
+    import personalize.job_runner as job_runner
+    from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReportError
+    from pj_operator.names import EXIT_STATUS_UNREPORTED as OPERATOR_EXPECTS
+
+    class DownAtTheEnd(RecordingReporter):
+        def report(self, report, final=False):
+            if final:
+                raise StatusReportError("status patch failed after 6 attempt(s): HTTP 503")
+            super().report(report, final)
+
+    monkeypatch.setattr(job_runner.StatusReporter, "from_env", classmethod(lambda cls: DownAtTheEnd()))
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv("PJ_TERMINATION_LOG", str(termination_log))
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    out = tmp_path / "out"
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == EXIT_STATUS_UNREPORTED
+    assert EXIT_STATUS_UNREPORTED == OPERATOR_EXPECTS == 3
+    result = json.loads((out / "result.json").read_text())
+    assert result["earlyStop"]["reason"] == "MaxSteps"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads(termination_log.read_text())["earlyStop"] == result["earlyStop"]
+
+
 def test_status_reporter_without_cluster_access_is_a_clear_error(tiny_pipeline_dir, concept_dir, tmp_path,
                                                                  monkeypatch, capsys):
     monkeypatch.setenv("PJ_NAMESPACE", "default")

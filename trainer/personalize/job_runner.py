@@ -55,7 +55,7 @@ from personalize.spec import (
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.stage_outcome import StageOutcome
-from personalize.status_reporter import StatusReporter, StatusReportError
+from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
 from personalize.termination import write_termination_message
 
 log = logging.getLogger("personalize")
@@ -227,7 +227,7 @@ class JobRunner:
         try:
             self._publish(final=True)
         except StatusReportError as err:
-            log.error("final status patch failed (result.json is written): %s", err)
+            log.error("final status patch failed (result.json and the termination message are written): %s", err)
             return False
         return True
 
@@ -326,4 +326,6 @@ class JobRunner:
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files)
         report.stages = [o.to_report() for o in self.outcomes]
-        return 0 if self._write_final_report(checkpoints) else 1
+        # Finished either way. Unreported: a rerun would only repeat it; the operator reads the
+        # result from the termination message instead.
+        return 0 if self._write_final_report(checkpoints) else EXIT_STATUS_UNREPORTED

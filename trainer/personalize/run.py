@@ -4,7 +4,8 @@ Writes into DIR: the method's artifact(s), `losses.csv`, `convergence.png`, `sam
 `result.json` (the trainer's status fields, `TrainerReport.to_api()`); serves /metrics while
 running and patches the resource's status when the environment names it (PJ_NAMESPACE/PJ_NAME).
 Bad input ends with one line `error: ...` on stderr and exit code 2. SIGTERM/SIGINT: the run
-saves a checkpoint after the current step and exits 143; the same command resumes it.
+saves a checkpoint after the current step and exits 143; the same command resumes it. A run that
+finished but could not write its final status exits 3 (status_reporter.EXIT_STATUS_UNREPORTED).
 """
 
 from __future__ import annotations

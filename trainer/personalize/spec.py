@@ -10,6 +10,7 @@ This module must stay torch-free: the operator image imports it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -78,8 +79,20 @@ class ApiModel(BaseModel):
     )
 
     def to_api(self) -> dict[str, Any]:
-        """The wire form: camelCase keys, enums as strings, unset optionals dropped."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The wire form: camelCase keys, enums as strings, unset optionals dropped, and every
+        number finite or null (NaN and Infinity are not JSON: an API server refuses them)."""
+        return finite_or_null(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float, however deeply nested, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +371,8 @@ class Resources(ApiModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: Optional[str] = None
+    affinity: Optional[dict[str, Any]] = Field(
+        None, description="The trainer pod's affinity (a Kubernetes Affinity object), passed through.")
 
 
 class PersonalizationJobSpec(ApiModel):
@@ -375,6 +390,9 @@ class PersonalizationJobSpec(ApiModel):
     output: Output = Field(default_factory=Output)
     resources: Resources = Field(default_factory=Resources)
     image: Optional[str] = Field(None, description="Trainer image override (default: the operator's setting).")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets to pull the trainer image with, besides the operator's own.")
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the trainer pod.")
     queue_name: Optional[str] = Field(None, description="Kueue LocalQueue; the Job then starts suspended.")
     active_deadline_seconds: Optional[int] = Field(None, ge=1)
     backoff_limit: int = Field(2, ge=0, le=100)
