@@ -184,6 +184,7 @@ class PodContainer:
         config = oci_config(base, image, self.pod_spec, self.container, self.host, rootfs,
                             hostname=self.container.get("name", "pod"))
         self.host.termination_log.touch()
+        self.host.termination_log.chmod(0o666)  # as the kubelet leaves it, so non-root containers can write it
         (self.bundle / "config.json").write_text(json.dumps(config, indent=1))
         self._log = self.log_path.open("wb")
         self._process = subprocess.Popen([RUNTIME, "run", "--bundle", str(self.bundle), self.id],

@@ -10,7 +10,8 @@
 3. The trainer image, as the pod of that Job (its command, env, uid, read-only root, the
    ConfigMap at /etc/personalization/job.yaml, the output claim at /output, the concept claim
    read-only), on one tiny-world Textual Inversion job; the same kubeconfig lets it patch the
-   resource's status. Exit code 0 and result.json are checked.
+   resource's status (and OMP_NUM_THREADS=1 is added: CI's cores are shared). Exit code 0,
+   result.json, the artifact and the termination message are checked.
 4. This script plays the Job controller and kubelet around it (pod running, Job complete with the
    trainer's termination message); the operator must report Succeeded with the trainer's
    early-stop decision, and stop cleanly on SIGTERM. No request may break the API's schemas.
@@ -216,6 +217,10 @@ def run_trainer(cluster: FakeCluster, job: dict, claims: dict[str, Path], work: 
     for key, text in config_map["data"].items():
         (config_dir / key).write_text(text)
     pod, container = with_kubeconfig(pod, container, claims["kubeconfig"])
+    # One torch thread: on CI's 2 shared cores, two threads spinning at each barrier make every
+    # step several times slower (the test suite runs one thread for the same reason). A node
+    # would give the pod the CPUs it requests.
+    container["env"].append({"name": "OMP_NUM_THREADS", "value": "1"})
     host = HostVolumes(config_maps={config_map["metadata"]["name"]: config_dir}, claims=claims,
                        termination_log=work / "trainer.termination-log")
     cluster.start_pod(names.job_name(PJ_NAME))
@@ -232,6 +237,7 @@ def run_trainer(cluster: FakeCluster, job: dict, claims: dict[str, Path], work: 
     stop = result["earlyStop"]
     check(stop["reason"] == "ConvergenceThreshold", f"the trainer did not stop by convergence: {stop}")
     check((output / "learned_embeds.safetensors").exists(), "no learned_embeds.safetensors in the output")
+    check(message.strip(), "the trainer wrote no termination message")
     check(json.loads(message).get("earlyStop") == stop, f"termination message differs from result.json: {message!r}")
     say(f"job in the trainer image: {stop['reason']} at step {stop['step']} of {result['progress']['maxSteps']}, "
         f"exit 0, uid {pod['securityContext']['runAsUser']}, read-only root, config at "
