@@ -100,9 +100,13 @@ build_opts=(--isolation chroot --layers=false --build-arg "PYTHON_IMAGE=$BASE" -
 build_opts+=(-v "$WORK/pip.conf:/etc/pip.conf:ro")
 [ -f /etc/ssl/certs/ca-certificates.crt ] && build_opts+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
 [ -d /opt/wheels ] && build_opts+=(-v /opt/wheels:/opt/wheels:ro)
-build() {  # build TARGET IMAGE [extra buildah options]
-  local target=$1 image=$2; shift 2
+build() {  # build TARGET IMAGE [extra buildah options]; the image it replaces is removed
+  local target=$1 image=$2 previous; shift 2
+  previous=$(buildah images -q "$image" 2>/dev/null || true)
   (cd "$ROOT" && buildah bud "${build_opts[@]}" "$@" --target "$target" -t "$image" .)
+  if [ -n "$previous" ] && [ "$previous" != "$(buildah images -q "$image")" ]; then
+    buildah rmi "$previous" || true  # still in use by a container: left for the next run
+  fi
 }
 timed "operator image built" "$WORK/operator-build.log" build operator "$OPERATOR_IMAGE"
 timed "CPU trainer image built" "$WORK/trainer-build.log" \
