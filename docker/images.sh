@@ -92,7 +92,8 @@ fi
 
 # ---- 2. Both images, from the Dockerfile ---------------------------------------------------
 # pip inside the build uses this machine's package index settings (CA bundle, local wheel folder
-# with the CPU torch), mounted for the build only: nothing of it stays in the images.
+# with the CPU torch), mounted for the build only. What stays in the images is their empty mount
+# points (/etc/pip.conf, /opt/wheels): buildah 1.28 leaves them, a docker build would not.
 build_opts=(--isolation chroot --layers=false --build-arg "PYTHON_IMAGE=$BASE" --build-arg "TRAINER_BASE_IMAGE=$BASE")
 { echo "[global]"
   [ -f /etc/ssl/certs/ca-certificates.crt ] && echo "cert = /etc/ssl/certs/ca-certificates.crt"
