@@ -246,11 +246,7 @@ class JobRunner:
             models.unet.enable_gradient_checkpointing()
         self.stages = plan_stages(spec)
 
-        class_examples = None
-        if any(stage.prior_preservation for stage in self.stages):
-            with accelerator.main_process_first():
-                class_examples = prepare_class_images(spec, models, output, resolution, device)
-
+        # The identifier first: a token the method cannot use fails before any class image is made.
         concept = spec.concept
         self.identifier = identifier = setup_identifier(
             models.tokenizer,
@@ -261,7 +257,13 @@ class JobRunner:
             num_vectors=spec.textual_inversion.num_vectors,
             initializer=spec.initializer_token,
             exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            method=spec.method.value,
         )
+        class_examples = None
+        if any(stage.prior_preservation for stage in self.stages):
+            with accelerator.main_process_first():
+                class_examples = prepare_class_images(spec, models, output, resolution, device)
+
         self.report.identifier = identifier.token
         # Resume: the checkpoint's run state (loss rows, finished stages and their
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
