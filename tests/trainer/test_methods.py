@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
-from personalize.data import load_concept_examples
+from personalize.data import examples_of
 from personalize.identifier import setup_identifier
 from personalize.loop import train_stage
 from personalize.methods import learns_embedding, load_custom_diffusion, plan_stages
@@ -40,7 +40,7 @@ def train(spec_dict, base_pipe):
         models.tokenizer, models.text_encoder, spec.concept.token, learns_embedding=learns_embedding(spec),
         num_vectors=spec.textual_inversion.num_vectors, initializer=spec.initializer_token,
     )
-    examples = load_concept_examples(spec.concept, identifier.text, 32)
+    examples = examples_of(spec, identifier.text, 32)
     before = snapshot(models)
     accelerator = Accelerator(cpu=True)
     methods, outcomes = [], []
