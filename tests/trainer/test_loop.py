@@ -73,3 +73,27 @@ def test_gradient_checkpointing_recomputes_activations_and_changes_no_result(tin
     assert losses == pytest.approx(plain_losses, rel=1e-5)
     for (name, p), q in zip(models.unet.named_parameters(), plain.unet.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def gradient_norms_at_each_step(monkeypatch) -> list[float]:
+    """The global norm of the gradients AdamW applies, recorded at every optimizer step."""
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return norms
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tiny_pipeline_dir, concept_dir, monkeypatch):
+    norms = gradient_norms_at_each_step(monkeypatch)
+    train_dreambooth(tiny_pipeline_dir, concept_dir, maxGradNorm=0)
+    unclipped, norms[:] = list(norms), []
+    train_dreambooth(tiny_pipeline_dir, concept_dir, maxGradNorm=0.05)
+    assert len(norms) == len(unclipped) == 3
+    assert max(unclipped) > 0.05  # so clipping had something to do
+    assert all(n <= 0.05 * (1 + 1e-4) for n in norms), norms
