@@ -141,13 +141,13 @@ class MethodDefaults(BaseModel):
     # Inversion flips half of the images (flip_p=0.5) and crops the center; DreamBooth, LoRA and
     # Custom Diffusion take a random square crop and do not flip.
     flip_probability: float = 0.0
-    crop: str = "random"
+    crop: Crop = Crop.random
 
 
 METHOD_DEFAULTS: dict[Method, MethodDefaults] = {
     Method.textual_inversion: MethodDefaults(
         max_steps=6100, learning_rate=5e-3, window=310, threshold=0.15, prior_preservation=False,
-        flip_probability=0.5, crop="center",
+        flip_probability=0.5, crop=Crop.center,
     ),
     Method.dreambooth: MethodDefaults(
         max_steps=1000, learning_rate=5e-6, window=440, threshold=0.4, prior_preservation=True
@@ -536,7 +536,7 @@ class PersonalizationJobSpec(ApiModel):
 
     @property
     def crop(self) -> Crop:
-        return self.training.augmentation.crop or Crop(self.defaults.crop)
+        return self.training.augmentation.crop or self.defaults.crop
 
 
 class ObjectMeta(BaseModel):
