@@ -31,7 +31,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 
-from personalize.data import caption_templates, load_concept_examples
+from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, setup_identifier
 from personalize.loop import train_stage
@@ -240,17 +240,9 @@ class JobRunner:
         for module in (models.unet, models.vae, models.text_encoder):
             module.to(device)
         resolution = spec.training.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        if spec.training.gradient_checkpointing and device.type == "cpu":
-            log.warning("training.gradientCheckpointing is ignored on CPU")
-        elif spec.training.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
         self.stages = plan_stages(spec)
 
-        class_examples = None
-        if any(stage.prior_preservation for stage in self.stages):
-            with accelerator.main_process_first():
-                class_examples = prepare_class_images(spec, models, output, resolution, device)
-
+        # The identifier first: a token the method cannot use fails before any class image is made.
         concept = spec.concept
         self.identifier = identifier = setup_identifier(
             models.tokenizer,
@@ -260,8 +252,14 @@ class JobRunner:
             num_identifier_tokens=concept.num_identifier_tokens,
             num_vectors=spec.textual_inversion.num_vectors,
             initializer=spec.initializer_token,
-            exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            method=spec.method.value,
         )
+        class_examples = None
+        if any(stage.prior_preservation for stage in self.stages):
+            with accelerator.main_process_first():
+                class_examples = prepare_class_images(spec, models, output, resolution, device)
+
         self.report.identifier = identifier.token
         # Resume: the checkpoint's run state (loss rows, finished stages and their
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
@@ -272,7 +270,7 @@ class JobRunner:
         if resume is not None:
             log.info("resuming from %s (stage %s, step %d; read in %.3f s)",
                      resume.path, resume.stage, resume.step, time.monotonic() - loading)
-        examples = load_concept_examples(concept, identifier.text, resolution)
+        examples = examples_of(spec, identifier.text, resolution)
         log.info(
             "method %s: %d concept images at %dpx, identifier %r, %d stage(s)",
             spec.method.value, len(examples), resolution, identifier.token, len(self.stages),

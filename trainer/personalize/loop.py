@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
 
 from personalize.clip_check import ClipCheck
 from personalize.criteria import StopPolicy, from_spec, window_in_evaluations
@@ -54,6 +55,14 @@ def process_seed(seed: int, process_index: int, stage_index: int) -> int:
     return seed + 7919 * process_index + 104729 * stage_index
 
 
+def enable_gradient_checkpointing(models: Models, text_encoder_trained: bool) -> None:
+    """Recompute activations in the backward pass instead of keeping them (less memory, more
+    compute): the UNet always (it is in every backward pass), the text encoder when it trains."""
+    models.unet.enable_gradient_checkpointing()
+    if text_encoder_trained:
+        models.text_encoder.activation_checkpointing_enable()
+
+
 def train_stage(
     stage: Stage,
     spec: PersonalizationJobSpec,
@@ -82,7 +91,12 @@ def train_stage(
         dtype = torch.float32 if any(p.requires_grad for p in module.parameters()) else weight_dtype
         if module.dtype != dtype:
             module.to(dtype=dtype)  # frozen parts in half precision on GPU, trained ones in fp32
+    if training.gradient_checkpointing:
+        enable_gradient_checkpointing(models, method.text_encoder_trained)
     optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
+    # One schedule step per training step (not per micro-batch or process), over the stage's budget.
+    lr_schedule = get_scheduler(training.lr_scheduler.value, optimizer,
+                                num_warmup_steps=training.lr_warmup_steps, num_training_steps=stage.max_steps)
     *prepared, optimizer = accelerator.prepare(*modules, optimizer)
     wrapped = {id(m): p for m, p in zip(modules, prepared)}
     unet = wrapped.get(id(models.unet), models.unet)
@@ -131,7 +145,8 @@ def train_stage(
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
     keeper = method.keeper  # an embedding table of which only the identifier's rows train
     state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
-                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None)
+                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None,
+                       lr_schedule=lr_schedule)
     if checkpoints is not None:
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
         last = checkpoints.last
@@ -164,9 +179,14 @@ def train_stage(
                 else:
                     loss = per_example.mean()
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm > 0:
+                    if keeper is not None:
+                        keeper.drop_frozen_gradients()  # the norm of what trains, not of rows reset anyway
+                    accelerator.clip_grad_norm_(method.parameters, training.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
+        lr_schedule.step()
         method.after_optimizer_step()
         train_loss = sum(losses) / len(losses)
         if not math.isfinite(train_loss):

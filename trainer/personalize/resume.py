@@ -55,6 +55,7 @@ class TrainState:
     # identifier's rows; the others are reset after every step). Only those rows and their
     # optimizer moments are saved: a few KB instead of three copies of the whole table.
     trained_rows: Optional[tuple[torch.nn.Parameter, list[int]]] = None
+    lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # where the learning rate is in its schedule
 
     def rows_view(self) -> TrainedRows:
         param, rows = self.trained_rows
@@ -131,6 +132,8 @@ class StageCheckpoints:
             trainable, optimizer = state.rows_view().expand(trainable, optimizer)
         load_trainable_state(state.modules, trainable)
         state.optimizer.load_state_dict(optimizer)
+        if state.lr_schedule is not None and "lr_schedule" in ckpt.extra:
+            state.lr_schedule.load_state_dict(ckpt.extra["lr_schedule"])
         if state.reference is not None:  # the main process
             try:
                 state.reference.load_state_dict(ckpt.reference)
@@ -187,7 +190,7 @@ class StageCheckpoints:
                     "completed_stages": [o.to_json() for o in run.completed],
                     "files": run.files,
                     "last": self.last,
-                },
+                } | ({"lr_schedule": state.lr_schedule.state_dict()} if state.lr_schedule is not None else {}),
             ))
         accelerator.wait_for_everyone()
         return path
