@@ -34,12 +34,16 @@ class Lora(Method):
     def save(self, output_dir: Path) -> list[str]:
         unet = self.models.unet
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        metadata = unet.peft_config["default"].to_dict()
+        # peft keeps target_modules as a set, whose order changes from one process to the next:
+        # sorted, the same weights always give the same file (a resumed run's is byte-identical).
+        metadata["target_modules"] = sorted(metadata["target_modules"])
         # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a
         # stock `load_lora_weights` infers alpha = rank, i.e. scale 1.0 instead of alpha / rank.
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
             unet_lora_layers=layers,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=metadata,
             weight_name=LORA_WEIGHTS,
             safe_serialization=True,
         )
