@@ -51,6 +51,7 @@ from personalize.spec import (
     EarlyStop,
     PersonalizationJob,
     Progress,
+    RunResult,
     StopReason,
     TrainerReport,
 )
@@ -212,17 +213,15 @@ class JobRunner:
             if self.reporter is not None:
                 self.reporter.close()
 
-    def _run_setup(self) -> dict:
-        """What result.json records besides the status fields: how the run actually computed."""
-        accelerator = self.accelerator
-        return {"mixedPrecision": accelerator.mixed_precision, "processes": accelerator.num_processes}
-
     def _write_final_report(self, checkpoints: Optional[RunCheckpoints] = None) -> bool:
         """result.json, the termination message and the final status patch, for a finished, an
         interrupted or a failed run alike. With `checkpoints` (a finished run) they are removed
         once result.json is safe. False when the status patch failed (result.json is written)."""
         self.report.wall_seconds = round(time.monotonic() - self.started, 3)
-        write_json(self.report.to_api() | self._run_setup(), self.output / RESULT_FILE)
+        accelerator = self.accelerator
+        result = RunResult(**dict(self.report), mixed_precision=accelerator.mixed_precision,
+                           processes=accelerator.num_processes)
+        write_json(result.to_api(), self.output / RESULT_FILE)
         if checkpoints is not None:
             checkpoints.remove()  # a restart now would only redo finished work
         write_termination_message(self.report)
