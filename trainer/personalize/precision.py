@@ -21,13 +21,10 @@ CPU run really computes in fp16 instead of silently training in fp32.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
 from accelerate import Accelerator
-
-log = logging.getLogger("personalize")
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
