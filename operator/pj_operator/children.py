@@ -235,6 +235,8 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             "--metrics-port", str(names.METRICS_PORT),
             # Keep /metrics up after the final values so a scrape sees the early-stop decision.
             "--metrics-linger", _seconds(settings.trainer_metrics_linger_seconds),
+            # one data-parallel process per GPU of the pod
+            *(["--num-processes", str(spec.resources.gpus)] if spec.resources.gpus > 1 else []),
         ],
         "env": [
             {"name": "PJ_NAMESPACE", "value": namespace},

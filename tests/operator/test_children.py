@@ -43,6 +43,12 @@ def test_job_runs_the_trainer_contract():
     assert pod["restartPolicy"] == "Never"
 
 
+def test_several_gpus_run_one_data_parallel_process_each():
+    command = build_job(resources={"gpus": 4})["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--num-processes") + 1] == "4"
+    assert "--num-processes" not in build_job(resources={"gpus": 1})["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
 def test_metrics_linger_is_an_operator_setting_below_the_grace_period():
     settings = Settings.from_env({"PJ_TRAINER_METRICS_LINGER_SECONDS": "2.5"})
     pod = children.job(parsed(), "cat", "team-a", settings)["spec"]["template"]["spec"]

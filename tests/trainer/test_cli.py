@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from personalize.run import main
-from personalize.spec import TrainerReport
+from personalize.spec import RunResult
 
 from conftest import job_spec
 
@@ -57,7 +57,8 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     assert all(r["train_loss"] for r in rows)
 
     result = json.loads((out / "result.json").read_text())
-    TrainerReport.model_validate(result)  # the status shape, camelCase on the wire
+    RunResult.model_validate(result)  # the status shape, camelCase on the wire, plus how it computed
+    assert result["mixedPrecision"] == "no" and result["processes"] == 1
     assert result["identifier"].startswith("<")
     assert result["reference"] == {"size": 2, "subBatches": 1, "indices": result["reference"]["indices"],
                                    "holdout": True, "fixed": "11111", "evalEvery": 2}
@@ -159,6 +160,7 @@ def test_status_reports_progress_and_a_final_decision_equal_to_result_json(
     assert len(final) == 1 and reporter.closed
     result = json.loads((out / "result.json").read_text())
     result.pop("wallSeconds"), final[0].pop("wallSeconds")
+    assert result.pop("mixedPrecision") == "no" and result.pop("processes") == 1  # result.json only
     assert final[0] == result and final[0]["earlyStop"]["reason"] == "MaxSteps"
 
 

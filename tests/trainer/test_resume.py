@@ -23,7 +23,7 @@ import yaml
 
 from personalize.criteria import make_criterion
 from personalize.run import main
-from personalize.spec import TrainerReport
+from personalize.spec import RunResult, TrainerReport
 from personalize.termination import MAX_BYTES, compact_report, write_termination_message
 
 
@@ -123,7 +123,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(method, concept_dir, tm
     if method == "textualInversion":  # only the identifier's rows of the table (and their moments)
         assert (checkpoint / "trainable.safetensors").stat().st_size < 10_000
         assert (checkpoint / "optimizer.pt").stat().st_size < 20_000
-    partial = TrainerReport.model_validate_json((resumed / "result.json").read_text())
+    partial = RunResult.model_validate_json((resumed / "result.json").read_text())
     assert partial.early_stop is None and "interrupted by SIGTERM" in partial.message
     assert partial.progress.step == interrupted_at
     termination = TrainerReport.model_validate_json((tmp_path / "interrupted.termination").read_text())

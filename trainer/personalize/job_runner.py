@@ -39,6 +39,7 @@ from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
 from personalize.pipeline_io import Models, load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
+from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
 from personalize.resume import RunCheckpoints
@@ -50,6 +51,7 @@ from personalize.spec import (
     EarlyStop,
     PersonalizationJob,
     Progress,
+    RunResult,
     StopReason,
     TrainerReport,
 )
@@ -83,13 +85,9 @@ class TrainedRun:
 AfterTraining = Callable[[TrainedRun], None]
 
 
-def make_accelerator(job: PersonalizationJob) -> Accelerator:
+def make_job_accelerator(job: PersonalizationJob) -> Accelerator:
     training = job.spec.training
-    mixed_precision = training.mixed_precision.value
-    if mixed_precision != "no" and not torch.cuda.is_available():
-        log.warning("training.mixedPrecision=%s is ignored on CPU (training in fp32)", mixed_precision)
-        mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=training.gradient_accumulation_steps)
+    return make_accelerator(training.mixed_precision.value, training.gradient_accumulation_steps)
 
 
 def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
@@ -179,7 +177,7 @@ class JobRunner:
     def execute(self) -> int:
         spec = self.spec
         namespace, name = self._names()
-        self.accelerator = make_accelerator(self.job)
+        self.accelerator = make_job_accelerator(self.job)
         main_process = self.accelerator.is_main_process  # only it reports, serves and writes files
         try:
             self.reporter = StatusReporter.from_env() if main_process else None
@@ -220,7 +218,10 @@ class JobRunner:
         interrupted or a failed run alike. With `checkpoints` (a finished run) they are removed
         once result.json is safe. False when the status patch failed (result.json is written)."""
         self.report.wall_seconds = round(time.monotonic() - self.started, 3)
-        write_json(self.report.to_api(), self.output / RESULT_FILE)
+        accelerator = self.accelerator
+        result = RunResult(**dict(self.report), mixed_precision=accelerator.mixed_precision,
+                           processes=accelerator.num_processes)
+        write_json(result.to_api(), self.output / RESULT_FILE)
         if checkpoints is not None:
             checkpoints.remove()  # a restart now would only redo finished work
         write_termination_message(self.report)

@@ -30,7 +30,8 @@ from personalize.data import ConceptExamples
 from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
 from personalize.identifier import Identifier
 from personalize.methods import Method, Stage
-from personalize.pipeline_io import Models
+from personalize.pipeline_io import Models, load_base_pipeline, models_of
+from personalize.precision import cast_for_training, is_full_precision, restore_full_precision, weight_dtype
 from personalize.reference_batch import ReferenceBatch
 from personalize.resume import StageCheckpoints, TrainState
 from personalize.stage_outcome import StageOutcome
@@ -86,11 +87,8 @@ def train_stage(
     set_seed(seed)
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (models.unet, models.vae, models.text_encoder):
-        dtype = torch.float32 if any(p.requires_grad for p in module.parameters()) else weight_dtype
-        if module.dtype != dtype:
-            module.to(dtype=dtype)  # frozen parts in half precision on GPU, trained ones in fp32
+    # frozen weights in the half dtype, trained ones in fp32 (precision.py states the rule)
+    cast_for_training((models.unet, models.vae, models.text_encoder), method.parameters, weight_dtype(accelerator))
     if training.gradient_checkpointing:
         enable_gradient_checkpointing(models, method.text_encoder_trained)
     optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
@@ -164,7 +162,7 @@ def train_stage(
                     class_images, class_captions = class_examples.sample(training.batch_size, generator)
                     images, captions = torch.cat([images, class_images]), captions + class_captions
                 with torch.no_grad():
-                    latents = sample_latents(models.vae, images.to(device), generator)  # [B',4,h,w]
+                    latents = sample_latents(models.vae, images.to(device), generator).float()  # [B',4,h,w] fp32
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
                 timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
                 with accelerator.autocast():
@@ -189,6 +187,8 @@ def train_stage(
         lr_schedule.step()
         method.after_optimizer_step()
         train_loss = sum(losses) / len(losses)
+        if accelerator.num_processes > 1:  # the reported loss is the mean over every process's batch
+            train_loss = float(accelerator.reduce(torch.tensor([train_loss], device=device), reduction="mean")[0])
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at step {step} of stage {stage.name}")
 
@@ -200,7 +200,8 @@ def train_stage(
                 conv_step = policy.update(det_step) if clip_check is None else None
                 det_loss = det_step
             if clip_check is not None and step % es.clip.every_steps == 0:
-                conv_step = policy.update(clip_check.score(models))
+                with accelerator.autocast():  # the frozen weights are in the half dtype here
+                    conv_step = policy.update(clip_check.score(models))
             conv_value = conv_step if conv_step is not None else conv_value
             reason = policy.check(step)
         if accelerator.num_processes > 1:
@@ -210,6 +211,8 @@ def train_stage(
             last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             checkpoints.after_step(step, reason, state, last)
 
+    seconds = time.monotonic() - started
+    full_precision(models, spec)
     return StageOutcome(
         name=stage.name,
         max_steps=stage.max_steps,
@@ -222,5 +225,15 @@ def train_stage(
         deterministic_loss=det_loss,
         convergence_value=conv_value,
         reference=reference.info() if reference is not None else None,
-        seconds=time.monotonic() - started,
+        seconds=seconds,
     ), method
+
+
+def full_precision(models: Models, spec: PersonalizationJobSpec) -> None:
+    """After a mixed-precision stage: every weight fp32 again, the frozen ones re-read from the
+    base model, so samples, class images and artifacts all come from one fp32 model."""
+    parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+    if is_full_precision(parts.values()):
+        return
+    base = models_of(load_base_pipeline(spec.base_model))
+    restore_full_precision(parts, {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder})

@@ -630,6 +630,13 @@ class TrainerReport(ApiModel):
     message: Optional[str] = None
 
 
+class RunResult(TrainerReport):
+    """result.json: the status fields plus how the run computed (these two are not in the status)."""
+
+    mixed_precision: Optional[MixedPrecision] = Field(None, description="The precision actually used.")
+    processes: Optional[int] = Field(None, ge=1, description="Data-parallel processes that trained.")
+
+
 class PersonalizationJobStatus(TrainerReport):
     # `extra=allow`: kopf keeps its own bookkeeping under status too.
     model_config = ConfigDict(extra="allow")
