@@ -209,15 +209,20 @@ def main(argv: list[str] | None = None) -> int:
             "max_steps": args.max_steps,
             "rounds": args.rounds,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-            "methods": {m: measure(m, concept_dir, args, Path(tmp)) for m in args.methods},
+            "methods": {},
         }
-    report["wall_seconds"] = round(time.monotonic() - started, 1)
-    out = Path(args.output)
+        for method in args.methods:  # the files are rewritten after each method: a cut-short run keeps whole methods
+            report["methods"][method] = measure(method, concept_dir, args, Path(tmp))
+            report["wall_seconds"] = round(time.monotonic() - started, 1)
+            write_report(report, Path(args.output))
+    print(markdown(report))
+    return 0
+
+
+def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "tracking_cost.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":
