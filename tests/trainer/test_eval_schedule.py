@@ -63,7 +63,7 @@ def test_next_evaluation_is_dense_at_the_start_then_at_most_doubles():
 
 def test_defaults_scale_with_the_window():
     assert default_max_gap(310) == 31 and default_max_gap(60) == 6 and default_max_gap(5) == 1
-    assert dense_start(310) == 51 and dense_start(3) == 1
+    assert dense_start(310) == 10 and dense_start(3) == 1
 
 
 def test_the_spec_chooses_the_schedule():

@@ -36,7 +36,7 @@ FAR = 6.0  # at or above (or undefined): evaluate every max_gap steps
 MEASUREMENTS_PER_WINDOW = 10
 # The first steps are evaluated one by one: there the loss moves fastest, and when they leave the
 # criterion's window (one window later) its value usually drops steeply.
-DENSE_START_FRACTION = 6  # the first window // 6 steps
+DENSE_START_FRACTION = 30  # the first window // 30 steps
 
 
 def default_max_gap(window_steps: int) -> int:
