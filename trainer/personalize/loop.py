@@ -1,8 +1,8 @@
 """The training loop of one stage, top to bottom.
 
     setup method -> reference batch + criterion -> for each step: sample a batch, diffusion loss
-    (+ prior loss), backward, optimizer step -> every evalEvery steps L_det and the criterion ->
-    stop at convergence (after minSteps) or maxSteps.
+    (+ prior loss), backward, optimizer step -> L_det when the evaluation schedule says so
+    (eval_schedule.py) and the criterion -> stop at convergence (after minSteps) or maxSteps.
 
 Randomness: the training batches come from their own generator; the reference batch has its own
 (see reference_batch.py), so how often L_det is evaluated never changes the training itself.
@@ -28,6 +28,7 @@ from personalize.clip_check import ClipCheck
 from personalize.criteria import StopPolicy, from_spec, window_in_evaluations
 from personalize.data import ConceptExamples
 from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
+from personalize.eval_schedule import schedule_from_spec
 from personalize.identifier import Identifier
 from personalize.methods import Method, Stage
 from personalize.pipeline_io import Models, load_base_pipeline, models_of
@@ -123,8 +124,9 @@ def train_stage(
     else:
         indices = ReferenceBatch.select_indices(len(examples), n_slots, training.seed)
         train_examples = ReferenceBatch.training_split(examples, indices, es.holdout)
-    window = window_in_evaluations(stage.window_steps, es.eval_every)
+    window = window_in_evaluations(stage.window_steps, es.criterion_spacing)
     criterion = from_spec(spec, stage.window_steps, stage.threshold)
+    schedule = schedule_from_spec(es, stage.threshold, stage.window_steps)  # when L_det is evaluated
     clip_check = None
     if es.criterion == CriterionName.clip and accelerator.is_main_process:
         # the paper's baseline: the criterion consumes CLIP-I of samples, not L_det
@@ -144,7 +146,7 @@ def train_stage(
     keeper = method.keeper  # an embedding table of which only the identifier's rows train
     state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
                        trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None,
-                       lr_schedule=lr_schedule)
+                       lr_schedule=lr_schedule, schedule=schedule)
     if checkpoints is not None:
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
         last = checkpoints.last
@@ -194,11 +196,11 @@ def train_stage(
 
         det_step = conv_step = None
         if reference is not None:
-            if step % es.eval_every == 0:
+            if schedule.due(step):
                 with accelerator.autocast():
                     det_step = reference.deterministic_loss(models.unet, models.text_encoder)
-                conv_step = policy.update(det_step) if clip_check is None else None
                 det_loss = det_step
+            conv_step = schedule.observe(step, det_step, policy if clip_check is None else None)
             if clip_check is not None and step % es.clip.every_steps == 0:
                 with accelerator.autocast():  # the frozen weights are in the half dtype here
                     conv_step = policy.update(clip_check.score(models))

@@ -91,6 +91,13 @@ class Crop(str, Enum):
     random = "random"
 
 
+class EvalSchedule(str, Enum):
+    """When the deterministic loss is evaluated (see docs/criteria.md)."""
+
+    fixed = "fixed"
+    adaptive = "adaptive"
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -401,7 +408,19 @@ class EarlyStopping(ApiModel):
         "the last `window` steps, i.e. ceil(window / evalEvery) evaluations. Default: per method.",
     )
     threshold: Optional[float] = Field(None, gt=0.0, le=1e6, description="Default: per criterion/method.")
-    eval_every: int = Field(1, ge=1, le=100_000, description="Evaluate the deterministic loss every N steps.")
+    eval_every: int = Field(
+        1, ge=1, le=100_000, description="Evaluate the deterministic loss every N steps (evalSchedule fixed)."
+    )
+    eval_schedule: EvalSchedule = Field(
+        EvalSchedule.fixed,
+        description="fixed: every evalEvery steps. adaptive: densely at the start, every maxEvalGap steps while "
+        "the convergence value is far from the threshold, every step once it is near; the criterion then sees "
+        "one value per training step, interpolated linearly between evaluations.",
+    )
+    max_eval_gap: Optional[int] = Field(
+        None, ge=1, le=100_000, description="Adaptive schedule: the most steps between two evaluations. "
+        "Default: the window / 10.",
+    )
     reference_batch_size: int = Field(4, ge=1, le=256)
     reference_sub_batches: int = Field(
         1, ge=1, le=64, description="Accumulate this many reference batches per evaluation."
@@ -409,6 +428,12 @@ class EarlyStopping(ApiModel):
     fixed: FixedComponents = Field(default_factory=FixedComponents)
     holdout: bool = Field(False, description="Exclude the reference examples from the training set.")
     clip: ClipCriterion = Field(default_factory=ClipCriterion)
+
+    @property
+    def criterion_spacing(self) -> int:
+        """Training steps per value the criterion consumes: evalEvery, or 1 for the adaptive
+        schedule (which feeds one value per step)."""
+        return 1 if self.eval_schedule == EvalSchedule.adaptive else self.eval_every
 
 
 class Validation(ApiModel):
