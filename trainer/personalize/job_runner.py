@@ -37,7 +37,7 @@ from personalize.identifier import Identifier, setup_identifier
 from personalize.loop import train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
-from personalize.pipeline_io import Models, load_base_pipeline, models_of
+from personalize.pipeline_io import Models, default_resolution, load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
@@ -235,15 +235,15 @@ class JobRunner:
         spec, output = self.spec, self.output
         accelerator = self.accelerator
         device = accelerator.device
-        pipe = load_base_pipeline(spec.base_model)
-        models = models_of(pipe)
-        for module in (models.unet, models.vae, models.text_encoder):
+        pipe = load_base_pipeline(spec.base_model, spec)
+        models = models_of(pipe, spec)
+        for module in models.modules():
             module.to(device)
-        resolution = spec.training.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        resolution = spec.training.resolution or default_resolution(pipe)
         if spec.training.gradient_checkpointing and device.type == "cpu":
             log.warning("training.gradientCheckpointing is ignored on CPU")
         elif spec.training.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
+            models.denoiser.enable_gradient_checkpointing()
         self.stages = plan_stages(spec)
 
         class_examples = None
@@ -315,8 +315,8 @@ class JobRunner:
             self.rows, early_stop.threshold, early_stop.step if len(self.stages) == 1 else offset, output / PLOT_FILE,
             title=f"{spec.method.value} / {early_stop.criterion.value}",
         )
-        models.unet.eval()
-        models.text_encoder.eval()
+        for module in models.modules():
+            module.eval()
         if self.after_training is not None:
             self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
         if self.sample_grids:

@@ -30,6 +30,7 @@ from personalize.diffusion import diffusion_loss, encode_captions, sample_latent
 from personalize.identifier import Identifier
 from personalize.methods import Method, Stage
 from personalize.pipeline_io import Models
+from personalize.prompt_cache import PromptCache
 from personalize.reference_batch import ReferenceBatch
 from personalize.resume import StageCheckpoints, TrainState
 from personalize.stage_outcome import StageOutcome
@@ -78,14 +79,14 @@ def train_stage(
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (models.unet, models.vae, models.text_encoder):
+    for module in models.modules():
         dtype = torch.float32 if any(p.requires_grad for p in module.parameters()) else weight_dtype
         if module.dtype != dtype:
             module.to(dtype=dtype)  # frozen parts in half precision on GPU, trained ones in fp32
     optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
     *prepared, optimizer = accelerator.prepare(*modules, optimizer)
     wrapped = {id(m): p for m, p in zip(modules, prepared)}
-    unet = wrapped.get(id(models.unet), models.unet)
+    denoiser = wrapped.get(id(models.denoiser), models.denoiser)
     text_encoder = wrapped.get(id(models.text_encoder), models.text_encoder)
     for module in modules:
         module.train()
@@ -101,9 +102,7 @@ def train_stage(
             fixed=es.fixed,
             holdout=es.holdout,
             seed=training.seed,
-            vae=models.vae,
-            tokenizer=models.tokenizer,
-            scheduler=models.noise_scheduler,
+            models=models,
             text_encoder_trained=method.text_encoder_trained,
             eval_every=es.eval_every,
         )
@@ -121,16 +120,21 @@ def train_stage(
 
     # ---- the loop ----------------------------------------------------------------------------
     generator = torch.Generator().manual_seed(seed)
-    num_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
     prior_weight = spec.prior_preservation.prior_loss_weight
     use_prior = stage.prior_preservation and class_examples is not None
+    prompts = None
+    if not method.text_encoder_trained:  # frozen: each caption is encoded once
+        prompts = PromptCache(models)
+        prompts.warm(train_examples.captions + (class_examples.captions if use_prior else []))
+        if training.offload_text_encoders:
+            prompts.offload_text_encoders()
     step, reason = 0, None
     train_loss = det_loss = conv_value = None
 
     # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
     keeper = method.keeper  # an embedding table of which only the identifier's rows train
-    state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
+    state = TrainState({"unet": models.denoiser, "text_encoder": models.text_encoder, **models.extra_text_encoders}, optimizer, generators, policy, reference,
                        trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None)
     if checkpoints is not None:
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
@@ -151,12 +155,14 @@ def train_stage(
                 with torch.no_grad():
                     latents = sample_latents(models.vae, images.to(device), generator)  # [B',4,h,w]
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
+                timesteps = models.family.draw_timesteps(models, latents.shape[0], generator).to(device)
                 with accelerator.autocast():
-                    with torch.set_grad_enabled(method.text_encoder_trained):
-                        embeddings = encode_captions(models.tokenizer, text_encoder, captions, device)
+                    if prompts is not None:
+                        embeddings = prompts(captions, device)
+                    else:
+                        embeddings = encode_captions(models, text_encoder, captions, device)
                     per_example = diffusion_loss(
-                        unet, models.noise_scheduler, latents, noise, timesteps, embeddings, reduction="none"
+                        denoiser, models, latents, noise, timesteps, embeddings, reduction="none"
                     )  # [B']
                 if use_prior:
                     instance, prior = per_example.chunk(2)
@@ -176,7 +182,7 @@ def train_stage(
         if reference is not None:
             if step % es.eval_every == 0:
                 with accelerator.autocast():
-                    det_step = reference.deterministic_loss(models.unet, models.text_encoder)
+                    det_step = reference.deterministic_loss(models.denoiser, models.text_encoder)
                 conv_step = policy.update(det_step) if clip_check is None else None
                 det_loss = det_step
             if clip_check is not None and step % es.clip.every_steps == 0:

@@ -1,14 +1,13 @@
-"""LoRA: low-rank adapters (peft) on the UNet's attention projections; the base weights stay frozen."""
+"""LoRA: low-rank adapters (peft) on the denoiser's attention projections (the UNet of SD/SDXL,
+the transformer of SD3/FLUX.1); the base weights stay frozen. The default target modules are
+the model family's (those of diffusers' LoRA scripts)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from personalize.methods.base import Method
 
@@ -24,18 +23,16 @@ class Lora(Method):
             r=options.rank,
             lora_alpha=options.alpha or options.rank,
             init_lora_weights="gaussian",  # A gaussian, B zero: training starts at the base model
-            target_modules=list(options.target_modules),
+            target_modules=list(options.target_modules or self.models.family.lora_target_modules),
         )
-        self.models.unet.add_adapter(config)
+        self.models.denoiser.add_adapter(config)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for name, p in self.models.unet.named_parameters() if "lora_" in name]
+        return [p for name, p in self.models.denoiser.named_parameters() if "lora_" in name]
 
     def save(self, output_dir: Path) -> list[str]:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True
-        )
+        family = self.models.family
+        family.save_lora(output_dir, LORA_WEIGHTS, family.lora_layers(self.models.denoiser))
         files = [LORA_WEIGHTS]
         if self.identifier.added:
             # A user-given token is a new word: ship its (initial) embedding so prompts can use it.
