@@ -192,3 +192,28 @@ def test_flux_lora_resume_after_sigterm_gives_the_same_run(family_dirs, concept_
     assert b["earlyStop"] == a["earlyStop"]
     name = "pytorch_lora_weights.safetensors"
     assert (resumed / name).read_bytes() == (straight / name).read_bytes()
+
+
+def test_frozen_text_encoders_encode_each_caption_once(family_dirs, concept_dir, monkeypatch):
+    """The prompt cache (what makes offloading T5 possible) gives the same conditioning as encoding
+    the batch directly, and encodes every distinct caption once."""
+    from personalize.prompt_cache import PromptCache
+    from personalize.spec import parse_spec
+
+    folder = family_dirs["flux"]()
+    spec = parse_spec(job(folder, concept_dir, "flux")["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    calls = []
+    real = models.family.encode_prompts
+    monkeypatch.setattr(models.family, "encode_prompts", lambda m, te, captions, d: calls.append(list(captions)) or real(m, te, captions, d))
+    cache = PromptCache(models)
+    cache.warm(["a photo of lun", "lun on a table"])
+    cache.offload_text_encoders()
+    batch = ["lun on a table", "a photo of lun", "lun on a table"]
+    got = cache(batch, "cpu")
+    assert calls == [["a photo of lun", "lun on a table"]]
+    with torch.no_grad():
+        want = real(models, models.text_encoder, batch, "cpu")
+    for name, tensor in want.tensors.items():
+        torch.testing.assert_close(got[name], tensor)
+    assert all(next(e.parameters()).device.type == "cpu" for e in models.text_encoders)

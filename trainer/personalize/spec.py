@@ -157,7 +157,11 @@ def _check_relative_path(path: str) -> str:
 class BaseModelSource(ApiModel):
     """Where the pretrained pipeline comes from: exactly one of path, hubId, builtin."""
 
-    path: Optional[str] = Field(None, description="Folder of a diffusers pipeline (on a mounted volume).")
+    path: Optional[str] = Field(
+        None,
+        description="Folder of a diffusers pipeline (on a mounted volume). Its family, from model_index.json: "
+        "Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX.1 (docs/trainer.md: which methods run on which).",
+    )
     claim_name: Optional[str] = Field(
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
