@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from personalize.data import load_concept_examples
+from personalize.data import Augment, load_concept_examples
 from personalize.errors import TrainerInputError
 from personalize.pipeline_io import models_of
 from personalize.reference_batch import ReferenceBatch
@@ -153,3 +153,16 @@ def test_v_prediction_target(models, examples):
         examples, size=2, seed=0, text_encoder_trained=False, models=dataclasses.replace(models, noise_scheduler=v_scheduler),
     ).deterministic_loss(models.unet, models.text_encoder)
     assert v != eps
+
+
+def test_augmentation_never_reaches_the_reference_batch(models, examples, concept_dir):
+    """Flipping every training image changes the batches training draws, not L_det."""
+    concept = Concept.model_validate({"images": {"path": str(concept_dir)}, "classNoun": "triangle",
+                                      "captions": ["{token} on a table", "a picture of a {token} thing", "{token}"]})
+    augmented = load_concept_examples(concept, "lun", 32, augment=Augment(flip=1.0, random_crop=True))
+    plain_ref, augmented_ref = make(models, examples, size=3), make(models, augmented, size=3)
+    assert torch.equal(plain_ref._latents_cache, augmented_ref._latents_cache)
+    loss = plain_ref.deterministic_loss(models.unet, models.text_encoder)
+    assert augmented_ref.deterministic_loss(models.unet, models.text_encoder) == loss
+    assert not torch.equal(augmented.sample(3, torch.Generator().manual_seed(0))[0],
+                           examples.sample(3, torch.Generator().manual_seed(0))[0])

@@ -603,7 +603,7 @@ def build_criterion(
 def from_spec(spec: PersonalizationJobSpec, window_steps: int, threshold: float) -> Criterion:
     """The criterion a training stage uses (a stage has its own window and threshold)."""
     es = spec.early_stopping
-    return build_criterion(es.criterion, window_steps, es.eval_every, threshold, es)
+    return build_criterion(es.criterion, window_steps, es.criterion_spacing, threshold, es)
 
 
 class StopPolicy:

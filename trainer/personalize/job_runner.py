@@ -31,7 +31,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 
-from personalize.data import caption_templates, load_concept_examples
+from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, setup_identifier
 from personalize.loop import train_stage
@@ -39,6 +39,7 @@ from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
 from personalize.pipeline_io import Models, default_resolution, load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
+from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
 from personalize.resume import RunCheckpoints
@@ -50,12 +51,13 @@ from personalize.spec import (
     EarlyStop,
     PersonalizationJob,
     Progress,
+    RunResult,
     StopReason,
     TrainerReport,
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.stage_outcome import StageOutcome
-from personalize.status_reporter import StatusReporter, StatusReportError
+from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
 from personalize.termination import write_termination_message
 
 log = logging.getLogger("personalize")
@@ -83,13 +85,9 @@ class TrainedRun:
 AfterTraining = Callable[[TrainedRun], None]
 
 
-def make_accelerator(job: PersonalizationJob) -> Accelerator:
+def make_job_accelerator(job: PersonalizationJob) -> Accelerator:
     training = job.spec.training
-    mixed_precision = training.mixed_precision.value
-    if mixed_precision != "no" and not torch.cuda.is_available():
-        log.warning("training.mixedPrecision=%s is ignored on CPU (training in fp32)", mixed_precision)
-        mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=training.gradient_accumulation_steps)
+    return make_accelerator(training.mixed_precision.value, training.gradient_accumulation_steps)
 
 
 def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
@@ -179,7 +177,7 @@ class JobRunner:
     def execute(self) -> int:
         spec = self.spec
         namespace, name = self._names()
-        self.accelerator = make_accelerator(self.job)
+        self.accelerator = make_job_accelerator(self.job)
         main_process = self.accelerator.is_main_process  # only it reports, serves and writes files
         try:
             self.reporter = StatusReporter.from_env() if main_process else None
@@ -220,14 +218,17 @@ class JobRunner:
         interrupted or a failed run alike. With `checkpoints` (a finished run) they are removed
         once result.json is safe. False when the status patch failed (result.json is written)."""
         self.report.wall_seconds = round(time.monotonic() - self.started, 3)
-        write_json(self.report.to_api(), self.output / RESULT_FILE)
+        accelerator = self.accelerator
+        result = RunResult(**dict(self.report), mixed_precision=accelerator.mixed_precision,
+                           processes=accelerator.num_processes)
+        write_json(result.to_api(), self.output / RESULT_FILE)
         if checkpoints is not None:
             checkpoints.remove()  # a restart now would only redo finished work
         write_termination_message(self.report)
         try:
             self._publish(final=True)
         except StatusReportError as err:
-            log.error("final status patch failed (result.json is written): %s", err)
+            log.error("final status patch failed (result.json and the termination message are written): %s", err)
             return False
         return True
 
@@ -240,17 +241,9 @@ class JobRunner:
         for module in models.modules():
             module.to(device)
         resolution = spec.training.resolution or default_resolution(pipe)
-        if spec.training.gradient_checkpointing and device.type == "cpu":
-            log.warning("training.gradientCheckpointing is ignored on CPU")
-        elif spec.training.gradient_checkpointing:
-            models.denoiser.enable_gradient_checkpointing()
         self.stages = plan_stages(spec)
 
-        class_examples = None
-        if any(stage.prior_preservation for stage in self.stages):
-            with accelerator.main_process_first():
-                class_examples = prepare_class_images(spec, models, output, resolution, device)
-
+        # The identifier first: a token the method cannot use fails before any class image is made.
         concept = spec.concept
         self.identifier = identifier = setup_identifier(
             models.tokenizer,
@@ -260,8 +253,14 @@ class JobRunner:
             num_identifier_tokens=concept.num_identifier_tokens,
             num_vectors=spec.textual_inversion.num_vectors,
             initializer=spec.initializer_token,
-            exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            method=spec.method.value,
         )
+        class_examples = None
+        if any(stage.prior_preservation for stage in self.stages):
+            with accelerator.main_process_first():
+                class_examples = prepare_class_images(spec, models, output, resolution, device)
+
         self.report.identifier = identifier.token
         # Resume: the checkpoint's run state (loss rows, finished stages and their
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
@@ -272,7 +271,7 @@ class JobRunner:
         if resume is not None:
             log.info("resuming from %s (stage %s, step %d; read in %.3f s)",
                      resume.path, resume.stage, resume.step, time.monotonic() - loading)
-        examples = load_concept_examples(concept, identifier.text, resolution)
+        examples = examples_of(spec, identifier.text, resolution)
         log.info(
             "method %s: %d concept images at %dpx, identifier %r, %d stage(s)",
             spec.method.value, len(examples), resolution, identifier.token, len(self.stages),
@@ -326,4 +325,6 @@ class JobRunner:
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files)
         report.stages = [o.to_report() for o in self.outcomes]
-        return 0 if self._write_final_report(checkpoints) else 1
+        # Finished either way. Unreported: a rerun would only repeat it; the operator reads the
+        # result from the termination message instead.
+        return 0 if self._write_final_report(checkpoints) else EXIT_STATUS_UNREPORTED

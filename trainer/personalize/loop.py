@@ -1,8 +1,8 @@
 """The training loop of one stage, top to bottom.
 
     setup method -> reference batch + criterion -> for each step: sample a batch, diffusion loss
-    (+ prior loss), backward, optimizer step -> every evalEvery steps L_det and the criterion ->
-    stop at convergence (after minSteps) or maxSteps.
+    (+ prior loss), backward, optimizer step -> L_det when the evaluation schedule says so
+    (eval_schedule.py) and the criterion -> stop at convergence (after minSteps) or maxSteps.
 
 Randomness: the training batches come from their own generator; the reference batch has its own
 (see reference_batch.py), so how often L_det is evaluated never changes the training itself.
@@ -22,14 +22,17 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
 
 from personalize.clip_check import ClipCheck
 from personalize.criteria import StopPolicy, from_spec, window_in_evaluations
 from personalize.data import ConceptExamples
 from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
+from personalize.eval_schedule import schedule_from_spec
 from personalize.identifier import Identifier
 from personalize.methods import Method, Stage
-from personalize.pipeline_io import Models
+from personalize.pipeline_io import Models, load_base_pipeline, models_of
+from personalize.precision import cast_for_training, is_full_precision, restore_full_precision, weight_dtype
 from personalize.prompt_cache import PromptCache
 from personalize.reference_batch import ReferenceBatch
 from personalize.resume import StageCheckpoints, TrainState
@@ -55,6 +58,14 @@ def process_seed(seed: int, process_index: int, stage_index: int) -> int:
     return seed + 7919 * process_index + 104729 * stage_index
 
 
+def enable_gradient_checkpointing(models: Models, text_encoder_trained: bool) -> None:
+    """Recompute activations in the backward pass instead of keeping them (less memory, more
+    compute): the denoiser always (it is in every backward pass), the text encoder when it trains."""
+    models.denoiser.enable_gradient_checkpointing()
+    if text_encoder_trained:
+        models.text_encoder.activation_checkpointing_enable()
+
+
 def train_stage(
     stage: Stage,
     spec: PersonalizationJobSpec,
@@ -78,12 +89,14 @@ def train_stage(
     set_seed(seed)
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in models.modules():
-        dtype = torch.float32 if any(p.requires_grad for p in module.parameters()) else weight_dtype
-        if module.dtype != dtype:
-            module.to(dtype=dtype)  # frozen parts in half precision on GPU, trained ones in fp32
+    # frozen weights in the half dtype, trained ones in fp32 (precision.py states the rule)
+    cast_for_training(models.modules(), method.parameters, weight_dtype(accelerator))
+    if training.gradient_checkpointing:
+        enable_gradient_checkpointing(models, method.text_encoder_trained)
     optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
+    # One schedule step per training step (not per micro-batch or process), over the stage's budget.
+    lr_schedule = get_scheduler(training.lr_scheduler.value, optimizer,
+                                num_warmup_steps=training.lr_warmup_steps, num_training_steps=stage.max_steps)
     *prepared, optimizer = accelerator.prepare(*modules, optimizer)
     wrapped = {id(m): p for m, p in zip(modules, prepared)}
     denoiser = wrapped.get(id(models.denoiser), models.denoiser)
@@ -110,8 +123,9 @@ def train_stage(
     else:
         indices = ReferenceBatch.select_indices(len(examples), n_slots, training.seed)
         train_examples = ReferenceBatch.training_split(examples, indices, es.holdout)
-    window = window_in_evaluations(stage.window_steps, es.eval_every)
+    window = window_in_evaluations(stage.window_steps, es.criterion_spacing)
     criterion = from_spec(spec, stage.window_steps, stage.threshold)
+    schedule = schedule_from_spec(es, stage.threshold, stage.window_steps)  # when L_det is evaluated
     clip_check = None
     if es.criterion == CriterionName.clip and accelerator.is_main_process:
         # the paper's baseline: the criterion consumes CLIP-I of samples, not L_det
@@ -125,7 +139,8 @@ def train_stage(
     prompts = None
     if not method.text_encoder_trained:  # frozen: each caption is encoded once
         prompts = PromptCache(models)
-        prompts.warm(train_examples.captions + (class_examples.captions if use_prior else []))
+        with accelerator.autocast():  # encoded as the uncached path would be (half weights here)
+            prompts.warm(train_examples.captions + (class_examples.captions if use_prior else []))
         if training.offload_text_encoders:
             prompts.offload_text_encoders()
     step, reason = 0, None
@@ -134,8 +149,10 @@ def train_stage(
     # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
     keeper = method.keeper  # an embedding table of which only the identifier's rows train
-    state = TrainState({"unet": models.denoiser, "text_encoder": models.text_encoder, **models.extra_text_encoders}, optimizer, generators, policy, reference,
-                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None)
+    state = TrainState({"unet": models.denoiser, "text_encoder": models.text_encoder, **models.extra_text_encoders},
+                       optimizer, generators, policy, reference,
+                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None,
+                       lr_schedule=lr_schedule, schedule=schedule)
     if checkpoints is not None:
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
         last = checkpoints.last
@@ -153,7 +170,7 @@ def train_stage(
                     class_images, class_captions = class_examples.sample(training.batch_size, generator)
                     images, captions = torch.cat([images, class_images]), captions + class_captions
                 with torch.no_grad():
-                    latents = sample_latents(models.vae, images.to(device), generator)  # [B',4,h,w]
+                    latents = sample_latents(models.vae, images.to(device), generator).float()  # [B',4,h,w] fp32
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
                 timesteps = models.family.draw_timesteps(models, latents.shape[0], generator).to(device)
                 with accelerator.autocast():
@@ -170,23 +187,31 @@ def train_stage(
                 else:
                     loss = per_example.mean()
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm > 0:
+                    if keeper is not None:
+                        keeper.drop_frozen_gradients()  # the norm of what trains, not of rows reset anyway
+                    accelerator.clip_grad_norm_(method.parameters, training.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
+        lr_schedule.step()
         method.after_optimizer_step()
         train_loss = sum(losses) / len(losses)
+        if accelerator.num_processes > 1:  # the reported loss is the mean over every process's batch
+            train_loss = float(accelerator.reduce(torch.tensor([train_loss], device=device), reduction="mean")[0])
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at step {step} of stage {stage.name}")
 
         det_step = conv_step = None
         if reference is not None:
-            if step % es.eval_every == 0:
+            if schedule.due(step):
                 with accelerator.autocast():
                     det_step = reference.deterministic_loss(models.denoiser, models.text_encoder)
-                conv_step = policy.update(det_step) if clip_check is None else None
                 det_loss = det_step
+            conv_step = schedule.observe(step, det_step, policy if clip_check is None else None)
             if clip_check is not None and step % es.clip.every_steps == 0:
-                conv_step = policy.update(clip_check.score(models))
+                with accelerator.autocast():  # the frozen weights are in the half dtype here
+                    conv_step = policy.update(clip_check.score(models))
             conv_value = conv_step if conv_step is not None else conv_value
             reason = policy.check(step)
         if accelerator.num_processes > 1:
@@ -196,6 +221,8 @@ def train_stage(
             last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             checkpoints.after_step(step, reason, state, last)
 
+    seconds = time.monotonic() - started
+    full_precision(models, spec)
     return StageOutcome(
         name=stage.name,
         max_steps=stage.max_steps,
@@ -208,5 +235,21 @@ def train_stage(
         deterministic_loss=det_loss,
         convergence_value=conv_value,
         reference=reference.info() if reference is not None else None,
-        seconds=time.monotonic() - started,
+        seconds=seconds,
     ), method
+
+
+def full_precision(models: Models, spec: PersonalizationJobSpec) -> None:
+    """After a mixed-precision stage: every weight fp32 again, the frozen ones re-read from the
+    base model, so samples, class images and artifacts all come from one fp32 model."""
+    parts = component_modules(models)
+    if is_full_precision(parts.values()):
+        return
+    base = models_of(load_base_pipeline(spec.base_model, spec), spec)
+    restore_full_precision(parts, component_modules(base))
+
+
+def component_modules(models: Models) -> dict[str, torch.nn.Module]:
+    """Every weight-holding part by one name per part (the denoiser, vae and text encoders)."""
+    return {"denoiser": models.denoiser, "vae": models.vae, "text_encoder": models.text_encoder,
+            **models.extra_text_encoders}

@@ -175,17 +175,19 @@ class ReferenceBatch:
         text_encoder.eval()
         try:
             latents, noise, timesteps, embeddings = self.components(text_encoder)
-            device, dtype = denoiser.device, denoiser.dtype
+            # fp32 inputs (under mixed precision the caller's autocast runs the denoiser in the half
+            # dtype); the squared error and the mean over slots and sub-batches stay fp32.
+            device = denoiser.device
             total = 0.0
             for s in range(self.sub_batches):
                 part = slice(s * self.size, (s + 1) * self.size)
                 loss = diffusion_loss(
                     denoiser,
                     self.models,
-                    latents[part].to(device, dtype),
-                    noise[part].to(device, dtype),
+                    latents[part].to(device, torch.float32),
+                    noise[part].to(device, torch.float32),
                     timesteps[part].to(device),
-                    embeddings[part].to(device, dtype),
+                    embeddings[part].to(device, torch.float32),
                 )
                 total += float(loss)
         finally:

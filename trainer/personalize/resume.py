@@ -28,6 +28,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from personalize.checkpoint import TrainingCheckpoint, load_latest_checkpoint, save_checkpoint
 from personalize.criteria import StopPolicy
+from personalize.eval_schedule import Schedule
 from personalize.errors import CheckpointError
 from personalize.fingerprint import fingerprinted_spec, spec_fingerprint
 from personalize.identifier import Identifier
@@ -55,6 +56,9 @@ class TrainState:
     # identifier's rows; the others are reset after every step). Only those rows and their
     # optimizer moments are saved: a few KB instead of three copies of the whole table.
     trained_rows: Optional[tuple[torch.nn.Parameter, list[int]]] = None
+    lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # where the learning rate is in its schedule
+    # When L_det is evaluated next (eval_schedule.py); its state rides with the criterion's.
+    schedule: Optional[Schedule] = None
 
     def rows_view(self) -> TrainedRows:
         param, rows = self.trained_rows
@@ -131,12 +135,16 @@ class StageCheckpoints:
             trainable, optimizer = state.rows_view().expand(trainable, optimizer)
         load_trainable_state(state.modules, trainable)
         state.optimizer.load_state_dict(optimizer)
+        if state.lr_schedule is not None and "lr_schedule" in ckpt.extra:
+            state.lr_schedule.load_state_dict(ckpt.extra["lr_schedule"])
         if state.reference is not None:  # the main process
             try:
                 state.reference.load_state_dict(ckpt.reference)
             except ValueError as err:
                 raise CheckpointError(f"checkpoint {ckpt.path}: {err}") from None
             state.policy.load_state_dict(ckpt.criteria["policy"])
+            if state.schedule is not None and "schedule" in ckpt.criteria:
+                state.schedule.load_state_dict(ckpt.criteria["schedule"])
         self.last.update(ckpt.extra.get("last", {}))
         restore_rng(ckpt.rng, state.generators, rank=self.run.accelerator.process_index)  # LAST
         self.restored_step = ckpt.step
@@ -178,7 +186,8 @@ class StageCheckpoints:
                 trainable=trainable | run.carry,
                 optimizer=optimizer,
                 rng=rng,
-                criteria={"policy": state.policy.state_dict()},
+                criteria={"policy": state.policy.state_dict()}
+                | ({"schedule": state.schedule.state_dict()} if state.schedule is not None else {}),
                 reference=reference.state_dict() if reference is not None else {},
                 loss_rows=run.rows,
                 identifier_tokens=[run.token] if run.token else [],
@@ -187,7 +196,7 @@ class StageCheckpoints:
                     "completed_stages": [o.to_json() for o in run.completed],
                     "files": run.files,
                     "last": self.last,
-                },
+                } | ({"lr_schedule": state.lr_schedule.state_dict()} if state.lr_schedule is not None else {}),
             ))
         accelerator.wait_for_everyone()
         return path

@@ -125,9 +125,12 @@ class ModelFamily:
 
         return get_peft_model_state_dict(module)
 
-    def save_lora(self, output_dir: Path, weight_name: str, denoiser_layers: dict) -> None:
-        """The adapter file that the stock pipeline's `load_lora_weights` reads."""
-        kwargs = {f"{self.denoiser_component}_lora_layers": denoiser_layers}
+    def save_lora(self, output_dir: Path, weight_name: str, denoiser_layers: dict,
+                  adapter_metadata: Optional[dict] = None) -> None:
+        """The adapter file that the stock pipeline's `load_lora_weights` reads; `adapter_metadata`
+        (the peft config as a dict) is stored in the file so the reload uses the same alpha."""
+        kwargs = {f"{self.denoiser_component}_lora_layers": denoiser_layers,
+                  f"{self.denoiser_component}_lora_adapter_metadata": adapter_metadata}
         self.pipeline_class.save_lora_weights(output_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
 
 

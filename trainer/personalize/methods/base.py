@@ -114,6 +114,13 @@ class EmbeddingRowsKeeper:
         self.frozen[trained_ids] = False
 
     @torch.no_grad()
+    def drop_frozen_gradients(self) -> None:
+        """Zero the gradient of the rows `restore` resets, so that it does not count in a clipped norm."""
+        grad = self.embeddings.weight.grad
+        if grad is not None:
+            grad[self.frozen.to(grad.device)] = 0
+
+    @torch.no_grad()
     def restore(self) -> None:
         weight = self.embeddings.weight
         frozen = self.frozen.to(weight.device)

@@ -31,10 +31,9 @@ class Lora(Method):
         return [p for name, p in self.models.denoiser.named_parameters() if "lora_" in name]
 
     def save(self, output_dir: Path) -> list[str]:
-        family = self.models.family
-        family.save_lora(output_dir, LORA_WEIGHTS, family.lora_layers(self.models.denoiser))
-        files = [LORA_WEIGHTS]
-        if self.identifier.added:
-            # A user-given token is a new word: ship its (initial) embedding so prompts can use it.
-            files.append(self.save_learned_embeds(output_dir))
-        return files
+        family, denoiser = self.models.family, self.models.denoiser
+        # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a
+        # stock `load_lora_weights` infers alpha = rank, i.e. scale 1.0 instead of alpha / rank.
+        family.save_lora(output_dir, LORA_WEIGHTS, family.lora_layers(denoiser),
+                         adapter_metadata=denoiser.peft_config["default"].to_dict())
+        return [LORA_WEIGHTS]
