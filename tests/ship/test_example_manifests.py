@@ -18,9 +18,15 @@ def _load(path):
     return yaml.safe_load(path.read_text())
 
 
-def test_there_is_one_example_per_method():
-    methods = sorted(_load(p)["spec"]["method"] for p in FILES)
-    assert methods == sorted(m.value for m in Method)
+def test_every_method_has_an_example():
+    methods = {_load(p)["spec"]["method"] for p in FILES}
+    assert methods == {m.value for m in Method}
+
+
+def test_the_sdxl_and_flux_lora_examples_name_their_families():
+    """The model families beyond SD 1.x/2.x have their own LoRA examples."""
+    bases = {p.stem: _load(p)["spec"]["baseModel"]["path"] for p in FILES if p.stem.endswith("-lora")}
+    assert "xl" in bases["sdxl-lora"].lower() and "flux" in bases["flux-lora"].lower()
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])

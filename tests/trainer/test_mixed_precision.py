@@ -214,12 +214,11 @@ def test_deterministic_loss_in_bf16_repeats_exactly_and_stays_close_to_fp32(tiny
     examples = load_concept_examples(Concept(images={"path": str(concept_dir)}, class_noun="triangle"), "zwx", 32)
 
     def reference():
-        return ReferenceBatch(examples, size=2, vae=models.vae, tokenizer=models.tokenizer,
-                              scheduler=models.noise_scheduler, text_encoder_trained=False)
+        return ReferenceBatch(examples, size=2, models=models, text_encoder_trained=False)
 
     full = reference().deterministic_loss(models.unet, models.text_encoder)
     accelerator = make_accelerator("bf16")
-    cast_for_training((models.unet, models.vae, models.text_encoder), [], torch.bfloat16)
+    cast_for_training(models.modules(), [], torch.bfloat16)
     batch = reference()
     with accelerator.autocast():
         half = [batch.deterministic_loss(models.unet, models.text_encoder) for _ in range(2)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def make(models, examples, **kwargs):
     options = dict(size=2, seed=0, text_encoder_trained=False)
     options.update(kwargs)
     return ReferenceBatch(
-        examples, vae=models.vae, tokenizer=models.tokenizer, scheduler=models.noise_scheduler, **options
+        examples, models=models, **options
     )
 
 
@@ -75,7 +77,7 @@ def test_sub_batches_average_their_losses(models, examples):
 
     with torch.no_grad():
         parts = [
-            float(diffusion_loss(models.unet, models.noise_scheduler, latents[s], noise[s], timesteps[s], emb[s]))
+            float(diffusion_loss(models.unet, models, latents[s], noise[s], timesteps[s], emb[s]))
             for s in (slice(0, 2), slice(2, 4))
         ]
     assert both == pytest.approx(sum(parts) / 2, rel=1e-6)
@@ -126,13 +128,13 @@ def test_caption_embeddings_follow_the_text_encoder_only_while_it_is_trained(mod
     initialises random weights.
     """
     ref = make(models, examples, text_encoder_trained=trained)
-    before = ref.components(models.text_encoder)[3].clone()
+    before = ref.components(models.text_encoder)[3]["encoder_hidden_states"].clone()
     (bias,) = [p for name, p in models.text_encoder.named_parameters() if name.endswith("final_layer_norm.bias")]
     saved = bias.detach().clone()
     with torch.no_grad():
         bias += 1.0
     try:
-        after = ref.components(models.text_encoder)[3]
+        after = ref.components(models.text_encoder)[3]["encoder_hidden_states"]
     finally:
         with torch.no_grad():
             bias.copy_(saved)
@@ -148,8 +150,7 @@ def test_v_prediction_target(models, examples):
     v_scheduler = DDPMScheduler.from_config(models.noise_scheduler.config, prediction_type="v_prediction")
     eps = make(models, examples).deterministic_loss(models.unet, models.text_encoder)
     v = ReferenceBatch(
-        examples, size=2, seed=0, text_encoder_trained=False, vae=models.vae, tokenizer=models.tokenizer,
-        scheduler=v_scheduler,
+        examples, size=2, seed=0, text_encoder_trained=False, models=dataclasses.replace(models, noise_scheduler=v_scheduler),
     ).deterministic_loss(models.unet, models.text_encoder)
     assert v != eps
 

@@ -179,6 +179,8 @@ def named_resource(**env: str) -> Prepare:
 TRUNCATED_JPEG = b"\xff\xd8\xff\xe0 truncated jpeg"
 HTML_PAGE = b"<html><body>403 Forbidden</body></html>\n"  # what a failed download often saves
 TINY_INDEX = '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+SDXL_INDEX = '{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+FLUX_INDEX = '{"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}'
 REFERENCE = "earlyStopping.referenceBatchSize x referenceSubBatches"
 
 CASES: list[Case] = [
@@ -260,9 +262,22 @@ CASES: list[Case] = [
          "baseModel.path '{dir}/model' is not a diffusers pipeline folder (no model_index.json)",
          model_folder({})),
     Case("model-broken", "model", "`baseModel.path`: `model_index.json` names a `unet` that has no files",
-         "baseModel.path '{dir}/model' cannot be loaded as a Stable Diffusion pipeline: "
+         "baseModel.path '{dir}/model' cannot be loaded as a Stable Diffusion 1.x/2.x pipeline: "
          "Error no file named config.json found in directory {dir}/model/unet.",
          model_folder({"model_index.json": TINY_INDEX})),
+    Case("model-family-unsupported", "model", "`baseModel.path`: `model_index.json` names `KandinskyV22Pipeline`",
+         "baseModel.path '{dir}/model': model family KandinskyV22Pipeline is not supported (supported: "
+         "StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline (SDXL), "
+         "StableDiffusion3Pipeline (SD3), FluxPipeline (FLUX.1))",
+         model_folder({"model_index.json": '{"_class_name": "KandinskyV22Pipeline"}'})),
+    Case("method-not-on-family", "model", "`method: textualInversion` on a FLUX.1 folder (`FluxPipeline`)",
+         "method textualInversion is not supported on FLUX.1 (FluxPipeline); supported there: lora",
+         model_folder({"model_index.json": FLUX_INDEX})),
+    Case("option-not-on-family", "model", "`method: dreambooth`, `dreambooth.trainTextEncoder: true` on an SDXL folder",
+         "dreambooth.trainTextEncoder is supported only on SD 1.x/2.x, not on SDXL",
+         lambda ws: (model_folder({"model_index.json": SDXL_INDEX})(ws),
+                     spec_sets("", method="dreambooth", dreambooth={"trainTextEncoder": True},
+                               priorPreservation={"enabled": False})(ws))),
     Case("model-unknown-builtin", "model", "`baseModel: {builtin: sd15}`",
          "spec.baseModel.builtin: Input should be 'tiny-world'",
          spec_sets("", baseModel={"builtin": "sd15"})),

@@ -1,7 +1,7 @@
-"""The diffusion objective, shared by training steps and the deterministic loss.
+"""The pieces of the diffusion objective shared by training steps and the deterministic loss.
 
-L = || target - eps_theta(z_t, c, t) ||^2 with z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps and
-target = eps (epsilon prediction) or the velocity v (v-prediction), per the scheduler's config.
+The VAE helpers are family-independent; prompt encoding and the loss itself belong to the model
+family (families/), reached through `Models.family` and the `Conditioning` it produced.
 """
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from personalize.families.base import Conditioning, Models
 
 
-def encode_captions(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    """Caption embeddings [B, 77, D] (the last hidden state, what SD's UNet attends to)."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
+def encode_captions(models: Models, text_encoder, captions: list[str], device: torch.device) -> Conditioning:
+    """The family's prompt conditioning for captions (e.g. SD: the last hidden state [B, 77, D])."""
+    return models.family.encode_prompts(models, text_encoder, captions, device)
 
 
 def latent_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,8 +25,10 @@ def latent_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def scaled_latents(vae, mean: torch.Tensor, std: torch.Tensor, latent_noise: torch.Tensor) -> torch.Tensor:
-    """z_0 = (mean + std * n) * scaling_factor: a VAE latent *sample* with explicit noise n."""
-    return (mean + std * latent_noise.to(mean)) * vae.config.scaling_factor
+    """z_0 = (mean + std * n - shift) * scaling_factor: a VAE latent *sample* with explicit noise n
+    (the shift is SD3's and FLUX's VAE `shift_factor`, 0 for SD and SDXL)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (mean + std * latent_noise.to(mean) - shift) * vae.config.scaling_factor
 
 
 def sample_latents(vae, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -38,24 +38,13 @@ def sample_latents(vae, images: torch.Tensor, generator: Optional[torch.Generato
 
 
 def diffusion_loss(
-    unet,
-    scheduler,
+    denoiser,
+    models: Models,
     latents: torch.Tensor,  # [B, C, h, w] scaled z_0
     noise: torch.Tensor,  # [B, C, h, w]
-    timesteps: torch.Tensor,  # [B] int64
-    encoder_hidden_states: torch.Tensor,  # [B, 77, D]
+    timesteps: torch.Tensor,  # [B] int64 (indices into the training schedule)
+    conditioning: Conditioning,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the target, as in the diffusers training scripts."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction type {prediction_type!r}")
-    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
-    if reduction == "none":  # per example [B]
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    """The family's training loss (SD: MSE to eps or v; SD3/FLUX: flow matching)."""
+    return models.family.loss(denoiser, models, latents, noise, timesteps, conditioning, reduction)

@@ -37,7 +37,7 @@ from personalize.identifier import Identifier, setup_identifier
 from personalize.loop import train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
-from personalize.pipeline_io import Models, load_base_pipeline, models_of
+from personalize.pipeline_io import Models, default_resolution, load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
 from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
@@ -236,11 +236,11 @@ class JobRunner:
         spec, output = self.spec, self.output
         accelerator = self.accelerator
         device = accelerator.device
-        pipe = load_base_pipeline(spec.base_model)
-        models = models_of(pipe)
-        for module in (models.unet, models.vae, models.text_encoder):
+        pipe = load_base_pipeline(spec.base_model, spec)
+        models = models_of(pipe, spec)
+        for module in models.modules():
             module.to(device)
-        resolution = spec.training.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        resolution = spec.training.resolution or default_resolution(pipe)
         self.stages = plan_stages(spec)
 
         # The identifier first: a token the method cannot use fails before any class image is made.
@@ -314,8 +314,8 @@ class JobRunner:
             self.rows, early_stop.threshold, early_stop.step if len(self.stages) == 1 else offset, output / PLOT_FILE,
             title=f"{spec.method.value} / {early_stop.criterion.value}",
         )
-        models.unet.eval()
-        models.text_encoder.eval()
+        for module in models.modules():
+            module.eval()
         if self.after_training is not None:
             self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
         if self.sample_grids:

@@ -33,6 +33,7 @@ from personalize.identifier import Identifier
 from personalize.methods import Method, Stage
 from personalize.pipeline_io import Models, load_base_pipeline, models_of
 from personalize.precision import cast_for_training, is_full_precision, restore_full_precision, weight_dtype
+from personalize.prompt_cache import PromptCache
 from personalize.reference_batch import ReferenceBatch
 from personalize.resume import StageCheckpoints, TrainState
 from personalize.stage_outcome import StageOutcome
@@ -59,8 +60,8 @@ def process_seed(seed: int, process_index: int, stage_index: int) -> int:
 
 def enable_gradient_checkpointing(models: Models, text_encoder_trained: bool) -> None:
     """Recompute activations in the backward pass instead of keeping them (less memory, more
-    compute): the UNet always (it is in every backward pass), the text encoder when it trains."""
-    models.unet.enable_gradient_checkpointing()
+    compute): the denoiser always (it is in every backward pass), the text encoder when it trains."""
+    models.denoiser.enable_gradient_checkpointing()
     if text_encoder_trained:
         models.text_encoder.activation_checkpointing_enable()
 
@@ -89,7 +90,7 @@ def train_stage(
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
     # frozen weights in the half dtype, trained ones in fp32 (precision.py states the rule)
-    cast_for_training((models.unet, models.vae, models.text_encoder), method.parameters, weight_dtype(accelerator))
+    cast_for_training(models.modules(), method.parameters, weight_dtype(accelerator))
     if training.gradient_checkpointing:
         enable_gradient_checkpointing(models, method.text_encoder_trained)
     optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
@@ -98,7 +99,7 @@ def train_stage(
                                 num_warmup_steps=training.lr_warmup_steps, num_training_steps=stage.max_steps)
     *prepared, optimizer = accelerator.prepare(*modules, optimizer)
     wrapped = {id(m): p for m, p in zip(modules, prepared)}
-    unet = wrapped.get(id(models.unet), models.unet)
+    denoiser = wrapped.get(id(models.denoiser), models.denoiser)
     text_encoder = wrapped.get(id(models.text_encoder), models.text_encoder)
     for module in modules:
         module.train()
@@ -114,9 +115,7 @@ def train_stage(
             fixed=es.fixed,
             holdout=es.holdout,
             seed=training.seed,
-            vae=models.vae,
-            tokenizer=models.tokenizer,
-            scheduler=models.noise_scheduler,
+            models=models,
             text_encoder_trained=method.text_encoder_trained,
             eval_every=es.eval_every,
         )
@@ -135,16 +134,23 @@ def train_stage(
 
     # ---- the loop ----------------------------------------------------------------------------
     generator = torch.Generator().manual_seed(seed)
-    num_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
     prior_weight = spec.prior_preservation.prior_loss_weight
     use_prior = stage.prior_preservation and class_examples is not None
+    prompts = None
+    if not method.text_encoder_trained:  # frozen: each caption is encoded once
+        prompts = PromptCache(models)
+        with accelerator.autocast():  # encoded as the uncached path would be (half weights here)
+            prompts.warm(train_examples.captions + (class_examples.captions if use_prior else []))
+        if training.offload_text_encoders:
+            prompts.offload_text_encoders()
     step, reason = 0, None
     train_loss = det_loss = conv_value = None
 
     # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
     keeper = method.keeper  # an embedding table of which only the identifier's rows train
-    state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
+    state = TrainState({"unet": models.denoiser, "text_encoder": models.text_encoder, **models.extra_text_encoders},
+                       optimizer, generators, policy, reference,
                        trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None,
                        lr_schedule=lr_schedule, schedule=schedule)
     if checkpoints is not None:
@@ -166,12 +172,14 @@ def train_stage(
                 with torch.no_grad():
                     latents = sample_latents(models.vae, images.to(device), generator).float()  # [B',4,h,w] fp32
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
+                timesteps = models.family.draw_timesteps(models, latents.shape[0], generator).to(device)
                 with accelerator.autocast():
-                    with torch.set_grad_enabled(method.text_encoder_trained):
-                        embeddings = encode_captions(models.tokenizer, text_encoder, captions, device)
+                    if prompts is not None:
+                        embeddings = prompts(captions, device)
+                    else:
+                        embeddings = encode_captions(models, text_encoder, captions, device)
                     per_example = diffusion_loss(
-                        unet, models.noise_scheduler, latents, noise, timesteps, embeddings, reduction="none"
+                        denoiser, models, latents, noise, timesteps, embeddings, reduction="none"
                     )  # [B']
                 if use_prior:
                     instance, prior = per_example.chunk(2)
@@ -198,7 +206,7 @@ def train_stage(
         if reference is not None:
             if schedule.due(step):
                 with accelerator.autocast():
-                    det_step = reference.deterministic_loss(models.unet, models.text_encoder)
+                    det_step = reference.deterministic_loss(models.denoiser, models.text_encoder)
                 det_loss = det_step
             conv_step = schedule.observe(step, det_step, policy if clip_check is None else None)
             if clip_check is not None and step % es.clip.every_steps == 0:
@@ -234,8 +242,14 @@ def train_stage(
 def full_precision(models: Models, spec: PersonalizationJobSpec) -> None:
     """After a mixed-precision stage: every weight fp32 again, the frozen ones re-read from the
     base model, so samples, class images and artifacts all come from one fp32 model."""
-    parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+    parts = component_modules(models)
     if is_full_precision(parts.values()):
         return
-    base = models_of(load_base_pipeline(spec.base_model))
-    restore_full_precision(parts, {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder})
+    base = models_of(load_base_pipeline(spec.base_model, spec), spec)
+    restore_full_precision(parts, component_modules(base))
+
+
+def component_modules(models: Models) -> dict[str, torch.nn.Module]:
+    """Every weight-holding part by one name per part (the denoiser, vae and text encoders)."""
+    return {"denoiser": models.denoiser, "vae": models.vae, "text_encoder": models.text_encoder,
+            **models.extra_text_encoders}

@@ -1,30 +1,24 @@
-"""Loading the base pipeline the job personalizes (and building pipelines for sampling)."""
+"""Loading the base pipeline the job personalizes (and building pipelines for sampling).
+
+The model family (families/) is detected from `model_index.json`; each family loads with its
+stock diffusers pipeline class.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-from personalize.preflight import check_base_model, resolve_volume_path
 from personalize.errors import TrainerInputError
-from personalize.spec import BaseModelSource
+from personalize.families.base import Models
+from personalize.families.detection import check_method, family_of_index, read_model_index
+from personalize.families.registry import FAMILY_CLASSES, family_for_pipeline
+from personalize.preflight import check_base_model, resolve_volume_path
+from personalize.spec import BaseModelSource, PersonalizationJobSpec
+
+__all__ = ["Models", "TINY_WORLD_DIR", "builtin_tiny_world_folder", "default_resolution", "load_base_pipeline", "models_of", "sampling_pipeline"]
 
 TINY_WORLD_DIR = Path(__file__).resolve().parent / "assets" / "tiny_world"
-
-
-@dataclass
-class Models:
-    """The pipeline's parts (the loop moves them to the accelerator's device)."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    noise_scheduler: object  # DDPM-style scheduler with add_noise / get_velocity (training)
-    sampling_scheduler: object  # the pipeline's own scheduler (for samples)
 
 
 def builtin_tiny_world_folder() -> Path:
@@ -36,50 +30,52 @@ def builtin_tiny_world_folder() -> Path:
     )
 
 
-def _from_pretrained(source: str | Path, what: str, **kwargs) -> StableDiffusionPipeline:
+def _model_index(source: str | Path, what: str, **kwargs) -> dict:
+    if isinstance(source, Path):
+        return read_model_index(source)
+    from diffusers import DiffusionPipeline  # noqa: PLC0415 (hub ids only)
+
     try:
-        # fp32 master weights; mixed precision later casts only the frozen parts.
-        return StableDiffusionPipeline.from_pretrained(
-            source, dtype=torch.float32, safety_checker=None, requires_safety_checker=False, **kwargs
-        )
+        return DiffusionPipeline.load_config(source, **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainerInputError(f"{what} cannot be loaded: {first_line}") from None
+
+
+def _from_pretrained(source: str | Path, what: str, spec: Optional[PersonalizationJobSpec], **kwargs):
+    info = family_of_index(_model_index(source, what, **kwargs), what)
+    if spec is not None:
+        check_method(info, spec)
+    family = FAMILY_CLASSES[info.name](spec)
+    try:
+        return family.load(source, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrainerInputError(f"{what} cannot be loaded as a Stable Diffusion pipeline: {first_line}") from None
+        raise TrainerInputError(f"{what} cannot be loaded as a {info.label} pipeline: {first_line}") from None
 
 
-def load_base_pipeline(source: BaseModelSource) -> StableDiffusionPipeline:
+def load_base_pipeline(source: BaseModelSource, spec: Optional[PersonalizationJobSpec] = None):
+    """The base model's stock pipeline; with `spec`, a method its family does not support is refused."""
     if source.builtin:
-        return _from_pretrained(builtin_tiny_world_folder(), "baseModel.builtin tiny-world")
+        return _from_pretrained(builtin_tiny_world_folder(), "baseModel.builtin tiny-world", spec)
     if source.hub_id:
-        return _from_pretrained(source.hub_id, f"baseModel.hubId {source.hub_id!r}", revision=source.revision)
+        return _from_pretrained(source.hub_id, f"baseModel.hubId {source.hub_id!r}", spec, revision=source.revision)
     check_base_model(source)
     folder = resolve_volume_path(source.path or "", source.claim_name)
-    return _from_pretrained(folder, f"baseModel.path {str(folder)!r}")
+    return _from_pretrained(folder, f"baseModel.path {str(folder)!r}", spec)
 
 
-def models_of(pipe: StableDiffusionPipeline) -> Models:
-    return Models(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        # Training noise follows the DDPM forward process of the model's own schedule.
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        sampling_scheduler=pipe.scheduler,
-    )
+def default_resolution(pipe) -> int:
+    """The pipeline's own default image size in pixels."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    sample_size = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    return int(sample_size) * int(pipe.vae_scale_factor)
 
 
-def sampling_pipeline(models: Models) -> StableDiffusionPipeline:
-    """A pipeline around the (possibly trained) models, for class images and samples."""
-    pipe = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=models.sampling_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def models_of(pipe, spec: Optional[PersonalizationJobSpec] = None) -> Models:
+    return family_for_pipeline(pipe, spec).models_of(pipe)
+
+
+def sampling_pipeline(models: Models):
+    """The family's stock pipeline around the (possibly trained) models, for class images and samples."""
+    return models.family.sampling_pipeline(models)

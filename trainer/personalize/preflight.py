@@ -10,6 +10,7 @@ from typing import Optional
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.errors import TrainerInputError
+from personalize.families.detection import detect_folder_family
 from personalize.spec import BaseModelSource, Concept, EarlyStopping, PersonalizationJob
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -104,6 +105,9 @@ def preflight(job: PersonalizationJob, output: str | Path) -> Path:
         raise TrainerInputError("earlyStopping.clip.modelPath: criterion clip needs a CLIP model folder")
     out = prepare_output_dir(output)
     check_base_model(spec.base_model)
+    if spec.base_model.path:  # the family and the method x family pair, before torch is imported
+        folder = resolve_volume_path(spec.base_model.path, spec.base_model.claim_name)
+        detect_folder_family(folder, spec, f"baseModel.path {str(folder)!r}")
     files = list_image_files(concept_folder(spec.concept))
     for path in files:
         open_rgb(path)

@@ -26,6 +26,7 @@ import torch
 
 from personalize.data import ConceptExamples
 from personalize.diffusion import diffusion_loss, encode_captions, latent_distribution, scaled_latents
+from personalize.families.base import Conditioning, Models
 from personalize.preflight import check_reference_fits
 from personalize.spec import EarlyStopping, FixedComponents, ReferenceInfo
 
@@ -43,9 +44,7 @@ class ReferenceBatch:
         fixed: FixedComponents = FixedComponents(),
         holdout: bool = False,
         seed: int = 0,
-        vae,
-        tokenizer,
-        scheduler,
+        models: Models,
         text_encoder_trained: bool,
         eval_every: int = 1,
     ):
@@ -55,9 +54,9 @@ class ReferenceBatch:
         self.examples = examples
         self.size, self.sub_batches, self.n_slots = size, sub_batches, n_slots
         self.fixed, self.holdout, self.eval_every = fixed, holdout, eval_every
-        self.vae, self.tokenizer, self.scheduler = vae, tokenizer, scheduler
+        self.models, self.vae = models, models.vae
         self.text_encoder_trained = text_encoder_trained
-        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.num_timesteps = models.family.num_timesteps(models)
         self.generator = self._generator(seed)
         self.evaluations = 0
 
@@ -74,8 +73,8 @@ class ReferenceBatch:
         self.timesteps = self._draw_timesteps()
 
         self._posterior_cache = (mean, std) if fixed.images else None
-        self._latents_cache = scaled_latents(vae, mean, std, self.latent_noise) if (fixed.images and fixed.latents) else None
-        self._caption_cache: Optional[torch.Tensor] = None  # filled at the first evaluation when allowed
+        self._latents_cache = scaled_latents(self.vae, mean, std, self.latent_noise) if (fixed.images and fixed.latents) else None
+        self._caption_cache: Optional[Conditioning] = None  # filled at the first evaluation when allowed
 
     # ---- the sets the trainer uses ---------------------------------------------------------
 
@@ -141,9 +140,9 @@ class ReferenceBatch:
 
     # ---- one evaluation --------------------------------------------------------------------
 
-    def components(self, text_encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """latents [S*R,C,h,w], noise [S*R,C,h,w], timesteps [S*R], caption embeddings [S*R,77,D]
-        for this evaluation: fixed parts reused, the others re-sampled (in a fixed order)."""
+    def components(self, text_encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
+        """latents [S*R,C,h,w], noise [S*R,C,h,w], timesteps [S*R], the captions' conditioning
+        (e.g. embeddings [S*R,77,D]) for this evaluation: fixed parts reused, the others re-sampled (in a fixed order)."""
         fixed = self.fixed
         indices = self.indices if fixed.images else self._draw_images()
         latent_noise = self.latent_noise if fixed.latents else self._randn()
@@ -163,28 +162,28 @@ class ReferenceBatch:
         else:
             captions = [self.examples.captions[i] for i in caption_ids]
             device = next(text_encoder.parameters()).device
-            embeddings = encode_captions(self.tokenizer, text_encoder, captions, device).float().cpu()
+            embeddings = encode_captions(self.models, text_encoder, captions, device).detached_cpu()
             if cacheable:
                 self._caption_cache = embeddings
         return latents, noise, timesteps, embeddings
 
     @torch.no_grad()
-    def deterministic_loss(self, unet, text_encoder) -> float:
-        """L_det: the training MSE on the reference batch, averaged over its sub-batches."""
-        unet_was_training, text_was_training = unet.training, text_encoder.training
-        unet.eval()
+    def deterministic_loss(self, denoiser, text_encoder) -> float:
+        """L_det: the training loss on the reference batch, averaged over its sub-batches."""
+        denoiser_was_training, text_was_training = denoiser.training, text_encoder.training
+        denoiser.eval()
         text_encoder.eval()
         try:
             latents, noise, timesteps, embeddings = self.components(text_encoder)
-            # fp32 inputs (under mixed precision the caller's autocast runs the UNet in the half
+            # fp32 inputs (under mixed precision the caller's autocast runs the denoiser in the half
             # dtype); the squared error and the mean over slots and sub-batches stay fp32.
-            device = unet.device
+            device = denoiser.device
             total = 0.0
             for s in range(self.sub_batches):
                 part = slice(s * self.size, (s + 1) * self.size)
                 loss = diffusion_loss(
-                    unet,
-                    self.scheduler,
+                    denoiser,
+                    self.models,
                     latents[part].to(device, torch.float32),
                     noise[part].to(device, torch.float32),
                     timesteps[part].to(device),
@@ -192,7 +191,7 @@ class ReferenceBatch:
                 )
                 total += float(loss)
         finally:
-            unet.train(unet_was_training)
+            denoiser.train(denoiser_was_training)
             text_encoder.train(text_was_training)
         self.evaluations += 1
         return total / self.sub_batches

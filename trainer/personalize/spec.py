@@ -226,7 +226,11 @@ def _check_relative_path(path: str) -> str:
 class BaseModelSource(ApiModel):
     """Where the pretrained pipeline comes from: exactly one of path, hubId, builtin."""
 
-    path: Optional[str] = Field(None, description="Folder of a diffusers pipeline (on a mounted volume).")
+    path: Optional[str] = Field(
+        None,
+        description="Folder of a diffusers pipeline (on a mounted volume). Its family, from model_index.json: "
+        "Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX.1 (docs/trainer.md: which methods run on which).",
+    )
     claim_name: Optional[str] = Field(
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
@@ -345,6 +349,10 @@ class Training(ApiModel):
     )
     augmentation: Augmentation = Field(default_factory=Augmentation)
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: off).")
+    offload_text_encoders: bool = Field(
+        False,
+        description="Move frozen text encoders to the CPU once the training captions are encoded (e.g. T5-XXL, 9 GB).",
+    )
 
     @model_validator(mode="after")
     def _warmup_needs_a_schedule(self) -> "Training":
@@ -365,7 +373,34 @@ class DreamboothOptions(ApiModel):
 class LoraOptions(ApiModel):
     rank: int = Field(4, ge=1, le=256)
     alpha: Optional[float] = Field(None, gt=0.0, description="Default: equal to rank.")
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: Optional[list[str]] = Field(
+        None,
+        description="Module name suffixes that get adapters. Default: the model family's (SD, SDXL: "
+        "to_q, to_k, to_v, to_out.0; SD3, FLUX.1: those of diffusers' train_dreambooth_lora_sd3/flux.py).",
+    )
+
+
+class WeightingScheme(str, Enum):
+    none = "none"
+    logit_normal = "logit_normal"
+    mode = "mode"
+    sigma_sqrt = "sigma_sqrt"
+    cosmap = "cosmap"
+
+
+class FlowMatchingOptions(ApiModel):
+    """Options of the flow-matching families (SD3, FLUX.1), as in diffusers' LoRA scripts."""
+
+    weighting_scheme: WeightingScheme = Field(
+        WeightingScheme.none,
+        description="Timestep density (logit_normal, mode; none: uniform) or loss weighting (sigma_sqrt, cosmap).",
+    )
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0)
+    logit_std: float = Field(1.0, gt=0.0, le=10.0)
+    mode_scale: float = Field(1.29, ge=0.0, le=10.0)
+    guidance_scale: float = Field(3.5, ge=0.0, le=100.0, description="FLUX.1-dev's guidance input (fixed).")
+    precondition_outputs: bool = Field(True, description="SD3: predict x_0 from the velocity (the script's default).")
+    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per prompt (capped by the tokenizer).")
 
 
 class TiDreamboothOptions(ApiModel):
@@ -493,6 +528,7 @@ class PersonalizationJobSpec(ApiModel):
     dreambooth: DreamboothOptions = Field(default_factory=DreamboothOptions)
     lora: LoraOptions = Field(default_factory=LoraOptions)
     ti_dreambooth: TiDreamboothOptions = Field(default_factory=TiDreamboothOptions)
+    flow_matching: FlowMatchingOptions = Field(default_factory=FlowMatchingOptions)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     validation: Validation = Field(default_factory=Validation)
     output: Output = Field(default_factory=Output)

@@ -43,7 +43,7 @@ class Method:
     def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier):
         self.models, self.spec, self.identifier = models, spec, identifier
         self.prepare()
-        for module in (models.unet, models.vae, models.text_encoder):
+        for module in models.modules():
             module.requires_grad_(False)
         self.parameters = self.trainable_parameters()
         for p in self.parameters:
@@ -77,7 +77,7 @@ class Method:
 
     def train_modules(self) -> list[torch.nn.Module]:
         """Modules that run in train mode (and go through accelerator.prepare)."""
-        return [self.models.unet, self.models.text_encoder] if self.text_encoder_trained else [self.models.unet]
+        return [self.models.denoiser, self.models.text_encoder] if self.text_encoder_trained else [self.models.denoiser]
 
     def after_optimizer_step(self) -> None:
         """Undo what the optimizer must not change (e.g. embedding rows of other tokens)."""

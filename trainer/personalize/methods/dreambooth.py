@@ -1,4 +1,4 @@
-"""DreamBooth: fine-tune the whole UNet (optionally the text encoder too).
+"""DreamBooth: fine-tune the whole denoiser (the UNet; optionally the text encoder too).
 
 Prior preservation (class images, `priorLossWeight * L_prior`) is handled by the loop for every
 method that enables it; see personalize/prior.py.
@@ -17,7 +17,7 @@ PIPELINE_DIR = "pipeline"
 
 
 def save_pipeline(models: Models, output_dir: Path) -> str:
-    """The fine-tuned model as a diffusers pipeline folder (`StableDiffusionPipeline.from_pretrained`)."""
+    """The fine-tuned model as a folder of the family's stock pipeline (e.g. `StableDiffusionPipeline.from_pretrained`)."""
     pipe = sampling_pipeline(models)
     pipe.save_pretrained(output_dir / PIPELINE_DIR, safe_serialization=True)
     return PIPELINE_DIR
@@ -27,7 +27,7 @@ class Dreambooth(Method):
     name = "dreambooth"
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = list(self.models.unet.parameters())
+        params = list(self.models.denoiser.parameters())
         if self.text_encoder_trained:
             params += list(self.models.text_encoder.parameters())
         return params

@@ -1,0 +1,219 @@
+"""The model families beyond SD 1.x/2.x (SDXL, SD3, FLUX.1) on tiny random-weight pipelines.
+
+Per supported method x family: a few steps train through the real CLI; the deterministic loss is
+bit-constant while the weights are frozen and moves once they train; the artifact loads in the
+family's stock diffusers pipeline (`load_lora_weights`, `from_pretrained`) and changes its output.
+Resume after SIGTERM is checked on FLUX.1 (the most involved conditioning) in test_resume.py's way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import tiny_families
+from personalize.data import load_concept_examples
+from personalize.pipeline_io import load_base_pipeline, models_of
+from personalize.reference_batch import ReferenceBatch
+from personalize.run import main
+from personalize.spec import BaseModelSource, Concept, FixedComponents
+
+FAMILIES = ["sdxl", "flux", "sd3"]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {name: lambda name=name: _built(root, name) for name in FAMILIES}
+
+
+_BUILT: dict = {}
+
+
+def _built(root, name):
+    if name not in _BUILT:
+        _BUILT[name] = tiny_families.BUILDERS[name](root / name)
+    return _BUILT[name]
+
+
+def job(folder, concept_dir, family, method="lora", **sections) -> dict:
+    spec = {
+        "baseModel": {"path": str(folder)},
+        "method": method,
+        "concept": {"images": {"path": str(concept_dir)}, "classNoun": "triangle", "token": "auto"},
+        "training": {"maxSteps": 3, "batchSize": 2, "learningRate": 5e-2, "resolution": tiny_families.RESOLUTION[family]},
+        "earlyStopping": {"criterion": "none", "evalEvery": 1, "referenceBatchSize": 2},
+        "priorPreservation": {"enabled": False},
+        "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2, "prompts": ["a photo of {token}"]},
+    }
+    spec.update(sections)
+    return {"apiVersion": "personalization.dvar.dev/v1alpha1", "kind": "PersonalizationJob",
+            "metadata": {"name": f"{family}-{method}", "namespace": "default"}, "spec": spec}
+
+
+def run_job(manifest: dict, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest))
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--output", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    with (out / "losses.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return out, result, rows
+
+
+def generate(pipe, family: str, prompt: str) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    size = tiny_families.RESOLUTION[family]
+    return pipe(prompt, num_inference_steps=2, height=size, width=size, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def stock_pipeline(folder):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+
+
+CASES = [
+    ("sdxl", "lora", {}),
+    ("sdxl", "lora", {"priorPreservation": {"enabled": True, "numClassImages": 2, "inferenceSteps": 2}}),  # DreamBooth-LoRA
+    ("flux", "lora", {}),
+    ("flux", "lora", {"flowMatching": {"weightingScheme": "logit_normal", "guidanceScale": 1.0}}),
+    ("sd3", "lora", {"flowMatching": {"weightingScheme": "mode"}}),
+]
+
+
+@pytest.mark.parametrize("family,method,sections", CASES, ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_lora_trains_and_changes_the_stock_pipeline(family, method, sections, family_dirs, concept_dir, tmp_path):
+    folder = family_dirs[family]()
+    out, result, rows = run_job(job(folder, concept_dir, family, method, **sections), tmp_path)
+    assert result["earlyStop"]["reason"] == "MaxSteps" and result["earlyStop"]["step"] == 3
+    det = [float(r["deterministic_loss"]) for r in rows]
+    assert len(det) == 3 and all(np.isfinite(det)) and len(set(det)) > 1  # L_det moves as the weights train
+    assert "pytorch_lora_weights.safetensors" in result["artifact"]["files"]
+
+    pipe = stock_pipeline(folder)
+    prompt = f"a photo of {result['identifier']}"
+    plain = generate(pipe, family, prompt)
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    assert not np.array_equal(generate(pipe, family, prompt), plain)
+
+
+def test_sdxl_full_dreambooth_saves_a_stock_pipeline(family_dirs, concept_dir, tmp_path):
+    folder = family_dirs["sdxl"]()
+    out, result, rows = run_job(job(folder, concept_dir, "sdxl", "dreambooth", training={
+        "maxSteps": 2, "batchSize": 1, "learningRate": 1e-3, "resolution": 32}), tmp_path)
+    assert result["artifact"]["files"] == ["pipeline"]
+    from diffusers import StableDiffusionXLPipeline
+
+    trained = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
+    prompt = f"a photo of {result['identifier']}"
+    assert not np.array_equal(generate(trained, "sdxl", prompt), generate(stock_pipeline(folder), "sdxl", prompt))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deterministic_loss_is_constant_while_frozen(family, family_dirs, concept_dir):
+    from personalize.spec import parse_spec
+
+    folder = family_dirs[family]()
+    spec = parse_spec(job(folder, concept_dir, family)["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    concept = Concept.model_validate({"images": {"path": str(concept_dir)}, "captions": ["{token} on a table", "{token}"]})
+    examples = load_concept_examples(concept, "lun", tiny_families.RESOLUTION[family])
+
+    def reference(**fixed):
+        return ReferenceBatch(examples, size=2, seed=0, models=models, text_encoder_trained=False,
+                              fixed=FixedComponents(**fixed))
+
+    frozen = reference()
+    values = [frozen.deterministic_loss(models.denoiser, models.text_encoder) for _ in range(3)]
+    assert values[0] == values[1] == values[2]
+    assert reference().deterministic_loss(models.denoiser, models.text_encoder) == values[0]  # seed only
+    # Each component matters: re-sampling timesteps (sigmas) or noise makes it vary.
+    for component in ("timesteps", "noise", "latents"):
+        varying = reference(**{component: False})
+        assert len({varying.deterministic_loss(models.denoiser, models.text_encoder) for _ in range(3)}) > 1, component
+    # ... and it changes once the weights do.
+    with torch.no_grad():
+        first = next(p for p in models.denoiser.parameters() if p.ndim == 2)
+        first.add_(0.05 * torch.ones_like(first))
+    assert frozen.deterministic_loss(models.denoiser, models.text_encoder) != values[0]
+
+
+def test_flux_guidance_input_is_the_fixed_scale(family_dirs, concept_dir, monkeypatch):
+    from personalize.spec import parse_spec
+
+    folder = family_dirs["flux"]()
+    spec = parse_spec(job(folder, concept_dir, "flux", flowMatching={"guidanceScale": 2.5})["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    seen = []
+    real = models.denoiser.forward
+    monkeypatch.setattr(models.denoiser, "forward", lambda *a, **k: seen.append(k["guidance"]) or real(*a, **k))
+    cond = models.family.encode_prompts(models, models.text_encoder, ["a", "b"], "cpu")
+    latents = torch.zeros(2, 1, 16, 16)
+    models.family.loss(models.denoiser, models, latents, torch.ones_like(latents), torch.tensor([1, 500]), cond)
+    assert seen and torch.equal(seen[0], torch.tensor([2.5, 2.5]))
+
+
+def test_flux_lora_resume_after_sigterm_gives_the_same_run(family_dirs, concept_dir, tmp_path):
+    """SIGTERM mid-run, then the same command: the same loss rows bit for bit, the same stop step
+    (with re-sampled reference timesteps, so the reference generator must resume too)."""
+    import subprocess
+
+    from test_resume import STEP_LINE, command, read_rows, run_until_sigterm, trainer_env
+
+    manifest = job(family_dirs["flux"](), concept_dir, "flux", training={
+        "maxSteps": 40, "batchSize": 2, "learningRate": 5e-3, "resolution": 16, "seed": 0, "checkpointEvery": 5})
+    manifest["spec"]["earlyStopping"] = {"criterion": "dvar", "window": 6, "threshold": 0.5, "evalEvery": 1,
+                                         "referenceBatchSize": 2, "fixed": {"timesteps": False}}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with (tmp_path / "straight.log").open("w") as log:
+        reference_run = subprocess.Popen(command(config, straight), stdout=log, stderr=subprocess.STDOUT,
+                                         env=trainer_env(tmp_path / "straight.termination"))
+        code, stdout = run_until_sigterm(config, resumed, trainer_env(tmp_path / "interrupted.termination"), at_step=4)
+        assert reference_run.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    assert code == 143, stdout[-3000:]
+    proc = subprocess.run(command(config, resumed), capture_output=True, text=True,
+                          env=trainer_env(tmp_path / "resumed.termination"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and int(STEP_LINE.search(proc.stdout).group(1)) > 4
+    want, got = read_rows(straight / "losses.csv"), read_rows(resumed / "losses.csv")
+    assert got == want and len(want) > 6
+    a = json.loads((straight / "result.json").read_text())
+    b = json.loads((resumed / "result.json").read_text())
+    assert b["earlyStop"] == a["earlyStop"]
+    name = "pytorch_lora_weights.safetensors"
+    assert (resumed / name).read_bytes() == (straight / name).read_bytes()
+
+
+def test_frozen_text_encoders_encode_each_caption_once(family_dirs, concept_dir, monkeypatch):
+    """The prompt cache (what makes offloading T5 possible) gives the same conditioning as encoding
+    the batch directly, and encodes every distinct caption once."""
+    from personalize.prompt_cache import PromptCache
+    from personalize.spec import parse_spec
+
+    folder = family_dirs["flux"]()
+    spec = parse_spec(job(folder, concept_dir, "flux")["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    calls = []
+    real = models.family.encode_prompts
+    monkeypatch.setattr(models.family, "encode_prompts", lambda m, te, captions, d: calls.append(list(captions)) or real(m, te, captions, d))
+    cache = PromptCache(models)
+    cache.warm(["a photo of lun", "lun on a table"])
+    cache.offload_text_encoders()
+    batch = ["lun on a table", "a photo of lun", "lun on a table"]
+    got = cache(batch, "cpu")
+    assert calls == [["a photo of lun", "lun on a table"]]
+    with torch.no_grad():
+        want = real(models, models.text_encoder, batch, "cpu")
+    for name, tensor in want.tensors.items():
+        torch.testing.assert_close(got[name], tensor)
+    assert all(next(e.parameters()).device.type == "cpu" for e in models.text_encoders)
