@@ -34,6 +34,10 @@ class Settings:
     # Size limits of the pod's scratch volumes (emptyDir).
     cache_size_limit: str = "50Gi"
     shm_size_limit: str = "8Gi"
+    # A PersistentVolumeClaim (in each job's namespace, ReadWriteMany) mounted read-write as HF_HOME
+    # into the pods of jobs with baseModel.hubId: the first job downloads a model, later ones reuse
+    # it. Empty: HF_HOME is on the pod's scratch cache (downloaded again by every pod).
+    hub_cache_claim: str = ""
     # Non-root identity of the trainer container.
     trainer_uid: int = 1000
     # Namespaces to serve; empty: the whole cluster.
@@ -76,6 +80,7 @@ class Settings:
             gpu_resource=get("GPU_RESOURCE", d.gpu_resource),
             cache_size_limit=get("CACHE_SIZE_LIMIT", d.cache_size_limit),
             shm_size_limit=get("SHM_SIZE_LIMIT", d.shm_size_limit),
+            hub_cache_claim=get("HUB_CACHE_CLAIM", d.hub_cache_claim).strip(),
             trainer_uid=int(get("TRAINER_UID", d.trainer_uid)),
             namespaces=namespaces,
             poll_interval=float(get("POLL_INTERVAL", d.poll_interval)),

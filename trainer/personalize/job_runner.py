@@ -50,6 +50,9 @@ from personalize.spec import (
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.status_reporter import StatusReporter, StatusReportError
+from personalize.storage.checkpoint_sync import CheckpointSync
+from personalize.storage.publish import finish_upload
+from personalize.storage.uploads import OutputUpload
 from personalize.termination import write_termination_message
 
 log = logging.getLogger("personalize")
@@ -235,6 +238,12 @@ class JobRunner:
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
         checkpoints = RunCheckpoints(spec, output, accelerator, self.shutdown)
         self.rows, self.outcomes, self.files = checkpoints.rows, checkpoints.completed, checkpoints.files
+        sync = CheckpointSync.for_job(spec)  # output.uri: checkpoints mirrored there, restored from there
+        if sync is not None:
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    sync.pull(checkpoints.directory)
+            checkpoints.on_saved = sync.push
         loading = time.monotonic()
         resume = checkpoints.load(identifier.token)
         if resume is not None:
@@ -297,10 +306,15 @@ class JobRunner:
         report.wall_seconds = round(time.monotonic() - self.started, 3)
         write_json(report.to_api(), output / RESULT_FILE)
         checkpoints.remove()  # the result is safe: a restart now would only redo finished work
+        uploaded = True
+        upload = OutputUpload.for_job(spec, output)
+        if upload is not None:  # artifacts, then result.json; on failure the next attempt only uploads
+            uploaded = finish_upload(upload, report, lambda: write_json(report.to_api(), output / RESULT_FILE),
+                                     after_success=sync.remove if sync is not None else None)
         write_termination_message(report)
         try:
             self._publish(final=True)
         except StatusReportError as err:
             log.error("final status patch failed (result.json is written): %s", err)
             return 1
-        return 0
+        return 0 if uploaded else 1

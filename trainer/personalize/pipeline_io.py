@@ -11,6 +11,7 @@ from personalize.preflight import check_base_model, resolve_volume_path
 from personalize.errors import TrainerInputError
 from personalize.methods.base import Models
 from personalize.spec import BaseModelSource
+from personalize.storage.hub import resolve_snapshot
 
 TINY_WORLD_DIR = Path(__file__).resolve().parent / "assets" / "tiny_world"
 
@@ -39,7 +40,9 @@ def load_base_pipeline(source: BaseModelSource) -> StableDiffusionPipeline:
     if source.builtin:
         return _from_pretrained(builtin_tiny_world_folder(), "baseModel.builtin tiny-world")
     if source.hub_id:
-        return _from_pretrained(source.hub_id, f"baseModel.hubId {source.hub_id!r}", revision=source.revision)
+        folder = resolve_snapshot(source.hub_id, source.revision, source.allow_pickle_weights)
+        return _from_pretrained(folder, f"baseModel.hubId {source.hub_id!r}",
+                                use_safetensors=None if source.allow_pickle_weights else True)
     check_base_model(source)
     folder = resolve_volume_path(source.path or "", source.claim_name)
     return _from_pretrained(folder, f"baseModel.path {str(folder)!r}")

@@ -17,7 +17,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -127,6 +127,8 @@ class RunCheckpoints:
         self.files: list[str] = []  # artifact files written by finished stages
         self.carry: dict[str, torch.Tensor] = {}  # what a later stage needs from an earlier one
         self.token: Optional[str] = None
+        # Called with each new checkpoint's folder on the main process (e.g. to copy it to a store).
+        self.on_saved: Optional[Callable[[Path], None]] = None
 
     def load(self, identifier_token: str) -> Optional[TrainingCheckpoint]:
         """Read the newest checkpoint (None: fresh start) and take over its run state."""
@@ -240,5 +242,7 @@ class StageCheckpoints:
                     "last": self.last,
                 },
             ))
+            if run.on_saved is not None:
+                run.on_saved(path)
         accelerator.wait_for_everyone()
         return path

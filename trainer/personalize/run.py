@@ -45,6 +45,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         job = load_job(args.config)
+        if job.spec.output.uri:  # an earlier attempt trained but could not upload: only upload
+            from personalize.storage.publish import retry_pending_upload
+
+            retried = retry_pending_upload(job, Path(args.output), write_json)
+            if retried is not None:
+                return retried
         output = preflight(job, args.output)
         # transformers logs import-time notices (e.g. optional image backends) that are noise here.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
