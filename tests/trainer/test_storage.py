@@ -323,3 +323,61 @@ def test_pickled_hub_weights_load_only_when_the_job_opts_in(tiny_pipeline_dir, t
     pipe = load_base_pipeline(BaseModelSource(hub_id="tiny-org/pickled", allow_pickle_weights=True))
     same = load_base_pipeline(BaseModelSource(path=str(tiny_pipeline_dir)))
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), same.unet.state_dict().values()))
+
+
+# ---- retries and messages -----------------------------------------------------------------------
+
+
+def test_transient_failures_are_retried_and_the_users_are_not(monkeypatch):
+    from personalize.errors import TrainerInputError
+    from personalize.storage.locations import StorageUnavailable, with_retries
+
+    monkeypatch.setenv("PJ_STORAGE_BACKOFF", "0")
+    monkeypatch.setenv("PJ_STORAGE_RETRIES", "3")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "data"
+
+    assert with_retries("download", flaky, where="s3://b/k") == "data" and len(calls) == 3
+
+    def gone():
+        calls.append(1)
+        raise TimeoutError("read timed out")
+
+    calls.clear()
+    with pytest.raises(StorageUnavailable, match=r"download s3://b/k failed after 4 attempts: TimeoutError"):
+        with_retries("download", gone, where="s3://b/k")
+    assert len(calls) == 4
+
+    def denied():
+        calls.append(1)
+        raise PermissionError("AccessDenied")
+
+    calls.clear()
+    with pytest.raises(TrainerInputError, match=r"^s3://b/k: access denied"):
+        with_retries("download", denied, where="s3://b/k")
+    assert len(calls) == 1  # the user's problem: never retried
+
+
+def test_denied_credentials_give_one_line_that_names_no_credential(tiny_pipeline_dir, concept_dir, tmp_path,
+                                                                    monkeypatch, capsys, caplog):
+    strict = MotoS3(strict=True)
+    try:
+        for name, value in strict.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("PJ_STORAGE_BACKOFF", "0")
+        caplog.set_level(logging.DEBUG)
+        spec = job_spec(tiny_pipeline_dir, concept_dir, "textualInversion")
+        spec["output"] = {"uri": "s3://results/cat", "secretRef": {"name": "studio-s3"}}
+        config = write_job(tmp_path, spec)
+        assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    finally:
+        strict.close()
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        "error: output.uri 's3://results/cat': access denied (check the credentials in the job's secretRef)"]
+    assert SECRET_KEY not in err + caplog.text and ACCESS_KEY not in err + caplog.text

@@ -7,6 +7,11 @@ Output directory layout:
     losses.csv  convergence.png  samples_before.png  samples.png  result.json
     checkpoints/                    while running: the latest resumable checkpoint (resume.py);
                                     removed once result.json is written
+    .upload-state.json              with output.uri: what is uploaded (storage/uploads.py)
+
+With output.uri every checkpoint is mirrored to the store and a start without a local one
+restores the newest from there; after result.json the folder is uploaded, result.json last
+(storage/publish.py). A failed upload exits 1 and the next attempt only uploads.
 
 Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
 TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
