@@ -2,8 +2,9 @@
 
 1. Upload: the output folder of a tiny-world DreamBooth run (its `pipeline/` folder plus the other
    artifacts and result.json) uploaded by the trainer (`OutputUpload.upload`: sha256 of each file,
-   the upload state after each file, result.json last) against boto3's `upload_file` of the same
-   files, one client each created beforehand; alternating, `--repeats` times, medians.
+   up to 4 files at a time, the upload state after each file, result.json last) against boto3's
+   `upload_file` of the same files one after the other (s3transfer's defaults: multipart above
+   8 MB), each client connected beforehand; alternating, `--repeats` times, medians.
 2. Resume: the same DreamBooth job with `output.uri` and `checkpointEvery`, SIGTERMed after
    `--interrupt-at` steps (its checkpoint is then local and in the store); then resumed twice with
    the real CLI: from the local checkpoint (a copy of the output folder) and from the store (an
@@ -92,6 +93,7 @@ def upload_side_by_side(moto: MotoS3, bucket: str, folder: Path, repeats: int) -
             (folder / STATE_FILE).unlink(missing_ok=True)
             if kind == "trainer":
                 upload = OutputUpload(open_location(f"s3://{bucket}/{prefix}", "output.uri"), folder, "bench")
+                upload.location.fs.ls(bucket)  # the client's session is made here, as boto3's was beforehand
                 started = time.perf_counter()
                 upload.upload()
             else:
@@ -155,6 +157,7 @@ def main() -> None:
                 "first_step_seconds": {"local_checkpoint": first_local, "object_store_checkpoint": first_store},
                 "ratio_store_over_local": first_store / first_local,
             }
+            os.environ.update(moto.env(), AWS_EC2_METADATA_DISABLED="true")  # for the in-process uploader
             upload = upload_side_by_side(moto, bucket, node_b, args.repeats)
     finally:
         moto.close()

@@ -176,11 +176,12 @@ def test_an_upload_cut_midway_is_finished_by_the_next_attempt_without_training(
 
 
 @pytest.mark.slow
-def test_a_checkpoint_mirrored_to_the_store_resumes_in_an_empty_output_folder(moto, s3, concept_dir, tmp_path):
+def test_a_checkpoint_mirrored_to_the_store_resumes_in_an_empty_output_folder(moto, s3, tiny_pipeline_dir, concept_dir,
+                                                                               tmp_path):
     bucket, client = s3
     put_concept(client, bucket, concept_dir)
     spec = {
-        "baseModel": {"builtin": "tiny-world"}, "method": "textualInversion",
+        "baseModel": {"path": str(tiny_pipeline_dir)}, "method": "textualInversion",
         "concept": {"images": {"uri": f"s3://{bucket}/cat/"}, "classNoun": "triangle"},
         "training": {"maxSteps": 10, "batchSize": 2, "checkpointEvery": 3, "learningRate": 0.02},
         "earlyStopping": {"criterion": "none", "referenceBatchSize": 2},

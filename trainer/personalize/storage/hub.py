@@ -70,7 +70,7 @@ def _resolve(hub_id: str, revision: Optional[str], allow_pickle: bool, cache_dir
                   ignore_patterns=UNUSED_PATTERNS + ([] if allow_pickle else PICKLE_PATTERNS))
     try:
         folder = snapshot_download(local_files_only=True, **kwargs)
-        log.info("%s: found in the cache %s", what, cache_dir)
+        log.info("%s: commit %s, found in the cache %s", what, Path(folder).name, cache_dir)
         return _checked(Path(folder), what, allow_pickle)
     except HFValidationError as err:
         raise TrainerInputError(f"{what} is not a valid hub id or revision: {_first_line(err)}") from None
@@ -81,7 +81,8 @@ def _resolve(hub_id: str, revision: Optional[str], allow_pickle: bool, cache_dir
         started = time.monotonic()
         try:
             folder = snapshot_download(**kwargs)
-            log.info("%s: downloaded into %s (%.1f s)", what, cache_dir, time.monotonic() - started)
+            log.info("%s: commit %s, downloaded into %s (%.1f s)", what, Path(folder).name, cache_dir,
+                     time.monotonic() - started)
             return _checked(Path(folder), what, allow_pickle)
         except RevisionNotFoundError:
             raise TrainerInputError(f"baseModel.revision {revision!r} does not exist in {hub_id!r}") from None

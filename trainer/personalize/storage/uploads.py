@@ -1,7 +1,7 @@
 """Upload the output folder to `output.uri`: every artifact, then `result.json` last.
 
 A reader that finds `<uri>/result.json` may trust that everything it lists is there: it is
-uploaded only after every other file. Files go in sorted order; `checkpoints/` is not an
+uploaded only after every other file has been (up to 4 at a time before it); `checkpoints/` is not an
 artifact (`checkpoint_sync.py` mirrors it separately) and the upload's own state file stays local.
 
 Nothing is lost when the store fails. The trained files are already on the output volume; the
@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,6 +33,7 @@ FIELD = "output.uri"
 RESULT_FILE = "result.json"
 STATE_FILE = ".upload-state.json"
 LOCAL_ONLY = ("checkpoints", STATE_FILE, ".write-test")
+PARALLEL_UPLOADS = 4
 
 
 def spec_digest(spec: PersonalizationJobSpec) -> str:
@@ -116,19 +119,33 @@ class OutputUpload:
         state = self._read_state() or {"uri": location.uri, "spec": self.digest, "uploaded": {}}
         state["complete"] = False
         remote_sizes = self._remote_sizes()
-        sent = []
+        todo = []
         for rel in artifact_files(self.output):
-            if rel == RESULT_FILE:
-                continue
             local = self.output / rel
             digest = _sha256(local)
-            if state["uploaded"].get(rel) == digest and remote_sizes.get(rel) == local.stat().st_size:
-                continue  # uploaded by an earlier attempt and still there
+            if rel != RESULT_FILE and not (state["uploaded"].get(rel) == digest
+                                           and remote_sizes.get(rel) == local.stat().st_size):
+                todo.append((rel, digest))  # else: uploaded by an earlier attempt and still there
+        sent: list[str] = []
+        lock = threading.Lock()
+
+        def put(rel: str, digest: str) -> None:
             target = location.child(rel)
-            with_retries("upload", lambda: fs.put_file(str(local), target), where=location.uri_of(target))
-            state["uploaded"][rel] = digest
-            self._write_state(state)
-            sent.append(rel)
+            with_retries("upload", lambda: fs.put_file(str(self.output / rel), target), where=location.uri_of(target))
+            with lock:  # recorded as soon as it is in the store
+                state["uploaded"][rel] = digest
+                self._write_state(state)
+                sent.append(rel)
+
+        # A few files at a time (the store's latency, not bandwidth, dominates small files); the
+        # first failure stops the rest, and what finished is recorded.
+        with ThreadPoolExecutor(max_workers=PARALLEL_UPLOADS) as pool:
+            futures = [pool.submit(put, rel, digest) for rel, digest in todo]
+            for future in futures:
+                if future.exception() is not None:
+                    for other in futures:
+                        other.cancel()
+                    raise future.exception()
         if before_result is not None:
             before_result()
         target = location.child(RESULT_FILE)
@@ -136,7 +153,7 @@ class OutputUpload:
         state["uploaded"][RESULT_FILE] = _sha256(self.output / RESULT_FILE)
         state["complete"] = True
         self._write_state(state)
-        return [*sent, RESULT_FILE]
+        return [*sorted(sent), RESULT_FILE]
 
     def _remote_sizes(self) -> dict[str, int]:
         location = self.location
