@@ -161,7 +161,7 @@ def test_an_upload_cut_midway_is_finished_by_the_next_attempt_without_training(
         from personalize import job_runner
 
         monkeypatch.setattr(job_runner.JobRunner, "execute", lambda self: pytest.fail("trained again"))
-        caplog.set_level(logging.INFO)
+        caplog.set_level(logging.INFO, logger="personalize.storage")  # whatever earlier tests did to its level
         assert main(["--config", str(config), "--output", str(output)]) == 0
     finally:
         proxy.close()
