@@ -7,11 +7,13 @@
 #       --build-arg TRAINER_BASE_IMAGE=python:3.11.7-slim-bookworm \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .  # CPU base
 #
-# Every Python package is pinned by docker/constraints.txt (generated from the tested
-# environment by docker/pin_constraints.py); base images are pinned by tag.
+# Every Python package is pinned by requirements.lock, the same lock CI and the demo install
+# (used here as pip constraints, so each image takes only what its extra needs); base images are
+# pinned by tag.
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
-# The CUDA build of PyTorch ships in this image; pip keeps it (torch is not in constraints.txt).
+# The CUDA build of PyTorch ships in this image; pip keeps it (the lock's torch line, the CPU
+# build of the same version, is left out of the trainer's constraints).
 ARG TRAINER_BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 # ---------------------------------------------------------------------------------------------
@@ -32,10 +34,10 @@ FROM ${PYTHON_IMAGE} AS operator
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY docker/constraints.txt /tmp/constraints.txt
+COPY requirements.lock /tmp/requirements.lock
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    pip install --no-cache-dir -c /tmp/constraints.txt "$(ls /dist/*.whl)[operator]" \
-    && rm /tmp/constraints.txt
+    pip install --no-cache-dir -c /tmp/requirements.lock "$(ls /dist/*.whl)[operator]" \
+    && rm /tmp/requirements.lock
 RUN groupadd --gid 10001 pj-operator \
     && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin pj-operator
 # Numeric UID so that Kubernetes can verify runAsNonRoot without reading /etc/passwd.
@@ -46,10 +48,9 @@ ENTRYPOINT ["personalization-operator"]
 
 # ---------------------------------------------------------------------------------------------
 # trainer: PyTorch base (CUDA by default). With a CPU base, set TORCH_INDEX_URL and pip installs
-# torch==TORCH_VERSION from that index first.
+# the lock's torch (the CPU build) from that index first.
 # ---------------------------------------------------------------------------------------------
 FROM ${TRAINER_BASE_IMAGE} AS trainer
-ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -58,13 +59,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/trainer/.cache/huggingface \
     MPLCONFIGDIR=/tmp/matplotlib \
     HF_HUB_DISABLE_TELEMETRY=1
+COPY requirements.lock /tmp/requirements.lock
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
-        pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
-    fi
-COPY docker/constraints.txt /tmp/constraints.txt
+        pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "$(grep '^torch==' /tmp/requirements.lock)"; \
+    fi \
+    && grep -v '^torch==' /tmp/requirements.lock > /tmp/constraints.txt
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install --no-cache-dir -c /tmp/constraints.txt "$(ls /dist/*.whl)[trainer]" \
-    && rm /tmp/constraints.txt
+    && rm /tmp/constraints.txt /tmp/requirements.lock
 RUN groupadd --gid 10001 pj-trainer \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/trainer \
         --shell /usr/sbin/nologin pj-trainer \

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# One-command demo: install (CPU torch from the local cache), write a held-out concept's photos,
+# One-command demo: install into .venv (CPU torch from the lock), write a held-out concept's photos,
 # and personalize the embedded tiny model on them with DVAR early stopping. No GPU, no download.
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[trainer]" -c constraints.txt
-python3 -m pip uninstall -y -q torchvision timm 2>/dev/null || true
-python3 - <<'PY'
+# Everything goes into the project's own virtualenv (.venv), exactly as locked.
+bash tools/install-venv.sh
+.venv/bin/python - <<'PY'
 from personalize.world.shapes import concept_by_name, write_concept_images
 paths = write_concept_images(concept_by_name("red_striped_triangle"), 8, "demo-output/concept-images", seed=0)
 print(f"wrote {len(paths)} concept images to demo-output/concept-images")
 PY
-personalize-train --config demo/job.yaml --output demo-output
+.venv/bin/personalize-train --config demo/job.yaml --output demo-output
 # How far training moved the samples towards the concept: tiny-CLIP image similarity (CLIP-I) of
 # the before/after grids (same prompts, same noise) to the concept's photos.
-TRANSFORMERS_VERBOSITY=error python3 - <<'PY'
+TRANSFORMERS_VERBOSITY=error .venv/bin/python - <<'PY'
 from pathlib import Path
 from PIL import Image
 import transformers

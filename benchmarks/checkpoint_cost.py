@@ -1,4 +1,4 @@
-"""What preemption safety costs on the tiny world (issue 6), per method:
+"""What preemption safety costs on the tiny world (checkpoints and resume), per method:
 
 - checkpoint size (all files of one checkpoint) and save time (write + fsync + checksums +
   atomic rename, as logged by `save_checkpoint`), and the time to read and verify it on resume;

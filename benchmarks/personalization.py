@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -222,26 +221,16 @@ def job_spec(task: Task, train_dir: Path) -> dict:
     return spec
 
 
-@contextmanager
-def evaluate_instead_of_sample_grids(scores: dict, task: Task, work: Path):
-    """The job runner draws its sample grids with the trained models still in memory: evaluate
-    there (the "after" grid) instead of reloading each method's artifacts, and skip both grids."""
-    import personalize.job_runner as job_runner
-    from personalize.samples import SAMPLES_FILE
+def evaluate_after_training(scores: dict, rows: list, task: Task, work: Path):
+    """A JobRunner `after_training` hook: score the trained models while they are still in memory
+    (instead of reloading each method's artifacts) and keep the run's loss rows."""
 
-    original = job_runner.write_samples
+    def hook(trained) -> None:
+        scores.update(evaluate(trained.models, trained.identifier_token, task.concept, work,
+                               task.eval_images_per_prompt, task.eval_inference_steps))
+        rows.extend(trained.loss_rows)
 
-    def replacement(spec, models, prompt_token, resolution, device, path):
-        if Path(path).name == SAMPLES_FILE:
-            scores.update(evaluate(models, prompt_token, task.concept, work,
-                                   task.eval_images_per_prompt, task.eval_inference_steps))
-        return []
-
-    job_runner.write_samples = replacement
-    try:
-        yield
-    finally:
-        job_runner.write_samples = original
+    return hook
 
 
 def _round(values: list, digits: int = 4) -> list:
@@ -286,10 +275,13 @@ def run_task(task: Task) -> dict:
     output = work / "runs" / task.name
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
-    runner = JobRunner(parse_job(job_spec(task, train_dir)), output)
     scores: dict[str, float] = {}
+    rows: list[dict] = []
+    # The trainer's own sample grids are skipped: the hook evaluates the "after" models instead.
+    runner = JobRunner(parse_job(job_spec(task, train_dir)), output,
+                       after_training=evaluate_after_training(scores, rows, task, work), sample_grids=False)
     torch.manual_seed(task.seed)
-    with evaluate_instead_of_sample_grids(scores, task, work), open(os.devnull, "w") as quiet:
+    with open(os.devnull, "w") as quiet:
         streams = sys.stdout, sys.stderr  # the progress line, 96 runs over, is noise here
         sys.stdout = sys.stderr = quiet
         try:
@@ -304,7 +296,7 @@ def run_task(task: Task) -> dict:
         "stop_reason": stop["reason"],
         "wall_seconds": round(sum(s["seconds"] for s in result["stages"]), 2),
         **scores,
-        "series": loss_series(runner.rows, task.variant in ("dvar", "clip")),  # clip: its CLIP-I gains
+        "series": loss_series(rows, task.variant in ("dvar", "clip")),  # clip: its CLIP-I gains
     }
     shutil.rmtree(output, ignore_errors=True)
     return record

@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from personalize.criteria import StopPolicy, make_criterion
-from personalize.data import load_concept_examples
+from personalize.criteria import StopPolicy, make_criterion, window_in_evaluations
+from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import setup_identifier
-from personalize.loop import train_stage, window_in_evaluations
+from personalize.loop import train_stage
 from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import builtin_tiny_world_folder, load_base_pipeline, models_of
 from personalize.reference_batch import ReferenceBatch
@@ -94,7 +94,7 @@ def train(spec_dict: dict) -> list[tuple[int, float, float | None, float]]:
         models.tokenizer, models.text_encoder, "auto", learns_embedding=learns_embedding(spec),
         initializer=spec.initializer_token,
     )
-    examples = load_concept_examples(spec.concept, ident.text, models.unet.config.sample_size * 4)
+    examples = examples_of(spec, ident.text, models.unet.config.sample_size * 4)
     rows: list[tuple[int, float, float | None, float]] = []
     for index, stage in enumerate(plan_stages(spec)):
         train_stage(

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from personalize.criteria import stop_threshold, window_in_evaluations
 from personalize.spec import (
     METHOD_DEFAULTS,
     Method,
@@ -30,7 +31,7 @@ def test_per_method_defaults_are_resolved(method):
     assert spec.max_steps == d.max_steps
     assert spec.learning_rate == d.learning_rate
     assert spec.window == d.window
-    assert spec.threshold == d.threshold
+    assert stop_threshold(spec) == d.threshold
     assert spec.prior_preservation_enabled == d.prior_preservation
 
 
@@ -44,13 +45,13 @@ def test_explicit_values_override_defaults():
     spec = parse_job(
         minimal(training={"maxSteps": 50, "learningRate": 0.1}, earlyStopping={"window": 20, "threshold": 0.3})
     ).spec
-    assert (spec.max_steps, spec.learning_rate, spec.window, spec.threshold) == (50, 0.1, 20, 0.3)
+    assert (spec.max_steps, spec.learning_rate, spec.window, stop_threshold(spec)) == (50, 0.1, 20, 0.3)
 
 
 @pytest.mark.parametrize("eval_every,expected", [(1, 310), (5, 62), (7, 45), (1000, 2)])
 def test_window_in_steps_becomes_window_in_evaluations(eval_every, expected):
     spec = parse_job(minimal(earlyStopping={"evalEvery": eval_every})).spec
-    assert spec.window_evaluations == expected
+    assert window_in_evaluations(spec.window, spec.early_stopping.eval_every) == expected
 
 
 def test_full_manifest_and_bare_spec_agree(tmp_path):

@@ -23,7 +23,7 @@ import yaml
 from personalize import spec as api
 
 from . import names
-from .names import EXIT_BAD_INPUT, EXIT_INTERRUPTED, PJ_API_VERSION, TERMINATION_LOG
+from .names import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STATUS_UNREPORTED, PJ_API_VERSION, TERMINATION_LOG
 from .names import TRAINER_CONTAINER as CONTAINER
 from .settings import Settings
 
@@ -159,6 +159,13 @@ def _resources(spec: api.PersonalizationJobSpec, settings: Settings) -> dict[str
     cpu = res.cpu or settings.default_cpu
     memory = res.memory or settings.default_memory
     requests = {"cpu": cpu, "memory": memory}
+    # The model cache is an emptyDir on the node's disk: request its size so the scheduler only
+    # picks nodes with room for it (the kubelet evicts a pod whose emptyDir outgrows the node).
+    # /dev/shm is memory-backed and counts against the memory limit below.
+    storage = settings.cache_size_limit if settings.ephemeral_storage_request is None \
+        else settings.ephemeral_storage_request
+    if storage:
+        requests["ephemeral-storage"] = storage
     limits = {"memory": memory}  # no CPU limit: throttling a data loader only slows the GPU down
     if res.gpus:
         limits[settings.gpu_resource] = str(res.gpus)
@@ -184,6 +191,9 @@ def pod_failure_policy() -> dict[str, Any]:
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         # Bad input fails the Job at once: the same input would fail the same way again.
         exit_code("FailJob", EXIT_BAD_INPUT),
+        # The run finished and kept its artifacts, but its final status patch failed: rerunning
+        # would train again for nothing. The operator reads the result from the termination message.
+        exit_code("FailJob", EXIT_STATUS_UNREPORTED),
         # Any other SIGTERM (exit 143 after a checkpoint) is a retry that counts.
         exit_code("Count", EXIT_INTERRUPTED),
     ]}
@@ -193,6 +203,25 @@ def secret_refs(spec: api.PersonalizationJobSpec) -> list[str]:
     """Names of the Secrets the spec references, deduplicated, in spec order."""
     refs = [spec.base_model.secret_ref, spec.concept.images.secret_ref, spec.output.secret_ref]
     return list(dict.fromkeys(ref.name for ref in refs if ref is not None))
+
+
+def image_pull_secrets(spec: api.PersonalizationJobSpec, settings: Settings) -> list[dict[str, str]]:
+    """The operator's pull secrets, then the job's own, deduplicated."""
+    secrets = dict.fromkeys(settings.trainer_image_pull_secrets + tuple(spec.image_pull_secrets))
+    return [{"name": secret} for secret in secrets]
+
+
+def _scheduling(spec: api.PersonalizationJobSpec, settings: Settings) -> dict[str, Any]:
+    """Pod-spec fields that only place or pull the pod, each present only when set."""
+    res = spec.resources
+    fields: dict[str, Any] = {
+        "nodeSelector": dict(res.node_selector),
+        "tolerations": [t.to_api() for t in res.tolerations],
+        "priorityClassName": res.priority_class_name,
+        "affinity": res.affinity,
+        "imagePullSecrets": image_pull_secrets(spec, settings),
+    }
+    return {key: value for key, value in fields.items() if value}
 
 
 def _seconds(value: float) -> str:
@@ -215,6 +244,8 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             "--metrics-port", str(names.METRICS_PORT),
             # Keep /metrics up after the final values so a scrape sees the early-stop decision.
             "--metrics-linger", _seconds(settings.trainer_metrics_linger_seconds),
+            # one data-parallel process per GPU of the pod
+            *(["--num-processes", str(spec.resources.gpus)] if spec.resources.gpus > 1 else []),
         ],
         "env": [
             {"name": "PJ_NAMESPACE", "value": namespace},
@@ -258,18 +289,18 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             "runAsUser": settings.trainer_uid,
             "runAsGroup": settings.trainer_uid,
             "fsGroup": settings.trainer_uid,
+            # Chown a volume only when its root does not belong to fsGroup yet: a recursive chown
+            # of a model PVC with millions of files would otherwise delay every start.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
         "volumes": volumes,
+        **_scheduling(spec, settings),
     }
-    res = spec.resources
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [t.to_api() for t in res.tolerations]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_meta: dict[str, Any] = {"labels": names.pod_labels(name, method)}
+    if spec.pod_annotations:
+        pod_meta["annotations"] = dict(spec.pod_annotations)
 
     labels = names.child_labels(name)
     job_spec: dict[str, Any] = {
@@ -279,13 +310,11 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
         "podFailurePolicy": pod_failure_policy(),
         # The replacement pod starts only when the old one has finished (written its checkpoint).
         "podReplacementPolicy": "Failed",
-        "template": {
-            "metadata": {"labels": names.pod_labels(name, method)},
-            "spec": pod_spec,
-        },
+        "template": {"metadata": pod_meta, "spec": pod_spec},
     }
-    if spec.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    deadline = spec.active_deadline_seconds or settings.default_active_deadline_seconds
+    if deadline:
+        job_spec["activeDeadlineSeconds"] = deadline
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     if spec.queue_name:

@@ -14,7 +14,7 @@ import kopf
 
 from personalize import spec as api
 
-from . import metrics, names, reconcile, status
+from . import lifecycle, metrics, names, reconcile, status
 from .kube import Kube
 from .pump import Pump
 from .settings import OPERATOR_NAME, Settings
@@ -38,7 +38,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
     memo.config = Settings.from_env()
-    memo.kube = Kube.from_environment(retries=memo.config.api_retries, backoff=memo.config.api_backoff)
+    # Watch only our own Jobs: the API server filters, so other Jobs never reach the operator.
+    settings.watching.label_selectors["batch", "jobs"] = f"{names.LABEL_MANAGED_BY}={OPERATOR_NAME}"
+    # The server ends every watch stream after this long (an integer, as the API requires) and
+    # kopf opens a new one; no request waits forever while a per-resource lock is held.
+    settings.watching.server_timeout = int(memo.config.watch_timeout)
+    settings.watching.client_timeout = int(memo.config.watch_timeout) + 60
+    settings.networking.request_timeout = memo.config.api_timeout
+    memo.kube = Kube.from_environment(retries=memo.config.api_retries, backoff=memo.config.api_backoff,
+                                      timeout=memo.config.api_timeout)
     memo.pump = Pump(memo.kube, memo.config)
     logger.info("serving %s with %s", ", ".join(memo.config.namespaces) or "all namespaces", memo.config)
 
@@ -55,12 +63,14 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(*PJ)
 @metrics.counting_errors("reconcile")
 def on_create_or_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    status.remember(body)
     reconcile.reconcile(memo.kube, dict(body), memo.config)
 
 
 @kopf.on.update(*PJ, field="spec")
 @metrics.counting_errors("spec_change")
 def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+    status.remember(body)
     if (body.get("status") or {}).get("jobName"):
         changed = sorted({".".join(("spec",) + tuple(d[1])) for d in diff})
         reconcile.refuse_change(memo.kube, dict(body), changed)
@@ -70,7 +80,8 @@ def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.event(*PJ)
 def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the jobs-by-phase gauge current (a cache of the watch; it decides nothing)."""
+    """Keep the jobs-by-phase gauge and the latest copy of the resource current (caches of the
+    watch; they decide nothing)."""
     memo.pump.ensure_started()
     uid = body.get("metadata", {}).get("uid", "")
     if type == "DELETED":
@@ -78,6 +89,7 @@ def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         status.forget(body["metadata"].get("namespace", ""), body["metadata"].get("name", ""))
     else:
         metrics.PHASES.observe(uid, (body.get("status") or {}).get("phase"))
+        status.remember(body)  # the latest copy: status writes then need no read
 
 
 def _owner_uid(job: kopf.Body) -> str | None:
@@ -96,7 +108,6 @@ def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         return
     namespace = body["metadata"]["namespace"]
     job = None if type == "DELETED" else dict(body)
-    failed = job is not None and any(c.get("type") == "Failed" and c.get("status") == "True"
-                                     for c in (job.get("status") or {}).get("conditions") or [])
-    pods = reconcile.job_pods(memo.kube, namespace, pj_name) if failed else []
+    # A failed Job's pods say why (OOMKilled, bad input, a run that finished unreported).
+    pods = reconcile.job_pods(memo.kube, namespace, pj_name) if lifecycle.job_condition(job, "Failed") else []
     reconcile.sync_lifecycle(memo.kube, namespace, pj_name, job, pods, owner_uid=owner)

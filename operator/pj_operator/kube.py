@@ -36,8 +36,10 @@ _PLURALS = {
 
 MERGE_PATCH = "application/merge-patch+json"
 
-# Answers that say "try again later" rather than "no": throttling (429) and server-side trouble.
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Answers that say "try again later" rather than "no": throttling (429), server-side trouble,
+# and NO_ANSWER (the request timed out or the connection failed: the server may be restarting).
+NO_ANSWER = 0
+RETRYABLE_STATUSES = frozenset({NO_ANSWER, 429, 500, 502, 503, 504})
 
 
 class ApiError(Exception):
@@ -64,6 +66,12 @@ def _retry_after(headers: Any) -> Optional[float]:
         return None  # an HTTP date: fall back to our own back-off
 
 
+def _field(obj: dict, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
 def collection_path(api_version: str, kind: str, namespace: Optional[str]) -> str:
     plural = _PLURALS[(api_version, kind)]
     root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
@@ -77,18 +85,23 @@ def object_path(api_version: str, kind: str, namespace: Optional[str], name: str
 
 
 class Kube:
-    """`retries` extra attempts for 429/5xx answers, waiting `backoff` x 2^n seconds (capped at
-    `max_backoff`, or what the server's Retry-After asks for, whichever is longer). Retrying is
-    safe for every verb the operator uses: merge patches are idempotent, a repeated DELETE gets
-    404 (treated as done), and a repeated POST whose first attempt did land gets 409, which
-    `reconcile.create_children` resolves by checking that the existing object is ours."""
+    """`retries` extra attempts for 429/5xx answers and for requests without an answer within
+    `timeout` seconds, waiting `backoff` x 2^n seconds (capped at `max_backoff`, or what the
+    server's Retry-After asks for, whichever is longer). Retrying is safe for every verb the
+    operator uses: merge patches are idempotent, a repeated DELETE gets 404 (treated as done), and
+    a repeated POST whose first attempt did land gets 409, which `reconcile.create_children`
+    resolves by checking that the existing object is ours.
+
+    The timeout matters beyond the one call: callers hold a per-resource lock while they talk to
+    the API server (status.update), so a hung request would block every writer of that resource."""
 
     def __init__(self, client: kubernetes.client.ApiClient, retries: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 8.0):
+                 max_backoff: float = 8.0, timeout: float = 30.0):
         self.client = client
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.timeout = timeout
 
     @classmethod
     def from_environment(cls, **retry_options: Any) -> "Kube":
@@ -136,8 +149,12 @@ class Kube:
         _, url, headers, body, _ = self.client.param_serialize(
             method=method, resource_path=path, header_params=headers, body=body, auth_settings=["BearerToken"],
         )
-        response = self.client.call_api(method, url, header_params=headers, body=body)
-        data = response.read()
+        try:
+            response = self.client.call_api(method, url, header_params=headers, body=body,
+                                            _request_timeout=self.timeout)
+            data = response.read()
+        except urllib3.exceptions.HTTPError as err:  # timeouts, refused or dropped connections
+            raise ApiError(NO_ANSWER, method, path, f"no answer within {self.timeout:g} s: {err}") from None
         if not 200 <= response.status < 300:
             raise ApiError(response.status, method, path, data.decode(errors="replace"),
                            retry_after=_retry_after(response.getheaders()))
@@ -155,14 +172,19 @@ class Kube:
             raise
 
     def list(self, api_version: str, kind: str, namespace: Optional[str] = None,
-             label_selector: Optional[dict[str, str]] = None) -> list[dict]:
-        query = {"labelSelector": ",".join(f"{k}={v}" for k, v in label_selector.items())} if label_selector else None
-        items = self.request("GET", collection_path(api_version, kind, namespace), query=query)["items"]
+             label_selector: Optional[dict[str, str]] = None,
+             field_selector: Optional[dict[str, str]] = None) -> list[dict]:
+        """Objects whose labels and (dotted) fields equal the selectors' values."""
+        query = {}
         if label_selector:
-            # Also filter here: cheap, and correct against servers that ignore selectors.
-            items = [o for o in items
-                     if all(o.get("metadata", {}).get("labels", {}).get(k) == v for k, v in label_selector.items())]
-        return items
+            query["labelSelector"] = ",".join(f"{k}={v}" for k, v in label_selector.items())
+        if field_selector:
+            query["fieldSelector"] = ",".join(f"{k}={v}" for k, v in field_selector.items())
+        items = self.request("GET", collection_path(api_version, kind, namespace), query=query or None)["items"]
+        # Also filter here: cheap, and correct against servers that ignore selectors.
+        return [o for o in items
+                if all(o.get("metadata", {}).get("labels", {}).get(k) == v for k, v in (label_selector or {}).items())
+                and all(_field(o, k) == v for k, v in (field_selector or {}).items())]
 
     def create(self, obj: dict) -> dict:
         meta = obj["metadata"]

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from personalize.spec import Phase, StopReason, TrainerReport
 
-from .names import EXIT_BAD_INPUT, TRAINER_CONTAINER
+from .names import EXIT_BAD_INPUT, EXIT_STATUS_UNREPORTED, TRAINER_CONTAINER
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 # Failed reasons.
 INVALID_SPEC = "InvalidSpec"
 IMAGE_PULL = "ImagePullBackOff"
+CONTAINER_CONFIG = "CreateContainerConfigError"  # e.g. a Secret or key the pod names is missing
+CONTAINER_CREATE = "CreateContainerError"
+FAILED_CREATE = "FailedCreate"  # the Job controller could not create the pod: quota, webhook, PriorityClass
+VOLUME_ATTACH = "FailedAttachVolume"  # e.g. Multi-Attach of a ReadWriteOnce volume in use on another node
+VOLUME_MOUNT = "FailedMount"
+PENDING_DEADLINE = "PendingDeadlineExceeded"
 OOM_KILLED = "OOMKilled"
 DEADLINE = "DeadlineExceeded"
 BACKOFF_LIMIT = "BackoffLimitExceeded"
@@ -52,12 +58,25 @@ COMPLETED = "Completed"
 SUCCESS_REASONS = (EARLY_STOPPED, MAX_STEPS, COMPLETED)
 # Every failure reason the operator itself decides. A Job may also fail for a reason of its own
 # (its Failed condition's reason, e.g. PodFailurePolicy, MaxFailedIndexesExceeded), passed through.
-FAILURE_REASONS = (INVALID_SPEC, IMAGE_PULL, OOM_KILLED, DEADLINE, BACKOFF_LIMIT, JOB_LOST, BAD_INPUT,
-                   POD_FAILURE_POLICY)
+START_FAILURE_REASONS = (IMAGE_PULL, CONTAINER_CONFIG, CONTAINER_CREATE, FAILED_CREATE, VOLUME_ATTACH, VOLUME_MOUNT,
+                         PENDING_DEADLINE)
+FAILURE_REASONS = (INVALID_SPEC, OOM_KILLED, DEADLINE, BACKOFF_LIMIT, JOB_LOST, BAD_INPUT,
+                   POD_FAILURE_POLICY) + START_FAILURE_REASONS
+
+# Why a pod does not start, and which grace period applies before the job fails. Image pulls are
+# retried by the kubelet and often recover (registry rate limits, blips); the others rarely do.
+_PULL_NEVER = ("InvalidImageName", "ErrImageNeverPull")  # fail at once: no retry can help
+_PULL_RETRYING = ("ImagePullBackOff", "ErrImagePull")
+_WAITING_FAILURES = (CONTAINER_CONFIG, CONTAINER_CREATE)
+_POD_EVENT_FAILURES = (VOLUME_ATTACH, VOLUME_MOUNT)
 
 
-# Kubelet waiting reasons that will not fix themselves: the pod would hold its GPU forever.
-_IMAGE_FAILURES = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+@dataclass(frozen=True)
+class StartLimits:
+    """How long a pod may fail to start before the job fails (seconds; 0 pending deadline: none)."""
+    image_pull_grace: float = 300.0
+    start_failure_grace: float = 60.0
+    pending_deadline: float = 3600.0
 
 
 def job_created_message(job_name: str) -> str:
@@ -83,26 +102,96 @@ class Observation:
     recovered: dict[str, Any] = field(default_factory=dict)
 
 
-def _job_condition(job: dict, kind: str) -> Optional[dict]:
-    for cond in job.get("status", {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
+def job_condition(job: Optional[dict], type_: str) -> Optional[dict]:
+    """The Job's condition of `type_` (Complete, Failed, Suspended...) if it is True, else None."""
+    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
             return cond
     return None
+
+
+def parse_time(value: Optional[str]) -> Optional[datetime.datetime]:
+    """A Kubernetes timestamp (RFC 3339, seconds or microseconds), or None."""
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _age(timestamp: Optional[str], now: datetime.datetime) -> float:
+    when = parse_time(timestamp)
+    return (now - when).total_seconds() if when else 0.0
+
+
+def _event_time(event: dict) -> Optional[str]:
+    return event.get("firstTimestamp") or event.get("eventTime") or event.get("metadata", {}).get("creationTimestamp")
+
+
+def _events_about(events: list[dict], kind: str, name: str) -> list[dict]:
+    """Warning events on one object, oldest first."""
+    about = [e for e in events if e.get("type") == "Warning" and e.get("involvedObject", {}).get("kind") == kind
+             and e.get("involvedObject", {}).get("name") == name]
+    return sorted(about, key=lambda e: e.get("lastTimestamp") or _event_time(e) or "")
+
+
+def start_failure(job: dict, pods: list[dict], events: list[dict], limits: StartLimits,
+                  now: Optional[datetime.datetime] = None) -> Optional[tuple[str, str]]:
+    """(reason, message) when the Job's pod cannot start and its grace period is over, else None.
+
+    `pods` are the Job's pods, `events` the Warning events of its namespace (Job and pods).
+    Ages count from the pod's creation (a kubelet problem) or from the event (FailedCreate)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if job_condition(job, "Complete") or job_condition(job, "Failed") or (job.get("spec") or {}).get("suspend"):
+        return None
+    if int((job.get("status") or {}).get("ready") or 0) > 0:
+        return None
+    pending = [p for p in pods if (p.get("status") or {}).get("phase", "Pending") == "Pending"]
+    for pod in pending:
+        name = pod["metadata"]["name"]
+        age = _age(pod["metadata"].get("creationTimestamp"), now)
+        for cs in _container_statuses(pod):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason, detail = waiting.get("reason", ""), waiting.get("message") or cs.get("image", "")
+            if reason in _PULL_NEVER or (reason in _PULL_RETRYING and age >= limits.image_pull_grace):
+                return IMAGE_PULL, f"pod {name}: {reason}: {detail}"
+            if reason in _WAITING_FAILURES and age >= limits.start_failure_grace:
+                return reason, f"pod {name}: {reason}: {detail}"
+        for event in _events_about(events, "Pod", name):
+            if event.get("reason") in _POD_EVENT_FAILURES and age >= limits.start_failure_grace:
+                return event["reason"], f"pod {name}: {event['reason']}: {event.get('message', '')}"
+    if not pending and int((job.get("status") or {}).get("active") or 0) == 0:
+        refused = [e for e in _events_about(events, "Job", job["metadata"]["name"]) if e.get("reason") == FAILED_CREATE]
+        if refused and _age(_event_time(refused[0]), now) >= limits.start_failure_grace:
+            return FAILED_CREATE, f"Job {job['metadata']['name']}: {FAILED_CREATE}: {refused[-1].get('message', '')}"
+    if limits.pending_deadline:
+        since = max([job.get("status", {}).get("startTime") or job["metadata"].get("creationTimestamp") or ""]
+                    + [p["metadata"].get("creationTimestamp") or "" for p in pods])
+        if since and _age(since, now) >= limits.pending_deadline:
+            return PENDING_DEADLINE, (f"Job {job['metadata']['name']}: no pod started within "
+                                      f"{limits.pending_deadline:g} s; {_last_word(job, pending, events)}")
+    return None
+
+
+def _last_word(job: dict, pending: list[dict], events: list[dict]) -> str:
+    """What holds the pod, as the kubelet, the scheduler or the Job controller last said it."""
+    for pod in pending:
+        for cs in _container_statuses(pod):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason"):
+                return f"pod {pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', '')}"
+    said = [e for p in pending for e in _events_about(events, "Pod", p["metadata"]["name"])]
+    said += _events_about(events, "Job", job["metadata"]["name"])
+    if said:
+        last = max(said, key=lambda e: e.get("lastTimestamp") or _event_time(e) or "")
+        return f"{last['involvedObject']['kind'].lower()} {last['involvedObject']['name']}: {last.get('reason')}: {last.get('message', '')}"
+    return "no event says why"
 
 
 def _container_statuses(pod: dict) -> list[dict]:
     status = pod.get("status", {})
     return (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
-
-
-def image_pull_failure(pods: list[dict]) -> Optional[str]:
-    """A message if some pod is stuck pulling its image, else None."""
-    for pod in pods:
-        for cs in _container_statuses(pod):
-            waiting = cs.get("state", {}).get("waiting") or {}
-            if waiting.get("reason") in _IMAGE_FAILURES:
-                return f"pod {pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', cs.get('image', ''))}"
-    return None
 
 
 def oom_killed(pods: list[dict]) -> Optional[str]:
@@ -132,12 +221,16 @@ def _trainer_terminations(pods: list[dict], phase: str) -> list[dict]:
 
 
 def termination_report(pods: list[dict]) -> Optional[dict[str, Any]]:
-    """The trainer's final report from its succeeded pod's termination message, or None.
+    """The trainer's final report from the termination message of its pod that finished the run
+    (exit 0, or EXIT_STATUS_UNREPORTED after a failed final status patch), or None.
 
     The trainer writes its result.json (compact JSON; under 4096 bytes, else the subset
     earlyStop/progress/identifier/artifact) to /dev/termination-log; the kubelet copies it into
-    the container status. Anything that is not a valid TrainerReport is ignored."""
-    for terminated in _trainer_terminations(pods, "Succeeded"):
+    the container status. Anything that is not a valid TrainerReport is ignored; NaN or Infinity
+    in it (a diverged loss) become null, which is what JSON and the API server accept."""
+    finished = _trainer_terminations(pods, "Succeeded") + [
+        t for t in _trainer_terminations(pods, "Failed")[:1] if t.get("exitCode") == EXIT_STATUS_UNREPORTED]
+    for terminated in finished:
         text = terminated.get("message") or ""
         try:
             report = TrainerReport.model_validate(json.loads(text)).to_api()
@@ -172,8 +265,18 @@ def succeeded_reason(status: dict) -> tuple[str, str]:
     return COMPLETED, "the trainer finished without reporting an early-stopping decision"
 
 
-def observe_job(job: Optional[dict], pods: list[dict], status: dict) -> Observation:
-    """What phase the resource is in, given its Job (None: the Job is gone) and the Job's pods."""
+def _recovered_report(pods: list[dict], status: dict) -> dict[str, Any]:
+    """Trainer fields from the termination message that status lacks (its final patch was lost)."""
+    report = termination_report(pods) or {}
+    return {k: v for k, v in report.items() if status.get(k) in (None, [], {})}
+
+
+def observe_job(job: Optional[dict], pods: list[dict], status: dict, events: Optional[list[dict]] = None,
+                limits: Optional[StartLimits] = None, now: Optional[datetime.datetime] = None) -> Observation:
+    """What phase the resource is in, given its Job (None: the Job is gone) and the Job's pods.
+
+    With `limits` (the periodic resync, which lists pods and events), a pod that cannot start
+    fails the job once its grace period is over."""
     if job is None:
         # The Job vanished before we saw it finish (TTL while the operator was down, or deleted
         # by hand). The trainer's final report, if it wrote one, still tells us how it ended.
@@ -190,24 +293,31 @@ def observe_job(job: Optional[dict], pods: list[dict], status: dict) -> Observat
         job_status.get("active") or 0)
     common = dict(start_time=job_status.get("startTime"), attempts=attempts or None)
 
-    complete = _job_condition(job, "Complete")
+    complete = job_condition(job, "Complete")
     if complete:
         completion = job_status.get("completionTime") or complete.get("lastTransitionTime") or now_iso()
-        recovered: dict[str, Any] = {}
-        if not status.get("earlyStop"):
-            # The trainer's final status patch never arrived (API server down, RBAC...): its pod's
-            # termination message still carries the decision.
-            report = termination_report(pods) or {}
-            recovered = {k: v for k, v in report.items() if status.get(k) in (None, [], {})}
+        # The trainer's final status patch never arrived (API server down, RBAC...): its pod's
+        # termination message still carries the decision.
+        recovered = {} if status.get("earlyStop") else _recovered_report(pods, status)
         reason, message = succeeded_reason({**status, **recovered})
         if recovered:
             message += " (recovered from the trainer pod's termination message)"
         return Observation(Phase.succeeded.value, reason, message, completion_time=completion,
                            recovered=recovered, **common)
 
-    failed = _job_condition(job, "Failed")
+    failed = job_condition(job, "Failed")
     if failed:
         completion = failed.get("lastTransitionTime") or now_iso()
+        unreported = failed.get("reason") == POD_FAILURE_POLICY and any(
+            t.get("exitCode") == EXIT_STATUS_UNREPORTED for t in _trainer_terminations(pods, "Failed")[:1])
+        if unreported:
+            # The run finished but could not write its status; its pod's message is the result.
+            recovered = _recovered_report(pods, status)
+            if recovered.get("earlyStop") or status.get("earlyStop"):
+                reason, message = succeeded_reason({**status, **recovered})
+                message += " (the trainer could not write its status; recovered from its pod's termination message)"
+                return Observation(Phase.succeeded.value, reason, message, completion_time=completion,
+                                   recovered=recovered, **common)
         oom = oom_killed(pods)
         if failed.get("reason") == DEADLINE:
             return Observation(Phase.failed.value, DEADLINE, f"Job {name}: {failed.get('message', '')}".strip(),
@@ -224,9 +334,11 @@ def observe_job(job: Optional[dict], pods: list[dict], status: dict) -> Observat
         return Observation(Phase.failed.value, reason, f"Job {name}: {failed.get('message', 'failed')}",
                            completion_time=completion, **common)
 
-    pull = image_pull_failure(pods)
-    if pull:
-        return Observation(Phase.failed.value, IMAGE_PULL, pull, completion_time=now_iso(), delete_job=True, **common)
+    stuck = start_failure(job, pods, events or [], limits, now) if limits is not None else None
+    if stuck:
+        # The pod can never start but would keep its node's GPU and its slot: delete the Job.
+        return Observation(Phase.failed.value, stuck[0], stuck[1], completion_time=now_iso(), delete_job=True,
+                           **common)
 
     if job.get("spec", {}).get("suspend"):
         queue = job["metadata"].get("labels", {}).get("kueue.x-k8s.io/queue-name")
@@ -240,8 +352,8 @@ def observe_job(job: Optional[dict], pods: list[dict], status: dict) -> Observat
     if int(job_status.get("failed") or 0) > 0 and int(job_status.get("active") or 0) > 0:
         return Observation(Phase.pending.value, "Restarting",
                            f"Job {name}: attempt {attempts} starting after {job_status['failed']} failed", **common)
-    if int(job_status.get("active") or 0) > 0:
-        return Observation(Phase.pending.value, "PodStarting", f"Job {name}: its pod is starting", **common)
+    # An active pod that is not ready yet is still "waiting for its pod": the same condition as
+    # before it existed, so no status write (the pod's own events tell its progress).
     return Observation(Phase.pending.value, JOB_CREATED, job_created_message(name), **common)
 
 
@@ -316,7 +428,9 @@ def lifecycle_patch(status: dict, obs: Observation, now: Optional[str] = None) -
     if obs.attempts is not None and status.get("attempts") != obs.attempts:
         patch["attempts"] = obs.attempts
     patch.update(obs.recovered)
-    return patch or None
+    if set(patch) <= {"startTime", "attempts"}:
+        return None  # bookkeeping alone is not worth a write: it rides along with the next transition
+    return patch
 
 
 def phase_reason(status: dict) -> tuple[Optional[str], str]:

@@ -23,6 +23,9 @@ METRICS_PORT_NAME = "metrics"
 TRAINER_CONTAINER = "trainer"
 EXIT_BAD_INPUT = 2  # the spec, images, model or a checkpoint are unusable: retrying cannot help
 EXIT_INTERRUPTED = 143  # SIGTERM, after a checkpoint: a replacement pod resumes from it
+# The run finished and wrote its artifacts and result, but its final status patch failed: the
+# result is in the termination message (personalize.status_reporter.EXIT_STATUS_UNREPORTED).
+EXIT_STATUS_UNREPORTED = 3
 TERMINATION_LOG = "/dev/termination-log"
 
 CONFIG_KEY = "job.yaml"

@@ -2,8 +2,12 @@
 
 - Admit waiting jobs while the concurrency cap has room (highest priority, then oldest first)
   and refresh every waiting job's queue position.
-- Look at the pods of admitted jobs that have not started: a pod stuck pulling its image never
-  fails its Job by itself, so the operator fails the resource (reason ImagePullBackOff).
+- Resync every admitted, unfinished job from its Job's actual state. The Job watch delivers
+  the same transitions sooner, but an event whose handling failed (the API server was down
+  while kopf ran the handler) is never delivered again; the resync catches up within a tick.
+- Fail jobs whose pod cannot start (lifecycle.start_failure): a pod stuck pulling its image, on
+  a missing Secret, refused by a quota or webhook, or on a volume attached elsewhere never fails
+  its Job by itself and would hold its slot and its node's GPU.
 
 It runs in a thread started by the first resource event and stopped by kopf's cleanup handler. It keeps
 no state between ticks: each tick recomputes everything from what the API server lists.
@@ -20,7 +24,7 @@ from personalize import spec as api
 
 from . import capacity, lifecycle, metrics, names, reconcile
 from .kube import Kube
-from .settings import Settings
+from .settings import OPERATOR_NAME, Settings
 from .validation import validate_job
 
 logger = logging.getLogger(__name__)
@@ -30,7 +34,7 @@ def tick(kube: Kube, settings: Settings) -> None:
     pjs = reconcile.list_pjs(kube, settings)
     if settings.max_concurrent_jobs > 0:
         admit_waiting(kube, settings, pjs)
-    check_starting_pods(kube, pjs)
+    resync(kube, settings, pjs)
 
 
 def admit_waiting(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
@@ -61,21 +65,46 @@ def admit_waiting(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
             reconcile.mark_queued(kube, pj, "WaitingForCapacity", decision.message)
 
 
-def check_starting_pods(kube: Kube, pjs: list[dict]) -> None:
-    starting = [pj for pj in pjs if (pj.get("status") or {}).get("phase") == api.Phase.pending.value
-                and (pj.get("status") or {}).get("jobName")]
-    # One listing of trainer pods per namespace, however many jobs are starting there.
-    pods_by_job: dict[tuple[str, str], list[dict]] = {}
-    for namespace in sorted({pj["metadata"]["namespace"] for pj in starting}):
-        for pod in kube.list("v1", "Pod", namespace, {names.LABEL_APP: names.TRAINER_APP}):
-            key = (namespace, pod["metadata"].get("labels", {}).get(names.LABEL_JOB, ""))
-            pods_by_job.setdefault(key, []).append(pod)
-    for pj in starting:
-        namespace, name = pj["metadata"]["namespace"], pj["metadata"]["name"]
-        pods = pods_by_job.get((namespace, name), [])
-        if lifecycle.image_pull_failure(pods):
-            job = kube.get("batch/v1", "Job", namespace, pj["status"]["jobName"])
-            reconcile.sync_lifecycle(kube, namespace, name, job, pods, owner_uid=pj["metadata"].get("uid"))
+def _admitted_unfinished(pj: dict) -> bool:
+    st = pj.get("status") or {}
+    return bool(st.get("jobName")) and st.get("phase") not in lifecycle.TERMINAL \
+        and not pj["metadata"].get("deletionTimestamp")
+
+
+def resync(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
+    """Per namespace with unfinished jobs: one listing of our Jobs, one of trainer pods, and one
+    of Warning events while a job waits for its pod. A job's status is written only when what
+    the listings show differs from it."""
+    limits = lifecycle.StartLimits(image_pull_grace=settings.image_pull_grace_seconds,
+                                   start_failure_grace=settings.start_failure_grace_seconds,
+                                   pending_deadline=settings.pending_deadline_seconds)
+    unfinished = [pj for pj in pjs if _admitted_unfinished(pj)]
+    for namespace in sorted({pj["metadata"]["namespace"] for pj in unfinished}):
+        here = [pj for pj in unfinished if pj["metadata"]["namespace"] == namespace]
+        jobs = {job["metadata"]["name"]: job for job in kube.list(
+            "batch/v1", "Job", namespace, {names.LABEL_MANAGED_BY: OPERATOR_NAME})}
+        pods = kube.list("v1", "Pod", namespace, {names.LABEL_APP: names.TRAINER_APP})
+        waiting = any((pj.get("status") or {}).get("phase") == api.Phase.pending.value for pj in here)
+        events = kube.list("v1", "Event", namespace, field_selector={"type": "Warning"}) if waiting else []
+        for pj in here:
+            _resync_one(kube, pj, jobs, pods, events, limits)
+
+
+def _resync_one(kube: Kube, pj: dict, jobs: dict[str, dict], pods: list[dict], events: list[dict],
+                limits: lifecycle.StartLimits) -> None:
+    namespace, name, uid = pj["metadata"]["namespace"], pj["metadata"]["name"], pj["metadata"].get("uid", "")
+    st = pj.get("status") or {}
+    job = jobs.get(st["jobName"])
+    if job is None:
+        if not (st.get("startTime") or st.get("progress")):
+            return  # not created yet (admission is creating it) or never started: reconcile's business
+    elif not reconcile.owned_by(job, uid):
+        return  # an earlier resource's Job, waiting for the garbage collector
+    job_uid = (job or {}).get("metadata", {}).get("uid")
+    own_pods = [p for p in pods if any(ref.get("uid") == job_uid for ref in p["metadata"].get("ownerReferences", []))]
+    if lifecycle.lifecycle_patch(st, lifecycle.observe_job(job, own_pods, st, events, limits)) is None:
+        return
+    reconcile.sync_lifecycle(kube, namespace, name, job, own_pods, owner_uid=uid, events=events, limits=limits)
 
 
 class Pump:

@@ -42,9 +42,16 @@ def _phase_changed(before: dict, patch: Optional[dict]) -> bool:
     return bool(patch) and "phase" in patch and patch["phase"] != (before.get("status") or {}).get("phase")
 
 
+# Phases whose entry is an Event on the resource. Pending and Running are not: the Job and its
+# pod record their own (SuccessfulCreate, Scheduled, Pulled, Started), and the conditions keep
+# the transition times; two Events fewer per job is a fifth of its API requests.
+_EVENT_PHASES = (Phase.queued.value, Phase.succeeded.value, Phase.failed.value)
+
+
 def _transition_event(before: dict, patch: Optional[dict], reason: str, message: str) -> None:
-    """One Event per phase transition: `<Phase>/<Reason>`, a Warning when it failed."""
-    if _phase_changed(before, patch):
+    """One Event per transition into an _EVENT_PHASES phase: `<Phase>/<Reason>`, a Warning when
+    it failed."""
+    if _phase_changed(before, patch) and patch["phase"] in _EVENT_PHASES:
         failed = patch["phase"] == Phase.failed.value
         status.event(before, warning=failed, reason=f"{patch['phase']}/{reason}", message=message)
 
@@ -139,15 +146,31 @@ def create_children(kube: Kube, owner: dict, parsed: api.PersonalizationJob, set
     """Create what is missing; accept what exists only if this resource owns it."""
     namespace, name, uid = _meta(owner)
     manifests = children.all_children(parsed, name, namespace, settings)
-    kopf.adopt(manifests, owner=owner, nested=["spec.template"])
+    # Owner references only: kopf.adopt would also copy every label of the resource (GitOps
+    # tracking labels, a kueue.x-k8s.io/queue-name) onto the children and the pod template.
+    kopf.append_owner_reference(manifests, owner=owner)
     for manifest in manifests:
         _create_child(kube, owner, manifest, settings)
 
 
+def owned_by(obj: Optional[dict], uid: str) -> bool:
+    return obj is not None and any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences", []))
+
+
+def _predecessor(existing: dict, name: str) -> Optional[str]:
+    """The uid of an earlier PersonalizationJob of the same name that owns `existing`, if any:
+    deleted and re-created, its children wait for the garbage collector."""
+    for ref in existing.get("metadata", {}).get("ownerReferences", []):
+        if ref.get("kind") == api.KIND and ref.get("apiVersion") == PJ_API_VERSION and ref.get("name") == name:
+            return ref.get("uid")
+    return None
+
+
 def _create_child(kube: Kube, owner: dict, manifest: dict, settings: Settings) -> None:
-    """Create one child. A 409 means "it exists" (ours: fine; anyone else's: never taken over)
-    or, if nothing is there, a conflict that a second attempt resolves."""
-    namespace, _, uid = _meta(owner)
+    """Create one child. A 409 means "it exists" (ours: fine; an earlier resource's of the same
+    name: wait for the garbage collector; anyone else's: never taken over) or, if nothing is
+    there, a conflict that a second attempt resolves."""
+    namespace, name, uid = _meta(owner)
     what = f"{manifest['kind']} {manifest['metadata']['name']}"
     for attempt in range(2):
         try:
@@ -162,17 +185,22 @@ def _create_child(kube: Kube, owner: dict, manifest: dict, settings: Settings) -
             existing = kube.get(manifest["apiVersion"], manifest["kind"], namespace, manifest["metadata"]["name"])
             if existing is None:
                 continue  # 409 but nothing there: a conflict, not an existing object; try again
-            owners = [ref.get("uid") for ref in existing.get("metadata", {}).get("ownerReferences", [])]
-            if uid not in owners:
-                message = f"{what} already exists and is not owned by this PersonalizationJob"
-                report_child_failure(kube, owner, "NameConflict", message)
-                raise kopf.PermanentError(message) from None
-            return  # ours already (created by an earlier attempt or operator run)
+            if owned_by(existing, uid):
+                return  # ours already (created by an earlier attempt or operator run)
+            predecessor = _predecessor(existing, name)
+            if predecessor:
+                message = (f"{what} is still owned by an earlier PersonalizationJob of this name (uid {predecessor}); "
+                           "waiting for the garbage collector to delete it")
+                report_child_failure(kube, owner, "WaitingForPredecessor", message, warning=False)
+                raise kopf.TemporaryError(message, delay=settings.retry_delay) from None
+            message = f"{what} already exists and is not owned by this PersonalizationJob"
+            report_child_failure(kube, owner, "NameConflict", message)
+            raise kopf.PermanentError(message) from None
     raise kopf.TemporaryError(f"cannot create {what}: repeated conflicts", delay=settings.retry_delay)
 
 
-def report_child_failure(kube: Kube, owner: dict, reason: str, message: str) -> None:
-    """A child could not be created: say why on the Running condition and in a Warning Event."""
+def report_child_failure(kube: Kube, owner: dict, reason: str, message: str, warning: bool = True) -> None:
+    """A child could not be created: say why on the Running condition and in an Event."""
     namespace, name, _ = _meta(owner)
 
     def compute(fresh: dict) -> Optional[dict]:
@@ -183,7 +211,7 @@ def report_child_failure(kube: Kube, owner: dict, reason: str, message: str) -> 
 
     before, patch = status.update(kube, namespace, name, compute)
     if patch:
-        status.event(before, warning=True, reason=reason, message=message)
+        status.event(before, warning=warning, reason=reason, message=message)
 
 
 def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
@@ -195,13 +223,14 @@ def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
     if not checked.ok:
         mark_invalid(kube, body, checked.problems)
         return
-    namespace, name, _ = _meta(body)
+    namespace, name, uid = _meta(body)
     if st.get("jobName"):
         # Admitted earlier (maybe by a previous operator run): finish what is missing, never re-run.
         job = kube.get("batch/v1", "Job", namespace, st["jobName"])
-        if job is not None:
+        if owned_by(job, uid):
             return
-        if st.get("progress") or st.get("earlyStop"):
+        # No Job, or an earlier resource's that the garbage collector has yet to delete.
+        if job is None and (st.get("progress") or st.get("earlyStop")):
             sync_lifecycle(kube, namespace, name, None, [])  # it ran, and its Job is gone
         else:
             create_children(kube, body, checked.job, settings)
@@ -284,15 +313,13 @@ def job_pods(kube: Kube, namespace: str, pj_name: str) -> list[dict]:
     return kube.list("v1", "Pod", namespace, {names.LABEL_JOB: pj_name, names.LABEL_APP: names.TRAINER_APP})
 
 
-def _is_complete(job: Optional[dict]) -> bool:
-    return job is not None and any(c.get("type") == "Complete" and c.get("status") == "True"
-                                   for c in (job.get("status") or {}).get("conditions") or [])
-
-
 def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], pods: list[dict],
-                   owner_uid: Optional[str] = None) -> Optional[dict]:
-    """Bring phase/conditions in line with the Job; returns the patch written (None if none)."""
+                   owner_uid: Optional[str] = None, events: Optional[list[dict]] = None,
+                   limits: Optional[lifecycle.StartLimits] = None) -> Optional[dict]:
+    """Bring phase/conditions in line with the Job; returns the patch written (None if none).
+    `events` and `limits`: also fail a job whose pod cannot start (see lifecycle.start_failure)."""
     observed: dict[str, lifecycle.Observation] = {}
+    asked = {"fresh": False}
 
     def compute(fresh: dict) -> Optional[dict]:
         nonlocal pods
@@ -301,10 +328,13 @@ def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], p
             return None  # a Job of an older resource with the same name
         if st.get("phase") in TERMINAL or not st.get("jobName"):
             return None
-        if _is_complete(job) and not st.get("earlyStop") and not pods:
+        if lifecycle.job_condition(job, "Complete") and not st.get("earlyStop") and not pods:
+            if not asked["fresh"]:
+                asked["fresh"] = True
+                raise status.Stale  # the trainer's final patch may be newer than our copy
             # Completed without the trainer's decision in status: read its termination message.
             pods = job_pods(kube, namespace, name)
-        obs = lifecycle.observe_job(job, pods, st)
+        obs = lifecycle.observe_job(job, pods, st, events, limits)
         observed["obs"] = obs
         return lifecycle.lifecycle_patch(st, obs)
 

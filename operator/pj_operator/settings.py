@@ -9,6 +9,21 @@ from typing import Mapping, Optional
 OPERATOR_NAME = "personalization-operator"
 
 
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped, duplicates dropped (first occurrence kept)."""
+    return tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"PJ_{name} must be a number of seconds, not {value!r}") from None
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"PJ_{name} must be >= 0")
+    return seconds
+
+
 def _bool(value: str) -> bool:
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -22,6 +37,13 @@ class Settings:
     # Image of the trainer container; a PersonalizationJob may override it with spec.image.
     trainer_image: str = "ghcr.io/dvar-dev/personalization-trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
+    # Secrets every trainer pod pulls its image with (a private registry); jobs may add their own.
+    trainer_image_pull_secrets: tuple[str, ...] = ()
+    # Admission policy. spec.image must start with one of these prefixes (empty: any image).
+    allowed_image_prefixes: tuple[str, ...] = ()
+    # spec.resources.priorityClassName must be one of these (empty: any but the system-* classes,
+    # which would let a training job preempt cluster-critical pods).
+    allowed_priority_classes: tuple[str, ...] = ()
     # At most this many jobs hold a Job at once (0: no cap). Jobs with a Kueue queue are not counted:
     # Kueue admits those.
     max_concurrent_jobs: int = 0
@@ -38,17 +60,35 @@ class Settings:
     # into the pods of jobs with baseModel.hubId: the first job downloads a model, later ones reuse
     # it. Empty: HF_HOME is on the pod's scratch cache (downloaded again by every pod).
     hub_cache_claim: str = ""
-    # Non-root identity of the trainer container.
-    trainer_uid: int = 1000
+    # Ephemeral storage the trainer pod requests: the scheduler then only picks nodes with room
+    # for the model cache (empty: request nothing). Defaults to the cache's size limit.
+    ephemeral_storage_request: Optional[str] = None
+    # Non-root identity of the trainer container: the trainer image's user (Dockerfile USER).
+    trainer_uid: int = 10001
     # Namespaces to serve; empty: the whole cluster.
     namespaces: tuple[str, ...] = ()
     # How often queued jobs re-check capacity and pending jobs check their pod (seconds).
     poll_interval: float = 10.0
     # Back-off before kopf retries a reconcile that the API server refused (quota, webhook...).
     retry_delay: float = 30.0
-    # Our API client retries 429/5xx answers this many times, waiting api_backoff x 2^n seconds.
+    # Our API client retries 429/5xx answers and unanswered requests this many times, waiting
+    # api_backoff x 2^n seconds; a request without an answer after api_timeout seconds is dropped.
     api_retries: int = 5
     api_backoff: float = 0.5
+    api_timeout: float = 30.0
+    # The API server ends each watch stream after this long and kopf starts a new one: a stream
+    # that silently died (a load balancer dropped it) cannot keep events away for longer.
+    watch_timeout: float = 300.0
+    # A pod that cannot start: how long before the job fails. Image pulls are often transient
+    # (registry rate limits, a blip) and the kubelet retries them; the other causes
+    # (CreateContainerConfigError, FailedCreate, FailedAttachVolume) rarely fix themselves.
+    image_pull_grace_seconds: float = 300.0
+    start_failure_grace_seconds: float = 60.0
+    # A job whose pod has not started this long after its Job (or its latest pod) was created
+    # fails with PendingDeadlineExceeded and frees its slot (0: wait forever).
+    pending_deadline_seconds: float = 3600.0
+    # spec.activeDeadlineSeconds when the job sets none (0: no deadline).
+    default_active_deadline_seconds: int = 86400
     # Seconds between SIGTERM and SIGKILL for the trainer pod: its SIGTERM checkpoint must fit.
     termination_grace_period_seconds: int = 120
     # The trainer keeps serving /metrics this long after its final values (`--metrics-linger`), so
@@ -73,6 +113,9 @@ class Settings:
         settings = cls(
             trainer_image=get("TRAINER_IMAGE", d.trainer_image),
             image_pull_policy=get("IMAGE_PULL_POLICY", d.image_pull_policy),
+            trainer_image_pull_secrets=_names(get("TRAINER_IMAGE_PULL_SECRETS", "")),
+            allowed_image_prefixes=_names(get("ALLOWED_IMAGE_PREFIXES", "")),
+            allowed_priority_classes=_names(get("ALLOWED_PRIORITY_CLASSES", "")),
             max_concurrent_jobs=int(get("MAX_CONCURRENT_JOBS", d.max_concurrent_jobs)),
             kueue_enabled=_bool(get("KUEUE_ENABLED", str(d.kueue_enabled))),
             default_cpu=get("DEFAULT_CPU", d.default_cpu),
@@ -81,12 +124,23 @@ class Settings:
             cache_size_limit=get("CACHE_SIZE_LIMIT", d.cache_size_limit),
             shm_size_limit=get("SHM_SIZE_LIMIT", d.shm_size_limit),
             hub_cache_claim=get("HUB_CACHE_CLAIM", d.hub_cache_claim).strip(),
+            ephemeral_storage_request=get("EPHEMERAL_STORAGE_REQUEST", None),
             trainer_uid=int(get("TRAINER_UID", d.trainer_uid)),
             namespaces=namespaces,
             poll_interval=float(get("POLL_INTERVAL", d.poll_interval)),
             retry_delay=float(get("RETRY_DELAY", d.retry_delay)),
             api_retries=int(get("API_RETRIES", d.api_retries)),
             api_backoff=float(get("API_BACKOFF", d.api_backoff)),
+            api_timeout=_seconds("API_TIMEOUT", get("API_TIMEOUT", str(d.api_timeout))),
+            watch_timeout=_seconds("WATCH_TIMEOUT", get("WATCH_TIMEOUT", str(d.watch_timeout))),
+            image_pull_grace_seconds=_seconds("IMAGE_PULL_GRACE_SECONDS",
+                                              get("IMAGE_PULL_GRACE_SECONDS", str(d.image_pull_grace_seconds))),
+            start_failure_grace_seconds=_seconds("START_FAILURE_GRACE_SECONDS", get(
+                "START_FAILURE_GRACE_SECONDS", str(d.start_failure_grace_seconds))),
+            pending_deadline_seconds=_seconds("PENDING_DEADLINE_SECONDS",
+                                              get("PENDING_DEADLINE_SECONDS", str(d.pending_deadline_seconds))),
+            default_active_deadline_seconds=int(_seconds("DEFAULT_ACTIVE_DEADLINE_SECONDS", get(
+                "DEFAULT_ACTIVE_DEADLINE_SECONDS", str(d.default_active_deadline_seconds)))),
             termination_grace_period_seconds=int(get("TERMINATION_GRACE_PERIOD_SECONDS",
                                                      d.termination_grace_period_seconds)),
             trainer_metrics_linger_seconds=float(get("TRAINER_METRICS_LINGER_SECONDS",
@@ -110,6 +164,8 @@ class Settings:
                 "PJ_TRAINER_METRICS_LINGER_SECONDS must be below PJ_TERMINATION_GRACE_PERIOD_SECONDS "
                 "(a SIGTERM does not cut a finished trainer's linger short)"
             )
+        if settings.api_timeout <= 0 or settings.watch_timeout < 1:
+            raise ValueError("PJ_API_TIMEOUT must be > 0 and PJ_WATCH_TIMEOUT >= 1")
         if settings.poll_interval <= 0:
             raise ValueError("PJ_POLL_INTERVAL must be > 0")
         return settings

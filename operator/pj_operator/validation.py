@@ -92,6 +92,37 @@ def _check_kubernetes_fields(spec: api.PersonalizationJobSpec) -> list[str]:
             problems.append(f"{where}.secretRef.name: {source.secret_ref.name!r} is not a valid Secret name")
     if spec.queue_name and not _is_label_value(spec.queue_name):
         problems.append(f"spec.queueName: {spec.queue_name!r} is not a valid label value")
+    for i, secret in enumerate(spec.image_pull_secrets):
+        if not _is_dns_subdomain(secret):
+            problems.append(f"spec.imagePullSecrets[{i}]: {secret!r} is not a valid Secret name")
+    for key in spec.pod_annotations:
+        if not _is_label_key(key):  # annotation keys follow the label key syntax
+            problems.append(f"spec.podAnnotations: {key!r} is not a valid annotation key")
+    return problems
+
+
+def _image_repository_prefix_ok(image: str, prefix: str) -> bool:
+    """`prefix` names a registry, a repository path or a repository: "ghcr.io/org/" allows
+    everything under org, "ghcr.io/org/trainer" only that repository (any tag or digest)."""
+    if prefix.endswith(("/", ":", "@")):
+        return image.startswith(prefix)
+    return image == prefix or image.startswith((prefix + ":", prefix + "@", prefix + "/"))
+
+
+def _check_policy(spec: api.PersonalizationJobSpec, settings: Settings) -> list[str]:
+    """The cluster admin's admission policy (operator settings, set through the Helm chart)."""
+    problems = []
+    allowed_images = settings.allowed_image_prefixes
+    if spec.image and allowed_images and not any(_image_repository_prefix_ok(spec.image, p) for p in allowed_images):
+        problems.append(f"spec.image: {spec.image!r} is not allowed here; allowed prefixes: "
+                        f"{', '.join(allowed_images)}")
+    pc = spec.resources.priority_class_name
+    allowed_classes = settings.allowed_priority_classes
+    if pc and allowed_classes and pc not in allowed_classes:
+        problems.append(f"spec.resources.priorityClassName: {pc!r} is not allowed here; allowed: "
+                        f"{', '.join(allowed_classes)}")
+    elif pc and not allowed_classes and pc.startswith("system-"):
+        problems.append(f"spec.resources.priorityClassName: {pc!r} is reserved for cluster-critical pods")
     return problems
 
 
@@ -149,6 +180,7 @@ def validate_job(body: dict[str, Any], settings: Settings) -> Validated:
     problems += _check_kubernetes_fields(job.spec)
     problems += _check_training(job.spec)
     problems += _check_method_sections(raw_spec, job.spec)
+    problems += _check_policy(job.spec, settings)
     if job.spec.queue_name and not settings.kueue_enabled:
         problems.append("spec.queueName: Kueue integration is disabled in this operator (PJ_KUEUE_ENABLED)")
     return Validated(job=job, problems=problems)

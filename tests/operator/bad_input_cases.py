@@ -119,6 +119,12 @@ CASES: list[Case] = [
          "spec.resources.priorityClassName: 'Urgent!' is not a valid name"),
     Case("queue-name-label", "resources", {"queueName": "gpu queue"},
          "spec.queueName: 'gpu queue' is not a valid label value"),
+    Case("pull-secret-name", "resources", {"imagePullSecrets": ["Registry_Creds"]},
+         "spec.imagePullSecrets[0]: 'Registry_Creds' is not a valid Secret name"),
+    Case("pod-annotation-key", "resources", {"podAnnotations": {"safe to evict": "false"}},
+         "spec.podAnnotations: 'safe to evict' is not a valid annotation key"),
+    Case("system-priority-class", "policy", {"resources": {"priorityClassName": "system-cluster-critical"}},
+         "spec.resources.priorityClassName: 'system-cluster-critical' is reserved for cluster-critical pods"),
 ]
 
 

@@ -13,8 +13,18 @@ Builtin kinds are checked against the oldest and the newest Kubernetes version w
 (K8S_VERSIONS): a field that one of them lacks or requires differently is caught.
 
 Faults are scripted per test (`inject`, `expire_watches`): HTTP errors such as 409/429/500 for
-matching requests from the operator (never for the harness), and watch streams that end with
-the "410 Gone" ERROR event a real API server sends when a resourceVersion is too old.
+matching requests from the operator (never for the harness), requests that hang before they are
+answered, and watch streams that end with the "410 Gone" ERROR event a real API server sends
+when a resourceVersion is too old.
+
+Further real behaviours that kmock lacks:
+- the garbage collector runs asynchronously: `gc_delay` seconds after an object is deleted, its
+  dependents (ownerReferences to no live uid) are deleted, then theirs (`gc_paused` holds it);
+- a body with NaN or Infinity is not JSON: 400 Bad Request;
+- `labelSelector` (equality terms) and `fieldSelector` (equality on dotted paths) filter lists
+  and watch streams; `timeoutSeconds` ends a watch stream, as the server's own timeout does;
+- a merge patch that names `metadata.resourceVersion` is refused with 409 unless it is current
+  (optimistic concurrency).
 """
 
 from __future__ import annotations
@@ -144,6 +154,39 @@ def validate_builtin(obj: dict[str, Any]) -> None:
                 f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]))
 
 
+# ---- selectors -----------------------------------------------------------------------------------
+
+
+def _field(obj: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def selected(obj: dict[str, Any], params) -> bool:
+    """Whether `obj` matches the request's labelSelector and fieldSelector (equality terms, and
+    `key!=value`; a bare `key` means the label exists), as the API server filters."""
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, (params.get("labelSelector") or "").split(",")):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term not in labels:
+            return False
+    for term in filter(None, (params.get("fieldSelector") or "").split(",")):
+        negate = "!=" in term
+        key, value = term.split("!=", 1) if negate else term.replace("==", "=").split("=", 1)
+        actual = _field(obj, key)
+        if ((str(actual) if actual is not None else "") == value) == negate:
+            return False
+    return True
+
+
 # ---- scripted faults --------------------------------------------------------------------------
 
 # kmock's action names -> Kubernetes verbs.
@@ -164,6 +207,9 @@ class Fault:
     retry_after: Optional[int] = None  # seconds, sent as the Retry-After header
     # Which client: "operator" (anything but the harness), "kopf" (kopf's own client), "kube" (ours).
     client: str = "operator"
+    # Seconds to wait before answering (then the request is served normally, status ignored):
+    # an overloaded or partitioned API server. The client must give up on its own.
+    hang: Optional[float] = None
     hits: int = 0
 
     def matches(self, request: kmock.Request, verb: str, user_agent: str) -> bool:
@@ -207,6 +253,11 @@ class StrictApiServer(kmock.KubernetesEmulator):
     _expirations: dict[str, int] = attrs.field(factory=dict)
     # plural -> watch streams that were ended with 410 Gone.
     expired_streams: dict[str, int] = attrs.field(factory=dict)
+    # The garbage collector: seconds between a deletion and the deletion of its dependents;
+    # while paused, orphans stay (a busy kube-controller-manager) until `gc_paused` is cleared.
+    gc_delay: float = 0.3
+    gc_paused: bool = False
+    collected: list[str] = attrs.field(factory=list)
     _crd_validator: Any = attrs.field(default=None)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
 
@@ -321,10 +372,27 @@ class StrictApiServer(kmock.KubernetesEmulator):
                 # Wake the streams up; each one sees its expiration count moved and ends.
                 asyncio.ensure_future(bus.put({"type": "PJ-TEST-EXPIRE", "object": {"metadata": {}}}))
 
+    async def _serve_list(self, request: kmock.Request):
+        listing = await super()._serve_list(request)
+        listing["items"] = [o for o in listing["items"] if selected(o, request.params)]
+        return listing
+
     async def _serve_watch(self, request: kmock.Request):
         plural = request.resource.plural if request.resource is not None else ""
         epoch = self._expirations.get(plural, 0)
+        timeout = request.params.get("timeoutSeconds")
+        deadline = time.monotonic() + float(timeout) if timeout else None
+        if deadline is not None:
+            # Wake the stream at its deadline even when nothing happens.
+            self._loop_call_later(float(timeout), self._wake, request.resource)
         async for event in super()._serve_watch(request):
+            if deadline is not None and time.monotonic() >= deadline:
+                return  # the server's own timeout: the stream simply ends
+            if isinstance(event, dict) and event.get("type") == "PJ-TEST-WAKE":
+                continue
+            if isinstance(event, dict) and isinstance(event.get("object"), dict) and event.get("type") in (
+                    "ADDED", "MODIFIED", "DELETED") and not selected(event["object"], request.params):
+                continue
             if self._expirations.get(plural, 0) != epoch:
                 self.expired_streams[plural] = self.expired_streams.get(plural, 0) + 1
                 yield {"type": "ERROR", "object": {
@@ -335,13 +403,90 @@ class StrictApiServer(kmock.KubernetesEmulator):
                 continue
             yield event
 
+    def _loop_call_later(self, delay: float, callback, *args) -> None:
+        asyncio.get_running_loop().call_later(delay, callback, *args)
+
+    def _wake(self, resource) -> None:
+        bus = self._buses.get(resource)
+        if bus is not None:
+            asyncio.ensure_future(bus.put({"type": "PJ-TEST-WAKE", "object": {"metadata": {}}}))
+
+    # ---- the garbage collector -------------------------------------------------------------------
+
+    def _schedule_gc(self) -> None:
+        self._loop_call_later(self.gc_delay, lambda: asyncio.ensure_future(self.collect_garbage()))
+
+    async def collect_garbage(self) -> list[str]:
+        """One pass: delete every object whose owners (by uid) are all gone. A pass that deleted
+        something schedules the next one (the dependents of what it deleted)."""
+        if self.gc_paused:
+            return []
+        deleted = []
+        async with self._lock:
+            live = {o.raw.get("metadata", {}).get("uid") for o in self._objects.values() if not o.deleted}
+            for (resource, namespace, name), obj in list(self._objects.items()):
+                if obj.deleted:
+                    continue
+                owners = [ref.get("uid") for ref in obj.raw.get("metadata", {}).get("ownerReferences", [])]
+                if owners and not any(uid in live for uid in owners):
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": obj.last.raw})
+                    deleted.append(f"{obj.last.raw.get('kind')}/{name}")
+        self.collected += deleted
+        if deleted:
+            self._schedule_gc()
+        return deleted
+
+    def resume_gc(self) -> None:
+        """Unpause the collector and run it (on the server's loop)."""
+        self.gc_paused = False
+        asyncio.ensure_future(self.collect_garbage())
+
+    # ---- real answers kmock does not give ------------------------------------------------------------
+
+    @staticmethod
+    def _non_finite_json(request: kmock.Request) -> Optional[aiohttp.web.Response]:
+        """A real API server's JSON decoder refuses NaN/Infinity (they are not JSON)."""
+        if not request.text:
+            return None
+
+        def refuse(constant: str):
+            raise ValueError(f"{constant} is not valid JSON")
+
+        try:
+            json.loads(request.text, parse_constant=refuse)
+        except ValueError as err:
+            body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": 400,
+                    "reason": "BadRequest", "message": f"the body of the request was in an unknown format: {err}"}
+            return aiohttp.web.json_response(body, status=400)
+        return None
+
+    @staticmethod
+    def _bad_timeout(request: kmock.Request) -> Optional[aiohttp.web.Response]:
+        """timeoutSeconds is an integer to a real API server ("300.0" is a 400)."""
+        value = request.params.get("timeoutSeconds")
+        if value is None or value.isdigit():
+            return None
+        body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": 400,
+                "reason": "BadRequest", "message": f"timeoutSeconds: invalid value {value!r}: not an integer"}
+        return aiohttp.web.json_response(body, status=400)
+
+    def _stale_resource_version(self, request: kmock.Request) -> bool:
+        if request.action != kmock_enums.action.UPDATE or not isinstance(request.data, dict):
+            return False
+        wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+        if wanted is None:
+            return False
+        current = self._current(request)
+        return current is not None and current["metadata"].get("resourceVersion") != wanted
+
     def _scripted_fault(self, request: kmock.Request) -> Optional[aiohttp.web.Response]:
         if request.action is None or request.action == kmock_enums.action.WATCH:
             return None
         verb = _VERBS.get(request.action.name, "")
         user_agent = request.headers.get("User-Agent", "")
         for fault in self.faults:
-            if fault.matches(request, verb, user_agent):
+            if fault.matches(request, verb, user_agent) and fault.hang is None:
                 fault.hits += 1
                 target = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
                 self.fired.append(f"{verb} {target} -> {fault.status}")
@@ -352,15 +497,37 @@ class StrictApiServer(kmock.KubernetesEmulator):
                 return aiohttp.web.json_response(body, status=fault.status, headers=headers)
         return None
 
+    def _hang(self, request: kmock.Request) -> Optional[float]:
+        if request.action is None or request.action == kmock_enums.action.WATCH:
+            return None
+        verb = _VERBS.get(request.action.name, "")
+        for fault in self.faults:
+            if fault.hang is not None and fault.matches(request, verb, request.headers.get("User-Agent", "")):
+                fault.hits += 1
+                self.fired.append(f"{verb} {request.resource.plural} -> hang {fault.hang:g} s")
+                return fault.hang
+        return None
+
     async def _handle(self, request: kmock.Request):
         self.log.append(request)
         try:
-            fault = self._scripted_fault(request)
+            hang = self._hang(request)
+            if hang is not None:
+                await asyncio.sleep(hang)
+            fault = self._scripted_fault(request) or self._non_finite_json(request) or self._bad_timeout(request)
             if fault is not None:
                 return fault
             if request.action == kmock_enums.action.WATCH:
                 return await super()._handle(request)
-            return await self._handle_strictly(request)
+            if self._stale_resource_version(request):
+                raise kmock.KubernetesError(status=409, reason="Conflict", message=(
+                    "the object has been modified; please apply your changes to the latest version and try again"))
+            response = await self._handle_strictly(request)
+            if request.action == kmock_enums.action.DELETE or (
+                    request.action == kmock_enums.action.UPDATE and request.resource is not None
+                    and self._current(request) is None):
+                self._schedule_gc()  # something may be gone now (a finalizer removal, too)
+            return response
         finally:
             self._retire(request)
 

@@ -12,6 +12,7 @@ import collections
 import datetime
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -160,25 +161,14 @@ class FakeCluster:
     def delete(self, api_version: str, kind: str, namespace: Optional[str], name: str) -> bool:
         return self.kube.delete(api_version, kind, namespace, name)
 
-    # ---- the garbage collector ---------------------------------------------------------------
+    # ---- the garbage collector (asynchronous, in the fake API server) ---------------------------
 
-    def collect_garbage(self) -> list[str]:
-        """Delete every object whose owner (by uid) no longer exists, as kube-controller-manager would."""
-        live_uids = set()
-        objects = []
-        for (resource, namespace, name), obj in list(self.server.objects.items()):
-            if obj.deleted:
-                continue
-            raw = obj.raw
-            live_uids.add(raw.get("metadata", {}).get("uid"))
-            objects.append((resource, namespace, name, raw))
-        deleted = []
-        for resource, namespace, name, raw in objects:
-            owners = [ref["uid"] for ref in raw.get("metadata", {}).get("ownerReferences", [])]
-            if owners and not any(uid in live_uids for uid in owners):
-                self.delete(raw["apiVersion"], raw["kind"], namespace, name)
-                deleted.append(f"{raw['kind']}/{name}")
-        return deleted
+    def pause_gc(self) -> None:
+        """Hold the garbage collector: dependents of deleted owners stay until `resume_gc`."""
+        self._loop.call_soon_threadsafe(setattr, self.server, "gc_paused", True)
+
+    def resume_gc(self) -> None:
+        self._loop.call_soon_threadsafe(self.server.resume_gc)
 
     # ---- the Job controller and the kubelet ----------------------------------------------------
 
@@ -189,7 +179,7 @@ class FakeCluster:
         """The Job controller creates a pod from the template (the kubelet has not started it)."""
         job = self.job(job_name, namespace)
         template = job["spec"]["template"]
-        labels = dict(template["metadata"]["labels"], **{"batch.kubernetes.io/job-name": job_name,
+        labels = dict((template.get("metadata") or {}).get("labels") or {}, **{"batch.kubernetes.io/job-name": job_name,
                                                           "job-name": job_name})
         pod = {
             "apiVersion": "v1", "kind": "Pod",
@@ -216,14 +206,36 @@ class FakeCluster:
         self.patch_status("batch/v1", "Job", "default" if namespace is None else namespace, job_name,
                           {"active": 1, "ready": 1})
 
-    def pod_image_pull_backoff(self, job_name: str, namespace: str = "default", attempt: int = 0) -> None:
+    def pod_waiting(self, job_name: str, reason: str, message: str, namespace: str = "default",
+                    attempt: int = 0) -> None:
+        """The kubelet cannot start the container: CreateContainerConfigError, ImagePullBackOff..."""
         self.patch_status("v1", "Pod", namespace, f"{job_name}-{attempt}", {
             "phase": "Pending",
             "containerStatuses": [{"name": "trainer", "image": "registry.invalid/trainer:nope", "imageID": "",
                                    "ready": False, "restartCount": 0,
-                                   "state": {"waiting": {"reason": "ImagePullBackOff",
-                                                         "message": "Back-off pulling image"}}}],
+                                   "state": {"waiting": {"reason": reason, "message": message}}}],
         })
+
+    def pod_image_pull_backoff(self, job_name: str, namespace: str = "default", attempt: int = 0) -> None:
+        self.pod_waiting(job_name, "ImagePullBackOff", "Back-off pulling image", namespace, attempt)
+
+    def event_on(self, kind: str, name: str, reason: str, message: str, namespace: str = "default",
+                 component: str = "kubelet") -> dict:
+        """A Warning Event as a controller or the kubelet records it."""
+        api_version = "batch/v1" if kind == "Job" else "v1"
+        target = self.get(api_version, kind, namespace, name) or {"metadata": {}}
+        return self.create({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": api_version, "kind": kind, "name": name, "namespace": namespace,
+                               "uid": target["metadata"].get("uid", "")},
+            "reason": reason, "message": message, "type": "Warning", "count": 1,
+            "firstTimestamp": now(), "lastTimestamp": now(), "source": {"component": component},
+        })
+
+    def job_failed_create(self, job_name: str, message: str, namespace: str = "default") -> dict:
+        """The Job controller could not create the pod (quota, admission webhook, PriorityClass)."""
+        return self.event_on("Job", job_name, "FailedCreate", message, namespace, component="job-controller")
 
     def pod_failed(self, job_name: str, reason: str = "Error", namespace: str = "default", attempt: int = 0,
                    exit_code: int = 1, message: Optional[str] = None, disrupted: bool = False) -> str:
@@ -357,6 +369,16 @@ def pod_failure_action(job: dict, pod: dict) -> tuple[str, Optional[int]]:
             if (pattern["type"], pattern.get("status", "True")) in conditions:
                 return rule["action"], index
     return "Count", None
+
+
+def status_of(cluster: FakeCluster, name: str, namespace: str = "default") -> dict:
+    """The resource's status as the API server has it ({} while it has none or is gone)."""
+    return (cluster.pj(name, namespace) or {}).get("status") or {}
+
+
+def condition(status: dict, type_: str) -> Optional[dict]:
+    """The condition of `type_` in a status (whatever its value), or None."""
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
 
 
 def pj_manifest(name: str, namespace: str = "default", **spec_overrides: Any) -> dict:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import time
 
-from fake_cluster import PJ, pj_manifest, wait_for
-
-
-def status_of(cluster, name):
-    return (cluster.pj(name) or {}).get("status") or {}
+from fake_cluster import PJ, condition, pj_manifest, status_of, wait_for
 
 
 def queued_message(cluster, name):
-    cond = next((c for c in status_of(cluster, name).get("conditions", []) if c["type"] == "Queued"), None)
+    cond = condition(status_of(cluster, name), "Queued")
     return cond and cond["status"] == "True" and cond["message"]
 
 

@@ -43,6 +43,12 @@ def test_job_runs_the_trainer_contract():
     assert pod["restartPolicy"] == "Never"
 
 
+def test_several_gpus_run_one_data_parallel_process_each():
+    command = build_job(resources={"gpus": 4})["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--num-processes") + 1] == "4"
+    assert "--num-processes" not in build_job(resources={"gpus": 1})["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
 def test_metrics_linger_is_an_operator_setting_below_the_grace_period():
     settings = Settings.from_env({"PJ_TRAINER_METRICS_LINGER_SECONDS": "2.5"})
     pod = children.job(parsed(), "cat", "team-a", settings)["spec"]["template"]["spec"]
@@ -72,9 +78,11 @@ def test_job_resources_scheduling_and_retries():
 def test_operator_default_resources_apply_only_when_the_job_sets_none():
     settings = Settings(default_cpu="8", default_memory="32Gi")
     job = children.job(parsed(), "cat", "team-a", settings)
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "32Gi",
+                                                                                   "ephemeral-storage": "50Gi"}
     job = children.job(parsed(resources={"memory": "4Gi"}), "cat", "team-a", settings)
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "4Gi"}
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "4Gi",
+                                                                                   "ephemeral-storage": "50Gi"}
 
 
 def test_pod_is_locked_down_with_writable_scratch_only():

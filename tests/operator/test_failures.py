@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-from fake_cluster import PJ, pj_manifest, wait_for
-
-
-def status_of(cluster, name):
-    return (cluster.pj(name) or {}).get("status") or {}
-
-
-def condition(status, type_):
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+from fake_cluster import PJ, condition, pj_manifest, status_of, wait_for
 
 
 def test_invalid_spec_is_reported_as_condition_and_warning_without_children(cluster, run_operator):
@@ -79,7 +71,7 @@ def test_deadline_exceeded(cluster, run_operator):
 
 
 def test_image_pull_backoff_fails_the_job_and_frees_the_node(cluster, run_operator):
-    with run_operator():
+    with run_operator(PJ_IMAGE_PULL_GRACE_SECONDS="0"):
         cluster.create(pj_manifest("typo", image="registry.invalid/trainer:nope"))
         wait_for(lambda: cluster.job("typo"))
         cluster.start_pod("typo")

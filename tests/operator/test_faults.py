@@ -1,4 +1,4 @@
-"""Operator faults, scripted in the strict fake API server (issue 6, item 2).
+"""Operator faults, scripted in the strict fake API server.
 
 Each scenario ends with the resource in the right state and exactly one of each child:
 409 conflicts, 429/500/503 answers (our client and kopf retry with back-off), watch streams that
@@ -13,7 +13,7 @@ import collections
 import kubernetes
 import pytest
 
-from fake_cluster import PJ, pj_manifest, wait_for
+from fake_cluster import PJ, condition, pj_manifest, status_of, wait_for
 from pj_operator import kube as kube_module
 from pj_operator import metrics
 from pj_operator.kube import ApiError, Kube
@@ -25,14 +25,6 @@ FINAL = {
     "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "criterion": "dvar", "value": 0.12,
                   "threshold": 0.15, "window": 60, "step": 180, "stepsSaved": 220, "fractionSaved": 0.55},
 }
-
-
-def status_of(cluster, name):
-    return (cluster.pj(name) or {}).get("status") or {}
-
-
-def condition(status, type_):
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
 
 
 def owned_kinds(cluster, name):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 
 from fake_cluster import pj_manifest
@@ -20,7 +22,7 @@ def failed_cond(reason):
 
 @pytest.mark.parametrize("status,pods,phase,reason", [
     ({}, [], "Pending", "JobCreated"),
-    ({"active": 1}, [], "Pending", "PodStarting"),
+    ({"active": 1}, [], "Pending", "JobCreated"),
     ({"active": 1, "ready": 1, "startTime": "s"}, [], "Running", "PodRunning"),
     ({"active": 1, "failed": 1}, [], "Pending", "Restarting"),
     ({"failed": 3, "conditions": [failed_cond("BackoffLimitExceeded")]}, [], "Failed", "BackoffLimitExceeded"),
@@ -28,13 +30,81 @@ def failed_cond(reason):
     ({"failed": 1, "conditions": [failed_cond("BackoffLimitExceeded")]},
      [{"metadata": {"name": "p", "creationTimestamp": "1"}, "status": {"phase": "Failed", "containerStatuses": [
          {"state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}}], "Failed", "OOMKilled"),
+    # Without start limits (the Job watch, which lists no pods) a stuck pod is not judged.
     ({"active": 1}, [{"metadata": {"name": "p"}, "status": {"containerStatuses": [
-        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}], "Failed", "ImagePullBackOff"),
+        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}], "Pending", "JobCreated"),
 ])
 def test_job_state_maps_to_phase_and_reason(status, pods, phase, reason):
     obs = lifecycle.observe_job(job(status), pods, {})
     assert (obs.phase, obs.reason) == (phase, reason)
-    assert obs.delete_job == (reason == "ImagePullBackOff")
+    assert not obs.delete_job
+
+
+T0 = "2026-01-01T00:00:00Z"
+LIMITS = lifecycle.StartLimits(image_pull_grace=300, start_failure_grace=60, pending_deadline=3600)
+
+
+def at(seconds):
+    return lifecycle.parse_time(T0) + datetime.timedelta(seconds=seconds)
+
+
+def waiting_pod(reason, message="m", created=T0):
+    return {"metadata": {"name": "p", "creationTimestamp": created}, "status": {"phase": "Pending", "containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]}}
+
+
+def warning(kind, name, reason, message, first=T0):
+    return {"type": "Warning", "reason": reason, "message": message, "firstTimestamp": first, "lastTimestamp": first,
+            "involvedObject": {"kind": kind, "name": name}}
+
+
+def pending_job(active=1):
+    return {"metadata": {"name": "j", "creationTimestamp": T0}, "spec": {}, "status": {"active": active}}
+
+
+@pytest.mark.parametrize("reason,grace", [("ImagePullBackOff", 300), ("ErrImagePull", 300),
+                                          ("InvalidImageName", 0), ("ErrImageNeverPull", 0),
+                                          ("CreateContainerConfigError", 60), ("CreateContainerError", 60)])
+def test_a_stuck_container_fails_only_after_its_grace_period(reason, grace):
+    pods = [waiting_pod(reason, "why")]
+    if grace:
+        assert lifecycle.start_failure(pending_job(), pods, [], LIMITS, now=at(grace - 1)) is None
+    failed_reason, message = lifecycle.start_failure(pending_job(), pods, [], LIMITS, now=at(grace))
+    assert failed_reason == ("ImagePullBackOff" if "Image" in reason else reason)
+    assert message == f"pod p: {reason}: why"
+    obs = lifecycle.observe_job(pending_job(), pods, {}, [], LIMITS, now=at(grace))
+    assert (obs.phase, obs.reason, obs.delete_job) == ("Failed", failed_reason, True)
+
+
+def test_failed_create_counts_only_while_no_pod_exists():
+    events = [warning("Job", "j", "FailedCreate", "exceeded quota: gpu")]
+    assert lifecycle.start_failure(pending_job(active=0), [], events, LIMITS, now=at(59)) is None
+    assert lifecycle.start_failure(pending_job(active=0), [], events, LIMITS, now=at(60)) == (
+        "FailedCreate", "Job j: FailedCreate: exceeded quota: gpu")
+    # The quota had room later: a pod exists, an old refusal no longer fails the job.
+    assert lifecycle.start_failure(pending_job(), [waiting_pod("ContainerCreating")], events, LIMITS,
+                                   now=at(61)) is None
+
+
+def test_volume_events_on_the_pod_fail_it_and_the_pending_deadline_names_the_last_word():
+    multi = warning("Pod", "p", "FailedAttachVolume", "Multi-Attach error for volume pvc-1")
+    pod = {"metadata": {"name": "p", "creationTimestamp": T0}, "status": {"phase": "Pending"}}
+    assert lifecycle.start_failure(pending_job(), [pod], [multi], LIMITS, now=at(60))[0] == "FailedAttachVolume"
+    unschedulable = warning("Pod", "p", "FailedScheduling", "0/3 nodes are available")
+    assert lifecycle.start_failure(pending_job(), [pod], [unschedulable], LIMITS, now=at(3599)) is None
+    reason, message = lifecycle.start_failure(pending_job(), [pod], [unschedulable], LIMITS, now=at(3600))
+    assert reason == "PendingDeadlineExceeded" and "FailedScheduling: 0/3 nodes are available" in message
+    no_deadline = lifecycle.StartLimits(pending_deadline=0)
+    assert lifecycle.start_failure(pending_job(), [pod], [unschedulable], no_deadline, now=at(10**6)) is None
+
+
+def test_running_suspended_or_finished_jobs_are_never_start_failures():
+    pods = [waiting_pod("InvalidImageName")]
+    running = dict(pending_job(), status={"active": 1, "ready": 1})
+    suspended = dict(pending_job(), spec={"suspend": True})
+    finished = dict(pending_job(), status={"conditions": [failed_cond("BackoffLimitExceeded")]})
+    for job_ in (running, suspended, finished):
+        assert lifecycle.start_failure(job_, pods, [], LIMITS, now=at(10**6)) is None
 
 
 def test_only_the_last_failed_pod_decides_oom():

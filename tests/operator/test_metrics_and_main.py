@@ -76,8 +76,9 @@ def test_main_wires_settings_into_kopf(monkeypatch):
     monkeypatch.setenv("PJ_NAMESPACES", "team-a,team-b")
     monkeypatch.setenv("PJ_HEALTH_PORT", "9999")
     monkeypatch.setenv("PJ_METRICS_PORT", "0")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # in a pod: kopf logs in
     monkeypatch.setattr(main_module.kopf, "run", lambda **kwargs: calls.update(kwargs))
-    main_module.main()
+    assert main_module.main([]) == 0
     assert calls["standalone"] is True and calls["clusterwide"] is False
     assert calls["namespaces"] == ["team-a", "team-b"]
     assert calls["liveness_endpoint"] == "http://0.0.0.0:9999/healthz"

@@ -17,12 +17,12 @@ def test_deleting_the_resource_removes_everything_it_owns(cluster, run_operator)
         assert not pj["metadata"].get("finalizers")
         assert cluster.delete(*PJ, "default", "doomed")
         wait_for(lambda: cluster.pj("doomed") is None)
-        # The garbage collector follows ownerReferences: children, then the Job's pod.
-        collected = cluster.collect_garbage()
-        assert sorted(collected) == sorted(["ConfigMap/doomed-config", "ServiceAccount/doomed-trainer",
-                                            "Role/doomed-trainer", "RoleBinding/doomed-trainer", "Job/doomed"])
-        assert cluster.collect_garbage() == ["Pod/doomed-0"]
-        assert cluster.owned_by(uid) == []
+        # The garbage collector follows ownerReferences, a while later: children, then the Job's pod.
+        wait_for(lambda: cluster.owned_by(uid) == [] and cluster.get("v1", "Pod", "default", "doomed-0") is None,
+                 what="the garbage collector")
+        assert sorted(cluster.server.collected) == sorted([
+            "ConfigMap/doomed-config", "ServiceAccount/doomed-trainer", "Role/doomed-trainer",
+            "RoleBinding/doomed-trainer", "Job/doomed", "Pod/doomed-0"])
         # The operator does not resurrect anything for the deleted resource.
         assert len(cluster.creations("jobs")) == 1
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fake_apiserver import K8S_VERSIONS, validate_builtin
-from fake_cluster import pj_manifest, pod_failure_action, wait_for
+from fake_cluster import condition, pj_manifest, pod_failure_action, status_of, wait_for
 from pj_operator import children, lifecycle, metrics
 from pj_operator.settings import Settings
 from pj_operator.validation import validate_job
@@ -23,14 +23,6 @@ REPORT = {
     "artifact": {"location": "/output/runs/x", "files": ["learned_embeds.safetensors"]},
     "wallSeconds": 90.0,
 }
-
-
-def status_of(cluster, name):
-    return (cluster.pj(name) or {}).get("status") or {}
-
-
-def condition(status, type_):
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
 
 
 def build_job(settings=Settings(), **overrides):
@@ -54,10 +46,11 @@ def test_job_has_the_preemption_policy_and_is_valid_for_old_and_new_kubernetes()
     assert spec["podReplacementPolicy"] == "Failed"
     assert pod["terminationGracePeriodSeconds"] == 120
     rules = spec["podFailurePolicy"]["rules"]
-    assert [r["action"] for r in rules] == ["Ignore", "FailJob", "Count"]
+    assert [r["action"] for r in rules] == ["Ignore", "FailJob", "FailJob", "Count"]
     assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
     assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2]}
-    assert rules[2]["onExitCodes"]["values"] == [143]
+    assert rules[2]["onExitCodes"]["values"] == [3]  # finished, but the final status patch failed
+    assert rules[3]["onExitCodes"]["values"] == [143]
     container = pod["containers"][0]
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"

@@ -1,4 +1,4 @@
-"""Security of what the operator creates (issue 6, item 4): the trainer pod is locked down, the
+"""Security of what the operator creates: the trainer pod is locked down, the
 trainer's Role reaches only its own resource, and credentials travel only by Secret reference."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from fake_cluster import pj_manifest, wait_for
+from fake_cluster import pj_manifest, status_of, wait_for
 from pj_operator import children
 from pj_operator.settings import Settings
 from pj_operator.validation import validate_job
@@ -25,10 +25,6 @@ def parsed(name="cat", **overrides):
     checked = validate_job(pj_manifest(name, "team-a", **overrides), SETTINGS)
     assert checked.ok, checked.problems
     return checked.job
-
-
-def status_of(cluster, name):
-    return (cluster.pj(name) or {}).get("status") or {}
 
 
 # ---- the trainer pod -------------------------------------------------------------------------------

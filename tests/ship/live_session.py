@@ -144,7 +144,10 @@ def start(workdir: Path, trainer_timeout: float = 240.0) -> LiveSession:
         started = time.monotonic()
         with trainer_log.open("wb") as log:
             trainer = subprocess.Popen(
-                ["personalize-train", "--config", str(config), "--output", str(workdir / "output"),
+                # The console script of the Python running this session: the test command runs
+                # `.venv/bin/python -m pytest` without the virtualenv on PATH.
+                [str(Path(sys.executable).with_name("personalize-train")), "--config", str(config),
+                 "--output", str(workdir / "output"),
                  "--metrics-port", str(trainer_port), "--metrics-linger", "3"],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )

@@ -31,6 +31,12 @@ ALL_ON: dict[str, Any] = {
         "defaultTrainerResources": {"cpu": "8", "memory": "32Gi"},
         "extraEnv": [{"name": "PJ_EXTRA", "value": "1"}],
         "hubCache": {"claimName": "hf-cache"},
+        "trainerImagePullSecrets": ["trainer-registry"],
+        "pendingDeadlineSeconds": 1800,
+    },
+    "admission": {
+        "allowedImagePrefixes": ["registry.example.com/ml/"],
+        "allowedPriorityClasses": ["batch-low", "batch-high"],
     },
     "serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "pj@example.iam.gserviceaccount.com"}},
     "podAnnotations": {"example.com/scrape": "false"},

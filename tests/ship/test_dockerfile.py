@@ -122,7 +122,7 @@ def _pip_installs(stage: Stage) -> list[list[str]]:
 def test_stage_installs_its_extra_with_pinned_constraints(target, extra):
     installs = [words for words in _pip_installs(BY_NAME[target]) if any(f"[{extra}]" in w for w in words)]
     assert len(installs) == 1
-    assert "-c" in installs[0], "the project install must use docker/constraints.txt"
+    assert "-c" in installs[0], "the project install must be constrained by the lock"
     assert extra in PYPROJECT["project"]["optional-dependencies"]
 
 
@@ -134,26 +134,15 @@ def test_operator_image_has_no_torch():
     assert "pytorch" not in resolve(stage.base, GLOBAL_ARGS)
 
 
-def _pins() -> dict[str, str]:
-    pins = {}
-    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    return pins
-
-
-def test_every_dependency_the_images_install_is_pinned():
-    pins = _pins()
-    optional = PYPROJECT["project"]["optional-dependencies"]
-    wanted = PYPROJECT["project"]["dependencies"] + optional["operator"] + optional["trainer"]
-    for dep in wanted:
-        name = re.sub(r"[-_.]+", "-", Requirement(dep).name).lower()
-        if name == "torch":  # from the trainer's base image, never replaced by pip
-            assert name not in pins
-            continue
-        assert name in pins, f"{name} is not pinned in docker/constraints.txt (run docker/pin_constraints.py)"
-        assert Requirement(dep).specifier.contains(pins[name]), f"{name}=={pins[name]} violates {dep}"
+def test_images_install_from_the_one_lock():
+    """Both stages copy requirements.lock and constrain their install with it (the trainer after
+    dropping the lock's CPU torch line, so a CUDA base keeps its own torch of the same version)."""
+    for target in ("operator", "trainer"):
+        stage = BY_NAME[target]
+        assert any("requirements.lock" in copy for copy in stage.all("COPY")), target
+        assert not (ROOT / "docker" / "constraints.txt").exists(), "a second pin list next to the lock"
+    runs = " ".join(BY_NAME["trainer"].all("RUN"))
+    assert "grep -v '^torch==' /tmp/requirements.lock" in runs
 
 
 def test_build_context_holds_what_the_copies_need():

@@ -57,6 +57,7 @@ def test_all_on_renders_every_monitoring_object(all_on_objects):
     assert kinds == sorted(
         ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "Deployment", "ServiceAccount",
          "Service", "ServiceMonitor", "PodMonitor", "PrometheusRule"]
+        + ["Role", "RoleBinding"] * 2  # one pair per watched namespace
     )
 
 
@@ -263,8 +264,14 @@ def _grants(cluster_role: dict) -> set[tuple[str, str, str]]:
     }
 
 
-def test_cluster_role_has_no_wildcards_and_no_secrets(all_on_objects):
-    grants = _grants(one(all_on_objects, "ClusterRole"))
+def _all_grants(objects: list[dict]) -> set[tuple[str, str, str]]:
+    """Everything the operator may do somewhere: its ClusterRole and its Roles together."""
+    return set().union(*(_grants(o) for o in objects if o["kind"] in ("ClusterRole", "Role")))
+
+
+@pytest.mark.parametrize("values", ["default", "all_on"])
+def test_cluster_role_has_no_wildcards_and_no_secrets(values, default_objects, all_on_objects):
+    grants = _all_grants(default_objects if values == "default" else all_on_objects)
     assert not any("*" in g for grant in grants for g in grant)
     assert not any(resource == "secrets" for _, resource, _ in grants)
     # Objects are patched (merge patches), never replaced; `update` only for the finalizers
@@ -292,6 +299,42 @@ def test_cluster_role_lets_the_operator_create_and_watch_its_children(default_ob
     assert {("batch", "jobs", "list"), ("batch", "jobs", "watch"), ("", "pods", "list"),
             ("", "events", "create"), ("personalization.dvar.dev", "personalizationjobs", "watch"),
             ("scheduling.k8s.io", "priorityclasses", "list")} <= grants
+
+
+def test_a_namespace_list_gets_roles_per_namespace_and_a_cluster_role_for_cluster_reads_only(
+        default_objects, all_on_objects):
+    cluster_wide = _grants(one(all_on_objects, "ClusterRole"))
+    assert {resource for _, resource, _ in cluster_wide} == {"customresourcedefinitions", "namespaces",
+                                                             "priorityclasses"}
+    assert not {verb for _, _, verb in cluster_wide} - {"list", "watch"}
+    roles = {o["metadata"]["namespace"]: o for o in all_on_objects if o["kind"] == "Role"}
+    bindings = {o["metadata"]["namespace"]: o for o in all_on_objects if o["kind"] == "RoleBinding"}
+    assert sorted(roles) == sorted(bindings) == ["team-a", "team-b"]
+    # Each namespace grants what the cluster-wide install grants on namespaced resources.
+    namespaced = _grants(one(default_objects, "ClusterRole")) - cluster_wide
+    for namespace, role in roles.items():
+        assert _grants(role) == namespaced, namespace
+        assert bindings[namespace]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                  "name": role["metadata"]["name"]}
+        assert bindings[namespace]["subjects"][0]["namespace"] == NAMESPACE
+    assert not [o for o in default_objects if o["kind"] in ("Role", "RoleBinding")]
+
+
+def test_pull_secrets_reach_trainer_pods_and_the_admission_policy_reaches_the_operator(
+        default_objects, all_on_objects):
+    settings_mod = pytest.importorskip("pj_operator.settings")
+    settings = settings_mod.Settings.from_env(_env(one(all_on_objects, "Deployment")))
+    assert settings.trainer_image_pull_secrets == ("registry-credentials", "trainer-registry")
+    assert settings.allowed_image_prefixes == ("registry.example.com/ml/",)
+    assert settings.allowed_priority_classes == ("batch-low", "batch-high")
+    assert settings.pending_deadline_seconds == 1800
+    defaults = settings_mod.Settings.from_env(_env(one(default_objects, "Deployment")))
+    # By default a job may pick another tag of the configured trainer repository, nothing else.
+    assert defaults.allowed_image_prefixes == ("ghcr.io/dvar-dev/personalization-trainer",)
+    assert defaults.trainer_image_pull_secrets == ()
+    any_image = settings_mod.Settings.from_env(_env(one(manifests(render(
+        {"admission": {"allowedImagePrefixes": ["*"]}})), "Deployment")))
+    assert any_image.allowed_image_prefixes == ()
 
 
 def test_namespace_watch_is_granted_only_for_a_namespace_list(default_objects, all_on_objects):

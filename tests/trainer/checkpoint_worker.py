@@ -32,15 +32,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from personalize.checkpoint import (
-    TrainingCheckpoint,
-    capture_rng,
-    fingerprinted_spec,
-    load_latest_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    spec_fingerprint,
-)
+from personalize.checkpoint import TrainingCheckpoint, load_latest_checkpoint, save_checkpoint
+from personalize.fingerprint import fingerprinted_spec, spec_fingerprint
+from personalize.rng_state import capture_rng, restore_rng
 from personalize.criteria import DvarCriterion, StopPolicy
 from personalize.shutdown import GracefulShutdown
 
@@ -88,13 +82,13 @@ def train(checkpoint_dir: Optional[Path], checkpoint_every: int = 0, pause_at: i
     resumed_from = None
     ckpt = load_latest_checkpoint(checkpoint_dir, fingerprint, fingerprinted_spec(SPEC)) if checkpoint_dir else None
     if ckpt is not None:
-        if ckpt.reference_indices != reference_indices:
+        if ckpt.reference["indices"] != reference_indices:
             raise RuntimeError("reference batch differs from the checkpoint's")
         model.load_state_dict(ckpt.trainable)
         optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.lr_scheduler)
+        scheduler.load_state_dict(ckpt.extra["lr_scheduler"])
         policy.load_state_dict(ckpt.criteria["policy"])
-        restore_rng(ckpt, {"data": data_gen})
+        restore_rng(ckpt.rng, {"data": data_gen})
         rows = list(ckpt.loss_rows)
         start = ckpt.step + 1
         resumed_from = ckpt.step
@@ -108,13 +102,12 @@ def train(checkpoint_dir: Optional[Path], checkpoint_every: int = 0, pause_at: i
                 spec=fingerprinted_spec(SPEC),
                 trainable=model.state_dict(),
                 optimizer=optimizer.state_dict(),
-                lr_scheduler=scheduler.state_dict(),
                 rng=[capture_rng({"data": data_gen})],
                 criteria={"policy": policy.state_dict()},
-                reference_seed=seed + 1,
-                reference_indices=reference_indices,
+                reference={"indices": reference_indices},
                 loss_rows=rows,
                 identifier_tokens=["<toy>"],
+                extra={"lr_scheduler": scheduler.state_dict()},
             ),
         )
 

@@ -44,3 +44,30 @@ def ref_trend(history: np.ndarray, n: int, eval_every: int = 1) -> float | None:
 
 
 REFERENCES = {"dvar": ref_dvar, "ema": ref_ema, "hall": ref_hall, "trend": ref_trend}
+
+
+def ref_clip_gain(history: np.ndarray, patience: int) -> float | None:
+    """The CLIP criterion's value: this score's gain over the best previous one."""
+    return None if len(history) < 2 else float(history[-1] - max(history[:-1]))
+
+
+def ref_clip_stops(history: np.ndarray, patience: int, epsilon: float) -> bool:
+    """The stale-check count recomputed from scratch: checks since the last gain above epsilon."""
+    best, stale = history[0], 0
+    for s in history[1:]:
+        stale = 0 if s - best > epsilon else stale + 1
+        best = max(best, s)
+    return stale >= patience
+
+
+def reference_decision(name: str, history: np.ndarray, window: int, threshold: float) -> tuple[float | None, bool]:
+    """(convergence value, should stop) of criterion `name` after `history`, from scratch.
+
+    Every registered criterion needs an entry here: the contract tests iterate over the
+    registry, so a new criterion without a reference fails them."""
+    if name == "clip":  # window is the patience (in checks), threshold is epsilon
+        return ref_clip_gain(history, window), ref_clip_stops(history, window, threshold)
+    if name == "none":
+        return None, False
+    value = REFERENCES[name](history, window)
+    return value, value is not None and abs(value) < threshold

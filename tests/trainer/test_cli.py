@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from personalize.run import main
-from personalize.spec import TrainerReport
+from personalize.spec import RunResult
 
 from conftest import job_spec
 
@@ -57,7 +57,8 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     assert all(r["train_loss"] for r in rows)
 
     result = json.loads((out / "result.json").read_text())
-    TrainerReport.model_validate(result)  # the status shape, camelCase on the wire
+    RunResult.model_validate(result)  # the status shape, camelCase on the wire, plus how it computed
+    assert result["mixedPrecision"] == "no" and result["processes"] == 1
     assert result["identifier"].startswith("<")
     assert result["reference"] == {"size": 2, "subBatches": 1, "indices": result["reference"]["indices"],
                                    "holdout": True, "fixed": "11111", "evalEvery": 2}
@@ -159,7 +160,33 @@ def test_status_reports_progress_and_a_final_decision_equal_to_result_json(
     assert len(final) == 1 and reporter.closed
     result = json.loads((out / "result.json").read_text())
     result.pop("wallSeconds"), final[0].pop("wallSeconds")
+    assert result.pop("mixedPrecision") == "no" and result.pop("processes") == 1  # result.json only
     assert final[0] == result and final[0]["earlyStop"]["reason"] == "MaxSteps"
+
+
+def test_a_failed_final_status_patch_keeps_the_result_and_exits_3(tiny_pipeline_dir, concept_dir, tmp_path,
+                                                                 monkeypatch):
+    import personalize.job_runner as job_runner
+    from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReportError
+    from pj_operator.names import EXIT_STATUS_UNREPORTED as OPERATOR_EXPECTS
+
+    class DownAtTheEnd(RecordingReporter):
+        def report(self, report, final=False):
+            if final:
+                raise StatusReportError("status patch failed after 6 attempt(s): HTTP 503")
+            super().report(report, final)
+
+    monkeypatch.setattr(job_runner.StatusReporter, "from_env", classmethod(lambda cls: DownAtTheEnd()))
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv("PJ_TERMINATION_LOG", str(termination_log))
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    out = tmp_path / "out"
+    assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == EXIT_STATUS_UNREPORTED
+    assert EXIT_STATUS_UNREPORTED == OPERATOR_EXPECTS == 3
+    result = json.loads((out / "result.json").read_text())
+    assert result["earlyStop"]["reason"] == "MaxSteps"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads(termination_log.read_text())["earlyStop"] == result["earlyStop"]
 
 
 def test_status_reporter_without_cluster_access_is_a_clear_error(tiny_pipeline_dir, concept_dir, tmp_path,
@@ -216,3 +243,27 @@ def test_a_crash_mid_training_still_writes_result_json_as_failed(tiny_pipeline_d
     result = json.loads((out / "result.json").read_text())
     assert result["earlyStop"] == {"stopped": False, "reason": "Failed"}
     assert result["progress"]["step"] == 2 and "TrainingDiverged" in result["message"]
+
+
+def test_after_training_hook_gets_the_trained_models_and_the_loss_rows(tiny_pipeline_dir, concept_dir, tmp_path):
+    from personalize.job_runner import JobRunner
+    from personalize.spec import parse_job
+
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
+    spec["training"]["maxSteps"] = 3
+    seen = []
+
+    def after_training(trained):
+        lora = [n for n, p in trained.models.unet.named_parameters() if "lora" in n and p.requires_grad]
+        seen.append((trained.identifier_token, [r["step"] for r in trained.loss_rows], len(lora),
+                     trained.models.unet.training, [o.stop_step for o in trained.outcomes]))
+
+    job = parse_job({"apiVersion": "personalization.dvar.dev/v1alpha1", "kind": "PersonalizationJob",
+                     "metadata": {"name": "demo", "namespace": "default"}, "spec": spec})
+    out = tmp_path / "out"
+    out.mkdir()
+    assert JobRunner(job, out, after_training=after_training, sample_grids=False).execute() == 0
+    result = json.loads((out / "result.json").read_text())
+    assert seen == [(result["identifier"], [1, 2, 3], seen[0][2], False, [3])] and seen[0][2] > 0
+    written = {p.name for p in out.iterdir()}
+    assert "samples.png" not in written and "samples_before.png" not in written and "result.json" in written

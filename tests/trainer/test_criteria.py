@@ -11,17 +11,22 @@ import numpy as np
 import pytest
 
 from personalize.criteria import (
+    CRITERIA,
     ClipScoreCriterion,
     DvarCriterion,
     StopPolicy,
+    default_threshold,
     make_criterion,
 )
 from personalize.spec import StopReason
 
 sys.path.insert(0, str(Path(__file__).parent))  # works under any pytest import mode
-from criteria_reference import REFERENCES, ref_dvar, ref_ema, ref_trend  # noqa: E402
+from criteria_reference import reference_decision, ref_dvar, ref_ema, ref_trend  # noqa: E402
 
-THRESHOLDS = {"dvar": 0.3, "ema": 0.01, "hall": 0.1, "trend": 1e-3}
+
+def threshold_of(name: str) -> float:
+    """The criterion's own default (0.3 where it defers to the method's DVAR threshold)."""
+    return default_threshold(name, 0.3)
 
 
 def series(kind: str, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,13 +48,13 @@ def assert_close(got: float | None, want: float | None, what: str) -> None:
     assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), f"{what}: {got} != {want}"
 
 
-@pytest.mark.parametrize("name", ["dvar", "ema", "hall", "trend"])
+@pytest.mark.parametrize("name", sorted(CRITERIA))
 @pytest.mark.parametrize("kind", ["converging", "random_walk", "far_from_zero"])
 @pytest.mark.parametrize("window", [2, 7, 50])
 def test_criterion_matches_reference_every_step_and_across_restore(name, kind, window):
     rng = np.random.default_rng(hash((name, kind, window)) % 2**32)
     xs = series(kind, 400, rng)
-    threshold = THRESHOLDS[name]
+    threshold = threshold_of(name)
     crit = make_criterion(name, window, threshold)
     restore_at = 173  # mid-series, after the windows have wrapped a few times
     for t, x in enumerate(xs):
@@ -58,9 +63,9 @@ def test_criterion_matches_reference_every_step_and_across_restore(name, kind, w
             crit = make_criterion(name, window, threshold)
             crit.load_state_dict(saved)
         got = crit.update(x)
-        want = REFERENCES[name](xs[: t + 1], window)
+        want, stops = reference_decision(name, xs[: t + 1], window, threshold)
         assert_close(got, want, f"{name} t={t}")
-        assert crit.should_stop() == (want is not None and abs(want) < threshold), f"{name} t={t}"
+        assert crit.should_stop() == stops, f"{name} t={t}"
     assert crit.count == len(xs)
 
 
@@ -80,12 +85,12 @@ def test_ema_custom_alpha():
         assert_close(crit.update(x), ref_ema(xs[: t + 1], 8, alpha=0.5), f"t={t}")
 
 
-@pytest.mark.parametrize("name", ["dvar", "ema", "hall", "trend"])
+@pytest.mark.parametrize("name", sorted(CRITERIA))
 def test_non_finite_values_are_ignored_and_counted(name):
     rng = np.random.default_rng(3)
     xs = series("converging", 200, rng)
     xs[[5, 60, 61, 150]] = [np.nan, np.inf, -np.inf, np.nan]
-    crit = make_criterion(name, 12, THRESHOLDS[name])
+    crit = make_criterion(name, 12, threshold_of(name))
     finite: list[float] = []
     for t, x in enumerate(xs):
         before = crit.should_stop()
@@ -95,7 +100,7 @@ def test_non_finite_values_are_ignored_and_counted(name):
             assert crit.should_stop() == before  # the decision is not changed by a NaN
             continue
         finite.append(x)
-        assert_close(got, REFERENCES[name](np.array(finite), 12), f"{name} t={t}")
+        assert_close(got, reference_decision(name, np.array(finite), 12, threshold_of(name))[0], f"{name} t={t}")
     assert crit.nonfinite == 4
     assert crit.count == 196
     state = json.loads(json.dumps(crit.state_dict()))

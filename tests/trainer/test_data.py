@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.data import fill_template, load_concept_examples, load_image, load_images
+from personalize.data import Augment, examples_of, fill_template, load_concept_examples, load_image, load_images
 from personalize.errors import TrainerInputError
-from personalize.spec import Concept
+from personalize.spec import TEXTUAL_INVERSION_TEMPLATES, Concept, parse_spec
+
+from conftest import job_spec
 
 
 def test_images_are_square_at_the_resolution_and_in_minus_one_one(concept_dir):
@@ -75,3 +77,70 @@ def test_batches_come_from_the_generator(concept_dir):
     a, _ = examples.sample(3, torch.Generator().manual_seed(1))
     b, _ = examples.sample(3, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def halves(left: tuple, right: tuple, size: int = 24) -> Image.Image:
+    img = Image.new("RGB", (size, size), left)
+    img.paste(right, (size // 2, 0, size, size))
+    return img
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone stores the sensor's pixels and an orientation tag: 6 = turn 90 degrees clockwise to view."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves((255, 0, 0), (0, 0, 255)).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    halves((255, 0, 0), (0, 0, 255)).save(tmp_path / "plain.jpg", quality=100)
+    upright = load_image(tmp_path / "phone.jpg", 8)  # [3, 8, 8]
+    top, bottom = upright[:, :3].mean(dim=(1, 2)), upright[:, 5:].mean(dim=(1, 2))
+    assert top[0] > 0.8 and top[2] < -0.8  # the stored left half (red) is now on top
+    assert bottom[2] > 0.8 and bottom[0] < -0.8
+    untagged = load_image(tmp_path / "plain.jpg", 8)
+    assert untagged[0, :, :3].mean() > 0.8 and untagged[2, :, 5:].mean() > 0.8  # left red, right blue
+
+
+def wide_concept(tmp_path, n: int = 3):
+    """Images 3 times as wide as high: a random square crop has room to move, the center one none."""
+    for i in range(n):
+        img = Image.new("RGB", (48, 16))
+        for x in range(48):
+            for y in range(16):
+                img.putpixel((x, y), (x * 5, 40 * i, 255 - x * 5))
+        img.save(tmp_path / f"wide{i}.png")
+    return Concept.model_validate({"images": {"path": str(tmp_path)}, "classNoun": "triangle"})
+
+
+def test_augmentation_changes_training_batches_only(tmp_path):
+    concept = wide_concept(tmp_path)
+    plain = load_concept_examples(concept, "zq", 16)
+    flipped = load_concept_examples(concept, "zq", 16, augment=Augment(flip=1.0))
+    cropped = load_concept_examples(concept, "zq", 16, augment=Augment(random_crop=True))
+    # The central squares (what the reference batch takes) are the same whatever the augmentation.
+    assert torch.equal(plain.images, flipped.images) and torch.equal(plain.images, cropped.images)
+    assert flipped.resized is None and cropped.resized is not None
+
+    a, captions = plain.sample(3, torch.Generator().manual_seed(4))
+    b, flipped_captions = flipped.sample(3, torch.Generator().manual_seed(4))
+    assert torch.equal(b, a.flip(-1)) and captions == flipped_captions
+
+    crops = torch.stack([cropped.sample(3, torch.Generator().manual_seed(seed))[0] for seed in range(8)])
+    assert torch.equal(plain.images, torch.stack([r[:, :, 16:32] for r in cropped.resized]))  # [3, 16, 48] each
+    assert len({round(float(c[:, 0, 0, 0].sum()), 4) for c in crops}) > 2  # the left edge moves
+    assert crops.shape[-2:] == (16, 16)
+
+
+def test_textual_inversion_defaults_to_its_template_set_and_flips(concept_dir, tiny_pipeline_dir):
+    ti = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "textualInversion"))
+    examples = examples_of(ti, "<lun>", 8)
+    assert len(examples.captions) == len(TEXTUAL_INVERSION_TEMPLATES) >= 10
+    assert all("<lun>" in c for c in examples.captions) and "a photo of <lun>" in examples.captions
+    assert examples.augment == Augment(flip=0.5, random_crop=False)
+
+    lora = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora"))
+    assert examples_of(lora, "lun", 8).captions == ["a photo of lun triangle"]
+    assert Augment.of(lora) == Augment(flip=0.0, random_crop=True)
+    own = job_spec(tiny_pipeline_dir, concept_dir, "textualInversion")
+    own["concept"]["captionTemplate"] = "a {token} toy"
+    own["training"]["augmentation"] = {"flip": 0.0, "crop": "random"}
+    own = parse_spec(own)
+    assert own.caption_templates == ["a {token} toy"] and Augment.of(own) == Augment(flip=0.0, random_crop=True)

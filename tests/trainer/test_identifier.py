@@ -78,6 +78,31 @@ def test_multi_vector_tokens(tokenizer, text_encoder):
 
 
 @pytest.mark.parametrize("token", ["dog", "sks"])
-def test_a_given_token_already_in_the_vocabulary_is_an_error(tokenizer, text_encoder, token):
-    with pytest.raises(TrainerInputError, match=f"concept.token '{token}' already exists"):
-        setup_identifier(tokenizer, text_encoder, token, learns_embedding=True, initializer="dog")
+def test_a_new_token_for_a_learned_embedding_must_not_be_in_the_vocabulary(tokenizer, text_encoder, token):
+    with pytest.raises(TrainerInputError, match=f"concept.token '{token}' already exists .* textualInversion trains a new"):
+        setup_identifier(tokenizer, text_encoder, token, learns_embedding=True, initializer="dog",
+                         method="textualInversion")
+
+
+def test_methods_without_learned_embeddings_use_an_existing_token_as_it_is(tokenizer, text_encoder):
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    ident = setup_identifier(tokenizer, text_encoder, "sks", learns_embedding=False, method="dreambooth",
+                             exclude_texts=["a photo of {token} {class_noun}", "triangle"])
+    assert not ident.added and ident.text == ident.token == "sks"
+    assert ident.token_ids == [tokenizer.get_vocab()["sks</w>"]]
+    assert text_encoder.get_input_embeddings().weight.shape[0] == rows == len(tokenizer)
+    # The identifier is a word of its own in a caption, not a copy of the class noun.
+    caption = token_ids_of(tokenizer, "a photo of sks triangle")
+    assert caption[3] == ident.token_ids[0] and caption != token_ids_of(tokenizer, "a photo of triangle triangle")
+
+
+@pytest.mark.parametrize("token, message", [
+    ("zwx", "concept.token 'zwx' is not a token of the tokenizer's vocabulary (it splits into 2); lora trains no"),
+    ("triangle", "concept.token 'triangle' is a word of the class noun, captions or prompts"),
+])
+def test_methods_without_learned_embeddings_refuse_other_tokens(tokenizer, text_encoder, token, message):
+    with pytest.raises(TrainerInputError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        setup_identifier(tokenizer, text_encoder, token, learns_embedding=False, method="lora",
+                         exclude_texts=["a photo of {token} {class_noun}", "triangle"])
+    assert "token: auto" in str(err.value)
+    assert len(tokenizer) == 49408  # nothing was added on the way

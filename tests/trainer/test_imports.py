@@ -1,6 +1,6 @@
-"""Every trainer module imports on its own, first thing in a fresh interpreter: an import cycle
-that only bites in some import orders (pipeline_io -> methods -> dreambooth -> pipeline_io)
-would otherwise hide behind whichever module the other tests happen to import first."""
+"""The modules around the methods package import on their own, first thing in a fresh
+interpreter. tests/test_import_graph.py forbids circles from the source; this checks that the
+real import machinery agrees, whatever module the other tests happen to import first."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-# The modules around the methods package, which imports pipeline code and is imported by it.
+# pipeline_io defines the Models the methods work on; dreambooth uses pipeline_io to save.
 # (Each fresh interpreter imports torch and diffusers, several seconds: keep the list short.)
 MODULES = [
     "personalize.pipeline_io",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personalize.data import load_concept_examples
+from personalize.data import Augment, load_concept_examples
 from personalize.errors import TrainerInputError
 from personalize.pipeline_io import models_of
 from personalize.reference_batch import ReferenceBatch
@@ -117,19 +117,29 @@ def test_caption_embeddings_are_encoded_once_when_the_text_encoder_is_frozen(mod
     assert len(calls) == 4
 
 
-def test_text_encoder_changes_reach_the_loss_when_it_is_trained(models, examples):
-    ref = make(models, examples, text_encoder_trained=True)
-    before = ref.deterministic_loss(models.unet, models.text_encoder)
-    table = models.text_encoder.get_input_embeddings().weight
-    row = models.tokenizer.convert_tokens_to_ids("lun</w>")
-    saved = table[row].detach().clone()
+@pytest.mark.parametrize("trained", [True, False])
+def test_caption_embeddings_follow_the_text_encoder_only_while_it_is_trained(models, examples, trained):
+    """A trained text encoder is re-run at every evaluation; a frozen one is encoded once and cached.
+
+    The perturbation adds 1.0 to the final layer norm's bias, which shifts every output feature
+    by exactly 1.0 whatever the weights are, so the check does not rest on how a library
+    initialises random weights.
+    """
+    ref = make(models, examples, text_encoder_trained=trained)
+    before = ref.components(models.text_encoder)[3].clone()
+    (bias,) = [p for name, p in models.text_encoder.named_parameters() if name.endswith("final_layer_norm.bias")]
+    saved = bias.detach().clone()
     with torch.no_grad():
-        table[row] += 1.0
+        bias += 1.0
     try:
-        assert ref.deterministic_loss(models.unet, models.text_encoder) != before
+        after = ref.components(models.text_encoder)[3]
     finally:
         with torch.no_grad():
-            table[row] = saved
+            bias.copy_(saved)
+    if trained:
+        torch.testing.assert_close(after - before, torch.ones_like(before))
+    else:
+        assert torch.equal(after, before)
 
 
 def test_v_prediction_target(models, examples):
@@ -142,3 +152,16 @@ def test_v_prediction_target(models, examples):
         scheduler=v_scheduler,
     ).deterministic_loss(models.unet, models.text_encoder)
     assert v != eps
+
+
+def test_augmentation_never_reaches_the_reference_batch(models, examples, concept_dir):
+    """Flipping every training image changes the batches training draws, not L_det."""
+    concept = Concept.model_validate({"images": {"path": str(concept_dir)}, "classNoun": "triangle",
+                                      "captions": ["{token} on a table", "a picture of a {token} thing", "{token}"]})
+    augmented = load_concept_examples(concept, "lun", 32, augment=Augment(flip=1.0, random_crop=True))
+    plain_ref, augmented_ref = make(models, examples, size=3), make(models, augmented, size=3)
+    assert torch.equal(plain_ref._latents_cache, augmented_ref._latents_cache)
+    loss = plain_ref.deterministic_loss(models.unet, models.text_encoder)
+    assert augmented_ref.deterministic_loss(models.unet, models.text_encoder) == loss
+    assert not torch.equal(augmented.sample(3, torch.Generator().manual_seed(0))[0],
+                           examples.sample(3, torch.Generator().manual_seed(0))[0])

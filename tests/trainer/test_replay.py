@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from personalize import cli
+from personalize.replay import DEFAULT_SET
 
 sys.path.insert(0, str(Path(__file__).parent))  # works under any pytest import mode
 from criteria_reference import REFERENCES  # noqa: E402
@@ -63,7 +64,7 @@ def replay(capsys, *argv: str) -> tuple[int, list[dict], str]:
     return code, [json.loads(line) for line in out.splitlines() if line.strip()], err
 
 
-@pytest.mark.parametrize("name", ["dvar", "ema", "hall", "trend"])
+@pytest.mark.parametrize("name", DEFAULT_SET)  # every replayable criterion that can stop
 def test_replay_stops_where_reference_says(tmp_path, capsys, name):
     losses = crafted_series()
     path = tmp_path / "losses.csv"
@@ -174,7 +175,7 @@ def test_non_finite_values_are_skipped(tmp_path, capsys):
         ("[1, 2, \"x\"]", [], "item 2: expected a number"),
         ("[1, 2", [], "not valid JSON"),
         ("[1, 2, 3]", ["--criterion", "dvarx"], "unknown criterion 'dvarx'"),
-        ("[1, 2, 3]", ["--criterion", "clip"], "clip needs CLIP scores"),
+        ("[1, 2, 3]", ["--criterion", "clip"], "clip needs scores of samples"),
         ("[1, 2, 3]", ["--threshold", "-1"], "--threshold must be a positive number"),
         ("[1, 2, 3]", ["--window", "abc"], "invalid int value"),
         ("[1, 2, 3]", ["--eval-every", "0"], "--eval-every must be >= 1"),

@@ -1,4 +1,4 @@
-"""Preemption end to end (issue 6): the real `personalize-train` CLI is SIGTERMed in the middle of
+"""Preemption end to end: the real `personalize-train` CLI is SIGTERMed in the middle of
 a run, exits 143 with a checkpoint, and the same command resumes it. The resumed run must equal
 an uninterrupted run of the same seed: losses.csv identical row for row (tolerance 0: on one CPU
 process the resume is bit-exact, DVAR's window sums included), the same stop step, the same
@@ -23,7 +23,7 @@ import yaml
 
 from personalize.criteria import make_criterion
 from personalize.run import main
-from personalize.spec import TrainerReport
+from personalize.spec import RunResult, TrainerReport
 from personalize.termination import MAX_BYTES, compact_report, write_termination_message
 
 STEP_LINE = re.compile(r"step\s+(\d+)/")
@@ -87,7 +87,9 @@ def only_checkpoint(output: Path) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("method", ["textualInversion", "lora"])
 def test_sigterm_then_resume_equals_an_uninterrupted_run(method, concept_dir, tmp_path, capsys):
-    config = write_config(tmp_path / "job.yaml", concept_dir, method)
+    # LoRA warms its learning rate up past the interrupt step: the schedule's place must be restored too.
+    schedule = {"lrScheduler": "constant_with_warmup", "lrWarmupSteps": 12} if method == "lora" else {}
+    config = write_config(tmp_path / "job.yaml", concept_dir, method, **schedule)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
     # The uninterrupted run and the run to be interrupted run side by side (2 cores).
@@ -106,7 +108,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(method, concept_dir, tm
     if method == "textualInversion":  # only the identifier's rows of the table (and their moments)
         assert (checkpoint / "trainable.safetensors").stat().st_size < 10_000
         assert (checkpoint / "optimizer.pt").stat().st_size < 20_000
-    partial = TrainerReport.model_validate_json((resumed / "result.json").read_text())
+    partial = RunResult.model_validate_json((resumed / "result.json").read_text())
     assert partial.early_stop is None and "interrupted by SIGTERM" in partial.message
     assert partial.progress.step == interrupted_at
     termination = TrainerReport.model_validate_json((tmp_path / "interrupted.termination").read_text())

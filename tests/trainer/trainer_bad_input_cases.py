@@ -269,9 +269,18 @@ CASES: list[Case] = [
     Case("clip-without-model", "spec", "`earlyStopping.criterion: clip`, no `clip.modelPath`",
          "earlyStopping.clip.modelPath: criterion clip needs a CLIP model folder",
          spec_sets("earlyStopping", criterion="clip")),
-    Case("token-in-vocabulary", "spec", "`concept.token: dog`, a word the tokenizer knows",
-         "concept.token 'dog' already exists in the tokenizer's vocabulary; choose a new word or use token: auto",
-         spec_sets("concept", token="dog")),
+    Case("token-in-vocabulary", "spec", "`concept.token: sks`, a word the tokenizer knows (textualInversion adds a new token)",
+         "concept.token 'sks' already exists in the tokenizer's vocabulary; textualInversion trains a new embedding "
+         "for its token: choose a word the tokenizer does not know (e.g. '<my-concept>') or use token: auto",
+         spec_sets("concept", token="sks")),
+    Case("token-not-in-vocabulary", "spec", "`method: lora`, `concept.token: zwx`, not one token of the vocabulary",
+         "concept.token 'zwx' is not a token of the tokenizer's vocabulary (it splits into 2); lora trains no token "
+         "embedding, so its identifier must be an existing rare token: use token: auto or a rare word such as 'sks'",
+         lambda ws: (spec_sets("", method="lora")(ws), spec_sets("concept", token="zwx")(ws))),
+    Case("token-is-the-class-noun", "spec", "`method: dreambooth`, `concept.token: triangle`, the class noun",
+         "concept.token 'triangle' is a word of the class noun, captions or prompts, so the concept could not be "
+         "told apart from it: use token: auto or a rare word such as 'sks'",
+         lambda ws: (spec_sets("", method="dreambooth")(ws), spec_sets("concept", token="triangle")(ws))),
     # ---- images ----
     Case("images-missing", "images", "`concept.images.path` names no folder",
          "concept image folder '{dir}/nope' does not exist",

@@ -1,13 +1,17 @@
-"""Resumable training checkpoints (issue 6): what a restarted pod needs to continue a run
-exactly where the preempted one stopped.
+"""The on-disk format of resumable training checkpoints: what a restarted pod needs to continue
+a run exactly where the preempted one stopped, written atomically and verified on reading.
+
+What goes in is decided elsewhere: `trainable.py` names the trained tensors, `rng_state.py`
+captures the random streams, `fingerprint.py` identifies the spec, and `resume.py` assembles a
+`TrainingCheckpoint` from the objects that own the state.
 
 A checkpoint is one directory under the checkpoint folder (the loop uses `<output>/checkpoints`):
 
     checkpoint-000004/          the 4th save into this folder (its step is in state.json/manifest)
         trainable.safetensors   what the method trains (LoRA adapters, embedding rows, UNet ...)
         rng.safetensors         torch CPU/CUDA RNG states and the loop's named torch.Generators
-        optimizer.pt            {"optimizer": state_dict, "lr_scheduler": state_dict or None};
-                                plain tensors/numbers only, so it loads with weights_only=True
+        optimizer.pt            {"optimizer": state_dict}; plain tensors/numbers only, so it
+                                loads with weights_only=True
         state.json              step, stage, criterion states, reference batch, loss rows,
                                 identifier tokens, python/numpy RNG states, extras
         spec.json               the spec the run was started with (names what differs on refusal)
@@ -32,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -41,34 +44,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from personalize.errors import TrainerInputError
+from personalize.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from personalize.fingerprint import differing_fields
+from personalize.rng_state import RngState
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "CheckpointError",
-    "CheckpointCorruptError",
-    "CheckpointMismatchError",
-    "RngState",
     "TrainingCheckpoint",
-    "capture_rng",
-    "restore_rng",
-    "spec_fingerprint",
-    "fingerprinted_spec",
     "save_checkpoint",
     "load_latest_checkpoint",
     "list_checkpoints",
-    "trainable_state",
-    "load_trainable_state",
 ]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+# Raised whenever the layout changes: a trainer then refuses a checkpoint it cannot read, with
+# both versions in the message, instead of misreading it.
+CHECKPOINT_FORMAT = 2
 
 TRAINABLE_FILE = "trainable.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -84,131 +80,6 @@ _NAME_RE = re.compile(r"^checkpoint-(\d{6,})$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 _TRASH_PREFIX = ".trash-checkpoint-"
 
-# Spec fields that decide where and when the trainer runs, not what it computes: changing them
-# between a preemption and the resume (more memory, another queue, a new image tag with the same
-# trainer) must not throw the progress away. Everything else is part of the fingerprint.
-PLACEMENT_FIELDS = (
-    "resources",
-    "image",
-    "queueName",
-    "activeDeadlineSeconds",
-    "backoffLimit",
-    "ttlSecondsAfterFinished",
-)
-PLACEMENT_TRAINING_FIELDS = ("checkpointEvery",)
-
-
-class CheckpointError(TrainerInputError):
-    """A checkpoint cannot be used; the message says which one and why (one line)."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint file is missing, truncated or fails its checksum."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was written by a run with a different spec."""
-
-
-# --------------------------------------------------------------------------------------------
-# Spec fingerprint
-# --------------------------------------------------------------------------------------------
-
-
-def fingerprinted_spec(spec: Any) -> dict[str, Any]:
-    """The part of the spec that decides the training trajectory, as a camelCase JSON dict.
-
-    Accepts a `PersonalizationJob`, a `PersonalizationJobSpec` or an already camelCase dict.
-    Defaults are resolved by the model, so an explicit default and an omitted field are equal.
-    """
-    if hasattr(spec, "spec") and hasattr(spec, "kind"):  # a full PersonalizationJob
-        spec = spec.spec
-    data = spec.to_api() if hasattr(spec, "to_api") else json.loads(json.dumps(dict(spec)))
-    data = {k: v for k, v in data.items() if k not in PLACEMENT_FIELDS}
-    if isinstance(data.get("training"), dict):
-        data["training"] = {k: v for k, v in data["training"].items() if k not in PLACEMENT_TRAINING_FIELDS}
-    return data
-
-
-def spec_fingerprint(spec: Any) -> str:
-    """sha256 of the canonical JSON of `fingerprinted_spec(spec)`."""
-    canonical = json.dumps(fingerprinted_spec(spec), sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _differing_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two JSON values differ (for the refusal message)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            out += _differing_fields(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if a == b else [prefix or "(spec)"]
-
-
-# --------------------------------------------------------------------------------------------
-# RNG states
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RngState:
-    """Every random stream of one process: python `random`, numpy's global RNG, torch's CPU and
-    CUDA default generators, and the loop's own torch.Generators by name."""
-
-    python: tuple
-    numpy: tuple
-    torch_cpu: torch.Tensor  # uint8
-    torch_cuda: list[torch.Tensor] = field(default_factory=list)  # one uint8 state per device
-    generators: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> uint8 state
-
-    def to_json(self) -> dict[str, Any]:
-        """The non-tensor part (python and numpy states) as plain JSON."""
-        version, internal, gauss_next = self.python
-        kind, keys, pos, has_gauss, cached = self.numpy
-        return {
-            "python": [version, list(internal), gauss_next],
-            "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
-        }
-
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}torch_cpu": self.torch_cpu}
-        out.update({f"{prefix}torch_cuda/{i}": s for i, s in enumerate(self.torch_cuda)})
-        out.update({f"{prefix}generator/{name}": s for name, s in self.generators.items()})
-        return out
-
-    @classmethod
-    def from_parts(cls, js: dict[str, Any], tensors: Mapping[str, torch.Tensor], prefix: str) -> "RngState":
-        version, internal, gauss_next = js["python"]
-        kind, keys, pos, has_gauss, cached = js["numpy"]
-        cuda: dict[int, torch.Tensor] = {}
-        gens: dict[str, torch.Tensor] = {}
-        for key, value in tensors.items():
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix) :]
-            if rest.startswith("torch_cuda/"):
-                cuda[int(rest.split("/", 1)[1])] = value
-            elif rest.startswith("generator/"):
-                gens[rest.split("/", 1)[1]] = value
-        return cls(
-            python=(int(version), tuple(int(x) for x in internal), gauss_next),
-            numpy=(kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
-            torch_cpu=tensors[f"{prefix}torch_cpu"],
-            torch_cuda=[cuda[i] for i in sorted(cuda)],
-            generators=gens,
-        )
-
-
-def capture_rng(generators: Optional[Mapping[str, torch.Generator]] = None) -> RngState:
-    """Snapshot every random stream of this process (call it on each rank)."""
-    return RngState(
-        python=random.getstate(),
-        numpy=np.random.get_state(legacy=True),
-        torch_cpu=torch.get_rng_state().clone(),
-        torch_cuda=[s.clone() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        generators={name: g.get_state().clone() for name, g in (generators or {}).items()},
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,8 +96,8 @@ class TrainingCheckpoint:
     from and loaded to the CPU. `rng` has one entry per data-parallel rank (index = rank).
     `criteria` maps a name of the loop's choosing ("policy", "stage1", ...) to a
     `StopPolicy.state_dict()` or `Criterion.state_dict()`. `loss_rows` are the rows of
-    losses.csv so far. `extra` is any further JSON the loop wants back (e.g. the reference
-    batch's evaluation count, a GradScaler's state_dict).
+    losses.csv so far. `extra` is any further JSON the run wants back (the finished stages,
+    their files, which stage is in progress).
     """
 
     step: int
@@ -234,11 +105,11 @@ class TrainingCheckpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     stage: Optional[str] = None
-    lr_scheduler: Optional[dict[str, Any]] = None
     rng: list[RngState] = field(default_factory=list)
     criteria: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reference_seed: Optional[int] = None
-    reference_indices: list[int] = field(default_factory=list)
+    # The reference batch's own state (`ReferenceBatch.state_dict()`); its generator is one of
+    # the named streams in `rng`.
+    reference: dict[str, Any] = field(default_factory=dict)
     loss_rows: list[dict[str, Any]] = field(default_factory=list)
     identifier_tokens: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -254,7 +125,7 @@ class TrainingCheckpoint:
         where = f"checkpoint {self.path}" if self.path else "the checkpoint"
         detail = ""
         if spec is not None and self.spec is not None:
-            fields = _differing_fields(self.spec, spec)
+            fields = differing_fields(self.spec, spec)
             if fields:
                 shown = ", ".join(fields[:8]) + (" ..." if len(fields) > 8 else "")
                 detail = f" (fields that differ: {shown})"
@@ -325,7 +196,7 @@ def _write_files(tmp: Path, ckpt: TrainingCheckpoint) -> None:
         rng_tensors.update(state.tensors(f"rank{rank}/"))
     save_safetensors(_cpu_tensors(rng_tensors), str(tmp / RNG_FILE))
 
-    torch.save({"optimizer": ckpt.optimizer, "lr_scheduler": ckpt.lr_scheduler}, tmp / OPTIMIZER_FILE)
+    torch.save({"optimizer": ckpt.optimizer}, tmp / OPTIMIZER_FILE)
 
     _write_json(
         tmp / STATE_FILE,
@@ -334,7 +205,7 @@ def _write_files(tmp: Path, ckpt: TrainingCheckpoint) -> None:
             "stage": ckpt.stage,
             "spec_fingerprint": ckpt.spec_fingerprint,
             "criteria": ckpt.criteria,
-            "reference": {"seed": ckpt.reference_seed, "indices": [int(i) for i in ckpt.reference_indices]},
+            "reference": ckpt.reference,
             "loss_rows": ckpt.loss_rows,
             "identifier_tokens": list(ckpt.identifier_tokens),
             "rng": [state.to_json() for state in ckpt.rng],
@@ -504,11 +375,9 @@ def _read(path: Path) -> TrainingCheckpoint:
             spec_fingerprint=state["spec_fingerprint"],
             trainable=trainable,
             optimizer=opt["optimizer"],
-            lr_scheduler=opt["lr_scheduler"],
             rng=rng,
             criteria=state["criteria"],
-            reference_seed=state["reference"]["seed"],
-            reference_indices=list(state["reference"]["indices"]),
+            reference=state["reference"],
             loss_rows=state["loss_rows"],
             identifier_tokens=list(state["identifier_tokens"]),
             extra=state["extra"],
@@ -551,88 +420,3 @@ def load_latest_checkpoint(
     return None
 
 
-# ---- what the method trains ------------------------------------------------------------------
-
-
-def trainable_state(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Every parameter with requires_grad, named `<module name>.<parameter name>`.
-
-    Pass the unwrapped models (`{"unet": models.unet, "text_encoder": models.text_encoder}`), not
-    accelerate/DDP wrappers, so names do not depend on the number of processes. The tensors are
-    the live parameters: `save_checkpoint` copies them to the CPU.
-    """
-    return {
-        f"{prefix}.{name}": p.detach()
-        for prefix, module in modules.items()
-        for name, p in module.named_parameters()
-        if p.requires_grad
-    }
-
-
-def load_trainable_state(modules: Mapping[str, torch.nn.Module], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the parameters `trainable_state` names, in place.
-
-    Strict for the modules passed: their trainable parameters, shapes and dtypes must match the
-    checkpoint's; anything else means the method or the model changed, and resuming would train
-    something else than what was saved. Tensors under other prefixes (e.g. `stage1.` rows a
-    two-stage method carries over) are left for the caller.
-    """
-    live = {
-        f"{prefix}.{name}": p for prefix, module in modules.items() for name, p in module.named_parameters() if p.requires_grad
-    }
-    ours = {k for k in tensors if k.split(".", 1)[0] in modules}
-    missing, unexpected = sorted(set(live) - ours), sorted(ours - set(live))
-    if missing or unexpected:
-        raise CheckpointError(
-            "the checkpoint's trained tensors do not match what this method trains "
-            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
-        )
-    for name, p in live.items():
-        t = tensors[name]
-        if t.shape != p.shape or t.dtype != p.dtype:
-            raise CheckpointError(
-                f"checkpoint tensor {name!r} is {t.dtype} {tuple(t.shape)}, the model has {p.dtype} {tuple(p.shape)}"
-            )
-    with torch.no_grad():
-        for name, p in live.items():
-            p.copy_(tensors[name].to(p.device))
-
-
-# ---- restoring the random streams ----------------------------------------------------------
-
-
-def restore_rng(
-    ckpt: TrainingCheckpoint,
-    generators: Optional[Mapping[str, torch.Generator]] = None,
-    rank: int = 0,
-) -> None:
-    """Put every random stream of this process back where it was when `ckpt` was taken.
-
-    `generators` are the loop's freshly built torch.Generators under the names they were saved
-    with; their states are overwritten in place. The names must match the checkpoint's exactly:
-    a stream saved but not restored (or the reverse) would silently break reproducibility.
-    """
-    if not ckpt.rng:
-        raise CheckpointError("the checkpoint holds no RNG state")
-    if rank >= len(ckpt.rng):
-        raise CheckpointError(
-            f"the checkpoint holds RNG states for {len(ckpt.rng)} process(es), none for rank {rank} "
-            "(resuming with more processes than the run that saved it)"
-        )
-    state = ckpt.rng[rank]
-    given = dict(generators or {})
-    if set(given) != set(state.generators):
-        raise CheckpointError(
-            f"generators to restore {sorted(given)} differ from the checkpoint's {sorted(state.generators)}"
-        )
-    random.setstate(state.python)
-    np.random.set_state(state.numpy)
-    torch.set_rng_state(state.torch_cpu)
-    if torch.cuda.is_available() and state.torch_cuda:
-        n = torch.cuda.device_count()
-        if n != len(state.torch_cuda):
-            log.warning("checkpoint has CUDA RNG states for %d device(s), this pod has %d", len(state.torch_cuda), n)
-        for device, s in enumerate(state.torch_cuda[:n]):
-            torch.cuda.set_rng_state(s, device)
-    for name, g in given.items():
-        g.set_state(state.generators[name])

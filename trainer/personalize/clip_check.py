@@ -11,8 +11,7 @@ from PIL import Image
 
 from personalize.data import fill_template
 from personalize.errors import TrainerInputError
-from personalize.methods import Models
-from personalize.pipeline_io import TINY_WORLD_DIR, sampling_pipeline
+from personalize.pipeline_io import TINY_WORLD_DIR, Models, sampling_pipeline
 from personalize.preflight import resolve_volume_path
 from personalize.spec import PersonalizationJobSpec
 

@@ -2,8 +2,13 @@
 
 Each criterion consumes one value per *evaluation* (`update(value)`), returns its convergence
 value once that value is defined, and says whether training may stop (`should_stop()`).
-Windows here are counted in evaluations; `spec.window_evaluations` converts the user's window
+Windows here are counted in evaluations; `window_in_evaluations` converts the user's window
 (in training steps) with `evalEvery`.
+
+Adding a criterion means writing one subclass of `Criterion` that declares its `name` (a value of
+`spec.CriterionName`), its constructor `options`, its `default_threshold` and whether it can be
+`replayable` on a recorded loss series, and adding it to `CRITERIA`. `from_spec` (the training
+loop), `build_criterion` (replay) and the contract tests all read the registry.
 
 Every update costs O(1) (Hall: O(1) amortised), independent of how long the history is; the
 official DVAR code recomputes the variance of the whole history at each step instead.
@@ -25,9 +30,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
-from personalize.spec import CRITERION_DEFAULT_THRESHOLDS, CriterionName, StopReason
+from personalize.spec import CriterionName, EarlyStopping, PersonalizationJobSpec, StopReason
 
 __all__ = [
     "Criterion",
@@ -39,6 +44,12 @@ __all__ = [
     "NoCriterion",
     "StopPolicy",
     "make_criterion",
+    "build_criterion",
+    "criterion_class",
+    "from_spec",
+    "default_threshold",
+    "stop_threshold",
+    "window_in_evaluations",
     "CRITERIA",
 ]
 
@@ -94,7 +105,26 @@ class _Window:
 class Criterion:
     """Base class: bookkeeping shared by all criteria (name, window, threshold, NaN policy)."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    # Keyword options the constructor takes besides window and threshold (others are refused).
+    options: ClassVar[tuple[str, ...]] = ()
+    # The threshold when the spec gives none; None means the method's published DVAR threshold.
+    default_threshold: ClassVar[Optional[float]] = None
+    # Whether it runs on a recorded deterministic-loss series (`personalize-train replay`).
+    replayable: ClassVar[bool] = True
+    # False for a criterion that never stops (replay leaves it out of its default comparison).
+    stops_early: ClassVar[bool] = True
+
+    @classmethod
+    def build(cls, window: int, threshold: float, **opts: Any) -> "Criterion":
+        """The criterion for a window in evaluations; a subclass maps window/threshold when its
+        constructor names them differently."""
+        return cls(window, threshold, **opts)
+
+    @classmethod
+    def spec_options(cls, early_stopping: EarlyStopping, eval_every: int) -> dict[str, Any]:
+        """The constructor options the spec decides (`eval_every`: the evaluation spacing in steps)."""
+        return {}
 
     def __init__(self, window: int, threshold: float):
         if int(window) < 1:
@@ -258,10 +288,7 @@ class DvarCriterion(Criterion):
         self._all_mean = float(state["all_mean"])
         self._all_m2 = float(state["all_m2"])
         self._win.load(state["recent"])
-        sums = state.get("window_sums")
-        if sums is None:  # a state written before the sums were stored: rebuild them
-            self._recompute_window()
-            return
+        sums = state["window_sums"]
         self._shift, self._s1, self._s2 = float(sums["shift"]), float(sums["s1"]), float(sums["s2"])
         self._since_recompute = int(sums["since"])
 
@@ -278,6 +305,8 @@ class EmaCriterion(Criterion):
     """
 
     name = CriterionName.ema.value
+    options = ("alpha",)
+    default_threshold = 0.01  # not published; see docs/criteria.md
 
     def __init__(self, window: int, threshold: float, alpha: Optional[float] = None):
         super().__init__(window, threshold)
@@ -312,6 +341,7 @@ class HallCriterion(Criterion):
     """
 
     name = CriterionName.hall.value
+    default_threshold = 0.1  # not published; see docs/criteria.md
 
     def __init__(self, window: int, threshold: float):
         super().__init__(window, threshold)
@@ -363,6 +393,12 @@ class TrendCriterion(Criterion):
     """
 
     name = CriterionName.trend.value
+    options = ("eval_every",)
+    default_threshold = 1e-4  # not published; see docs/criteria.md
+
+    @classmethod
+    def spec_options(cls, early_stopping: EarlyStopping, eval_every: int) -> dict[str, Any]:
+        return {"eval_every": eval_every}  # the slope is per training step, not per evaluation
 
     def __init__(self, window: int, threshold: float, eval_every: int = 1):
         if int(window) < 2:
@@ -416,10 +452,7 @@ class TrendCriterion(Criterion):
 
     def _load(self, state: dict[str, Any]) -> None:
         self._win.load(state["recent"])
-        sums = state.get("window_sums")
-        if sums is None:  # a state written before the sums were stored: rebuild them
-            self._recompute()
-            return
+        sums = state["window_sums"]
         self._shift, self._sy, self._sxy = float(sums["shift"]), float(sums["sy"]), float(sums["sxy"])
         self._since_recompute = int(sums["since"])
 
@@ -436,6 +469,22 @@ class ClipScoreCriterion(Criterion):
     """
 
     name = CriterionName.clip.value
+    options = ("patience", "epsilon", "every_steps")
+    replayable = False  # it consumes CLIP scores of samples, not a loss series
+
+    @classmethod
+    def build(cls, window: int, threshold: float, **opts: Any) -> "ClipScoreCriterion":
+        """`patience`/`epsilon` default to `window`/`threshold`."""
+        return cls(
+            patience=opts.get("patience", window),
+            epsilon=opts.get("epsilon", threshold),
+            every_steps=opts.get("every_steps", 100),
+        )
+
+    @classmethod
+    def spec_options(cls, early_stopping: EarlyStopping, eval_every: int) -> dict[str, Any]:
+        clip = early_stopping.clip
+        return {"patience": clip.patience, "epsilon": clip.epsilon, "every_steps": clip.every_steps}
 
     def __init__(self, patience: int = 3, epsilon: float = 0.0, every_steps: int = 100):
         super().__init__(patience, epsilon)
@@ -480,6 +529,7 @@ class NoCriterion(Criterion):
     """`none`: never stops early (the fixed-budget baseline). Still counts what it was given."""
 
     name = CriterionName.none.value
+    stops_early = False
 
     def __init__(self, window: int = 1, threshold: float = 0.0):
         super().__init__(max(1, int(window)), threshold)
@@ -502,39 +552,58 @@ CRITERIA: dict[str, type[Criterion]] = {
 }
 
 
-def default_threshold(name: str, method_default: float) -> float:
-    """The threshold a criterion uses when the user gives none (DVAR: the method's published one)."""
-    return CRITERION_DEFAULT_THRESHOLDS.get(CriterionName(name), method_default)
+def window_in_evaluations(window_steps: int, eval_every: int) -> int:
+    """A window of `window_steps` training steps holds ceil(window_steps / evalEvery) evaluations
+    (at least two: a variance or a slope needs two values)."""
+    return max(2, -(-window_steps // eval_every))
 
 
-def make_criterion(name: str, window: int, threshold: float, **opts: Any) -> Criterion:
-    """Build a criterion by name. `window` is in EVALUATIONS (see `spec.window_evaluations`).
-
-    Options: ema `alpha`; trend `eval_every`; clip `patience`, `epsilon`, `every_steps` (when
-    `patience`/`epsilon` are not given, clip uses `window` and `threshold` for them).
-    Unknown options for a criterion are rejected rather than silently dropped.
-    """
+def criterion_class(name: Any) -> type[Criterion]:
     key = name.value if isinstance(name, CriterionName) else str(name)
     if key not in CRITERIA:
         raise ValueError(f"unknown criterion {key!r}; choose one of {', '.join(CRITERIA)}")
-    allowed = {
-        "dvar": set(),
-        "ema": {"alpha"},
-        "hall": set(),
-        "trend": {"eval_every"},
-        "clip": {"patience", "epsilon", "every_steps"},
-        "none": set(),
-    }[key]
-    unknown = set(opts) - allowed
+    return CRITERIA[key]
+
+
+def default_threshold(name: Any, method_default: float) -> float:
+    """The threshold a criterion uses when the user gives none (DVAR: the method's published one)."""
+    declared = criterion_class(name).default_threshold
+    return method_default if declared is None else declared
+
+
+def stop_threshold(spec: PersonalizationJobSpec) -> float:
+    """The spec's stop threshold: `earlyStopping.threshold`, else the criterion's default."""
+    es = spec.early_stopping
+    return es.threshold if es.threshold is not None else default_threshold(es.criterion, spec.defaults.threshold)
+
+
+def make_criterion(name: Any, window: int, threshold: float, **opts: Any) -> Criterion:
+    """Build a criterion by name. `window` is in EVALUATIONS (see `window_in_evaluations`).
+
+    Options are those the class declares in `options` (ema `alpha`; trend `eval_every`; clip
+    `patience`, `epsilon`, `every_steps`); unknown ones are rejected rather than silently dropped.
+    """
+    cls = criterion_class(name)
+    unknown = set(opts) - set(cls.options)
     if unknown:
-        raise ValueError(f"criterion {key!r} does not take option(s) {', '.join(sorted(unknown))}")
-    if key == "clip":
-        return ClipScoreCriterion(
-            patience=opts.get("patience", window),
-            epsilon=opts.get("epsilon", threshold),
-            every_steps=opts.get("every_steps", 100),
-        )
-    return CRITERIA[key](window, threshold, **opts)
+        raise ValueError(f"criterion {cls.name!r} does not take option(s) {', '.join(sorted(unknown))}")
+    return cls.build(window, threshold, **opts)
+
+
+def build_criterion(
+    name: Any, window_steps: int, eval_every: int, threshold: float, early_stopping: Optional[EarlyStopping] = None
+) -> Criterion:
+    """The criterion for a window in training steps over evaluations `eval_every` steps apart,
+    with the options the spec decides (the training loop and replay both build it here)."""
+    cls = criterion_class(name)
+    options = cls.spec_options(early_stopping or EarlyStopping(), eval_every)
+    return make_criterion(cls.name, window_in_evaluations(window_steps, eval_every), threshold, **options)
+
+
+def from_spec(spec: PersonalizationJobSpec, window_steps: int, threshold: float) -> Criterion:
+    """The criterion a training stage uses (a stage has its own window and threshold)."""
+    es = spec.early_stopping
+    return build_criterion(es.criterion, window_steps, es.criterion_spacing, threshold, es)
 
 
 class StopPolicy:

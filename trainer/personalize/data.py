@@ -1,13 +1,16 @@
 """The concept's training examples: images from a folder and the captions that go with them.
 
-Images are resized (shorter side to `resolution`) and center-cropped to a square, then scaled
-to [-1, 1], the range Stable Diffusion's VAE expects. Captions come from the concept's
-templates with `{token}` / `{class_noun}` substituted.
+Images are turned upright (EXIF orientation), resized (shorter side to `resolution`) and scaled to
+[-1, 1], the range Stable Diffusion's VAE expects. `images` holds their central squares: what the
+reference batch uses, always the same. Training batches may be augmented as the method's diffusers
+script does (`Augment`: a random instead of the central square, a horizontal flip); those draws
+come from the training generator, so the reference batch never sees them. Captions come from the
+job's templates with `{token}` / `{class_noun}` substituted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +19,7 @@ import torch
 from PIL import Image
 
 from personalize.preflight import concept_folder, list_image_files, open_rgb
-from personalize.spec import Concept
+from personalize.spec import DEFAULT_CAPTION_TEMPLATE, Concept, Crop, PersonalizationJobSpec
 
 
 def fill_template(template: str, identifier: str, class_noun: Optional[str]) -> str:
@@ -26,23 +29,30 @@ def fill_template(template: str, identifier: str, class_noun: Optional[str]) -> 
 
 
 def caption_templates(concept: Concept) -> list[str]:
-    """The caption template plus the extra ones; one is drawn per example."""
-    return [concept.caption_template, *concept.captions]
+    """A concept's own templates (the spec's `caption_templates` adds the method's defaults)."""
+    return [concept.caption_template or DEFAULT_CAPTION_TEMPLATE, *concept.captions]
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """One image as a float tensor [3, resolution, resolution] in [-1, 1]."""
+def load_resized(path: Path, resolution: int) -> torch.Tensor:
+    """One upright image, shorter side resized to `resolution`: [3, H, W] in [-1, 1], min(H, W) = resolution."""
     rgb = open_rgb(path)
-    # Resize the shorter side to `resolution`, then take the central square.
     width, height = rgb.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     rgb = rgb.resize(new_size, Image.Resampling.BICUBIC)
-    left = (new_size[0] - resolution) // 2
-    top = (new_size[1] - resolution) // 2
-    rgb = rgb.crop((left, top, left + resolution, top + resolution))
     pixels = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3] in [-1, 1]
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def center_square(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    top = (image.shape[1] - resolution) // 2
+    left = (image.shape[2] - resolution) // 2
+    return image[:, top:top + resolution, left:left + resolution]
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """One image as a float tensor [3, resolution, resolution] in [-1, 1]: its central square."""
+    return center_square(load_resized(path, resolution), resolution).contiguous()
 
 
 def load_images(folder: Path, resolution: int) -> tuple[torch.Tensor, list[Path]]:
@@ -51,33 +61,79 @@ def load_images(folder: Path, resolution: int) -> tuple[torch.Tensor, list[Path]
     return torch.stack([load_image(p, resolution) for p in files]), files
 
 
+@dataclass(frozen=True)
+class Augment:
+    """What training batches (never the reference batch) change at random."""
+
+    flip: float = 0.0  # probability of a horizontal flip
+    random_crop: bool = False  # a random square of the resized image instead of the central one
+
+    @classmethod
+    def of(cls, spec: PersonalizationJobSpec) -> "Augment":
+        return cls(flip=spec.flip_probability, random_crop=spec.crop == Crop.random)
+
+
 @dataclass
 class ConceptExamples:
     """The training examples: N images and the caption templates (filled per example)."""
 
-    images: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    images: torch.Tensor  # [N, 3, H, W] in [-1, 1], central squares (the reference batch's)
     files: list[Path]
     captions: list[str]  # filled caption candidates; one is drawn per example
+    augment: Augment = field(default_factory=Augment)
+    # The resized images before cropping, kept only when a random crop has room to move.
+    resized: Optional[list[torch.Tensor]] = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, indices: list[int]) -> "ConceptExamples":
-        return ConceptExamples(self.images[indices], [self.files[i] for i in indices], self.captions)
+        resized = [self.resized[i] for i in indices] if self.resized is not None else None
+        return ConceptExamples(self.images[indices], [self.files[i] for i in indices], self.captions, self.augment, resized)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """A random batch (with replacement across steps, without within a batch when possible)."""
+        """A random batch (with replacement across steps, without within a batch when possible),
+        augmented. Without augmentation (or no room to crop) it draws exactly what it always did."""
         n = len(self)
         if batch_size <= n:
             idx = torch.randperm(n, generator=generator)[:batch_size]
         else:
             idx = torch.randint(n, (batch_size,), generator=generator)
         caption_idx = torch.randint(len(self.captions), (batch_size,), generator=generator)
-        return self.images[idx], [self.captions[int(i)] for i in caption_idx]
+        images = self.images[idx]
+        if self.augment.random_crop and self.resized is not None:
+            images = torch.stack([self._random_square(int(i), generator) for i in idx])
+        if self.augment.flip > 0:
+            flip = torch.rand(batch_size, generator=generator) < self.augment.flip
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, [self.captions[int(i)] for i in caption_idx]
+
+    def _random_square(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        image = self.resized[index]
+        size = self.images.shape[-1]
+        top = int(torch.randint(image.shape[1] - size + 1, (1,), generator=generator))
+        left = int(torch.randint(image.shape[2] - size + 1, (1,), generator=generator))
+        return image[:, top:top + size, left:left + size]
 
 
-def load_concept_examples(concept: Concept, identifier: str, resolution: int) -> ConceptExamples:
-    """Read the concept's images; fill its caption templates with the chosen identifier."""
-    images, files = load_images(concept_folder(concept), resolution)
-    captions = [fill_template(t, identifier, concept.class_noun) for t in caption_templates(concept)]
-    return ConceptExamples(images, files, captions)
+def load_concept_examples(
+    concept: Concept,
+    identifier: str,
+    resolution: int,
+    templates: Optional[list[str]] = None,
+    augment: Augment = Augment(),
+) -> ConceptExamples:
+    """Read the concept's images; fill the caption templates (default: the concept's own) with
+    the chosen identifier."""
+    files = list_image_files(concept_folder(concept))
+    resized = [load_resized(p, resolution) for p in files]
+    images = torch.stack([center_square(r, resolution) for r in resized])
+    room = any(r.shape[1:] != images.shape[2:] for r in resized)
+    templates = templates if templates is not None else caption_templates(concept)
+    captions = [fill_template(t, identifier, concept.class_noun) for t in templates]
+    return ConceptExamples(images, files, captions, augment, resized if augment.random_crop and room else None)
+
+
+def examples_of(spec: PersonalizationJobSpec, identifier: str, resolution: int) -> ConceptExamples:
+    """The job's examples: its caption templates (the method's defaults) and augmentation."""
+    return load_concept_examples(spec.concept, identifier, resolution, spec.caption_templates, Augment.of(spec))

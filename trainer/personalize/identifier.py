@@ -1,16 +1,17 @@
 """The concept's unique identifier: rare tokens of the vocabulary (`token: auto`) or the user's token.
 
-DreamBooth (seed 001) binds the concept to rare tokens: for CLIP's BPE vocabulary the merge rank
+DreamBooth (Ruiz et al., 2022) binds the concept to rare tokens: for CLIP's BPE vocabulary the merge rank
 is the frequency proxy (a later merge, i.e. a higher id, is rarer). We take the highest-id
 plain word tokens (`[a-z]{1,3}</w>`, like "sks"), decode them to text and keep only those whose
 text tokenizes back to exactly the same ids.
 
-Methods that learn a token embedding (textual inversion, custom diffusion, TI-DreamBooth) need
-a *new* row in the embedding table, so they add a new token: the user's token, or for `auto` the
-rare text in angle brackets (`<lun>`), which cannot collide with a word of the vocabulary and is
-never matched inside another word. DreamBooth and LoRA with `auto` use the rare tokens as they
-are (no new rows); with a user's token they add it too (its row is initialised and stays fixed
-unless the text encoder is trained).
+Each method follows its own recipe. Methods that learn a token embedding (textual inversion,
+custom diffusion, TI-DreamBooth's stage 1) need a *new* row in the embedding table, so they add a
+new token: the user's token (which must not be in the vocabulary yet), or for `auto` the rare text
+in angle brackets (`<lun>`), which cannot collide with a word of the vocabulary and is never
+matched inside another word. DreamBooth and LoRA train no embedding, so a new row would stay at
+its initial value (the class noun's: "zwx dog" would encode like "dog dog"); they use an
+*existing* rare token as it is: the user's (`sks`) or the rare tokens `auto` picks.
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initialize
     return Identifier(text=" ".join(names), token=token, token_ids=new_ids, added=True)
 
 
+def existing_token(tokenizer, token: str, method: str) -> Identifier:
+    """A user's identifier for a method that trains no embedding: one token of the vocabulary."""
+    ids = token_ids_of(tokenizer, token)
+    if len(ids) != 1:
+        raise TrainerInputError(
+            f"concept.token {token!r} is not a token of the tokenizer's vocabulary (it splits into {len(ids)}); "
+            f"{method} trains no token embedding, so its identifier must be an existing rare token: "
+            "use token: auto or a rare word such as 'sks'"
+        )
+    entry = tokenizer.convert_ids_to_tokens(ids)[0]
+    return Identifier(text=token, token=token, token_ids=ids, added=False, rare_tokens=[entry])
+
+
 def setup_identifier(
     tokenizer,
     text_encoder,
@@ -116,16 +130,25 @@ def setup_identifier(
     num_vectors: int = 1,
     initializer: Optional[str] = None,
     exclude_texts: Iterable[str] = (),
+    method: str = "this method",
 ) -> Identifier:
     """Resolve the concept's `token` setting into an Identifier, changing tokenizer/text encoder
     in place when new tokens are needed."""
-    if token != "auto":
+    if token != "auto" and learns_embedding:
         if exists_in_vocabulary(tokenizer, token):
             raise TrainerInputError(
-                f"concept.token {token!r} already exists in the tokenizer's vocabulary; "
-                "choose a new word or use token: auto"
+                f"concept.token {token!r} already exists in the tokenizer's vocabulary; {method} trains a new "
+                "embedding for its token: choose a word the tokenizer does not know (e.g. '<my-concept>') "
+                "or use token: auto"
             )
-        return add_tokens(tokenizer, text_encoder, token, num_vectors if learns_embedding else 1, initializer)
+        return add_tokens(tokenizer, text_encoder, token, num_vectors, initializer)
+    if token != "auto":
+        if token.lower() in words_in(exclude_texts):
+            raise TrainerInputError(
+                f"concept.token {token!r} is a word of the class noun, captions or prompts, so the concept "
+                "could not be told apart from it: use token: auto or a rare word such as 'sks'"
+            )
+        return existing_token(tokenizer, token, method)
 
     rare_ids = pick_rare_tokens(tokenizer, num_identifier_tokens, exclude=words_in(exclude_texts))
     rare_text = decode_rare_tokens(tokenizer, rare_ids)

@@ -16,6 +16,10 @@ restores the newest from there; after result.json the folder is uploaded, result
 Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
 TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
 run.main exits 143. The next start resumes from the checkpoint.
+
+Extension points (instead of patching this module): `after_training` is called on the main
+process once the last stage is done, with the trained models in hand (`TrainedRun`);
+`sample_grids=False` skips samples_before.png and samples.png.
 """
 
 from __future__ import annotations
@@ -24,25 +28,27 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import diffusers
 import torch
 import transformers
 from accelerate import Accelerator
 
-from personalize.data import caption_templates, load_concept_examples
+from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, setup_identifier
-from personalize.loop import StageOutcome, train_stage
+from personalize.loop import train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
-from personalize.pipeline_io import load_base_pipeline, models_of
+from personalize.pipeline_io import Models, load_base_pipeline, models_of
 from personalize.plotting import plot_convergence
+from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter
 from personalize.resume import RunCheckpoints
-from personalize.run import write_json, write_losses_csv
+from personalize.run_files import LOSSES_FILE, PLOT_FILE, RESULT_FILE, write_json, write_losses_csv
 from personalize.samples import SAMPLES_BEFORE_FILE, SAMPLES_FILE, write_samples
 from personalize.spec import (
     Artifact,
@@ -50,11 +56,13 @@ from personalize.spec import (
     EarlyStop,
     PersonalizationJob,
     Progress,
+    RunResult,
     StopReason,
     TrainerReport,
 )
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
-from personalize.status_reporter import StatusReporter, StatusReportError
+from personalize.stage_outcome import StageOutcome
+from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
 from personalize.storage.checkpoint_sync import CheckpointSync
 from personalize.storage.publish import finish_upload
 from personalize.storage.uploads import OutputUpload
@@ -68,18 +76,26 @@ diffusers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-RESULT_FILE = "result.json"
-LOSSES_FILE = "losses.csv"
-PLOT_FILE = "convergence.png"
+
+@dataclass
+class TrainedRun:
+    """What `JobRunner.after_training` hooks receive: the trained models, still in memory and in
+    eval mode, with what the run recorded (main process only, before the final sample grid)."""
+
+    models: Models
+    identifier_token: str
+    resolution: int
+    device: torch.device
+    loss_rows: list[dict]
+    outcomes: list[StageOutcome]
 
 
-def make_accelerator(job: PersonalizationJob) -> Accelerator:
+AfterTraining = Callable[[TrainedRun], None]
+
+
+def make_job_accelerator(job: PersonalizationJob) -> Accelerator:
     training = job.spec.training
-    mixed_precision = training.mixed_precision.value
-    if mixed_precision != "no" and not torch.cuda.is_available():
-        log.warning("training.mixedPrecision=%s is ignored on CPU (training in fp32)", mixed_precision)
-        mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=training.gradient_accumulation_steps)
+    return make_accelerator(training.mixed_precision.value, training.gradient_accumulation_steps)
 
 
 def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
@@ -108,8 +124,15 @@ class JobRunner:
         metrics_port: Optional[int] = None,
         metrics_linger: float = 0.0,
         shutdown: Optional[GracefulShutdown] = None,
+        after_training: Optional[AfterTraining] = None,
+        sample_grids: bool = True,
     ):
+        """`after_training` is called once the last stage is done, with the models in hand (e.g. a
+        benchmark scores them without reloading the artifacts); `sample_grids=False` skips
+        samples_before.png and samples.png."""
         self.job, self.spec, self.output = job, job.spec, output
+        self.after_training = after_training
+        self.sample_grids = sample_grids
         self.metrics_port = metrics_port
         self.metrics_linger = metrics_linger
         self.shutdown = shutdown  # SIGTERM -> checkpoint + TrainingInterrupted (None: no signal handling)
@@ -162,7 +185,7 @@ class JobRunner:
     def execute(self) -> int:
         spec = self.spec
         namespace, name = self._names()
-        self.accelerator = make_accelerator(self.job)
+        self.accelerator = make_job_accelerator(self.job)
         main_process = self.accelerator.is_main_process  # only it reports, serves and writes files
         try:
             self.reporter = StatusReporter.from_env() if main_process else None
@@ -181,13 +204,13 @@ class JobRunner:
             linger = False  # the grace period is for the checkpoint, not for a last scrape
             if main_process:
                 self.report.message = f"{stop}; a restarted trainer resumes from the checkpoint"
-                self._write_last_report()
+                self._write_final_report()
             raise
         except Exception as err:  # a crash mid-training: still leave result.json and the status
             if main_process:
                 self.report.message = f"{type(err).__name__}: {err}"
                 self.report.early_stop = EarlyStop(stopped=False, reason=StopReason.failed)
-                self._write_last_report()
+                self._write_final_report()
             raise
         finally:
             if linger:
@@ -198,14 +221,37 @@ class JobRunner:
             if self.reporter is not None:
                 self.reporter.close()
 
-    def _write_last_report(self) -> None:
-        """result.json, the termination message and a final status patch of an unfinished run."""
-        write_json(self.report.to_api(), self.output / RESULT_FILE)
+    def _write_final_report(self, checkpoints: Optional[RunCheckpoints] = None,
+                            upload: Optional[OutputUpload] = None, sync: Optional[CheckpointSync] = None) -> int:
+        """result.json, the termination message and the final status patch, for a finished, an
+        interrupted or a failed run alike; the exit code of a finished run. With `checkpoints` (a
+        finished run) they are removed once result.json is safe; with `upload` (output.uri) the
+        folder is then uploaded, result.json last, and the mirrored checkpoints removed from the store.
+        1 when the upload failed (the next attempt only uploads); EXIT_STATUS_UNREPORTED when the
+        status patch failed (result.json and the termination message are written); else 0."""
+        self.report.wall_seconds = round(time.monotonic() - self.started, 3)
+        self._write_result()
+        if checkpoints is not None:
+            checkpoints.remove()  # a restart now would only redo finished work
+        uploaded = True
+        if upload is not None:
+            uploaded = finish_upload(upload, self.report, self._write_result,
+                                     after_success=sync.remove if sync is not None else None)
         write_termination_message(self.report)
         try:
             self._publish(final=True)
-        except StatusReportError:
-            pass
+        except StatusReportError as err:
+            log.error("final status patch failed (result.json and the termination message are written): %s", err)
+            # Finished either way. Unreported: a rerun would only repeat it; the operator reads the
+            # result from the termination message instead. An owed upload still needs the rerun.
+            return EXIT_STATUS_UNREPORTED if uploaded else 1
+        return 0 if uploaded else 1
+
+    def _write_result(self) -> None:
+        accelerator = self.accelerator
+        result = RunResult(**dict(self.report), mixed_precision=accelerator.mixed_precision,
+                           processes=accelerator.num_processes)
+        write_json(result.to_api(), self.output / RESULT_FILE)
 
     def _train_and_save(self) -> int:
         spec, output = self.spec, self.output
@@ -216,17 +262,9 @@ class JobRunner:
         for module in (models.unet, models.vae, models.text_encoder):
             module.to(device)
         resolution = spec.training.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        if spec.training.gradient_checkpointing and device.type == "cpu":
-            log.warning("training.gradientCheckpointing is ignored on CPU")
-        elif spec.training.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
         self.stages = plan_stages(spec)
 
-        class_examples = None
-        if any(stage.prior_preservation for stage in self.stages):
-            with accelerator.main_process_first():
-                class_examples = prepare_class_images(spec, models, output, resolution, device)
-
+        # The identifier first: a token the method cannot use fails before any class image is made.
         concept = spec.concept
         self.identifier = identifier = setup_identifier(
             models.tokenizer,
@@ -236,10 +274,16 @@ class JobRunner:
             num_identifier_tokens=concept.num_identifier_tokens,
             num_vectors=spec.textual_inversion.num_vectors,
             initializer=spec.initializer_token,
-            exclude_texts=[*caption_templates(concept), *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            method=spec.method.value,
         )
+        class_examples = None
+        if any(stage.prior_preservation for stage in self.stages):
+            with accelerator.main_process_first():
+                class_examples = prepare_class_images(spec, models, output, resolution, device)
+
         self.report.identifier = identifier.token
-        # Resume (issue 6): the checkpoint's run state (loss rows, finished stages and their
+        # Resume: the checkpoint's run state (loss rows, finished stages and their
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
         checkpoints = RunCheckpoints(spec, output, accelerator, self.shutdown)
         self.rows, self.outcomes, self.files = checkpoints.rows, checkpoints.completed, checkpoints.files
@@ -254,14 +298,15 @@ class JobRunner:
         if resume is not None:
             log.info("resuming from %s (stage %s, step %d; read in %.3f s)",
                      resume.path, resume.stage, resume.step, time.monotonic() - loading)
-        examples = load_concept_examples(concept, identifier.text, resolution)
+        examples = examples_of(spec, identifier.text, resolution)
         log.info(
             "method %s: %d concept images at %dpx, identifier %r, %d stage(s)",
             spec.method.value, len(examples), resolution, identifier.token, len(self.stages),
         )
 
-        if accelerator.is_main_process and not (output / SAMPLES_BEFORE_FILE).exists():  # kept across a resume
-            write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_BEFORE_FILE)
+        before = output / SAMPLES_BEFORE_FILE
+        if self.sample_grids and accelerator.is_main_process and not before.exists():  # kept across a resume
+            write_samples(spec, models, identifier.token, resolution, device, before)
 
         offset = 0
         for index, stage in enumerate(self.stages):
@@ -298,28 +343,13 @@ class JobRunner:
         )
         models.unet.eval()
         models.text_encoder.eval()
-        write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
+        if self.after_training is not None:
+            self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
+        if self.sample_grids:
+            write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
 
         report = self.report
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files)
-        report.stages = [
-            {"name": o.name, "stopStep": o.stop_step, "maxSteps": o.max_steps, "reason": o.reason.value,
-             "convergenceValue": o.convergence_value, "threshold": o.threshold, "seconds": round(o.seconds, 3)}
-            for o in self.outcomes
-        ]
-        report.wall_seconds = round(time.monotonic() - self.started, 3)
-        write_json(report.to_api(), output / RESULT_FILE)
-        checkpoints.remove()  # the result is safe: a restart now would only redo finished work
-        uploaded = True
-        upload = OutputUpload.for_job(spec, output)
-        if upload is not None:  # artifacts, then result.json; on failure the next attempt only uploads
-            uploaded = finish_upload(upload, report, lambda: write_json(report.to_api(), output / RESULT_FILE),
-                                     after_success=sync.remove if sync is not None else None)
-        write_termination_message(report)
-        try:
-            self._publish(final=True)
-        except StatusReportError as err:
-            log.error("final status patch failed (result.json is written): %s", err)
-            return 1
-        return 0 if uploaded else 1
+        report.stages = [o.to_report() for o in self.outcomes]
+        return self._write_final_report(checkpoints, OutputUpload.for_job(spec, output), sync)

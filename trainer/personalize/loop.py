@@ -1,15 +1,15 @@
 """The training loop of one stage, top to bottom.
 
     setup method -> reference batch + criterion -> for each step: sample a batch, diffusion loss
-    (+ prior loss), backward, optimizer step -> every evalEvery steps L_det and the criterion ->
-    stop at convergence (after minSteps) or maxSteps.
+    (+ prior loss), backward, optimizer step -> L_det when the evaluation schedule says so
+    (eval_schedule.py) and the criterion -> stop at convergence (after minSteps) or maxSteps.
 
 Randomness: the training batches come from their own generator; the reference batch has its own
 (see reference_batch.py), so how often L_det is evaluated never changes the training itself.
 With several processes (accelerate, one per GPU), the reference batch and the criterion live
 on the main process, which broadcasts the stop decision so that all processes stop together.
 
-Preemption (issue 6): `checkpoints` (resume.py) restores a stage from its checkpoint before the
+Preemption: `checkpoints` (resume.py) restores a stage from its checkpoint before the
 first step and, after each step, saves one every checkpointEvery steps or on SIGTERM.
 """
 
@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
 
 from personalize.clip_check import ClipCheck
-from personalize.criteria import StopPolicy, make_criterion
+from personalize.criteria import StopPolicy, from_spec, window_in_evaluations
 from personalize.data import ConceptExamples
 from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
+from personalize.eval_schedule import schedule_from_spec
 from personalize.identifier import Identifier
-from personalize.methods import Method, Models, Stage
+from personalize.methods import Method, Stage
+from personalize.pipeline_io import Models, load_base_pipeline, models_of
+from personalize.precision import cast_for_training, is_full_precision, restore_full_precision, weight_dtype
 from personalize.reference_batch import ReferenceBatch
 from personalize.resume import StageCheckpoints, TrainState
-from personalize.spec import CriterionName, PersonalizationJobSpec, ReferenceInfo, StopReason
+from personalize.stage_outcome import StageOutcome
+from personalize.spec import CriterionName, PersonalizationJobSpec
 
 WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 
@@ -40,29 +44,25 @@ WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 StepCallback = Callable[[int, float, Optional[float], Optional[float], float], None]
 
 
-@dataclass
-class StageOutcome:
-    name: str
-    max_steps: int
-    stop_step: int
-    reason: StopReason
-    criterion: str
-    window_evaluations: int
-    threshold: float
-    train_loss: Optional[float]
-    deterministic_loss: Optional[float]
-    convergence_value: Optional[float]
-    reference: Optional[ReferenceInfo]
-    seconds: float
-
-
 class TrainingDiverged(RuntimeError):
     pass
 
 
-def window_in_evaluations(window_steps: int, eval_every: int) -> int:
-    """A window of `window_steps` training steps holds ceil(window_steps / evalEvery) evaluations."""
-    return max(2, -(-window_steps // eval_every))
+def process_seed(seed: int, process_index: int, stage_index: int) -> int:
+    """The seed of one process's random streams in one stage.
+
+    Distinct large primes keep the (process, stage) streams apart for any small user seed, so
+    two processes never draw the same batches and stage 2 does not replay stage 1's draws.
+    """
+    return seed + 7919 * process_index + 104729 * stage_index
+
+
+def enable_gradient_checkpointing(models: Models, text_encoder_trained: bool) -> None:
+    """Recompute activations in the backward pass instead of keeping them (less memory, more
+    compute): the UNet always (it is in every backward pass), the text encoder when it trains."""
+    models.unet.enable_gradient_checkpointing()
+    if text_encoder_trained:
+        models.text_encoder.activation_checkpointing_enable()
 
 
 def train_stage(
@@ -84,15 +84,18 @@ def train_stage(
     # ---- method: what is trained -------------------------------------------------------------
     # Adapter initialisation (LoRA's A matrices) and dropout draw from the global RNGs: seed them,
     # or two runs of the same seed (or a run and its resumption) train different weights.
-    set_seed(training.seed + 7919 * accelerator.process_index + 104729 * stage_index)
+    seed = process_seed(training.seed, accelerator.process_index, stage_index)
+    set_seed(seed)
     method = stage.method_class(models, spec, identifier)
     modules = method.train_modules()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (models.unet, models.vae, models.text_encoder):
-        dtype = torch.float32 if any(p.requires_grad for p in module.parameters()) else weight_dtype
-        if module.dtype != dtype:
-            module.to(dtype=dtype)  # frozen parts in half precision on GPU, trained ones in fp32
+    # frozen weights in the half dtype, trained ones in fp32 (precision.py states the rule)
+    cast_for_training((models.unet, models.vae, models.text_encoder), method.parameters, weight_dtype(accelerator))
+    if training.gradient_checkpointing:
+        enable_gradient_checkpointing(models, method.text_encoder_trained)
     optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
+    # One schedule step per training step (not per micro-batch or process), over the stage's budget.
+    lr_schedule = get_scheduler(training.lr_scheduler.value, optimizer,
+                                num_warmup_steps=training.lr_warmup_steps, num_training_steps=stage.max_steps)
     *prepared, optimizer = accelerator.prepare(*modules, optimizer)
     wrapped = {id(m): p for m, p in zip(modules, prepared)}
     unet = wrapped.get(id(models.unet), models.unet)
@@ -121,29 +124,29 @@ def train_stage(
     else:
         indices = ReferenceBatch.select_indices(len(examples), n_slots, training.seed)
         train_examples = ReferenceBatch.training_split(examples, indices, es.holdout)
-    window = window_in_evaluations(stage.window_steps, es.eval_every)
-    options = {"eval_every": es.eval_every} if es.criterion == CriterionName.trend else {}
+    window = window_in_evaluations(stage.window_steps, es.criterion_spacing)
+    criterion = from_spec(spec, stage.window_steps, stage.threshold)
+    schedule = schedule_from_spec(es, stage.threshold, stage.window_steps)  # when L_det is evaluated
     clip_check = None
-    if es.criterion == CriterionName.clip:  # the paper's baseline: CLIP-I of samples, not L_det
-        options = {"patience": es.clip.patience, "epsilon": es.clip.epsilon, "every_steps": es.clip.every_steps}
-        if accelerator.is_main_process:
-            clip_check = ClipCheck(spec, identifier.token, examples.files, examples.images.shape[-1])
-    criterion = make_criterion(es.criterion.value, window, stage.threshold, **options)
+    if es.criterion == CriterionName.clip and accelerator.is_main_process:
+        # the paper's baseline: the criterion consumes CLIP-I of samples, not L_det
+        clip_check = ClipCheck(spec, identifier.token, examples.files, examples.images.shape[-1])
     policy = StopPolicy(criterion, stage.max_steps, min(training.min_steps, stage.max_steps))
 
     # ---- the loop ----------------------------------------------------------------------------
-    generator = torch.Generator().manual_seed(training.seed + 7919 * accelerator.process_index + 104729 * stage_index)
+    generator = torch.Generator().manual_seed(seed)
     num_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
     prior_weight = spec.prior_preservation.prior_loss_weight
     use_prior = stage.prior_preservation and class_examples is not None
     step, reason = 0, None
     train_loss = det_loss = conv_value = None
 
-    # ---- resume (issue 6): continue from a checkpoint of this stage, if there is one -----------
+    # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
-    keeper = getattr(method, "keeper", None)  # an embedding table of which only the identifier's rows train
+    keeper = method.keeper  # an embedding table of which only the identifier's rows train
     state = TrainState({"unet": models.unet, "text_encoder": models.text_encoder}, optimizer, generators, policy, reference,
-                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None)
+                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None,
+                       lr_schedule=lr_schedule, schedule=schedule)
     if checkpoints is not None:
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
         last = checkpoints.last
@@ -161,7 +164,7 @@ def train_stage(
                     class_images, class_captions = class_examples.sample(training.batch_size, generator)
                     images, captions = torch.cat([images, class_images]), captions + class_captions
                 with torch.no_grad():
-                    latents = sample_latents(models.vae, images.to(device), generator)  # [B',4,h,w]
+                    latents = sample_latents(models.vae, images.to(device), generator).float()  # [B',4,h,w] fp32
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
                 timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
                 with accelerator.autocast():
@@ -176,23 +179,31 @@ def train_stage(
                 else:
                     loss = per_example.mean()
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm > 0:
+                    if keeper is not None:
+                        keeper.drop_frozen_gradients()  # the norm of what trains, not of rows reset anyway
+                    accelerator.clip_grad_norm_(method.parameters, training.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
+        lr_schedule.step()
         method.after_optimizer_step()
         train_loss = sum(losses) / len(losses)
+        if accelerator.num_processes > 1:  # the reported loss is the mean over every process's batch
+            train_loss = float(accelerator.reduce(torch.tensor([train_loss], device=device), reduction="mean")[0])
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at step {step} of stage {stage.name}")
 
         det_step = conv_step = None
         if reference is not None:
-            if step % es.eval_every == 0:
+            if schedule.due(step):
                 with accelerator.autocast():
                     det_step = reference.deterministic_loss(models.unet, models.text_encoder)
-                conv_step = policy.update(det_step) if clip_check is None else None
                 det_loss = det_step
+            conv_step = schedule.observe(step, det_step, policy if clip_check is None else None)
             if clip_check is not None and step % es.clip.every_steps == 0:
-                conv_step = policy.update(clip_check.score(models))
+                with accelerator.autocast():  # the frozen weights are in the half dtype here
+                    conv_step = policy.update(clip_check.score(models))
             conv_value = conv_step if conv_step is not None else conv_value
             reason = policy.check(step)
         if accelerator.num_processes > 1:
@@ -202,6 +213,8 @@ def train_stage(
             last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             checkpoints.after_step(step, reason, state, last)
 
+    seconds = time.monotonic() - started
+    full_precision(models, spec)
     return StageOutcome(
         name=stage.name,
         max_steps=stage.max_steps,
@@ -214,5 +227,15 @@ def train_stage(
         deterministic_loss=det_loss,
         convergence_value=conv_value,
         reference=reference.info() if reference is not None else None,
-        seconds=time.monotonic() - started,
+        seconds=seconds,
     ), method
+
+
+def full_precision(models: Models, spec: PersonalizationJobSpec) -> None:
+    """After a mixed-precision stage: every weight fp32 again, the frozen ones re-read from the
+    base model, so samples, class images and artifacts all come from one fp32 model."""
+    parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+    if is_full_precision(parts.values()):
+        return
+    base = models_of(load_base_pipeline(spec.base_model))
+    restore_full_precision(parts, {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,11 +10,22 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from personalize.preflight import check_base_model, resolve_volume_path
 from personalize.errors import TrainerInputError
-from personalize.methods.base import Models
 from personalize.spec import BaseModelSource
 from personalize.storage.hub import resolve_snapshot
 
 TINY_WORLD_DIR = Path(__file__).resolve().parent / "assets" / "tiny_world"
+
+
+@dataclass
+class Models:
+    """The pipeline's parts (the loop moves them to the accelerator's device)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object  # DDPM-style scheduler with add_noise / get_velocity (training)
+    sampling_scheduler: object  # the pipeline's own scheduler (for samples)
 
 
 def builtin_tiny_world_folder() -> Path:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.errors import TrainerInputError
 from personalize.spec import BaseModelSource, Concept, EarlyStopping, PersonalizationJob
@@ -48,11 +48,12 @@ def list_image_files(folder: Path) -> list[Path]:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (a truncated file fails here, not in the middle of training)."""
+    """Decode an image fully (a truncated file fails here, not in the middle of training), upright:
+    a phone photo stored sideways with an EXIF orientation tag is turned as a viewer shows it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise TrainerInputError(f"image {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from personalize.data import ConceptExamples, load_image
-from personalize.methods import Models
-from personalize.pipeline_io import sampling_pipeline
+from personalize.pipeline_io import Models, sampling_pipeline
 from personalize.spec import PersonalizationJobSpec
 
 CLASS_IMAGES_DIR = "class_images"

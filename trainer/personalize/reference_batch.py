@@ -1,4 +1,5 @@
-"""The reference batch and the deterministic loss L_det (DVAR, brief section 1).
+"""The reference batch and the deterministic loss L_det of DVAR (the loss on a batch whose
+random components are drawn once and then kept fixed).
 
 At the start of training R examples (x R per sub-batch, S sub-batches) are drawn once, with a
 generator of their own, and each of the five random components of the diffusion loss is fixed:
@@ -57,13 +58,13 @@ class ReferenceBatch:
         self.vae, self.tokenizer, self.scheduler = vae, tokenizer, scheduler
         self.text_encoder_trained = text_encoder_trained
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
-        self.generator = torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
+        self.generator = self._generator(seed)
         self.evaluations = 0
 
         # Draw every component once, in a fixed order, whether or not it stays fixed: the
         # reference examples (and so the held-out set) then depend on the seed only.
         g = self.generator
-        self.indices: list[int] = torch.randperm(n_images, generator=g)[:n_slots].tolist()  # == select_indices
+        self.indices: list[int] = self._draw_indices(n_images, n_slots, g)
         self.image_pool = self.indices if holdout else list(range(n_images))
         mean, std = self._posterior(self.indices)  # [S*R, C, h, w] each
         self.latent_shape = tuple(mean.shape[1:])
@@ -79,10 +80,18 @@ class ReferenceBatch:
     # ---- the sets the trainer uses ---------------------------------------------------------
 
     @staticmethod
-    def select_indices(n_images: int, n_slots: int, seed: int) -> list[int]:
+    def _generator(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
+
+    @staticmethod
+    def _draw_indices(n_images: int, n_slots: int, generator: torch.Generator) -> list[int]:
+        """The reference examples: the first draw of the reference generator."""
+        return torch.randperm(n_images, generator=generator)[:n_slots].tolist()
+
+    @classmethod
+    def select_indices(cls, n_images: int, n_slots: int, seed: int) -> list[int]:
         """The reference examples for a seed, without building the batch (other processes)."""
-        g = torch.Generator().manual_seed(int(seed) + REFERENCE_SEED_OFFSET)
-        return torch.randperm(n_images, generator=g)[:n_slots].tolist()
+        return cls._draw_indices(n_images, n_slots, cls._generator(seed))
 
     @staticmethod
     def training_split(examples: ConceptExamples, indices: list[int], holdout: bool) -> ConceptExamples:
@@ -167,17 +176,19 @@ class ReferenceBatch:
         text_encoder.eval()
         try:
             latents, noise, timesteps, embeddings = self.components(text_encoder)
-            device, dtype = unet.device, unet.dtype
+            # fp32 inputs (under mixed precision the caller's autocast runs the UNet in the half
+            # dtype); the squared error and the mean over slots and sub-batches stay fp32.
+            device = unet.device
             total = 0.0
             for s in range(self.sub_batches):
                 part = slice(s * self.size, (s + 1) * self.size)
                 loss = diffusion_loss(
                     unet,
                     self.scheduler,
-                    latents[part].to(device, dtype),
-                    noise[part].to(device, dtype),
+                    latents[part].to(device, torch.float32),
+                    noise[part].to(device, torch.float32),
                     timesteps[part].to(device),
-                    embeddings[part].to(device, dtype),
+                    embeddings[part].to(device, torch.float32),
                 )
                 total += float(loss)
         finally:
@@ -186,13 +197,14 @@ class ReferenceBatch:
         self.evaluations += 1
         return total / self.sub_batches
 
-    # ---- resume (issue 6): the generator decides every re-sampled component ------------------
+    # ---- resume ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": self.indices, "evaluations": self.evaluations, "generator": self.generator.get_state()}
+        """What a resumed run needs besides the seed: the generator that decides every
+        re-sampled component is saved and restored with the other random streams (last)."""
+        return {"indices": list(self.indices), "evaluations": self.evaluations}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["indices"]) != self.indices:
-            raise ValueError("reference batch indices differ from the checkpoint's (different seed or images?)")
+            raise ValueError("the reference batch differs from the checkpoint's (other images or seed?)")
         self.evaluations = int(state["evaluations"])
-        self.generator.set_state(state["generator"])

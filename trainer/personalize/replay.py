@@ -12,7 +12,11 @@ and prints one JSON object per criterion:
 Windows are given in training steps (as in the spec) and converted to evaluations with the
 spacing of the series. `--eval-every K` replays a series recorded every step as if the loss had
 been evaluated only at steps divisible by K (the loop's schedule), answering "what if I had
-evaluated every K steps?". The stop step assumes the loop checks the criterion after every
+evaluated every K steps?". A series from the adaptive schedule (`--schedule adaptive`, chosen by
+default when the gaps between evaluated steps differ) is fed to the criterion one value per
+training step, interpolated between the evaluations exactly as the loop does
+(eval_schedule.InterpolatedSeries), so the window is in steps and the stop step is the loop's.
+The stop step assumes the loop checks the criterion after every
 step: a criterion that is satisfied before `--min-steps` stops the run at `min_steps` if it is
 still satisfied then.
 """
@@ -28,13 +32,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-from personalize.criteria import StopPolicy, _json_float, default_threshold, make_criterion
-from personalize.spec import METHOD_DEFAULTS, Method
+from personalize.criteria import (
+    CRITERIA,
+    StopPolicy,
+    _json_float,
+    build_criterion,
+    default_threshold,
+    window_in_evaluations,
+)
+from personalize.eval_schedule import InterpolatedSeries
+from personalize.spec import METHOD_DEFAULTS, EvalSchedule, Method
 
 PROG = "personalize-train replay"
-# Criteria that make sense on a loss series (clip needs CLIP scores; none never stops).
-REPLAYABLE = ("dvar", "ema", "hall", "trend", "none")
-DEFAULT_SET = ("dvar", "ema", "hall", "trend")
+# Criteria that run on a loss series; by default replay compares those that can stop early.
+REPLAYABLE = tuple(name for name, criterion in CRITERIA.items() if criterion.replayable)
+DEFAULT_SET = tuple(name for name in REPLAYABLE if CRITERIA[name].stops_early)
 
 
 class ReplayError(Exception):
@@ -55,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", help=f"one of {', '.join(REPLAYABLE)} (default: each of {', '.join(DEFAULT_SET)})")
     p.add_argument("--window", type=int, help="window in training steps (default: the method's)")
     p.add_argument("--threshold", type=float, help="stop threshold (default: the criterion's/method's)")
-    p.add_argument("--eval-every", type=int, help="keep only evaluations at steps divisible by K")
+    p.add_argument("--eval-every", type=int, help="keep only evaluations at steps divisible by K (fixed schedule)")
+    p.add_argument(
+        "--schedule",
+        choices=[s.value for s in EvalSchedule],
+        help="how the run evaluated: fixed (one criterion value per evaluation) or adaptive (one per step, "
+        "interpolated between evaluations); default: adaptive when the gaps between evaluated steps differ",
+    )
     p.add_argument("--min-steps", type=int, default=0, help="no stop before this step (default 0)")
     p.add_argument(
         "--method",
@@ -165,8 +183,15 @@ def subsample(points: list[tuple[int, float]], eval_every: int, spacing: int) ->
     return kept
 
 
+def recorded_schedule(points: list[tuple[int, float]]) -> EvalSchedule:
+    """adaptive when the evaluated steps are not evenly spaced, else fixed."""
+    gaps = {b - a for (a, _), (b, _) in zip(points, points[1:])}
+    return EvalSchedule.adaptive if len(gaps) > 1 else EvalSchedule.fixed
+
+
 def stop_step(
-    points: list[tuple[int, float]], policy: StopPolicy, last_step: int
+    points: list[tuple[int, float]], policy: StopPolicy, last_step: int,
+    schedule: EvalSchedule = EvalSchedule.fixed,
 ) -> tuple[Optional[int], Optional[float]]:
     """First step at which the loop (checking after every step) would stop, and the value then.
 
@@ -174,8 +199,9 @@ def stop_step(
     e_next the loop sees the same answer, so it stops at max(e, min_steps) if that is < e_next.
     """
     value: Optional[float] = None
+    series = InterpolatedSeries() if schedule == EvalSchedule.adaptive else None
     for i, (step, loss) in enumerate(points):
-        new = policy.update(loss)
+        new = policy.update(loss) if series is None else series.observe(policy, step, loss)
         if new is not None:
             value = new
         if policy.criterion.should_stop():
@@ -196,20 +222,22 @@ def replay_one(
     min_steps: int,
     method: Method,
     last_step: int,
+    schedule: EvalSchedule = EvalSchedule.fixed,
 ) -> dict[str, Any]:
-    window_evals = max(2, math.ceil(window_steps / eval_every))
+    spacing = 1 if schedule == EvalSchedule.adaptive else eval_every  # steps per criterion value
+    window_evals = window_in_evaluations(window_steps, spacing)
     if threshold is None:
         threshold = default_threshold(name, METHOD_DEFAULTS[method].threshold)
-    opts: dict[str, Any] = {"eval_every": eval_every} if name == "trend" else {}
-    criterion = make_criterion(name, window_evals, threshold, **opts)
+    criterion = build_criterion(name, window_steps, spacing, threshold)
     # max_steps is irrelevant to "where would the criterion stop": set it beyond the series.
     policy = StopPolicy(criterion, max_steps=max(last_step, min_steps) + 1, min_steps=min_steps)
-    step, value = stop_step(points, policy, last_step)
+    step, value = stop_step(points, policy, last_step, schedule)
     return {
         "criterion": name,
+        "schedule": schedule.value,
         "window": window_steps,
         "window_evaluations": window_evals,
-        "eval_every": eval_every,
+        "eval_every": eval_every if schedule == EvalSchedule.fixed else None,  # adaptive: uneven gaps
         "threshold": threshold,
         "min_steps": min_steps,
         "stop_step": step,
@@ -221,7 +249,7 @@ def replay_one(
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.criterion is not None and args.criterion not in REPLAYABLE:
-        hint = " (clip needs CLIP scores, not a loss series)" if args.criterion == "clip" else ""
+        hint = f" ({args.criterion} needs scores of samples, not a loss series)" if args.criterion in CRITERIA else ""
         raise ReplayError(f"unknown criterion {args.criterion!r}{hint}; choose one of {', '.join(REPLAYABLE)}")
     if args.window is not None and args.window < 1:
         raise ReplayError(f"--window must be >= 1 step, got {args.window}")
@@ -234,6 +262,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     points, last_step = read_series(Path(args.file))
     spacing = recorded_spacing(points)
+    chosen = getattr(args, "schedule", None)
+    schedule = EvalSchedule(chosen) if chosen else recorded_schedule(points)
+    if args.eval_every is not None and schedule == EvalSchedule.adaptive:
+        raise ReplayError("--eval-every subsamples a fixed schedule; it cannot be combined with an adaptive one")
     if args.eval_every is not None:
         points = subsample(points, args.eval_every, spacing)
         spacing = args.eval_every
@@ -250,6 +282,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             min_steps=args.min_steps,
             method=method,
             last_step=last_step,
+            schedule=schedule,
         )
         for name in names
     ]

@@ -1,4 +1,8 @@
-"""Checkpoint and resume plumbing between the job runner, the loop and `personalize.checkpoint`.
+"""Checkpoint and resume orchestration between the job runner, the loop and `personalize.checkpoint`.
+
+Each object saves and loads its own state (`ReferenceBatch`, `StopPolicy` with its criterion,
+`StageOutcome`, the optimizer); this module only decides when a checkpoint is written, what goes
+into it and in which order it is restored.
 
 `RunCheckpoints` (one per run, built by the JobRunner) finds the checkpoint to resume from and
 holds what the whole run shares: the loss rows, the finished stages, the identifier.
@@ -13,52 +17,30 @@ the random streams LAST (nothing may draw a random number after them).
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from personalize.checkpoint import (
-    CheckpointError,
-    TrainingCheckpoint,
-    capture_rng,
-    fingerprinted_spec,
-    load_latest_checkpoint,
-    load_trainable_state,
-    restore_rng,
-    save_checkpoint,
-    spec_fingerprint,
-    trainable_state,
-)
+from personalize.checkpoint import TrainingCheckpoint, load_latest_checkpoint, save_checkpoint
 from personalize.criteria import StopPolicy
+from personalize.eval_schedule import Schedule
+from personalize.errors import CheckpointError
+from personalize.fingerprint import fingerprinted_spec, spec_fingerprint
+from personalize.identifier import Identifier
+from personalize.pipeline_io import Models
 from personalize.reference_batch import ReferenceBatch
+from personalize.rng_state import capture_rng, restore_rng
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
-from personalize.spec import PersonalizationJobSpec, ReferenceInfo, StopReason
+from personalize.spec import PersonalizationJobSpec, StopReason
+from personalize.stage_outcome import StageOutcome
+from personalize.trainable import TrainedRows, load_trainable_state, trainable_state
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-def outcome_to_json(outcome: Any) -> dict[str, Any]:
-    """A loop.StageOutcome as JSON (for the `completed_stages` of a checkpoint)."""
-    data = dataclasses.asdict(outcome)
-    data["reason"] = outcome.reason.value
-    data["reference"] = outcome.reference.model_dump(mode="json") if outcome.reference is not None else None
-    return data
-
-
-def outcome_from_json(data: dict[str, Any]) -> Any:
-    from personalize.loop import StageOutcome  # loop imports this module
-
-    fields = dict(data)
-    fields["reason"] = StopReason(fields["reason"])
-    if fields.get("reference") is not None:
-        fields["reference"] = ReferenceInfo.model_validate(fields["reference"])
-    return StageOutcome(**fields)
 
 
 @dataclass
@@ -74,41 +56,13 @@ class TrainState:
     # identifier's rows; the others are reset after every step). Only those rows and their
     # optimizer moments are saved: a few KB instead of three copies of the whole table.
     trained_rows: Optional[tuple[torch.nn.Parameter, list[int]]] = None
+    lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # where the learning rate is in its schedule
+    # When L_det is evaluated next (eval_schedule.py); its state rides with the criterion's.
+    schedule: Optional[Schedule] = None
 
-
-class _TrainedRows:
-    """Slices the partly trained table (and its AdamW moments) to its trained rows, and back."""
-
-    def __init__(self, state: TrainState):
-        self.param, self.rows = state.trained_rows
-        self.name = next(k for k, t in trainable_state(state.modules).items() if t.data_ptr() == self.param.data_ptr())
-        params = [p for group in state.optimizer.param_groups for p in group["params"]]
-        self.index = next(i for i, p in enumerate(params) if p is self.param)
-
-    def _is_table(self, t: Any) -> bool:
-        return torch.is_tensor(t) and t.shape == self.param.shape
-
-    def slim(self, trainable: dict, optimizer: dict) -> tuple[dict, dict]:
-        trainable = {**trainable, self.name: trainable[self.name][self.rows]}
-        moments = optimizer["state"].get(self.index, {})
-        slim = {k: (v[self.rows] if self._is_table(v) else v) for k, v in moments.items()}
-        return trainable, {**optimizer, "state": {**optimizer["state"], self.index: slim}}
-
-    def expand(self, trainable: dict, optimizer: dict) -> tuple[dict, dict]:
-        """Full-size tensors again: the live table's other rows, zero moments for them (unused:
-        those rows are reset after every step and AdamW is elementwise)."""
-        table = self.param.detach().cpu().clone()
-        table[self.rows] = trainable[self.name].to(table.dtype)
-        state = dict(optimizer["state"])
-        if self.index in state:
-            def full(v: Any) -> Any:
-                if not (torch.is_tensor(v) and v.dim() == 2 and v.shape == (len(self.rows), self.param.shape[1])):
-                    return v
-                out = torch.zeros(self.param.shape, dtype=v.dtype)
-                out[self.rows] = v
-                return out
-            state[self.index] = {k: full(v) for k, v in state[self.index].items()}
-        return {**trainable, self.name: table}, {**optimizer, "state": state}
+    def rows_view(self) -> TrainedRows:
+        param, rows = self.trained_rows
+        return TrainedRows(param, rows, self.modules, self.optimizer)
 
 
 class RunCheckpoints:
@@ -123,7 +77,7 @@ class RunCheckpoints:
         self.resume: Optional[TrainingCheckpoint] = None
         # Shared with the JobRunner (same list objects): saved in every checkpoint.
         self.rows: list[dict] = []
-        self.completed: list[Any] = []  # StageOutcomes of the finished stages
+        self.completed: list[StageOutcome] = []  # the finished stages
         self.files: list[str] = []  # artifact files written by finished stages
         self.carry: dict[str, torch.Tensor] = {}  # what a later stage needs from an earlier one
         self.token: Optional[str] = None
@@ -142,7 +96,7 @@ class RunCheckpoints:
             )
         self.resume = ckpt
         self.rows[:] = ckpt.loss_rows
-        self.completed[:] = [outcome_from_json(o) for o in ckpt.extra.get("completed_stages", [])]
+        self.completed[:] = [StageOutcome.from_json(o) for o in ckpt.extra.get("completed_stages", [])]
         self.files[:] = ckpt.extra.get("files", [])
         self.carry = {k: v for k, v in ckpt.trainable.items() if k.startswith("stage")}
         return ckpt
@@ -153,7 +107,7 @@ class RunCheckpoints:
             ckpt = None  # the checkpoint belongs to a later stage (this one is completed) or none
         return StageCheckpoints(self, index, name, ckpt)
 
-    def apply_carry(self, models: Any, identifier: Any) -> None:
+    def apply_carry(self, models: Models, identifier: Identifier) -> None:
         """Put what earlier stages trained back into the models (a resumed run skipped those stages)."""
         rows = self.carry.get(f"stage{len(self.completed)}.identifier_rows")
         if rows is None:
@@ -180,16 +134,21 @@ class StageCheckpoints:
             return 0
         trainable, optimizer = ckpt.trainable, ckpt.optimizer
         if state.trained_rows is not None:
-            trainable, optimizer = _TrainedRows(state).expand(trainable, optimizer)
+            trainable, optimizer = state.rows_view().expand(trainable, optimizer)
         load_trainable_state(state.modules, trainable)
         state.optimizer.load_state_dict(optimizer)
-        if state.reference is not None:
-            if ckpt.reference_indices != state.reference.indices:
-                raise CheckpointError(f"checkpoint {ckpt.path}: the reference batch differs from the checkpoint's (other images?)")
-            state.reference.evaluations = int(ckpt.extra["reference_evaluations"])
+        if state.lr_schedule is not None and "lr_schedule" in ckpt.extra:
+            state.lr_schedule.load_state_dict(ckpt.extra["lr_schedule"])
+        if state.reference is not None:  # the main process
+            try:
+                state.reference.load_state_dict(ckpt.reference)
+            except ValueError as err:
+                raise CheckpointError(f"checkpoint {ckpt.path}: {err}") from None
             state.policy.load_state_dict(ckpt.criteria["policy"])
+            if state.schedule is not None and "schedule" in ckpt.criteria:
+                state.schedule.load_state_dict(ckpt.criteria["schedule"])
         self.last.update(ckpt.extra.get("last", {}))
-        restore_rng(ckpt, state.generators, rank=self.run.accelerator.process_index)  # LAST
+        restore_rng(ckpt.rng, state.generators, rank=self.run.accelerator.process_index)  # LAST
         self.restored_step = ckpt.step
         return ckpt.step
 
@@ -220,7 +179,7 @@ class StageCheckpoints:
             reference = state.reference
             trainable, optimizer = trainable_state(state.modules), state.optimizer.state_dict()
             if state.trained_rows is not None:
-                trainable, optimizer = _TrainedRows(state).slim(trainable, optimizer)
+                trainable, optimizer = state.rows_view().slim(trainable, optimizer)
             path = save_checkpoint(run.directory, TrainingCheckpoint(
                 step=step,
                 stage=self.name,
@@ -229,18 +188,17 @@ class StageCheckpoints:
                 trainable=trainable | run.carry,
                 optimizer=optimizer,
                 rng=rng,
-                criteria={"policy": state.policy.state_dict()},
-                reference_seed=run.spec.training.seed,
-                reference_indices=list(reference.indices) if reference is not None else [],
+                criteria={"policy": state.policy.state_dict()}
+                | ({"schedule": state.schedule.state_dict()} if state.schedule is not None else {}),
+                reference=reference.state_dict() if reference is not None else {},
                 loss_rows=run.rows,
                 identifier_tokens=[run.token] if run.token else [],
                 extra={
                     "stage_index": self.index,
-                    "reference_evaluations": reference.evaluations if reference is not None else 0,
-                    "completed_stages": [outcome_to_json(o) for o in run.completed],
+                    "completed_stages": [o.to_json() for o in run.completed],
                     "files": run.files,
                     "last": self.last,
-                },
+                } | ({"lr_schedule": state.lr_schedule.state_dict()} if state.lr_schedule is not None else {}),
             ))
             if run.on_saved is not None:
                 run.on_saved(path)

@@ -3,15 +3,15 @@
 Writes into DIR: the method's artifact(s), `losses.csv`, `convergence.png`, `samples.png` and
 `result.json` (the trainer's status fields, `TrainerReport.to_api()`); serves /metrics while
 running and patches the resource's status when the environment names it (PJ_NAMESPACE/PJ_NAME).
-Bad input ends with one line `error: ...` on stderr and exit code 2. SIGTERM/SIGINT: the run
-saves a checkpoint after the current step and exits 143; the same command resumes it.
+Bad input ends with one line `error: ...` on stderr and exit code 2. `--num-processes N` runs N
+data-parallel processes (launcher.py). SIGTERM/SIGINT: the run saves a checkpoint after the
+current step and exits 143; the same command resumes it. A run that finished but could not write
+its final status exits 3 (status_reporter.EXIT_STATUS_UNREPORTED).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import sys
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 from personalize.errors import TrainerInputError
+from personalize.launcher import is_worker, launch
 from personalize.preflight import preflight
+from personalize.run_files import write_json
 from personalize.shutdown import INTERRUPTED_EXIT_CODE, GracefulShutdown, TrainingInterrupted
 from personalize.spec import SpecError, load_job
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-LOSSES_HEADER = ("step", "train_loss", "deterministic_loss", "convergence_value")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,11 +38,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--metrics-linger", type=float, default=0.0, metavar="SECONDS",
         help="keep serving /metrics this long after the final values, so a scrape sees the decision",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--num-processes", type=int, default=1, metavar="N",
+        help="data-parallel processes on this machine (one per GPU; gloo on CPU)",
+    )
+    args = parser.parse_args(argv)
+    if args.num_processes < 1:
+        parser.error("--num-processes must be at least 1")
+    return args
+
+
+def without_num_processes(argv: list[str]) -> list[str]:
+    """The command line the launched processes run (they must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            out.append(arg)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         job = load_job(args.config)
@@ -52,6 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if retried is not None:
                 return retried
         output = preflight(job, args.output)
+        if args.num_processes > 1 and not is_worker():
+            return launch(without_num_processes(argv), args.num_processes)
         # transformers logs import-time notices (e.g. optional image backends) that are noise here.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from personalize.job_runner import JobRunner  # heavy imports (torch, diffusers) only past input checks
@@ -69,18 +93,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (TrainerInputError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def write_losses_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(LOSSES_HEADER)
-        for row in rows:
-            writer.writerow(["" if row.get(k) is None else row[k] for k in LOSSES_HEADER])
-
-
-def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-

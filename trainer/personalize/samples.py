@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from personalize.data import fill_template
-from personalize.methods import Models
-from personalize.pipeline_io import sampling_pipeline
+from personalize.pipeline_io import Models, sampling_pipeline
 from personalize.spec import PersonalizationJobSpec
 
 SAMPLES_FILE = "samples.png"

@@ -1,4 +1,5 @@
-"""Turn SIGTERM/SIGINT into a flag the training loop polls between steps (issue 6).
+"""Turn SIGTERM/SIGINT into a flag the training loop polls between steps, so that a preempted run
+saves a checkpoint before it exits.
 
 When Kubernetes preempts or deletes a pod it sends SIGTERM and, after the pod's
 terminationGracePeriodSeconds (30 s by default), SIGKILL. Python's default SIGTERM action kills

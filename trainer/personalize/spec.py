@@ -10,6 +10,7 @@ This module must stay torch-free: the operator image imports it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -25,6 +26,33 @@ KIND = "PersonalizationJob"
 PLURAL = "personalizationjobs"
 SINGULAR = "personalizationjob"
 SHORT_NAME = "pj"
+
+# The training caption of every method but Textual Inversion, which draws from the set below.
+DEFAULT_CAPTION_TEMPLATE = "a photo of {token} {class_noun}"
+
+# Textual Inversion's default captions: many plain photo-style descriptions of the token alone, in
+# the spirit of the ImageNet-style prompt list that the original method and diffusers' script use,
+# so that the embedding learns the concept rather than one sentence around it.
+TEXTUAL_INVERSION_TEMPLATES = (
+    "a photo of {token}",
+    "a picture of {token}",
+    "an image showing {token}",
+    "a snapshot of the {token}",
+    "a well-lit photo of {token}",
+    "a dim photo of {token}",
+    "a blurry picture of the {token}",
+    "a sharp picture of {token}",
+    "a zoomed-in photo of {token}",
+    "a photo of {token} seen from a distance",
+    "a cropped picture of {token}",
+    "a plain photo of {token}",
+    "a simple picture of the {token}",
+    "a photograph of a single {token}",
+    "{token}, photographed",
+    "a small picture of {token}",
+    "a large picture of {token}",
+    "a render of the {token}",
+)
 
 # Object-store and hub schemes the trainer knows how to read. Anything else is rejected.
 ALLOWED_URI_SCHEMES = ("s3", "gs", "https")
@@ -45,6 +73,29 @@ class CriterionName(str, Enum):
     trend = "trend"
     clip = "clip"
     none = "none"
+
+
+class LrScheduler(str, Enum):
+    """diffusers.optimization.get_scheduler's schedules (the training scripts' --lr_scheduler)."""
+
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class Crop(str, Enum):
+    center = "center"
+    random = "random"
+
+
+class EvalSchedule(str, Enum):
+    """When the deterministic loss is evaluated (see docs/criteria.md)."""
+
+    fixed = "fixed"
+    adaptive = "adaptive"
 
 
 class MixedPrecision(str, Enum):
@@ -78,13 +129,25 @@ class ApiModel(BaseModel):
     )
 
     def to_api(self) -> dict[str, Any]:
-        """The wire form: camelCase keys, enums as strings, unset optionals dropped."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The wire form: camelCase keys, enums as strings, unset optionals dropped, and every
+        number finite or null (NaN and Infinity are not JSON: an API server refuses them)."""
+        return finite_or_null(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float, however deeply nested, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------
-# Per-method defaults. Published settings (DVAR paper, arXiv 2302.04841, and seed 000 [0130]) are
-# for Stable Diffusion 1.5 with evaluation every step; step budgets follow the original methods.
+# Per-method defaults. Published settings (the DVAR paper, arXiv 2302.04841) are for
+# Stable Diffusion 1.5 with evaluation every step; step budgets follow the original methods.
 # --------------------------------------------------------------------------------------------
 
 
@@ -94,11 +157,17 @@ class MethodDefaults(BaseModel):
     window: int
     threshold: float
     prior_preservation: bool
+    # Augmentation as the diffusers training script of the method does it by default: Textual
+    # Inversion flips half of the images (flip_p=0.5) and crops the center; DreamBooth, LoRA and
+    # Custom Diffusion take a random square crop and do not flip.
+    flip_probability: float = 0.0
+    crop: Crop = Crop.random
 
 
 METHOD_DEFAULTS: dict[Method, MethodDefaults] = {
     Method.textual_inversion: MethodDefaults(
-        max_steps=6100, learning_rate=5e-3, window=310, threshold=0.15, prior_preservation=False
+        max_steps=6100, learning_rate=5e-3, window=310, threshold=0.15, prior_preservation=False,
+        flip_probability=0.5, crop=Crop.center,
     ),
     Method.dreambooth: MethodDefaults(
         max_steps=1000, learning_rate=5e-6, window=440, threshold=0.4, prior_preservation=True
@@ -111,19 +180,11 @@ METHOD_DEFAULTS: dict[Method, MethodDefaults] = {
     Method.custom_diffusion: MethodDefaults(
         max_steps=500, learning_rate=1e-5, window=180, threshold=0.15, prior_preservation=False
     ),
-    # Stage 2 of TI-then-DreamBooth is a DreamBooth fine-tune without prior preservation (seed 004).
+    # TI-then-DreamBooth: stage 2 fine-tunes the UNet like DreamBooth, without prior preservation.
     Method.ti_dreambooth: MethodDefaults(
         max_steps=1000, learning_rate=2e-6, window=440, threshold=0.4, prior_preservation=False
     ),
 }
-
-# Default thresholds of the non-DVAR criteria (not published; see docs/criteria.md).
-CRITERION_DEFAULT_THRESHOLDS: dict[CriterionName, float] = {
-    CriterionName.ema: 0.01,
-    CriterionName.hall: 0.1,
-    CriterionName.trend: 1e-4,
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Spec
@@ -228,15 +289,18 @@ class Concept(ApiModel):
     token: str = Field(
         "auto",
         min_length=1,
-        description="New token for the concept, or 'auto' to pick rare tokens of the vocabulary.",
+        description="The concept's identifier: 'auto' picks rare tokens of the vocabulary; dreambooth and lora "
+        "take an existing rare token (e.g. 'sks'), the methods that train an embedding a new word.",
     )
     initializer_token: Optional[str] = Field(
         None, description="Word whose embedding initialises the new token (default: the class noun)."
     )
     num_identifier_tokens: int = Field(1, ge=1, le=8, description="How many rare tokens 'auto' picks.")
-    caption_template: str = Field(
-        "a photo of {token} {class_noun}",
-        description="Training caption; {token} and {class_noun} are substituted.",
+    caption_template: Optional[str] = Field(
+        None,
+        description="Training caption; {token} and {class_noun} are substituted. Default: textualInversion "
+        "draws from a built-in set of photo-style templates, the other methods use "
+        "'a photo of {token} {class_noun}'.",
     )
     captions: list[str] = Field(
         default_factory=list, description="Extra caption templates; one is drawn per example."
@@ -246,7 +310,7 @@ class Concept(ApiModel):
     def _token_shape(self) -> "Concept":
         if self.token != "auto" and any(c.isspace() for c in self.token):
             raise ValueError("token must not contain whitespace")
-        if "{token}" not in self.caption_template:
+        if self.caption_template is not None and "{token}" not in self.caption_template:
             raise ValueError("captionTemplate must contain {token}")
         return self
 
@@ -259,6 +323,18 @@ class PriorPreservation(ApiModel):
     inference_steps: int = Field(25, ge=1, le=1000, description="Sampling steps for class images.")
 
 
+class Augmentation(ApiModel):
+    """Random changes to the training images (never to the reference batch, which stays fixed)."""
+
+    flip: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="Probability of a horizontal flip. Default: 0.5 for textualInversion, else 0."
+    )
+    crop: Optional[Crop] = Field(
+        None, description="Square crop of the resized image: center or random. Default: center for "
+        "textualInversion, random otherwise (as the diffusers scripts)."
+    )
+
+
 class Training(ApiModel):
     max_steps: Optional[int] = Field(None, ge=1, le=1_000_000, description="Default: per method.")
     min_steps: int = Field(0, ge=0, le=1_000_000, description="No criterion may stop before this.")
@@ -268,8 +344,27 @@ class Training(ApiModel):
     resolution: Optional[int] = Field(None, ge=8, le=4096, description="Default: the model's sample size.")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     mixed_precision: MixedPrecision = MixedPrecision.no
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (UNet, and the text encoder when it trains)."
+    )
+    max_grad_norm: float = Field(
+        1.0, ge=0.0, le=1e6, description="Clip the gradient's norm to this before each optimizer step (0: off)."
+    )
+    lr_scheduler: LrScheduler = Field(
+        LrScheduler.constant, description="Learning-rate schedule over the stage's maxSteps (diffusers' get_scheduler)."
+    )
+    lr_warmup_steps: int = Field(
+        0, ge=0, le=1_000_000, description="Steps of linear warmup; needs a schedule with warmup (not constant)."
+    )
+    augmentation: Augmentation = Field(default_factory=Augmentation)
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: off).")
+
+    @model_validator(mode="after")
+    def _warmup_needs_a_schedule(self) -> "Training":
+        if self.lr_warmup_steps and self.lr_scheduler == LrScheduler.constant:
+            raise ValueError("lrWarmupSteps: the constant schedule has no warmup; "
+                             "use lrScheduler: constant_with_warmup (or another schedule)")
+        return self
 
 
 class TextualInversionOptions(ApiModel):
@@ -326,7 +421,19 @@ class EarlyStopping(ApiModel):
         "the last `window` steps, i.e. ceil(window / evalEvery) evaluations. Default: per method.",
     )
     threshold: Optional[float] = Field(None, gt=0.0, le=1e6, description="Default: per criterion/method.")
-    eval_every: int = Field(1, ge=1, le=100_000, description="Evaluate the deterministic loss every N steps.")
+    eval_every: int = Field(
+        1, ge=1, le=100_000, description="Evaluate the deterministic loss every N steps (evalSchedule fixed)."
+    )
+    eval_schedule: EvalSchedule = Field(
+        EvalSchedule.fixed,
+        description="fixed: every evalEvery steps. adaptive: densely at the start, every maxEvalGap steps while "
+        "the convergence value is far from the threshold, every step once it is near; the criterion then sees "
+        "one value per training step, interpolated linearly between evaluations.",
+    )
+    max_eval_gap: Optional[int] = Field(
+        None, ge=1, le=100_000, description="Adaptive schedule: the most steps between two evaluations. "
+        "Default: the window / 10.",
+    )
     reference_batch_size: int = Field(4, ge=1, le=256)
     reference_sub_batches: int = Field(
         1, ge=1, le=64, description="Accumulate this many reference batches per evaluation."
@@ -334,6 +441,12 @@ class EarlyStopping(ApiModel):
     fixed: FixedComponents = Field(default_factory=FixedComponents)
     holdout: bool = Field(False, description="Exclude the reference examples from the training set.")
     clip: ClipCriterion = Field(default_factory=ClipCriterion)
+
+    @property
+    def criterion_spacing(self) -> int:
+        """Training steps per value the criterion consumes: evalEvery, or 1 for the adaptive
+        schedule (which feeds one value per step)."""
+        return 1 if self.eval_schedule == EvalSchedule.adaptive else self.eval_every
 
 
 class Validation(ApiModel):
@@ -385,6 +498,8 @@ class Resources(ApiModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: Optional[str] = None
+    affinity: Optional[dict[str, Any]] = Field(
+        None, description="The trainer pod's affinity (a Kubernetes Affinity object), passed through.")
 
 
 class PersonalizationJobSpec(ApiModel):
@@ -402,6 +517,9 @@ class PersonalizationJobSpec(ApiModel):
     output: Output = Field(default_factory=Output)
     resources: Resources = Field(default_factory=Resources)
     image: Optional[str] = Field(None, description="Trainer image override (default: the operator's setting).")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets to pull the trainer image with, besides the operator's own.")
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the trainer pod.")
     queue_name: Optional[str] = Field(None, description="Kueue LocalQueue; the Job then starts suspended.")
     active_deadline_seconds: Optional[int] = Field(None, ge=1)
     backoff_limit: int = Field(2, ge=0, le=100)
@@ -428,7 +546,7 @@ class PersonalizationJobSpec(ApiModel):
                 f"concept.initializerToken: method {self.method.value} needs an initializer token "
                 "(or concept.classNoun)"
             )
-        if "{class_noun}" in self.concept.caption_template and not self.concept.class_noun:
+        if any("{class_noun}" in t for t in self.caption_templates) and not self.concept.class_noun:
             raise ValueError("concept.captionTemplate uses {class_noun} but concept.classNoun is not set")
         return self
 
@@ -457,20 +575,30 @@ class PersonalizationJobSpec(ApiModel):
         return self.early_stopping.window or self.defaults.window
 
     @property
-    def threshold(self) -> float:
-        es = self.early_stopping
-        if es.threshold is not None:
-            return es.threshold
-        return CRITERION_DEFAULT_THRESHOLDS.get(es.criterion, self.defaults.threshold)
-
-    @property
-    def window_evaluations(self) -> int:
-        """The window in evaluations: the same span of training steps whatever evalEvery is."""
-        return max(2, -(-self.window // self.early_stopping.eval_every))
-
-    @property
     def initializer_token(self) -> Optional[str]:
         return self.concept.initializer_token or self.concept.class_noun
+
+    @property
+    def caption_templates(self) -> list[str]:
+        """The training caption templates (one is drawn per example): the concept's template, or
+        the method's default ones, plus the concept's extra `captions`."""
+        concept = self.concept
+        if concept.caption_template is not None:
+            base = [concept.caption_template]
+        elif self.method == Method.textual_inversion:
+            base = list(TEXTUAL_INVERSION_TEMPLATES)
+        else:
+            base = [DEFAULT_CAPTION_TEMPLATE]
+        return [*base, *concept.captions]
+
+    @property
+    def flip_probability(self) -> float:
+        flip = self.training.augmentation.flip
+        return self.defaults.flip_probability if flip is None else flip
+
+    @property
+    def crop(self) -> Crop:
+        return self.training.augmentation.crop or self.defaults.crop
 
 
 class ObjectMeta(BaseModel):
@@ -544,6 +672,13 @@ class TrainerReport(ApiModel):
     stages: list[dict[str, Any]] = Field(default_factory=list)
     wall_seconds: Optional[float] = None
     message: Optional[str] = None
+
+
+class RunResult(TrainerReport):
+    """result.json: the status fields plus how the run computed (these two are not in the status)."""
+
+    mixed_precision: Optional[MixedPrecision] = Field(None, description="The precision actually used.")
+    processes: Optional[int] = Field(None, ge=1, description="Data-parallel processes that trained.")
 
 
 class PersonalizationJobStatus(TrainerReport):

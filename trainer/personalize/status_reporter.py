@@ -14,8 +14,10 @@ trainer owns and leave the operator's (phase, conditions, ...) alone.
   doubles (capped at `max_progress_interval`) to keep a dead API server from stalling training;
   a success resets it.
 - The final patch is always sent, retried with exponential backoff, and raises
-  `StatusReportError` if it cannot be delivered, so the CLI (which has already written
-  result.json) can exit non-zero.
+  `StatusReportError` if it cannot be delivered. The run is finished then: its artifacts,
+  result.json and termination message are written, so the CLI exits EXIT_STATUS_UNREPORTED (3),
+  which the operator's Job never retries (podFailurePolicy FailJob) and maps to Succeeded from
+  the termination message.
 - Retried: 409 Conflict, 429 Too Many Requests (honouring Retry-After), 5xx, and connection
   errors/timeouts. Anything else (403, 404, 422, ...) will not get better by retrying.
 """
@@ -40,6 +42,10 @@ ENV_NAME = "PJ_NAME"
 ENV_INTERVAL = "PJ_STATUS_INTERVAL"
 DEFAULT_MIN_INTERVAL = 5.0
 MERGE_PATCH = "application/merge-patch+json"
+
+
+# Exit code of a run that finished and kept its result but could not write its final status.
+EXIT_STATUS_UNREPORTED = 3
 
 
 class StatusReportError(RuntimeError):

@@ -50,3 +50,10 @@ app.kubernetes.io/part-of: personalization-job
 {{- define "pjo.trainerImage" -}}
 {{- printf "%s:%s" .Values.image.trainer.repository (default .Chart.AppVersion .Values.image.trainer.tag) }}
 {{- end }}
+
+{{/* spec.image prefixes the operator accepts: the values' list, by default the trainer
+repository (any tag or digest of it); "*" alone: any image (the operator's empty list). */}}
+{{- define "pjo.allowedImagePrefixes" -}}
+{{- $prefixes := .Values.admission.allowedImagePrefixes | default (list .Values.image.trainer.repository) -}}
+{{- if has "*" $prefixes -}}{{- else -}}{{ join "," $prefixes }}{{- end -}}
+{{- end }}

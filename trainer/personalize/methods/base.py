@@ -1,37 +1,44 @@
-"""What every method shares: the models it works on and the small interface the loop calls.
+"""What every method shares: the small interface the loop calls, and the stages a method runs.
 
 A method freezes everything, then unfreezes exactly what `trainable_parameters()` lists: that
-function is the one place to read what a method trains.
+function is the one place to read what a method trains. `plan_stages` says how the run is cut
+into training stages (one, unless the method overrides it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
+
 import torch
 from safetensors.torch import save_file
 
+from personalize.criteria import stop_threshold
 from personalize.identifier import Identifier
+from personalize.pipeline_io import Models
 from personalize.spec import PersonalizationJobSpec
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 
 
 @dataclass
-class Models:
-    """The pipeline's parts (the loop moves them to the accelerator's device)."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    noise_scheduler: object  # DDPM-style scheduler with add_noise / get_velocity (training)
-    sampling_scheduler: object  # the pipeline's own scheduler (for samples)
+class Stage:
+    name: str  # reported as progress.stage
+    method_class: type["Method"]
+    max_steps: int
+    learning_rate: float
+    window_steps: int
+    threshold: float
+    prior_preservation: bool
 
 
 class Method:
-    name: str = ""
+    name: ClassVar[str] = ""  # the spec's `method` value it implements
     learns_embedding: bool = False  # needs new token rows (decided before the models are touched)
+    # Set by methods that train an embedding table of which only the identifier's rows may change
+    # (`trainable_parameters` creates it); checkpoints then save only those rows.
+    keeper: Optional["EmbeddingRowsKeeper"] = None
 
     def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier):
         self.models, self.spec, self.identifier = models, spec, identifier
@@ -43,6 +50,19 @@ class Method:
             p.requires_grad_(True)
 
     # ---- override ----------------------------------------------------------------------------
+
+    @classmethod
+    def plan_stages(cls, spec: PersonalizationJobSpec) -> list[Stage]:
+        """The training stages of a run; one stage with the spec's resolved settings by default."""
+        return [Stage(
+            name=cls.name,
+            method_class=cls,
+            max_steps=spec.max_steps,
+            learning_rate=spec.learning_rate,
+            window_steps=spec.window,
+            threshold=stop_threshold(spec),
+            prior_preservation=spec.prior_preservation_enabled,
+        )]
 
     def prepare(self) -> None:
         """Change the models' structure before freezing (adapters, attention processors)."""
@@ -92,6 +112,13 @@ class EmbeddingRowsKeeper:
         self.original = embeddings.weight.detach().clone()
         self.frozen = torch.ones(self.original.shape[0], dtype=torch.bool)
         self.frozen[trained_ids] = False
+
+    @torch.no_grad()
+    def drop_frozen_gradients(self) -> None:
+        """Zero the gradient of the rows `restore` resets, so that it does not count in a clipped norm."""
+        grad = self.embeddings.weight.grad
+        if grad is not None:
+            grad[self.frozen.to(grad.device)] = 0
 
     @torch.no_grad()
     def restore(self) -> None:

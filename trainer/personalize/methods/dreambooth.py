@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from personalize import pipeline_io  # a module reference: pipeline_io imports methods.base in turn
+from personalize.pipeline_io import Models, sampling_pipeline
 from personalize.methods.base import Method
 
 PIPELINE_DIR = "pipeline"
 
 
-def save_pipeline(models, output_dir: Path) -> str:
+def save_pipeline(models: Models, output_dir: Path) -> str:
     """The fine-tuned model as a diffusers pipeline folder (`StableDiffusionPipeline.from_pretrained`)."""
-    pipe = pipeline_io.sampling_pipeline(models)
+    pipe = sampling_pipeline(models)
     pipe.save_pretrained(output_dir / PIPELINE_DIR, safe_serialization=True)
     return PIPELINE_DIR
 

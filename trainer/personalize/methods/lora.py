@@ -32,12 +32,15 @@ class Lora(Method):
         return [p for name, p in self.models.unet.named_parameters() if "lora_" in name]
 
     def save(self, output_dir: Path) -> list[str]:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.unet))
+        unet = self.models.unet
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a
+        # stock `load_lora_weights` infers alpha = rank, i.e. scale 1.0 instead of alpha / rank.
         StableDiffusionPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True
+            output_dir,
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            weight_name=LORA_WEIGHTS,
+            safe_serialization=True,
         )
-        files = [LORA_WEIGHTS]
-        if self.identifier.added:
-            # A user-given token is a new word: ship its (initial) embedding so prompts can use it.
-            files.append(self.save_learned_embeds(output_dir))
-        return files
+        return [LORA_WEIGHTS]

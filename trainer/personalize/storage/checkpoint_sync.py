@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 from personalize.checkpoint import MANIFEST_FILE, list_checkpoints
+from personalize.errors import TrainerInputError
 from personalize.spec import PersonalizationJobSpec
 from personalize.storage.locations import Location, StorageUnavailable, open_location, with_retries
-from personalize.errors import TrainerInputError
 
 log = logging.getLogger("personalize.storage")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from personalize.errors import TrainerInputError
-from personalize.spec import PersonalizationJob, TrainerReport
+from personalize.spec import PersonalizationJob, RunResult, TrainerReport
 from personalize.storage.locations import StorageUnavailable
 from personalize.storage.uploads import RESULT_FILE, OutputUpload, describe_failure
 
@@ -59,9 +59,11 @@ def retry_pending_upload(job: PersonalizationJob, output: Path,
     if upload is None or not upload.pending():
         return None
     log.info("training finished in an earlier attempt; retrying the upload to %s", upload.location.uri)
-    report = TrainerReport.model_validate(json.loads((output / RESULT_FILE).read_text()))
+    # result.json holds the status fields plus how the run computed; the status gets the former.
+    result = RunResult.model_validate(json.loads((output / RESULT_FILE).read_text()))
+    report = TrainerReport(**{field: getattr(result, field) for field in TrainerReport.model_fields})
 
-    from personalize.status_reporter import StatusReporter, StatusReportError
+    from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
     from personalize.storage.checkpoint_sync import CheckpointSync
     from personalize.termination import write_termination_message
 
@@ -70,15 +72,19 @@ def retry_pending_upload(job: PersonalizationJob, output: Path,
     except StatusReportError as err:
         raise TrainerInputError(str(err)) from None
     sync = CheckpointSync.for_job(job.spec)
-    ok = finish_upload(upload, report, lambda: write_json(report.to_api(), output / RESULT_FILE),
-                       after_success=sync.remove if sync is not None else None)
+
+    def write_result() -> None:
+        whole = RunResult(**dict(report), mixed_precision=result.mixed_precision, processes=result.processes)
+        write_json(whole.to_api(), output / RESULT_FILE)
+
+    ok = finish_upload(upload, report, write_result, after_success=sync.remove if sync is not None else None)
     write_termination_message(report)
     if reporter is not None:
         try:
             reporter.report(report, final=True)
         except StatusReportError as err:
-            log.error("final status patch failed (result.json is written): %s", err)
-            return 1
+            log.error("final status patch failed (result.json and the termination message are written): %s", err)
+            return EXIT_STATUS_UNREPORTED if ok else 1
         finally:
             reporter.close()
     return 0 if ok else 1

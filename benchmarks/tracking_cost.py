@@ -1,0 +1,297 @@
+"""What deterministic-loss tracking costs, and where it stops, per method: the adaptive evaluation
+schedule against evaluating at every step and against no tracking at all, side by side in one run.
+
+    python benchmarks/tracking_cost.py [--rounds 3] [--threads 2] [--window 60] [--max-steps 400]
+
+Per method, on the tiny world (one concept, 8 images, batch 4, reference batch 4):
+
+1. Decisions. One DVAR run evaluating at every step (evalSchedule fixed, evalEvery 1) and one
+   with the adaptive schedule (evalSchedule adaptive, its defaults). Training is identical in
+   both (the reference batch has its own generator), so the stop steps compare the schedules
+   alone. The adaptive run's recorded series is replayed (`personalize-train replay`) to check
+   that replay names the live stop step.
+2. Cost. `--rounds` interleaved pairs (the order alternates): the adaptive DVAR run to its stop,
+   and an untracked run (criterion none, L_det never evaluated) of the same number of steps.
+   The ratio is the loop's total step time (training + evaluations, every step counted) of the
+   tracked run over the untracked one; reported as the median over rounds with min and max.
+   For reference, the evaluate-every-step cost: median seconds per step over steps 11-50 of the
+   every-step run over the same steps of the untracked runs.
+
+Writes benchmarks/results/tracking_cost.json and tracking_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from personalize.criteria import StopPolicy, build_criterion
+from personalize.data import load_concept_examples
+from personalize.eval_schedule import AdaptiveSchedule
+from personalize.identifier import setup_identifier
+from personalize.loop import train_stage
+from personalize.methods import learns_embedding, plan_stages
+from personalize.pipeline_io import load_base_pipeline, models_of
+from personalize.replay import run as replay_run
+from personalize.run_files import write_losses_csv
+from personalize.spec import parse_spec
+from personalize.world import concept_by_name, write_concept_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONCEPT = "red_striped_triangle"
+IMAGES = 8
+# The tiny world's learning rates (benchmarks/personalization.py) and the methods' DVAR thresholds.
+LEARNING_RATES = {"textualInversion": 0.02, "dreambooth": 3e-4, "lora": 3e-3, "customDiffusion": 1e-3,
+                  "tiDreambooth": 3e-4}
+THRESHOLDS = {"textualInversion": 0.15, "dreambooth": 0.4, "lora": 0.15, "customDiffusion": 0.15, "tiDreambooth": 0.4}
+NO_TRACKING = 100_000  # an evalEvery beyond the run: L_det is never evaluated
+TIMED_STEPS = range(11, 51)  # per-step comparison of evaluate-every-step
+
+
+def make_spec(method: str, concept_dir: Path, max_steps: int, window: int, early_stopping: dict) -> dict:
+    spec = {
+        "baseModel": {"builtin": "tiny-world"},
+        "method": method,
+        "concept": {"images": {"path": str(concept_dir)}, "classNoun": "triangle"},
+        "training": {"maxSteps": max_steps, "batchSize": 4, "seed": 0, "learningRate": LEARNING_RATES[method]},
+        "earlyStopping": {"window": window, "threshold": THRESHOLDS[method], **early_stopping},
+    }
+    if method in ("dreambooth", "lora", "customDiffusion"):
+        spec["priorPreservation"] = {"enabled": False}
+    if method == "tiDreambooth":
+        spec["tiDreambooth"] = {"stage1MaxSteps": max_steps, "stage1Window": window, "stage1Threshold": 0.15,
+                                "stage1LearningRate": LEARNING_RATES["textualInversion"]}
+    return spec
+
+
+ADAPTIVE = {"criterion": "dvar", "evalSchedule": "adaptive"}
+EVERY_STEP = {"criterion": "dvar", "evalSchedule": "fixed", "evalEvery": 1}
+UNTRACKED = {"criterion": "none", "evalSchedule": "fixed", "evalEvery": NO_TRACKING}
+
+
+def train(spec_dict: dict) -> tuple[list[list[dict]], list[int]]:
+    """One fresh run: per stage, rows {step, train_loss, deterministic_loss, convergence_value,
+    seconds}; and the stop step of each stage."""
+    spec = parse_spec(spec_dict)
+    models = models_of(load_base_pipeline(spec.base_model))
+    ident = setup_identifier(models.tokenizer, models.text_encoder, "auto", learns_embedding=learns_embedding(spec),
+                             initializer=spec.initializer_token)
+    examples = load_concept_examples(spec.concept, ident.text, models.unet.config.sample_size * 4)
+    stages, stops = [], []
+    for index, stage in enumerate(plan_stages(spec)):
+        rows: list[dict] = []
+        outcome, _ = train_stage(
+            stage, spec, models, ident, examples, None, Accelerator(cpu=True),
+            lambda step, tl, det, conv, sec: rows.append({"step": step, "train_loss": tl, "deterministic_loss": det,
+                                                          "convergence_value": conv, "seconds": sec}),
+            stage_index=index,
+        )
+        stages.append(rows)
+        stops.append(outcome.stop_step)
+    return stages, stops
+
+
+def replayed_stops(stages: list[list[dict]], window: int, threshold: float, work: Path) -> list[int | None]:
+    stops = []
+    for index, rows in enumerate(stages):
+        path = work / f"losses_stage{index}.csv"
+        write_losses_csv(rows, path)
+        args = Namespace(file=str(path), criterion="dvar", window=window, threshold=threshold, eval_every=None,
+                         min_steps=0, method="textualInversion", schedule="adaptive")
+        stops.append(replay_run(args)[0]["stop_step"])
+    return stops
+
+
+def loop_seconds(stages: list[list[dict]]) -> float:
+    return sum(r["seconds"] for rows in stages for r in rows)
+
+
+def measure(method: str, concept_dir: Path, args, work: Path) -> dict:
+    started = time.monotonic()
+    every, every_stops = train(make_spec(method, concept_dir, args.max_steps, args.window, EVERY_STEP))
+    adaptive, adaptive_stops = train(make_spec(method, concept_dir, args.max_steps, args.window, ADAPTIVE))
+    threshold = THRESHOLDS[method]
+    stage_thresholds = [0.15, threshold] if method == "tiDreambooth" else [threshold]  # stage 1 is TI's
+    replayed = [replayed_stops([rows], args.window, t, work)[0] for rows, t in zip(adaptive, stage_thresholds)]
+    evaluations = sum(r["deterministic_loss"] is not None for rows in adaptive for r in rows)
+    steps = sum(adaptive_stops)
+    # Untracked runs of the same steps (per stage: the adaptive run's stop of that stage).
+    untracked_spec = make_spec(method, concept_dir, adaptive_stops[0], args.window, UNTRACKED)
+    if method == "tiDreambooth":
+        untracked_spec["tiDreambooth"]["stage1MaxSteps"] = adaptive_stops[0]
+        untracked_spec["training"]["maxSteps"] = adaptive_stops[1]
+    ratios, tracked_s, untracked_s, untracked_rows = [], [], [], []
+    for r in range(args.rounds):
+        pair = {}
+        for name in (("tracked", "untracked") if r % 2 == 0 else ("untracked", "tracked")):
+            spec = make_spec(method, concept_dir, args.max_steps, args.window, ADAPTIVE) if name == "tracked" else untracked_spec
+            stages, stops = train(spec)
+            pair[name] = loop_seconds(stages)
+            if name == "untracked":
+                untracked_rows.append(stages[0])
+            else:
+                assert stops == adaptive_stops, (stops, adaptive_stops)  # deterministic: the same decision
+        ratios.append(pair["tracked"] / pair["untracked"])
+        tracked_s.append(pair["tracked"])
+        untracked_s.append(pair["untracked"])
+    every_per_step = statistics.median(r["seconds"] for r in every[0] if r["step"] in TIMED_STEPS)
+    untracked_per_step = statistics.median(r["seconds"] for rows in untracked_rows for r in rows if r["step"] in TIMED_STEPS)
+    result = {
+        "threshold": threshold,
+        "stop_every_step": every_stops,
+        "stop_adaptive": adaptive_stops,
+        "stop_moved": [a - b for a, b in zip(adaptive_stops, every_stops)],
+        "replay_stop_adaptive": replayed,
+        "replay_matches_live": replayed == adaptive_stops,
+        "adaptive_steps": steps,
+        "adaptive_evaluations": evaluations,
+        "adaptive_evaluated_fraction": round(evaluations / steps, 3),
+        "loop_ratio_adaptive_over_untracked": {
+            "median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+        },
+        "loop_seconds": {"tracked": [round(s, 2) for s in tracked_s], "untracked": [round(s, 2) for s in untracked_s]},
+        "every_step_cost_per_step_11_50": round(every_per_step / untracked_per_step, 3),
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    print(method, json.dumps(result), flush=True)
+    return result
+
+
+def recorded_series(runs_dir: Path) -> dict:
+    """The adaptive schedule on every-step DVAR series recorded by the personalization benchmark.
+
+    L_det at a step does not depend on which earlier steps were evaluated (fixed reference batch,
+    its own generator), so running the schedule over a recorded every-step series is exactly what
+    a live adaptive run of the same training would have evaluated and decided. A recorded series
+    ends at its own stop, so an adaptive run that has not stopped by then stops later (`null`).
+    """
+    runs = {}
+    for path in sorted(runs_dir.glob("*_dvar_*.json")):
+        record = json.loads(path.read_text())
+        series = record["series"]
+        if record["stop_reason"] != "ConvergenceThreshold" or series["eval_steps"] != list(range(1, record["steps"] + 1)):
+            continue
+        window, threshold, values = record["window"], record["threshold"], series["deterministic_loss"]
+        schedule = AdaptiveSchedule(threshold, window)
+        policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
+        stop, evaluations = None, 0
+        for step, value in enumerate(values, start=1):
+            measured = value if schedule.due(step) else None
+            evaluations += measured is not None
+            schedule.observe(step, measured, policy)
+            if policy.check(step) is not None:
+                stop = step
+                break
+        runs[f"{record['method']}/{record['concept']}"] = {
+            "window": window, "stop_every_step": record["steps"], "stop_adaptive": stop,
+            "moved": None if stop is None else stop - record["steps"],
+            "evaluated_fraction": round(evaluations / (stop or record["steps"]), 3),
+        }
+    moved = [r["moved"] for r in runs.values()]
+    return {
+        "runs": runs,
+        "within_5_steps": sum(m is not None and abs(m) <= 5 for m in moved),
+        "later_than_recorded": sum(m is None for m in moved),
+        "count": len(moved),
+    }
+
+
+def recorded_markdown(summary: dict) -> str:
+    lines = [
+        "# The adaptive schedule on recorded every-step DVAR series",
+        "",
+        "Series: `benchmarks/results/personalization_runs/*_dvar_*.json` (tiny world, window 60, every step). "
+        f"Command: `python benchmarks/tracking_cost.py --recorded-only`. Within 5 steps: {summary['within_5_steps']} "
+        f"of {summary['count']}; not stopped by the recorded stop (stops later, by an unknown amount): "
+        f"{summary['later_than_recorded']}.",
+        "",
+        "| run | stop, every step | stop, adaptive | moved | evaluated fraction |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in summary["runs"].items():
+        lines.append(f"| {name} | {r['stop_every_step']} | {r['stop_adaptive']} | {r['moved']} | {r['evaluated_fraction']} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Tracking cost: the adaptive evaluation schedule",
+        "",
+        f"Tiny world, concept {report['concept']} ({IMAGES} images), batch 4, reference batch 4, DVAR window "
+        f"{report['window']} steps, maxSteps {report['max_steps']}; {report['machine']}; {report['rounds']} interleaved "
+        "rounds. Command: `python benchmarks/tracking_cost.py`. Loop ratio: total step time of the adaptive DVAR "
+        "run over an untracked run (criterion none, no L_det) of the same steps; median (min-max) over rounds. "
+        "Every step: seconds per step (steps 11-50) evaluating at every step over untracked.",
+        "",
+        "| method | stop, every step | stop, adaptive | moved | replay = live | evaluated steps | loop ratio adaptive "
+        "| every-step cost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, r in report["methods"].items():
+        q = r["loop_ratio_adaptive_over_untracked"]
+        lines.append(
+            f"| {method} | {r['stop_every_step']} | {r['stop_adaptive']} | {r['stop_moved']} | {r['replay_matches_live']} "
+            f"| {r['adaptive_evaluations']}/{r['adaptive_steps']} | {q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f}) "
+            f"| {r['every_step_cost_per_step_11_50']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--window", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES))
+    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="only the schedule on the personalization benchmark's recorded series")
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    summary = recorded_series(RESULTS / "personalization_runs")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "tracking_cost_recorded.md").write_text(recorded_markdown(summary))
+    print(recorded_markdown(summary))
+    if args.recorded_only:
+        return 0
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        concept_dir = Path(tmp) / "concept"
+        write_concept_images(concept_by_name(CONCEPT), IMAGES, concept_dir, seed=0)
+        report = {
+            "concept": CONCEPT,
+            "window": args.window,
+            "max_steps": args.max_steps,
+            "rounds": args.rounds,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+            "methods": {},
+        }
+        for method in args.methods:  # the files are rewritten after each method: a cut-short run keeps whole methods
+            report["methods"][method] = measure(method, concept_dir, args, Path(tmp))
+            report["wall_seconds"] = round(time.monotonic() - started, 1)
+            write_report(report, Path(args.output))
+    print(markdown(report))
+    return 0
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tracking_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "tracking_cost.md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

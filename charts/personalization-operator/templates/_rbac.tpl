@@ -1,0 +1,40 @@
+{{/* The operator's rules on namespaced resources: in a ClusterRole when it serves every
+namespace, in a Role per namespace when operator.watchNamespaces is set. */}}
+{{- define "pjo.namespacedRules" }}
+  # The resource it serves. kopf patches the object itself (finalizer, last-handled state).
+  # get/patch on personalizationjobs and personalizationjobs/status are also what the per-job
+  # Role grants the trainer: RBAC only lets the operator create a Role with verbs it holds.
+  - apiGroups: ["personalization.dvar.dev"]
+    resources: ["personalizationjobs"]
+    verbs: ["get", "list", "watch", "patch"]
+  - apiGroups: ["personalization.dvar.dev"]
+    resources: ["personalizationjobs/status"]
+    verbs: ["get", "patch"]
+  # Children carry ownerReferences with blockOwnerDeletion, which the
+  # OwnerReferencesPermissionEnforcement admission plugin only allows with update on finalizers.
+  - apiGroups: ["personalization.dvar.dev"]
+    resources: ["personalizationjobs/finalizers"]
+    verbs: ["update"]
+  # Per-job children: the trainer Job, its config, and the trainer's identity and status grant.
+  # Children are created, and read back only when a create conflicts (adoption check); the
+  # operator never patches them. Jobs are also watched (kopf) and deleted when their pod can
+  # never start (it would hold a GPU).
+  - apiGroups: ["batch"]
+    resources: ["jobs"]
+    verbs: ["create", "get", "list", "watch", "delete"]
+  - apiGroups: [""]
+    resources: ["configmaps", "serviceaccounts"]
+    verbs: ["create", "get"]
+  - apiGroups: ["rbac.authorization.k8s.io"]
+    resources: ["roles", "rolebindings"]
+    verbs: ["create", "get"]
+  # Trainer pods are listed to explain failures (image pull, OOM, a pod that cannot start).
+  - apiGroups: [""]
+    resources: ["pods"]
+    verbs: ["get", "list"]
+  # Events on every transition; Warning events of Jobs and pods are read to tell why a pod
+  # does not start (FailedCreate, FailedAttachVolume, FailedScheduling).
+  - apiGroups: [""]
+    resources: ["events"]
+    verbs: ["create", "patch", "list"]
+{{- end }}
