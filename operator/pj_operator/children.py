@@ -7,6 +7,8 @@ Volume layout of the trainer pod (docs/operator.md):
   /etc/personalization/job.yaml   the manifest (ConfigMap key `job.yaml`), read-only
   /output                         the output PVC (spec.output.claimName) or an emptyDir
   /mnt/base-model, /mnt/concept-images   input PVCs, read-only, when claimName is set
+  /mnt/hf-home                    the shared Hugging Face cache PVC (HF_HOME, read-write), for hubId jobs
+                                  when the operator has one (PJ_HUB_CACHE_CLAIM)
   /tmp, /cache, /dev/shm          emptyDirs (the root filesystem is read-only)
 Paths of PVC-backed inputs are rewritten in the ConfigMap copy of the manifest to where the
 pod mounts them, so the trainer never needs to know about volumes.
@@ -136,7 +138,14 @@ def _volumes(spec: api.PersonalizationJobSpec, name: str, settings: Settings) ->
     if spec.concept.images.claim_name:
         mounts.append({"name": claim_volume(spec.concept.images.claim_name), "mountPath": names.IMAGES_MOUNT,
                        "readOnly": True})
+    if hub_cache_claim(spec, settings):  # read-write: the job downloads into it
+        mounts.append({"name": claim_volume(settings.hub_cache_claim), "mountPath": names.HUB_CACHE_MOUNT})
     return volumes, mounts
+
+
+def hub_cache_claim(spec: api.PersonalizationJobSpec, settings: Settings) -> str:
+    """The shared Hugging Face cache PVC this job mounts ("" for none: no hubId or not configured)."""
+    return settings.hub_cache_claim if spec.base_model.hub_id else ""
 
 
 def output_dir(spec: api.PersonalizationJobSpec) -> str:
@@ -243,7 +252,8 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             {"name": "PJ_NAME", "value": name},
             {"name": "HOME", "value": "/tmp"},
             {"name": "XDG_CACHE_HOME", "value": "/cache"},
-            {"name": "HF_HOME", "value": "/cache/huggingface"},
+            {"name": "HF_HOME",
+             "value": names.HUB_CACHE_MOUNT if hub_cache_claim(spec, settings) else names.SCRATCH_HF_HOME},
             {"name": "TORCH_HOME", "value": "/cache/torch"},
             {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},

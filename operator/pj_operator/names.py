@@ -33,6 +33,8 @@ CONFIG_DIR = "/etc/personalization"
 OUTPUT_DIR = "/output"
 BASE_MODEL_MOUNT = "/mnt/base-model"
 IMAGES_MOUNT = "/mnt/concept-images"
+HUB_CACHE_MOUNT = "/mnt/hf-home"  # the shared Hugging Face cache PVC (HF_HOME), when configured
+SCRATCH_HF_HOME = "/cache/huggingface"  # HF_HOME on the pod's scratch cache otherwise
 
 
 def job_name(pj_name: str) -> str:

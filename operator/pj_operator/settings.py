@@ -56,6 +56,10 @@ class Settings:
     # Size limits of the pod's scratch volumes (emptyDir).
     cache_size_limit: str = "50Gi"
     shm_size_limit: str = "8Gi"
+    # A PersistentVolumeClaim (in each job's namespace, ReadWriteMany) mounted read-write as HF_HOME
+    # into the pods of jobs with baseModel.hubId: the first job downloads a model, later ones reuse
+    # it. Empty: HF_HOME is on the pod's scratch cache (downloaded again by every pod).
+    hub_cache_claim: str = ""
     # Ephemeral storage the trainer pod requests: the scheduler then only picks nodes with room
     # for the model cache (empty: request nothing). Defaults to the cache's size limit.
     ephemeral_storage_request: Optional[str] = None
@@ -119,6 +123,7 @@ class Settings:
             gpu_resource=get("GPU_RESOURCE", d.gpu_resource),
             cache_size_limit=get("CACHE_SIZE_LIMIT", d.cache_size_limit),
             shm_size_limit=get("SHM_SIZE_LIMIT", d.shm_size_limit),
+            hub_cache_claim=get("HUB_CACHE_CLAIM", d.hub_cache_claim).strip(),
             ephemeral_storage_request=get("EPHEMERAL_STORAGE_REQUEST", None),
             trainer_uid=int(get("TRAINER_UID", d.trainer_uid)),
             namespaces=namespaces,

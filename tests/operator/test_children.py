@@ -129,3 +129,47 @@ def test_trainer_role_reaches_only_its_own_resource():
         assert "patch" not in rule["verbs"] or rule["resources"] == ["personalizationjobs/status"]
     binding = children.role_binding("cat", "team-a")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cat-trainer", "namespace": "team-a"}]
+
+
+def _pod(settings, **overrides):
+    return children.job(parsed(**overrides), "cat", "team-a", settings)["spec"]["template"]["spec"]
+
+
+HUB_MODEL = {"hubId": "org/sd", "revision": "v1", "secretRef": {"name": "hub-token"}}
+
+
+def test_hub_jobs_mount_the_shared_cache_claim_read_write_as_hf_home():
+    settings = Settings.from_env({"PJ_HUB_CACHE_CLAIM": "hf-cache", "PJ_TRAINER_IMAGE": "example.org/trainer:1"})
+    pod = _pod(settings, baseModel=HUB_MODEL)
+    validate_builtin(children.job(parsed(baseModel=HUB_MODEL), "cat", "team-a", settings))
+    (container,) = pod["containers"]
+    volume = next(v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "hf-cache")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": names.HUB_CACHE_MOUNT}  # not readOnly: jobs download
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HF_HOME"] == names.HUB_CACHE_MOUNT
+    assert container["envFrom"] == [{"secretRef": {"name": "hub-token"}}]  # HF_TOKEN comes from the Secret
+
+
+def test_jobs_without_a_hub_id_or_without_the_setting_keep_hf_home_on_scratch():
+    with_claim = Settings.from_env({"PJ_HUB_CACHE_CLAIM": "hf-cache"})
+    for settings, overrides in ((with_claim, {}), (SETTINGS, {"baseModel": HUB_MODEL})):
+        pod = _pod(settings, **overrides)
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["HF_HOME"] == names.SCRATCH_HF_HOME
+        assert all(v.get("persistentVolumeClaim", {}).get("claimName") != "hf-cache" for v in pod["volumes"])
+
+
+def test_object_store_sources_reach_the_pod_only_as_uri_and_secret_references():
+    spec = {"concept": {"images": {"uri": "s3://photos/cat/", "secretRef": {"name": "s3-creds"}}, "classNoun": "dog"},
+            "output": {"uri": "gs://results/cat", "secretRef": {"name": "gcs-creds"}}}
+    job = children.job(parsed(**spec), "cat", "team-a", SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}, {"secretRef": {"name": "gcs-creds"}}]
+    # No volume for a URI source; the output is the pod's emptyDir (checkpoints are mirrored to the URI).
+    assert {"name": "output", "emptyDir": {}} in pod["volumes"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    manifest = yaml.safe_load(children.config_map(parsed(**spec), "cat", "team-a")["data"]["job.yaml"])
+    assert manifest["spec"]["concept"]["images"] == spec["concept"]["images"]
+    assert manifest["spec"]["output"]["uri"] == "gs://results/cat"

@@ -30,6 +30,7 @@ ALL_ON: dict[str, Any] = {
         "watchNamespaces": ["team-a", "team-b"],
         "defaultTrainerResources": {"cpu": "8", "memory": "32Gi"},
         "extraEnv": [{"name": "PJ_EXTRA", "value": "1"}],
+        "hubCache": {"claimName": "hf-cache"},
         "trainerImagePullSecrets": ["trainer-registry"],
         "pendingDeadlineSeconds": 1800,
     },

@@ -237,6 +237,12 @@ def test_a_metrics_linger_beyond_the_grace_period_is_refused_at_render():
     assert env["PJ_TRAINER_METRICS_LINGER_SECONDS"] == "0"
 
 
+def test_the_hub_cache_claim_reaches_the_operator_settings(default_objects, all_on_objects):
+    settings_mod = pytest.importorskip("pj_operator.settings")
+    assert settings_mod.Settings.from_env(_env(one(default_objects, "Deployment"))).hub_cache_claim == ""
+    assert settings_mod.Settings.from_env(_env(one(all_on_objects, "Deployment"))).hub_cache_claim == "hf-cache"
+
+
 def test_every_pj_variable_is_one_the_operator_reads(all_on_objects):
     settings_mod = pytest.importorskip("pj_operator.settings")
     source = inspect.getsource(settings_mod.Settings.from_env)

@@ -6,12 +6,15 @@ oversubscription that makes small-tensor work many times slower.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# No test may ask a cloud metadata server for credentials (botocore would try 169.254.169.254).
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 TEST_CONCEPT = "red_striped_triangle"
 

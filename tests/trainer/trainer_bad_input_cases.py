@@ -30,8 +30,12 @@ directly on the command line. Each ends, before any training step, with exit cod
 one line `error: <message>` on stderr (no traceback). In a cluster the Job's podFailurePolicy
 fails it at once (no retry) and the operator sets phase `Failed`, reason `BadInput`, with that
 line (from the pod's termination message) in the condition. The input column says what is broken
-in an otherwise valid textualInversion job; `{dir}` is the job's working folder and `{port}` a
-port another process holds. These rows are generated from
+in an otherwise valid textualInversion job; `{dir}` is the job's working folder, `{port}` a
+port another process holds and `{bucket}` a bucket of the S3 endpoint the job reaches through
+`AWS_ENDPOINT_URL` (the tests use moto's server; `{first}` and `{size}` name its first object).
+The hub rows run against a local endpoint (`HF_ENDPOINT`) or a local cache (`HF_HOME`). A store
+or hub that cannot be reached is not bad input: it is retried, and then the attempt fails (exit
+1) so that the Job tries again. These rows are generated from
 `tests/trainer/trainer_bad_input_cases.py` (by the same `python tests/operator/bad_input_cases.py`);
 `tests/trainer/test_bad_input.py` drives each through `personalize-train` in-process.
 
@@ -176,6 +180,70 @@ def named_resource(**env: str) -> Prepare:
     return prepare
 
 
+# ---- object stores and the hub (real servers on 127.0.0.1: tests/trainer/storage_servers.py) ----
+
+
+def _servers():
+    import storage_servers  # moto and http servers: imported only when a case runs
+
+    return storage_servers
+
+
+def s3_images(objects: dict[str, bytes] | None = None, *, good_images: int = 0, prefix: str = "cat/",
+              strict: bool = False, credentials: bool = True, bucket: bool = True, **env: str) -> Prepare:
+    """concept.images.uri on a bucket of moto's server holding `objects` (and good images) under `prefix`."""
+    def prepare(ws: Workspace) -> None:
+        servers = _servers()
+        moto = servers.shared_moto(strict)
+        name = f"case-{ws.dir.name.lower().replace('_', '-')[-40:].strip('-')}"
+        ws.values["bucket"] = name
+        if bucket and not strict:
+            client = moto.client()
+            client.create_bucket(Bucket=name)
+            for p in sorted(ws.concept_dir.iterdir())[:good_images]:
+                client.put_object(Bucket=name, Key=f"{prefix}{p.name}", Body=p.read_bytes())
+            for key, data in (objects or {}).items():
+                client.put_object(Bucket=name, Key=f"{prefix}{key}", Body=data)
+        ws.env.update(moto.env(), PJ_CACHE_DIR=str(ws.dir / "cache"), PJ_STORAGE_BACKOFF="0.01", **env)
+        if not credentials:
+            ws.unset_env += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+            del ws.env["AWS_ACCESS_KEY_ID"], ws.env["AWS_SECRET_ACCESS_KEY"]
+            ws.env["AWS_SHARED_CREDENTIALS_FILE"] = ws.env["AWS_CONFIG_FILE"] = str(ws.dir / "no-aws-config")
+        ws.spec["concept"]["images"] = {"uri": f"s3://{name}/{prefix}"}
+    return prepare
+
+
+def output_on_denying_store(ws: Workspace) -> None:
+    moto = _servers().shared_moto(strict=True)
+    ws.env.update(moto.env(), PJ_STORAGE_BACKOFF="0.01")
+    ws.spec["output"] = {"uri": "s3://results/runs/cat"}
+
+
+def image_over_cap(ws: Workspace) -> None:
+    s3_images(good_images=2, PJ_MAX_IMAGE_BYTES="100")(ws)
+    first = sorted(ws.concept_dir.iterdir())[0]
+    ws.values["first"], ws.values["size"] = first.name, str(first.stat().st_size)
+
+
+def hub_model(hub_id: str, revision: str | None = None) -> Prepare:
+    """baseModel.hubId against a local hub endpoint that knows one repository and none of its revisions."""
+    def prepare(ws: Workspace) -> None:
+        hub = _servers().FakeHub()
+        ws.closers.append(hub.close)
+        ws.env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(ws.dir / "hf"))
+        ws.unset_env += ["HF_HUB_OFFLINE", "HF_HUB_CACHE"]
+        ws.spec["baseModel"] = {"hubId": hub_id, **({"revision": revision} if revision else {})}
+    return prepare
+
+
+def hub_cache_with_pickled_weights(ws: Workspace) -> None:
+    hub_cache = ws.dir / "hf" / "hub"
+    _servers().build_hub_cache(hub_cache, "tiny-org/pickled", ws.pipeline_dir, "0" * 40, pickled=True)
+    ws.env.update(HF_HOME=str(ws.dir / "hf"), HF_HUB_OFFLINE="1")
+    ws.unset_env += ["HF_HUB_CACHE"]
+    ws.spec["baseModel"] = {"hubId": "tiny-org/pickled"}
+
+
 TRUNCATED_JPEG = b"\xff\xd8\xff\xe0 truncated jpeg"
 HTML_PAGE = b"<html><body>403 Forbidden</body></html>\n"  # what a failed download often saves
 TINY_INDEX = '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
@@ -246,10 +314,33 @@ CASES: list[Case] = [
          "earlyStopping.holdout: holding out 6 reference image(s) leaves no training images (the concept has 6); "
          "add images, lower referenceBatchSize or set holdout: false",
          spec_sets("earlyStopping", referenceBatchSize=3, referenceSubBatches=2, holdout=True)),
-    Case("images-uri", "images", "`concept.images.uri: s3://photos/cat` given to the trainer directly",
-         "concept.images.uri 's3://photos/cat': this trainer reads images from a mounted folder only; "
-         "copy them to a volume and set concept.images.path",
-         spec_sets("concept", images={"uri": "s3://photos/cat"})),
+    Case("images-bucket-missing", "images", "`concept.images.uri: s3://{bucket}/cat/`, no such bucket",
+         "concept.images.uri 's3://{bucket}/cat/': bucket s3://{bucket} does not exist",
+         s3_images(bucket=False)),
+    Case("images-prefix-empty", "images", "`concept.images.uri: s3://{bucket}/cat/`, nothing under the prefix",
+         "concept.images.uri 's3://{bucket}/cat/': the prefix holds no objects",
+         s3_images()),
+    Case("images-prefix-no-images", "images", "the prefix holds only `notes.txt` and `cat.gif`",
+         "concept.images.uri 's3://{bucket}/cat/' holds no images (png/jpg/jpeg/webp)",
+         s3_images({"notes.txt": b"cat", "cat.gif": b"GIF89a"})),
+    Case("images-credentials-denied", "images", "the store does not know the Secret's `AWS_ACCESS_KEY_ID`",
+         "concept.images.uri 's3://{bucket}/cat/': bucket s3://{bucket}: access denied "
+         "(check the credentials in the job's secretRef)",
+         s3_images(strict=True)),
+    Case("images-no-credentials", "images", "no `secretRef`, no AWS credentials in the pod, no workload identity",
+         "concept.images.uri 's3://{bucket}/cat/': bucket s3://{bucket}: no credentials "
+         "(set secretRef, or give the pod a workload identity)",
+         s3_images(credentials=False)),
+    Case("image-object-not-an-image", "images", "3 good images and `cat/photo.png` holding an HTML error page",
+         "s3://{bucket}/cat/photo.png is not a readable image (UnidentifiedImageError)",
+         s3_images({"photo.png": HTML_PAGE}, good_images=3)),
+    Case("image-object-over-cap", "images", "an object larger than `PJ_MAX_IMAGE_BYTES=100`",
+         "s3://{bucket}/cat/{first} is {size} bytes, more than the cap of 100 (PJ_MAX_IMAGE_BYTES)",
+         image_over_cap),
+    Case("images-https-folder", "images", "`concept.images.uri: https://photos.example.com/cat/` (a folder)",
+         "concept.images.uri 'https://photos.example.com/cat/': an https source must be an archive "
+         "(.zip, .tar.gz, .tgz) or a manifest of image URLs (.txt)",
+         spec_sets("concept", images={"uri": "https://photos.example.com/cat/"})),
     Case("images-volume-not-mounted", "images",
          "`concept.images: {claimName: concept-images, path: cat}`, no such volume under `PJ_VOLUMES_ROOT`",
          "concept image folder '{dir}/volumes/concept-images/cat' does not exist",
@@ -281,6 +372,17 @@ CASES: list[Case] = [
     Case("model-unknown-builtin", "model", "`baseModel: {builtin: sd15}`",
          "spec.baseModel.builtin: Input should be 'tiny-world'",
          spec_sets("", baseModel={"builtin": "sd15"})),
+    Case("hub-id-missing", "model", "`baseModel.hubId: nobody/nothing`, unknown to the hub",
+         "baseModel.hubId 'nobody/nothing' does not exist on the hub, or is private or gated "
+         "(give the job an HF_TOKEN through baseModel.secretRef)",
+         hub_model("nobody/nothing")),
+    Case("hub-revision-missing", "model", "`baseModel: {hubId: tiny-org/tiny-sd, revision: v9}`, no such revision",
+         "baseModel.revision 'v9' does not exist in 'tiny-org/tiny-sd'",
+         hub_model("tiny-org/tiny-sd", "v9")),
+    Case("hub-pickled-weights", "model", "`baseModel.hubId` whose cached UNet has only `.bin` (pickled) weights",
+         "baseModel.hubId 'tiny-org/pickled': component 'unet' has no .safetensors weights; pickled weights "
+         "(.bin) load only with baseModel.allowPickleWeights: true",
+         hub_cache_with_pickled_weights),
     # ---- output ----
     Case("output-under-a-file", "output", "`--output {dir}/a-file/out`, `a-file` being a regular file",
          "output directory '{dir}/a-file/out' is not writable: Not a directory",
@@ -288,6 +390,9 @@ CASES: list[Case] = [
     Case("output-is-a-file", "output", "`--output` names an existing regular file",
          "output directory '{dir}/result' is not writable: File exists",
          output_is_a_file),
+    Case("output-uri-denied", "output", "`output.uri: s3://results/runs/cat`, the store denies the Secret's keys",
+         "output.uri 's3://results/runs/cat': access denied (check the credentials in the job's secretRef)",
+         output_on_denying_store),
     # ---- resources / runtime ----
     Case("metrics-port-in-use", "resources", "`--metrics-port {port}` that another process listens on",
          "--metrics-port {port}: cannot serve /metrics on 0.0.0.0: Address already in use",

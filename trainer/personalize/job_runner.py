@@ -7,6 +7,11 @@ Output directory layout:
     losses.csv  convergence.png  samples_before.png  samples.png  result.json
     checkpoints/                    while running: the latest resumable checkpoint (resume.py);
                                     removed once result.json is written
+    .upload-state.json              with output.uri: what is uploaded (storage/uploads.py)
+
+With output.uri every checkpoint is mirrored to the store and a start without a local one
+restores the newest from there; after result.json the folder is uploaded, result.json last
+(storage/publish.py). A failed upload exits 1 and the next attempt only uploads.
 
 Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
 TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
@@ -58,6 +63,9 @@ from personalize.spec import (
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.stage_outcome import StageOutcome
 from personalize.status_reporter import EXIT_STATUS_UNREPORTED, StatusReporter, StatusReportError
+from personalize.storage.checkpoint_sync import CheckpointSync
+from personalize.storage.publish import finish_upload
+from personalize.storage.uploads import OutputUpload
 from personalize.termination import write_termination_message
 
 log = logging.getLogger("personalize")
@@ -213,24 +221,37 @@ class JobRunner:
             if self.reporter is not None:
                 self.reporter.close()
 
-    def _write_final_report(self, checkpoints: Optional[RunCheckpoints] = None) -> bool:
+    def _write_final_report(self, checkpoints: Optional[RunCheckpoints] = None,
+                            upload: Optional[OutputUpload] = None, sync: Optional[CheckpointSync] = None) -> int:
         """result.json, the termination message and the final status patch, for a finished, an
-        interrupted or a failed run alike. With `checkpoints` (a finished run) they are removed
-        once result.json is safe. False when the status patch failed (result.json is written)."""
+        interrupted or a failed run alike; the exit code of a finished run. With `checkpoints` (a
+        finished run) they are removed once result.json is safe; with `upload` (output.uri) the
+        folder is then uploaded, result.json last, and the mirrored checkpoints removed from the store.
+        1 when the upload failed (the next attempt only uploads); EXIT_STATUS_UNREPORTED when the
+        status patch failed (result.json and the termination message are written); else 0."""
         self.report.wall_seconds = round(time.monotonic() - self.started, 3)
-        accelerator = self.accelerator
-        result = RunResult(**dict(self.report), mixed_precision=accelerator.mixed_precision,
-                           processes=accelerator.num_processes)
-        write_json(result.to_api(), self.output / RESULT_FILE)
+        self._write_result()
         if checkpoints is not None:
             checkpoints.remove()  # a restart now would only redo finished work
+        uploaded = True
+        if upload is not None:
+            uploaded = finish_upload(upload, self.report, self._write_result,
+                                     after_success=sync.remove if sync is not None else None)
         write_termination_message(self.report)
         try:
             self._publish(final=True)
         except StatusReportError as err:
             log.error("final status patch failed (result.json and the termination message are written): %s", err)
-            return False
-        return True
+            # Finished either way. Unreported: a rerun would only repeat it; the operator reads the
+            # result from the termination message instead. An owed upload still needs the rerun.
+            return EXIT_STATUS_UNREPORTED if uploaded else 1
+        return 0 if uploaded else 1
+
+    def _write_result(self) -> None:
+        accelerator = self.accelerator
+        result = RunResult(**dict(self.report), mixed_precision=accelerator.mixed_precision,
+                           processes=accelerator.num_processes)
+        write_json(result.to_api(), self.output / RESULT_FILE)
 
     def _train_and_save(self) -> int:
         spec, output = self.spec, self.output
@@ -266,6 +287,12 @@ class JobRunner:
         # files) becomes ours; the lists are shared, so every checkpoint saves the current ones.
         checkpoints = RunCheckpoints(spec, output, accelerator, self.shutdown)
         self.rows, self.outcomes, self.files = checkpoints.rows, checkpoints.completed, checkpoints.files
+        sync = CheckpointSync.for_job(spec)  # output.uri: checkpoints mirrored there, restored from there
+        if sync is not None:
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    sync.pull(checkpoints.directory)
+            checkpoints.on_saved = sync.push
         loading = time.monotonic()
         resume = checkpoints.load(identifier.token)
         if resume is not None:
@@ -325,6 +352,4 @@ class JobRunner:
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files)
         report.stages = [o.to_report() for o in self.outcomes]
-        # Finished either way. Unreported: a rerun would only repeat it; the operator reads the
-        # result from the termination message instead.
-        return 0 if self._write_final_report(checkpoints) else EXIT_STATUS_UNREPORTED
+        return self._write_final_report(checkpoints, OutputUpload.for_job(spec, output), sync)

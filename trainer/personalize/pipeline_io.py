@@ -15,6 +15,7 @@ from personalize.families.detection import check_method, family_of_index, read_m
 from personalize.families.registry import FAMILY_CLASSES, family_for_pipeline
 from personalize.preflight import check_base_model, resolve_volume_path
 from personalize.spec import BaseModelSource, PersonalizationJobSpec
+from personalize.storage.hub import resolve_snapshot
 
 __all__ = ["Models", "TINY_WORLD_DIR", "builtin_tiny_world_folder", "default_resolution", "load_base_pipeline", "models_of", "sampling_pipeline"]
 
@@ -59,7 +60,10 @@ def load_base_pipeline(source: BaseModelSource, spec: Optional[PersonalizationJo
     if source.builtin:
         return _from_pretrained(builtin_tiny_world_folder(), "baseModel.builtin tiny-world", spec)
     if source.hub_id:
-        return _from_pretrained(source.hub_id, f"baseModel.hubId {source.hub_id!r}", spec, revision=source.revision)
+        # The snapshot is resolved into the shared cache first, so the family loads a local folder.
+        folder = resolve_snapshot(source.hub_id, source.revision, source.allow_pickle_weights)
+        return _from_pretrained(folder, f"baseModel.hubId {source.hub_id!r}", spec,
+                                use_safetensors=None if source.allow_pickle_weights else True)
     check_base_model(source)
     folder = resolve_volume_path(source.path or "", source.claim_name)
     return _from_pretrained(folder, f"baseModel.path {str(folder)!r}", spec)

@@ -28,11 +28,10 @@ def resolve_volume_path(path: str, claim_name: Optional[str]) -> Path:
 
 
 def concept_folder(concept: Concept) -> Path:
-    if concept.images.uri:
-        raise TrainerInputError(
-            f"concept.images.uri {concept.images.uri!r}: this trainer reads images from a mounted folder only; "
-            "copy them to a volume and set concept.images.path"
-        )
+    if concept.images.uri:  # downloaded once into the pod's cache
+        from personalize.storage.images import fetch_concept_images
+
+        return fetch_concept_images(concept.images.uri)
     return resolve_volume_path(concept.images.path or "", concept.images.claim_name)
 
 
@@ -75,8 +74,13 @@ def check_reference_fits(n_images: int, early_stopping: EarlyStopping) -> None:
 
 
 def check_base_model(source: BaseModelSource) -> None:
+    if source.hub_id:  # resolved (downloaded once into the shared cache) and checked here
+        from personalize.storage.hub import resolve_snapshot
+
+        resolve_snapshot(source.hub_id, source.revision, source.allow_pickle_weights)
+        return
     if not source.path:
-        return  # builtin / hub: checked when loading
+        return  # builtin: checked when loading
     folder = resolve_volume_path(source.path, source.claim_name)
     if not folder.exists():
         raise TrainerInputError(f"baseModel.path {str(folder)!r} does not exist")
@@ -104,6 +108,10 @@ def preflight(job: PersonalizationJob, output: str | Path) -> Path:
     ):
         raise TrainerInputError("earlyStopping.clip.modelPath: criterion clip needs a CLIP model folder")
     out = prepare_output_dir(output)
+    if spec.output.uri:  # denied credentials fail now, not after training
+        from personalize.storage.uploads import OutputUpload
+
+        OutputUpload.for_job(spec, out).check_writable()
     check_base_model(spec.base_model)
     if spec.base_model.path:  # the family and the method x family pair, before torch is imported
         folder = resolve_volume_path(spec.base_model.path, spec.base_model.claim_name)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -81,6 +81,8 @@ class RunCheckpoints:
         self.files: list[str] = []  # artifact files written by finished stages
         self.carry: dict[str, torch.Tensor] = {}  # what a later stage needs from an earlier one
         self.token: Optional[str] = None
+        # Called with each new checkpoint's folder on the main process (e.g. to copy it to a store).
+        self.on_saved: Optional[Callable[[Path], None]] = None
 
     def load(self, identifier_token: str) -> Optional[TrainingCheckpoint]:
         """Read the newest checkpoint (None: fresh start) and take over its run state."""
@@ -198,5 +200,7 @@ class StageCheckpoints:
                     "last": self.last,
                 } | ({"lr_schedule": state.lr_schedule.state_dict()} if state.lr_schedule is not None else {}),
             ))
+            if run.on_saved is not None:
+                run.on_saved(path)
         accelerator.wait_for_everyone()
         return path

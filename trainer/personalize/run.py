@@ -15,11 +15,13 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from personalize.errors import TrainerInputError
 from personalize.launcher import is_worker, launch
 from personalize.preflight import preflight
+from personalize.run_files import write_json
 from personalize.shutdown import INTERRUPTED_EXIT_CODE, GracefulShutdown, TrainingInterrupted
 from personalize.spec import SpecError, load_job
 
@@ -65,6 +67,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         job = load_job(args.config)
+        if job.spec.output.uri:  # an earlier attempt trained but could not upload: only upload
+            from personalize.storage.publish import retry_pending_upload
+
+            retried = retry_pending_upload(job, Path(args.output), write_json)
+            if retried is not None:
+                return retried
         output = preflight(job, args.output)
         if args.num_processes > 1 and not is_worker():
             return launch(without_num_processes(argv), args.num_processes)

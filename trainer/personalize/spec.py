@@ -234,8 +234,15 @@ class BaseModelSource(ApiModel):
     claim_name: Optional[str] = Field(
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
-    hub_id: Optional[str] = Field(None, description="Hugging Face hub id, for clusters with hub access.")
-    revision: Optional[str] = None
+    hub_id: Optional[str] = Field(
+        None, description="Hugging Face hub id, for clusters with hub access (cached in the shared HF_HOME)."
+    )
+    revision: Optional[str] = Field(None, description="Branch, tag or commit of hubId to pin (default: main).")
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load pickled weights (.bin) from hubId. Off: safetensors only, since unpickling "
+        "can run code.",
+    )
     builtin: Optional[Literal["tiny-world"]] = Field(
         None, description="A model shipped with the trainer: the tiny world (CPU demo and tests)."
     )
@@ -246,6 +253,8 @@ class BaseModelSource(ApiModel):
         given = [n for n in ("path", "hub_id", "builtin") if getattr(self, n)]
         if len(given) != 1:
             raise ValueError("set exactly one of path, hubId, builtin")
+        if (self.revision or self.allow_pickle_weights) and not self.hub_id:
+            raise ValueError("revision and allowPickleWeights apply to hubId only")
         if self.claim_name and self.path:
             _check_relative_path(self.path)
         return self
@@ -258,7 +267,11 @@ class ImageSource(ApiModel):
     claim_name: Optional[str] = Field(
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
-    uri: Optional[str] = Field(None, description="Object-store prefix: s3://, gs:// or https://.")
+    uri: Optional[str] = Field(
+        None,
+        description="s3://bucket/prefix/ or gs://bucket/prefix/ (every image object under it), or an https:// "
+        "archive (.zip, .tar.gz) or manifest (.txt, one image URL per line).",
+    )
     secret_ref: Optional[SecretRef] = Field(None, description="Credentials for uri.")
 
     @model_validator(mode="after")
@@ -486,13 +499,19 @@ class Output(ApiModel):
     claim_name: Optional[str] = Field(
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
     )
-    uri: Optional[str] = Field(None, description="Optional object-store prefix the artifacts are uploaded to.")
+    uri: Optional[str] = Field(
+        None,
+        description="Optional object-store prefix (s3:// or gs://) the artifacts are uploaded to, result.json "
+        "last; checkpoints are mirrored there too.",
+    )
     secret_ref: Optional[SecretRef] = Field(None, description="Credentials for uri.")
 
     @model_validator(mode="after")
     def _check(self) -> "Output":
         if self.uri:
             _check_uri(self.uri)
+            if self.uri.startswith("https://"):
+                raise ValueError("uri: https:// is read-only; upload to s3:// or gs://")
         if self.claim_name:
             _check_relative_path(self.path)
         return self
