@@ -46,20 +46,3 @@ def base_pipe(tiny_pipeline_dir):
     return pipe
 
 
-def job_spec(pipeline_dir: Path, concept_dir: Path, method: str, **overrides) -> dict:
-    """A small, fast job spec (camelCase dict); `overrides` replace top-level sections."""
-    spec = {
-        "baseModel": {"path": str(pipeline_dir)},
-        "method": method,
-        "concept": {"images": {"path": str(concept_dir)}, "classNoun": "triangle"},
-        "training": {"maxSteps": 3, "batchSize": 2, "learningRate": 1e-2},
-        "earlyStopping": {"window": 4, "referenceBatchSize": 2},
-        "priorPreservation": {"enabled": False},
-        "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2},
-    }
-    if method in ("textualInversion", "tiDreambooth"):
-        del spec["priorPreservation"]
-    if method == "tiDreambooth":
-        spec["tiDreambooth"] = {"stage1MaxSteps": 2, "stage1LearningRate": 1e-2, "stage1Window": 4}
-    spec.update(overrides)
-    return spec

@@ -16,7 +16,7 @@ import yaml
 
 from personalize.run import main
 
-from conftest import job_spec
+from job_specs import job_spec
 from trainer_bad_input_cases import CASES, DOC, Case, Workspace, documented_rows, render_rows
 
 BY_KEY = {case.key: case for case in CASES}

@@ -16,7 +16,7 @@ from PIL import Image
 from personalize.run import main
 from personalize.spec import RunResult
 
-from conftest import job_spec
+from job_specs import job_spec
 
 OUTPUT_FILES = {"result.json", "losses.csv", "convergence.png", "samples_before.png", "samples.png"}
 

@@ -10,7 +10,7 @@ from personalize.data import Augment, examples_of, fill_template, load_concept_e
 from personalize.errors import TrainerInputError
 from personalize.spec import TEXTUAL_INVERSION_TEMPLATES, Concept, parse_spec
 
-from conftest import job_spec
+from job_specs import job_spec
 
 
 def test_images_are_square_at_the_resolution_and_in_minus_one_one(concept_dir):

@@ -17,7 +17,7 @@ from personalize.replay import run as replay_run
 from personalize.run_files import write_losses_csv
 from personalize.spec import parse_spec
 
-from conftest import job_spec
+from job_specs import job_spec
 
 WINDOW, THRESHOLD, MAX_STEPS = 30, 0.3, 120
 

@@ -15,7 +15,7 @@ from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import load_base_pipeline, models_of
 from personalize.spec import parse_spec
 
-from conftest import job_spec
+from job_specs import job_spec
 
 
 def run(pipeline_dir, concept_dir, eval_every: int, steps: int = 6):

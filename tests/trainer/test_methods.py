@@ -17,7 +17,7 @@ from personalize.methods import learns_embedding, load_custom_diffusion, plan_st
 from personalize.pipeline_io import models_of
 from personalize.spec import parse_spec
 
-from conftest import job_spec  # noqa: E402  (tests/trainer is on sys.path via rootdir conftest)
+from job_specs import job_spec
 
 
 def snapshot(models) -> dict[str, torch.Tensor]:

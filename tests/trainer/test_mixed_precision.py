@@ -21,7 +21,7 @@ from personalize.methods import METHODS, load_custom_diffusion
 from personalize.run import main
 from personalize.spec import RunResult
 
-from conftest import job_spec
+from job_specs import job_spec
 from test_cli import write_config
 
 PRECISIONS = ["no", "bf16", "fp16"]  # fp16 runs on CPU through torch's CPU autocast (precision.py)

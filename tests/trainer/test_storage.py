@@ -27,7 +27,7 @@ import yaml
 
 from personalize.run import main
 
-from conftest import job_spec
+from job_specs import job_spec
 from storage_servers import ACCESS_KEY, SECRET_KEY, FaultyProxy, HttpsFiles, MotoS3, build_hub_cache
 from test_resume import STEP_LINE, command, read_rows, run_until_sigterm, trainer_env
 
