@@ -161,8 +161,8 @@ def write_results(out: Path, meta: dict, cells: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        stops = ", ".join(f"{k} {v}" for k, v in (c.get("stage_stops") or {}).items()) if len(c.get("stage_stops") or {}) > 1 \
-            else str(c.get("stop_step", "-"))
+        stages = c.get("stage_stops") or {}  # per stage when there are several
+        stops = ", ".join(f"{k} {v}" for k, v in stages.items()) if len(stages) > 1 else str(c.get("stop_step", "-"))
         lines.append(f"| {c['method']} | {c['precision']} | {c['processes']} | {'pass' if c['passed'] else 'FAIL'} "
                      f"| {stops} ({c.get('stop_reason', '-')}) | {_num(c.get('seconds_per_step'))} "
                      f"| {c.get('wall_seconds', '-')} | {'; '.join(c['failures']) or '-'} |")
@@ -202,11 +202,13 @@ def main() -> int:
     concept_dir = work / "concept"
     if not concept_dir.exists():
         write_concept_images(concept_by_name(CONCEPT), 6, concept_dir, seed=0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip():
-        commit += " (with uncommitted changes)"
-    meta = {"command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
-                                                   if Path(sys.argv[0]).is_absolute() else sys.argv[0]), *sys.argv[1:]]),
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+    script = Path(sys.argv[0])
+    script = script.relative_to(ROOT) if script.is_absolute() else script
+    meta = {"command": " ".join(["python", str(script), *sys.argv[1:]]),
             "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "max_steps": args.max_steps, "concept": CONCEPT, "work": str(work)}
     cells = []

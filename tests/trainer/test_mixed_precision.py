@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -19,7 +18,7 @@ from personalize.methods import METHODS
 from personalize.run import main
 from personalize.spec import RunResult
 
-from artifact_roundtrip import check_round_trip, sample, saved_dtypes, stock_pipeline
+from artifact_roundtrip import check_round_trip
 from job_specs import job_spec
 from test_cli import write_config
 
@@ -70,8 +69,10 @@ def cli_env() -> dict:
 
 
 # Two processes cost three interpreters per run: a representative part of the matrix (every
-# precision, the three artifact kinds: pipeline folder, LoRA weights, Custom Diffusion + embedding).
-TWO_PROCESS_CASES = [("dreambooth", "no"), ("lora", "bf16"), ("customDiffusion", "fp16")]
+# precision, the three artifact kinds: pipeline folder, LoRA weights, Custom Diffusion + embedding,
+# and the two-stage method, whose stage 1 is Textual Inversion). All 30 cells:
+# benchmarks/precision_matrix.py.
+TWO_PROCESS_CASES = [("dreambooth", "no"), ("lora", "bf16"), ("customDiffusion", "fp16"), ("tiDreambooth", "fp16")]
 
 
 @pytest.mark.slow
@@ -85,10 +86,9 @@ def test_two_processes_train_in_each_precision(method, precision, tiny_pipeline_
     result = json.loads((out / "result.json").read_text())
     assert result["mixedPrecision"] == precision and result["processes"] == 2
     assert result["earlyStop"]["step"] == 2
-    assert proc.stdout.count("stopped at step 2/2") == 1  # only the main process prints
-    assert saved_dtypes(out) == {"F32"}
-    images = sample(stock_pipeline(out, result, tiny_pipeline_dir, torch.float32), result["identifier"])
-    assert np.isfinite(images).all()
+    # only the main process prints, one line per stage
+    assert proc.stdout.count("stopped at step 2/2") == len(result["stages"])
+    check_round_trip(out, result, tiny_pipeline_dir, precision)
 
 
 @pytest.mark.slow
