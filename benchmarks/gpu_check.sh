@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU road, checked on the tiny world: every method in fp16 and bf16 on one GPU (and with 2
-# data-parallel processes when the machine has 2 GPUs). For each run it prints s/step, peak
-# memory, and whether the stop step is within TOL steps of the same method's fp32 run on CPU.
-# Exits non-zero on any failed run or stop-step mismatch. About 5 minutes on one GPU.
+# data-parallel processes, through the trainer's own `--num-processes` launcher, when the machine
+# has 2 GPUs). For each run it prints s/step, peak memory, and whether the stop step is within TOL
+# steps of the same method's fp32 run on CPU. Exits non-zero on any failed run, missing summary,
+# wrong recorded precision/process count, or stop-step mismatch. Not yet timed on a GPU (none
+# here); the budget is set for under 8 minutes on one GPU, most of it the five fp32 CPU reference
+# runs (MAX_STEPS shortens every run).
 #
 #   bash benchmarks/gpu_check.sh                 # PYTHON=.venv/bin/python by default
 #   METHODS="lora dreambooth" MAX_STEPS=40 TOL=5 bash benchmarks/gpu_check.sh
@@ -17,6 +20,7 @@ METHODS=${METHODS:-"textualInversion dreambooth lora customDiffusion tiDreamboot
 MAX_STEPS=${MAX_STEPS:-60}
 TOL=${TOL:-5}
 WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$WORK" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 unset PJ_NAME PJ_NAMESPACE
 
