@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU road, checked on the tiny world: every method in fp16 and bf16 on one GPU (and with 2
-# data-parallel processes when the machine has 2 GPUs). For each run it prints s/step, peak
-# memory, and whether the stop step is within TOL steps of the same method's fp32 run on CPU.
-# Exits non-zero on any failed run or stop-step mismatch. About 5 minutes on one GPU.
+# data-parallel processes, through the trainer's own `--num-processes` launcher, when the machine
+# has 2 GPUs). For each run it prints s/step, peak memory, and whether the stop step is within TOL
+# steps of the same method's fp32 run on CPU. Exits non-zero on any failed run, missing summary,
+# wrong recorded precision/process count, or stop-step mismatch. Not yet timed on a GPU (none
+# here); the budget is set for under 8 minutes on one GPU, most of it the five fp32 CPU reference
+# runs (MAX_STEPS shortens every run).
 #
 #   bash benchmarks/gpu_check.sh                 # PYTHON=.venv/bin/python by default
 #   METHODS="lora dreambooth" MAX_STEPS=40 TOL=5 bash benchmarks/gpu_check.sh
@@ -17,10 +20,12 @@ METHODS=${METHODS:-"textualInversion dreambooth lora customDiffusion tiDreamboot
 MAX_STEPS=${MAX_STEPS:-60}
 TOL=${TOL:-5}
 WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$WORK" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 unset PJ_NAME PJ_NAMESPACE
 
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') \
+  || { echo "FAIL: $PYTHON cannot import torch"; exit 1; }
 if [ "$gpus" -ge 1 ]; then device=cuda; else device=cpu; echo "no CUDA GPU: CPU fallback"; fi
 process_counts="1"
 if [ "$gpus" -ge 2 ] || [ "$device" = cpu ]; then process_counts="1 2"; fi
@@ -56,14 +61,17 @@ failures=0
 field() { "$PYTHON" -c 'import json,sys; v=json.load(open(sys.argv[1]))[sys.argv[2]]; print(v if not isinstance(v, float) else f"{v:.3f}")' "$1" "$2"; }
 
 run() {  # run METHOD PRECISION PROCESSES DEVICE -> WORK/<name>.summary.json
-  local method=$1 precision=$2 procs=$3 dev=$4 name="$1-$2-$3p-$4"
-  local env=() launch=("$PYTHON")
+  # Several processes go through the trainer's own launcher (`--num-processes`, as the operator runs it).
+  local method=$1 precision=$2 procs=$3 dev=$4 name="$1-$2-$3p-$4" code=0
+  local env=()
   [ "$dev" = cpu ] && env=(CUDA_VISIBLE_DEVICES=)
-  [ "$procs" -gt 1 ] && launch=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$procs")
-  rm -rf "$WORK/$name" "$WORK/$name.summary.json"*
-  if ! env "${env[@]}" "${launch[@]}" benchmarks/gpu_check_run.py --config "$WORK/$method-$precision.yaml" \
-      --output "$WORK/$name" --summary "$WORK/$name.summary.json" > "$WORK/$name.log" 2>&1; then
-    echo "FAIL $name: exit code $? (log: $WORK/$name.log)"; tail -5 "$WORK/$name.log"; failures=$((failures + 1)); return 1
+  rm -rf "${WORK:?}/$name" "$WORK/$name.summary.json"*
+  env "${env[@]}" "$PYTHON" benchmarks/gpu_check_run.py --config "$WORK/$method-$precision.yaml" \
+    --output "$WORK/$name" --summary "$WORK/$name.summary.json" --num-processes "$procs" > "$WORK/$name.log" 2>&1 \
+    || code=$?
+  if [ "$code" -ne 0 ] || ! field "$WORK/$name.summary.json" stop_step > /dev/null 2>&1; then
+    echo "FAIL $name: exit code $code, summary ${WORK}/$name.summary.json (log: $WORK/$name.log)"
+    tail -5 "$WORK/$name.log"; failures=$((failures + 1)); return 1
   fi
 }
 

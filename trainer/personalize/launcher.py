@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Optional, Sequence
 
 WORKER_ENV = "PJ_WORKER"  # set in the processes the launcher starts (they must not launch again)
 STOP_GRACE_SECONDS = 60.0  # a failed peer: how long the others get to exit on SIGTERM
@@ -39,15 +40,18 @@ def combined_exit_code(codes: list[int]) -> int:
     return 0 if all(c == 0 for c in codes) else 1
 
 
-def launch(argv: list[str], num_processes: int) -> int:
-    """Run `personalize-train argv` (without --num-processes) as `num_processes` processes."""
+def launch(argv: list[str], num_processes: int, command: Optional[Sequence[str]] = None) -> int:
+    """Run `personalize-train argv` (without --num-processes) as `num_processes` processes.
+
+    `command` replaces `python -m personalize.cli` (a test runs a wrapper of the trainer)."""
+    command = list(command or [sys.executable, "-m", "personalize.cli"])
     port = str(_free_port())
     procs = []
     for rank in range(num_processes):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_processes),
                    LOCAL_WORLD_SIZE=str(num_processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                    **{WORKER_ENV: "1"})
-        procs.append(subprocess.Popen([sys.executable, "-m", "personalize.cli", *argv], env=env))
+        procs.append(subprocess.Popen([*command, *argv], env=env))
 
     def forward(signum, _frame):
         for p in procs:

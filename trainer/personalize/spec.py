@@ -343,7 +343,9 @@ class Training(ApiModel):
     max_steps: Optional[int] = Field(None, ge=1, le=1_000_000, description="Default: per method.")
     min_steps: int = Field(0, ge=0, le=1_000_000, description="No criterion may stop before this.")
     learning_rate: Optional[float] = Field(None, gt=0.0, le=1.0, description="Default: per method.")
-    batch_size: int = Field(1, ge=1, le=1024)
+    batch_size: int = Field(1, ge=1, le=1024, description=(
+        "Examples per process per micro-batch; the global batch of one optimizer step is "
+        "batchSize x gradientAccumulationSteps x processes (resources.gpus when > 1)."))
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     resolution: Optional[int] = Field(None, ge=8, le=4096, description="Default: the model's sample size.")
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -526,7 +528,9 @@ class Toleration(ApiModel):
 
 
 class Resources(ApiModel):
-    gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per job; >1 runs data-parallel.")
+    gpus: int = Field(1, ge=0, le=16, description=(
+        "nvidia.com/gpu per job; >1 runs one data-parallel process per GPU (global batch: "
+        "batchSize x gradientAccumulationSteps x gpus)."))
     # Unset: the operator's defaults (PJ_DEFAULT_CPU / PJ_DEFAULT_MEMORY, 4 and 16Gi out of the box).
     cpu: Optional[str] = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
     memory: Optional[str] = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
