@@ -122,7 +122,8 @@ def torchvision_path(work: Path) -> str:
     import torch
 
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    wheels, unpacked = work / "wheels", work / "torchvision"
+    # not a folder named torchvision next to the runner: the script directory is on sys.path
+    wheels, unpacked = work / "wheels", work / "tv"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     f"torchvision==0.{int(minor) + 15}.*", "-d", str(wheels)], check=True)
     wheel = next(wheels.glob("torchvision-*.whl"))
