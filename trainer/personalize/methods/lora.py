@@ -61,7 +61,7 @@ class Lora(Method):
         for component, module in self.adapted().items():
             metadata = module.peft_config["default"].to_dict()
             # peft keeps target_modules as a set, whose order changes from one process to the next:
-            # sorted, the same weights always give the same file (a resumed run's is byte-identical).
+            # sorted, the same weights always give the same metadata (a resumed run's equals the straight run's).
             metadata["target_modules"] = sorted(metadata["target_modules"])
             # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a
             # stock `load_lora_weights` infers alpha = rank, i.e. scale 1.0 instead of alpha / rank.
