@@ -150,7 +150,16 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=5)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--families", default="sdxl,flux,sd3")
+    parser.add_argument("--note", default="", help="how to read this run (machine load, ...), kept in the results")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the .md (and the note) from the existing .json without running")
     args = parser.parse_args()
+    if args.render_only:
+        report = json.loads((RESULTS / "families_step_time.json").read_text())
+        report["note"] = args.note or report.get("note", "")
+        (RESULTS / "families_step_time.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / "families_step_time.md").write_text(markdown(report))
+        return 0
     families = args.families.split(",")
     commit = subprocess.run(["git", "-C", args.diffusers_git, "rev-parse", "HEAD"], check=True, capture_output=True,
                             text=True).stdout.strip()
@@ -216,6 +225,7 @@ def main() -> int:
                      "python": platform.python_version()},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "families": results,
+        "note": args.note,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "families_step_time.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -249,6 +259,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {family} | `{Path(r['script']).name}` | {cell('diffusers', m)} | {cell('ours_untracked', m)} "
                      f"| {cell('ours_tracked', m)} | {cell('ours_untracked_over_diffusers', q)} "
                      f"| {cell('tracked_over_untracked', q)} |")
+    lines += ["", "Per-run values (s/step, in run order):", ""]
+    for family, r in report["families"].items():
+        runs = "; ".join(f"{c} " + ", ".join(f"{v:.3f}" for v in values) for c, values in r["seconds_per_step"].items())
+        lines.append(f"- {family}: {runs}")
+    if report.get("note"):
+        lines += ["", "## Reading these numbers", "", report["note"]]
     failed = [(f, c, why) for f, r in report["families"].items() for c, why in r["failures"].items()]
     if failed:
         lines += ["", "## Runs that failed", ""]
