@@ -47,7 +47,7 @@ def job(folder, concept_dir, family, method="lora", **sections) -> dict:
         "baseModel": {"path": str(folder)},
         "method": method,
         "concept": {"images": {"path": str(concept_dir)}, "classNoun": "triangle", "token": "auto"},
-        "training": {"maxSteps": 3, "batchSize": 2, "learningRate": 5e-2, "resolution": tiny_families.RESOLUTION[family]},
+        "training": {"maxSteps": 3, "batchSize": 2, "learningRate": 5e-2, "resolution": tiny_families.RESOLUTION.get(family, 32)},
         "earlyStopping": {"criterion": "none", "evalEvery": 1, "referenceBatchSize": 2},
         "priorPreservation": {"enabled": False},
         "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2, "prompts": ["a photo of {token}"]},
@@ -162,15 +162,24 @@ def test_flux_guidance_input_is_the_fixed_scale(family_dirs, concept_dir, monkey
     assert seen and torch.equal(seen[0], torch.tensor([2.5, 2.5]))
 
 
-def test_flux_lora_resume_after_sigterm_gives_the_same_run(family_dirs, concept_dir, tmp_path):
+RESUME_CASES = [
+    ("flux", "lora", {}),
+    ("sdxl", "textualInversion", {}),  # two embedding tables, each saved as its trained rows
+    ("sdxl", "lora", {"lora": {"trainTextEncoder": True}}),  # adapters in the UNet and both text encoders
+]
+
+
+@pytest.mark.parametrize("family,method,sections", RESUME_CASES, ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_resume_after_sigterm_gives_the_same_run(family, method, sections, family_dirs, concept_dir, tmp_path):
     """SIGTERM mid-run, then the same command: the same loss rows bit for bit, the same stop step
-    (with re-sampled reference timesteps, so the reference generator must resume too)."""
+    (with re-sampled reference timesteps, so the reference generator must resume too), the same artifacts."""
     import subprocess
 
     from test_resume import STEP_LINE, command, read_rows, run_until_sigterm, trainer_env
 
-    manifest = job(family_dirs["flux"](), concept_dir, "flux", training={
-        "maxSteps": 40, "batchSize": 2, "learningRate": 5e-3, "resolution": 16, "seed": 0, "checkpointEvery": 5})
+    manifest = job(family_dirs[family](), concept_dir, family, method, training={
+        "maxSteps": 40, "batchSize": 2, "learningRate": 5e-3, "resolution": tiny_families.RESOLUTION[family],
+        "seed": 0, "checkpointEvery": 5}, **sections)
     manifest["spec"]["earlyStopping"] = {"criterion": "dvar", "window": 6, "threshold": 0.5, "evalEvery": 1,
                                          "referenceBatchSize": 2, "fixed": {"timesteps": False}}
     config = tmp_path / "job.yaml"
@@ -191,8 +200,8 @@ def test_flux_lora_resume_after_sigterm_gives_the_same_run(family_dirs, concept_
     a = json.loads((straight / "result.json").read_text())
     b = json.loads((resumed / "result.json").read_text())
     assert b["earlyStop"] == a["earlyStop"]
-    name = "pytorch_lora_weights.safetensors"
-    assert artifact_content(resumed / name) == artifact_content(straight / name)
+    for name in a["artifact"]["files"]:
+        assert artifact_content(resumed / name) == artifact_content(straight / name), name
 
 
 def test_frozen_text_encoders_encode_each_caption_once(family_dirs, concept_dir, monkeypatch):
@@ -218,3 +227,152 @@ def test_frozen_text_encoders_encode_each_caption_once(family_dirs, concept_dir,
     for name, tensor in want.tensors.items():
         torch.testing.assert_close(got[name], tensor)
     assert all(next(e.parameters()).device.type == "cpu" for e in models.text_encoders)
+
+
+def initial_rows(encoder, tokenizer, word: str, count: int) -> torch.Tensor:
+    """The rows a new token starts from: the initializer word's embedding (mean of its pieces)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return encoder.get_input_embeddings().weight[ids].mean(dim=0).detach().expand(count, -1).clone()
+
+
+def test_sdxl_textual_inversion_learns_both_encoders_and_loads_in_the_stock_pipeline(family_dirs, concept_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    folder = family_dirs["sdxl"]()
+    out, result, rows = run_job(job(folder, concept_dir, "sdxl", "textualInversion", training={
+        "maxSteps": 3, "batchSize": 2, "learningRate": 5e-2, "resolution": 32}), tmp_path)
+    assert result["artifact"]["files"] == ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]
+    det = [float(r["deterministic_loss"]) for r in rows]
+    assert len(det) == 3 and len(set(det)) > 1
+    token = result["identifier"]
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    encoders = {"": (pipe.text_encoder, pipe.tokenizer), "_2": (pipe.text_encoder_2, pipe.tokenizer_2)}
+    learned = {k: load_file(out / f"learned_embeds{k}.safetensors")[token] for k in encoders}
+    start = {k: initial_rows(enc, tok, "triangle", 1) for k, (enc, tok) in encoders.items()}
+    for k in encoders:  # each encoder's row moved away from where it started
+        assert learned[k].shape == start[k].shape and not torch.allclose(learned[k], start[k])
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    for k in encoders:
+        save_file({token: start[k].contiguous()}, str(untrained / f"learned_embeds{k}.safetensors"))
+
+    def images_with(first: Path, second: Path) -> np.ndarray:
+        """The documented two calls: one file per text encoder, with its tokenizer."""
+        stock = StableDiffusionXLPipeline.from_pretrained(folder)
+        stock.load_textual_inversion(str(first / "learned_embeds.safetensors"), token=token,
+                                     text_encoder=stock.text_encoder, tokenizer=stock.tokenizer)
+        stock.load_textual_inversion(str(second / "learned_embeds_2.safetensors"), token=token,
+                                     text_encoder=stock.text_encoder_2, tokenizer=stock.tokenizer_2)
+        return generate(stock, "sdxl", f"a photo of {token}")
+
+    trained = images_with(out, out)
+    assert not np.array_equal(trained, images_with(untrained, untrained))
+    assert not np.array_equal(trained, images_with(out, untrained))  # the second encoder's row matters too
+
+
+def test_sdxl_deterministic_loss_with_trained_embeddings_reads_both_encoders(family_dirs, concept_dir):
+    """Textual Inversion re-encodes the reference captions at each evaluation: L_det is constant
+    while the rows are frozen, and changes when only the second encoder's row changes."""
+    from personalize.identifier import add_to_more_encoders, setup_identifier
+    from personalize.spec import parse_spec
+
+    folder = family_dirs["sdxl"]()
+    spec = parse_spec(job(folder, concept_dir, "sdxl", "textualInversion")["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    identifier = setup_identifier(models.tokenizer, models.text_encoder, "auto", learns_embedding=True,
+                                  initializer="triangle")
+    second = models.family.identifier_encoders(models)[1]
+    add_to_more_encoders(identifier, [second], "triangle")
+    assert identifier.ids_in("text_encoder_2") == [len(second.tokenizer) - 1]
+    concept = Concept.model_validate({"images": {"path": str(concept_dir)}, "captions": ["{token} on a table"]})
+    examples = load_concept_examples(concept, identifier.text, 32)
+    reference = ReferenceBatch(examples, size=2, seed=0, models=models, text_encoder_trained=True)
+    values = {reference.deterministic_loss(models.denoiser, models.text_encoder) for _ in range(3)}
+    assert len(values) == 1
+    with torch.no_grad():
+        second.module.get_input_embeddings().weight[identifier.ids_in("text_encoder_2")] += 0.5
+    assert reference.deterministic_loss(models.denoiser, models.text_encoder) not in values
+
+
+def lora_keys(path) -> set[str]:
+    from safetensors.torch import load_file
+
+    return {key.split(".")[0] for key in load_file(path)}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd"])
+def test_text_encoder_lora_loads_into_the_stock_text_encoders(family, family_dirs, concept_dir, tmp_path):
+    """lora.trainTextEncoder: adapters on the CLIP encoder(s) train, are saved under the names the
+    stock `load_lora_weights` reads, and change what the stock text encoders return."""
+    from personalize.pipeline_io import builtin_tiny_world_folder
+
+    folder = builtin_tiny_world_folder() if family == "sd" else family_dirs[family]()
+    manifest = job(folder, concept_dir, family, "lora", lora={"rank": 4, "trainTextEncoder": True},
+                   training={"maxSteps": 3, "batchSize": 2, "learningRate": 5e-2, "resolution": 32})
+    out, result, rows = run_job(manifest, tmp_path)
+    det = [float(r["deterministic_loss"]) for r in rows]
+    assert len(set(det)) > 1
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    assert lora_keys(out / "pytorch_lora_weights.safetensors") == {"unet", *encoders}
+
+    pipe = stock_pipeline(folder)
+    prompt = f"a photo of {result['identifier']}"
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = {name: getattr(pipe, name)(ids)[0] for name in encoders}
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        for name in encoders:  # each stock text encoder got its trained adapter
+            assert not torch.allclose(getattr(pipe, name)(ids)[0], before[name]), name
+
+
+def test_sdxl_time_ids_follow_each_image(family_dirs, tmp_path, monkeypatch):
+    """Micro-conditioning: a training example's (original size, crop corner, target size) is that
+    of its own image before resizing and of the square actually cut; the reference batch's are its
+    fixed images' central squares."""
+    from PIL import Image
+
+    from personalize.data import Augment
+    from personalize.spec import parse_spec
+
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = {"wide.png": (96, 48), "tall.png": (40, 80), "square.png": (32, 32)}  # (width, height)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / name)
+    folder = family_dirs["sdxl"]()
+    spec = parse_spec(job(folder, images, "sdxl")["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    concept = Concept.model_validate({"images": {"path": str(images)}})
+    examples = load_concept_examples(concept, "lun", 32, augment=Augment(random_crop=True))
+    by_file = {f.name: examples.geometry[i].tolist() for i, f in enumerate(examples.files)}
+    # resized: wide 48x96 -> 32x64 (central left 16), tall 80x40 -> 64x32 (central top 16)
+    assert by_file == {"wide.png": [48, 96, 0, 16], "tall.png": [80, 40, 16, 0], "square.png": [32, 32, 0, 0]}
+
+    seen = []
+    real = models.denoiser.forward
+    monkeypatch.setattr(models.denoiser, "forward",
+                        lambda *a, **k: seen.append(k["added_cond_kwargs"]["time_ids"].clone()) or real(*a, **k))
+    # training draws: random crops, each batch row's time ids are its own image's
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        batch, captions, geometry = examples.draw(3, generator)
+        for square, (h, w, top, left) in zip(batch, geometry.tolist()):
+            index = next(i for i, f in enumerate(examples.files) if [h, w] == by_file[f.name][:2])
+            assert torch.equal(square, examples.resized[index][:, top:top + 32, left:left + 32])
+        cond = models.family.encode_prompts(models, models.text_encoder, captions, "cpu").with_image_geometry(geometry)
+        latents = torch.zeros(3, 4, 16, 16)  # 32 px: the tiny VAE downsamples by 2
+        with torch.no_grad():
+            models.family.loss(models.denoiser, models, latents, latents, torch.tensor([1, 2, 3]), cond)
+        want = torch.cat([geometry.float(), torch.full((3, 2), 32.0)], dim=1)
+        assert torch.equal(seen[-1], want)
+    # the reference batch: its slots' central squares, the same at every evaluation
+    reference = ReferenceBatch(examples, size=3, seed=0, models=models, text_encoder_trained=False)
+    for _ in range(2):
+        reference.deterministic_loss(models.denoiser, models.text_encoder)
+        slots = [by_file[examples.files[i].name] for i in reference.indices]
+        assert seen[-1].tolist() == [[float(v) for v in g] + [32.0, 32.0] for g in slots]

@@ -6,6 +6,10 @@ reference batch uses, always the same. Training batches may be augmented as the 
 script does (`Augment`: a random instead of the central square, a horizontal flip); those draws
 come from the training generator, so the reference batch never sees them. Captions come from the
 job's templates with `{token}` / `{class_noun}` substituted.
+
+Each example also carries its geometry: the image's size before resizing and the top-left corner
+of the square cut from the resized image (original height, width, crop top, crop left), what
+SDXL's micro-conditioning reads (the family decides whether its denoiser uses it).
 """
 
 from __future__ import annotations
@@ -35,18 +39,27 @@ def caption_templates(concept: Concept) -> list[str]:
 
 def load_resized(path: Path, resolution: int) -> torch.Tensor:
     """One upright image, shorter side resized to `resolution`: [3, H, W] in [-1, 1], min(H, W) = resolution."""
+    return load_resized_with_size(path, resolution)[0]
+
+
+def load_resized_with_size(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`load_resized`, and the upright image's (height, width) before resizing."""
     rgb = open_rgb(path)
     width, height = rgb.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     rgb = rgb.resize(new_size, Image.Resampling.BICUBIC)
     pixels = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3] in [-1, 1]
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), (height, width)
+
+
+def center_corner(image: torch.Tensor, resolution: int) -> tuple[int, int]:
+    """Top-left corner (top, left) of the central square of an image [3, H, W]."""
+    return (image.shape[1] - resolution) // 2, (image.shape[2] - resolution) // 2
 
 
 def center_square(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    top = (image.shape[1] - resolution) // 2
-    left = (image.shape[2] - resolution) // 2
+    top, left = center_corner(image, resolution)
     return image[:, top:top + resolution, left:left + resolution]
 
 
@@ -83,37 +96,53 @@ class ConceptExamples:
     augment: Augment = field(default_factory=Augment)
     # The resized images before cropping, kept only when a random crop has room to move.
     resized: Optional[list[torch.Tensor]] = None
+    # [N, 4] int64: original height, width, crop top, crop left of each central square; None:
+    # images made at the resolution (class images), i.e. (H, W, 0, 0).
+    geometry: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.geometry is None:
+            height, width = self.images.shape[-2:]
+            self.geometry = torch.tensor([[height, width, 0, 0]] * len(self), dtype=torch.long).reshape(-1, 4)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, indices: list[int]) -> "ConceptExamples":
         resized = [self.resized[i] for i in indices] if self.resized is not None else None
-        return ConceptExamples(self.images[indices], [self.files[i] for i in indices], self.captions, self.augment, resized)
+        return ConceptExamples(self.images[indices], [self.files[i] for i in indices], self.captions, self.augment,
+                               resized, self.geometry[indices])
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         """A random batch (with replacement across steps, without within a batch when possible),
         augmented. Without augmentation (or no room to crop) it draws exactly what it always did."""
+        images, captions, _ = self.draw(batch_size, generator)
+        return images, captions
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """`sample`, and each drawn example's geometry [B, 4] (the crop actually cut)."""
         n = len(self)
         if batch_size <= n:
             idx = torch.randperm(n, generator=generator)[:batch_size]
         else:
             idx = torch.randint(n, (batch_size,), generator=generator)
         caption_idx = torch.randint(len(self.captions), (batch_size,), generator=generator)
-        images = self.images[idx]
+        images, geometry = self.images[idx], self.geometry[idx].clone()
         if self.augment.random_crop and self.resized is not None:
-            images = torch.stack([self._random_square(int(i), generator) for i in idx])
+            squares = [self._random_square(int(i), generator) for i in idx]
+            images = torch.stack([square for square, _ in squares])
+            geometry[:, 2:] = torch.tensor([corner for _, corner in squares], dtype=torch.long)
         if self.augment.flip > 0:
             flip = torch.rand(batch_size, generator=generator) < self.augment.flip
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images, [self.captions[int(i)] for i in caption_idx]
+        return images, [self.captions[int(i)] for i in caption_idx], geometry
 
-    def _random_square(self, index: int, generator: torch.Generator) -> torch.Tensor:
+    def _random_square(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
         image = self.resized[index]
         size = self.images.shape[-1]
         top = int(torch.randint(image.shape[1] - size + 1, (1,), generator=generator))
         left = int(torch.randint(image.shape[2] - size + 1, (1,), generator=generator))
-        return image[:, top:top + size, left:left + size]
+        return image[:, top:top + size, left:left + size], (top, left)
 
 
 def load_concept_examples(
@@ -126,12 +155,15 @@ def load_concept_examples(
     """Read the concept's images; fill the caption templates (default: the concept's own) with
     the chosen identifier."""
     files = list_image_files(concept_folder(concept))
-    resized = [load_resized(p, resolution) for p in files]
+    loaded = [load_resized_with_size(p, resolution) for p in files]
+    resized = [image for image, _ in loaded]
     images = torch.stack([center_square(r, resolution) for r in resized])
+    geometry = torch.tensor([[*size, *center_corner(r, resolution)] for r, (_, size) in zip(resized, loaded)],
+                            dtype=torch.long)
     room = any(r.shape[1:] != images.shape[2:] for r in resized)
     templates = templates if templates is not None else caption_templates(concept)
     captions = [fill_template(t, identifier, concept.class_noun) for t in templates]
-    return ConceptExamples(images, files, captions, augment, resized if augment.random_crop and room else None)
+    return ConceptExamples(images, files, captions, augment, resized if augment.random_crop and room else None, geometry)
 
 
 def examples_of(spec: PersonalizationJobSpec, identifier: str, resolution: int) -> ConceptExamples:

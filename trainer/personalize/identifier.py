@@ -34,6 +34,17 @@ class Identifier:
     token_ids: list[int]  # the ids the text maps to (new rows when `added`)
     added: bool  # new rows were added to the tokenizer / embedding table
     rare_tokens: list[str] = field(default_factory=list)  # vocabulary entries chosen by `auto`
+    # The ids of the same token names in further text encoders' tokenizers, by component name
+    # (SDXL's text_encoder_2); `token_ids` are the first text encoder's.
+    more_token_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return self.text.split(" ")
+
+    def ids_in(self, encoder_name: str) -> list[int]:
+        """The identifier's ids in the tokenizer of the named text encoder component."""
+        return self.more_token_ids.get(encoder_name, self.token_ids)
 
 
 def token_ids_of(tokenizer, text: str) -> list[int]:
@@ -159,3 +170,13 @@ def setup_identifier(
     identifier = add_tokens(tokenizer, text_encoder, placeholder, num_vectors, initializer)
     identifier.rare_tokens = rare_entries
     return identifier
+
+
+def add_to_more_encoders(identifier: Identifier, encoders: Iterable, initializer: Optional[str]) -> None:
+    """Add a new identifier's tokens to further text encoders too (each `encoder` has `.name`,
+    `.tokenizer`, `.module`), each row starting from that encoder's own initializer embedding."""
+    if not identifier.added:
+        return
+    for encoder in encoders:
+        added = add_tokens(encoder.tokenizer, encoder.module, identifier.token, len(identifier.names), initializer)
+        identifier.more_token_ids[encoder.name] = added.token_ids

@@ -38,7 +38,7 @@ from accelerate import Accelerator
 
 from personalize.data import examples_of
 from personalize.errors import TrainerInputError
-from personalize.identifier import Identifier, setup_identifier
+from personalize.identifier import Identifier, add_to_more_encoders, setup_identifier
 from personalize.loop import train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
@@ -277,6 +277,8 @@ class JobRunner:
             exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
             method=spec.method.value,
         )
+        # a new token gets a row in every text encoder that reads the identifier (SDXL: two)
+        add_to_more_encoders(identifier, models.family.identifier_encoders(models)[1:], spec.initializer_token)
         class_examples = None
         if any(stage.prior_preservation for stage in self.stages):
             with accelerator.main_process_first():

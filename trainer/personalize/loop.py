@@ -148,10 +148,10 @@ def train_stage(
 
     # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
     generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
-    keeper = method.keeper  # an embedding table of which only the identifier's rows train
+    keepers = method.keepers  # embedding tables of which only the identifier's rows train
     state = TrainState({"unet": models.denoiser, "text_encoder": models.text_encoder, **models.extra_text_encoders},
                        optimizer, generators, policy, reference,
-                       trained_rows=(keeper.embeddings.weight, identifier.token_ids) if keeper is not None else None,
+                       trained_rows=[(k.embeddings.weight, k.rows) for k in keepers],
                        lr_schedule=lr_schedule, schedule=schedule)
     if checkpoints is not None:
         step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
@@ -165,10 +165,12 @@ def train_stage(
         losses = []
         for _ in range(training.gradient_accumulation_steps):
             with accelerator.accumulate(*prepared):
-                images, captions = train_examples.sample(training.batch_size, generator)  # [B,3,H,W]
+                # images [B,3,H,W], their original size and crop corner [B,4]
+                images, captions, geometry = train_examples.draw(training.batch_size, generator)
                 if use_prior:
-                    class_images, class_captions = class_examples.sample(training.batch_size, generator)
+                    class_images, class_captions, class_geometry = class_examples.draw(training.batch_size, generator)
                     images, captions = torch.cat([images, class_images]), captions + class_captions
+                    geometry = torch.cat([geometry, class_geometry])
                 with torch.no_grad():
                     latents = sample_latents(models.vae, images.to(device), generator).float()  # [B',4,h,w] fp32
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -178,6 +180,7 @@ def train_stage(
                         embeddings = prompts(captions, device)
                     else:
                         embeddings = encode_captions(models, text_encoder, captions, device)
+                    embeddings = embeddings.with_image_geometry(geometry.to(device))
                     per_example = diffusion_loss(
                         denoiser, models, latents, noise, timesteps, embeddings, reduction="none"
                     )  # [B']
@@ -188,7 +191,7 @@ def train_stage(
                     loss = per_example.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and training.max_grad_norm > 0:
-                    if keeper is not None:
+                    for keeper in keepers:
                         keeper.drop_frozen_gradients()  # the norm of what trains, not of rows reset anyway
                     accelerator.clip_grad_norm_(method.parameters, training.max_grad_norm)
                 optimizer.step()

@@ -4,7 +4,7 @@ random components are drawn once and then kept fixed).
 At the start of training R examples (x R per sub-batch, S sub-batches) are drawn once, with a
 generator of their own, and each of the five random components of the diffusion loss is fixed:
 
-    images      which training image each slot holds
+    images      which training image each slot holds (and so its original size and crop corner)
     latents     the VAE posterior sample z_0 = mean(x) + std(x) * n  (n is fixed per slot)
     noise       eps
     captions    which caption template each slot uses
@@ -165,6 +165,8 @@ class ReferenceBatch:
             embeddings = encode_captions(self.models, text_encoder, captions, device).detached_cpu()
             if cacheable:
                 self._caption_cache = embeddings
+        # each slot's original size and crop corner: fixed together with its image
+        embeddings = embeddings.with_image_geometry(self.examples.geometry[indices])
         return latents, noise, timesteps, embeddings
 
     @torch.no_grad()

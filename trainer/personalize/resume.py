@@ -18,7 +18,7 @@ the random streams LAST (nothing may draw a random number after them).
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,17 +52,16 @@ class TrainState:
     generators: dict[str, torch.Generator]  # {"data": ..., "reference": ...}
     policy: StopPolicy
     reference: Optional[ReferenceBatch]
-    # An embedding table of which only some rows train (Textual Inversion, Custom Diffusion: the
-    # identifier's rows; the others are reset after every step). Only those rows and their
-    # optimizer moments are saved: a few KB instead of three copies of the whole table.
-    trained_rows: Optional[tuple[torch.nn.Parameter, list[int]]] = None
+    # Embedding tables of which only some rows train (Textual Inversion, Custom Diffusion: the
+    # identifier's rows, in each text encoder; the others are reset after every step). Only those
+    # rows and their optimizer moments are saved: a few KB instead of three copies of each table.
+    trained_rows: list[tuple[torch.nn.Parameter, list[int]]] = field(default_factory=list)
     lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # where the learning rate is in its schedule
     # When L_det is evaluated next (eval_schedule.py); its state rides with the criterion's.
     schedule: Optional[Schedule] = None
 
-    def rows_view(self) -> TrainedRows:
-        param, rows = self.trained_rows
-        return TrainedRows(param, rows, self.modules, self.optimizer)
+    def rows_views(self) -> list[TrainedRows]:
+        return [TrainedRows(param, rows, self.modules, self.optimizer) for param, rows in self.trained_rows]
 
 
 class RunCheckpoints:
@@ -133,8 +132,8 @@ class StageCheckpoints:
         if ckpt is None:
             return 0
         trainable, optimizer = ckpt.trainable, ckpt.optimizer
-        if state.trained_rows is not None:
-            trainable, optimizer = state.rows_view().expand(trainable, optimizer)
+        for view in state.rows_views():
+            trainable, optimizer = view.expand(trainable, optimizer)
         load_trainable_state(state.modules, trainable)
         state.optimizer.load_state_dict(optimizer)
         if state.lr_schedule is not None and "lr_schedule" in ckpt.extra:
@@ -178,8 +177,8 @@ class StageCheckpoints:
         if accelerator.is_main_process:
             reference = state.reference
             trainable, optimizer = trainable_state(state.modules), state.optimizer.state_dict()
-            if state.trained_rows is not None:
-                trainable, optimizer = state.rows_view().slim(trainable, optimizer)
+            for view in state.rows_views():
+                trainable, optimizer = view.slim(trainable, optimizer)
             path = save_checkpoint(run.directory, TrainingCheckpoint(
                 step=step,
                 stage=self.name,

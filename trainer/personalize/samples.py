@@ -37,9 +37,12 @@ def grid_tiles(grid: Image.Image, tile: int) -> list[Image.Image]:
 def write_samples(
     spec: PersonalizationJobSpec, models: Models, prompt_token: str, resolution: int, device: torch.device, path: Path
 ) -> list[str]:
-    """Generate the validation grid with the models as they are now; returns the prompts used."""
+    """Generate the validation grid with the models as they are now; returns the prompts used
+    (none: `validation.prompts: []` asks for no samples, and no grid is written)."""
     options = spec.validation
     prompts = [fill_template(p, prompt_token, spec.concept.class_noun) for p in options.prompts]
+    if not prompts:
+        return []
     pipe = sampling_pipeline(models).to(device)
     generator = torch.Generator(device="cpu").manual_seed(spec.training.seed)
     rows = []

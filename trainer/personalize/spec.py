@@ -393,6 +393,12 @@ class LoraOptions(ApiModel):
         description="Module name suffixes that get adapters. Default: the model family's (SD, SDXL: "
         "to_q, to_k, to_v, to_out.0; SD3, FLUX.1: those of diffusers' train_dreambooth_lora_sd3/flux.py).",
     )
+    train_text_encoder: bool = Field(
+        False,
+        description="Also train LoRA adapters on the CLIP text encoder(s) (q, k, v and out projections; SDXL: "
+        "both encoders), as diffusers' train_dreambooth_lora(_sdxl).py --train_text_encoder. "
+        "SD 1.x/2.x and SDXL only.",
+    )
 
 
 class WeightingScheme(str, Enum):

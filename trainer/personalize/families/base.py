@@ -44,12 +44,34 @@ class Models:
         return [self.denoiser, self.vae, *self.text_encoders]
 
 
+# The conditioning key of each example's geometry [B, 4]: original height, width, crop top,
+# crop left (data.py). Every batch carries it; families whose denoiser reads it (SDXL's
+# micro-conditioning) use it, the others ignore it.
+IMAGE_GEOMETRY = "image_geometry"
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder with its tokenizer, under its pipeline component name."""
+
+    name: str  # "text_encoder", "text_encoder_2", ...
+    tokenizer: object
+    module: torch.nn.Module
+
+
 class Conditioning:
     """What the denoiser is conditioned on for a batch: named tensors with the batch first
     (e.g. prompt embeddings, pooled embeddings). Slicing, moving and concatenation apply to all."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
+
+    def with_image_geometry(self, geometry: torch.Tensor) -> "Conditioning":
+        """The same conditioning plus the examples' geometry [B, 4] (see IMAGE_GEOMETRY)."""
+        return Conditioning({**self.tensors, IMAGE_GEOMETRY: geometry})
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        return self.tensors.get(key)
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -78,6 +100,8 @@ class ModelFamily:
     pipeline_class: ClassVar[type]  # the stock diffusers pipeline
     denoiser_component: ClassVar[str] = "unet"  # its component name in the pipeline
     lora_target_modules: ClassVar[tuple[str, ...]] = ()  # default LoRA targets (peft name suffixes)
+    # LoRA targets in the identifier's text encoders (lora.trainTextEncoder); () where unsupported
+    text_encoder_lora_target_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: Optional[Any] = None):
         self.spec = spec  # the job spec (options such as flowMatching); None: library defaults
@@ -98,6 +122,11 @@ class ModelFamily:
     def sampling_pipeline(self, models: Models):
         """The stock pipeline around the (possibly trained) models, for class images and samples."""
         raise NotImplementedError
+
+    def identifier_encoders(self, models: Models) -> list[TextEncoder]:
+        """The text encoders whose vocabulary holds the identifier, the first one first: a learned
+        token gets a row in each (Textual Inversion). By default the first encoder only."""
+        return [TextEncoder("text_encoder", models.tokenizer, models.text_encoder)]
 
     # ---- the objective -------------------------------------------------------------------------
 
@@ -125,12 +154,15 @@ class ModelFamily:
 
         return get_peft_model_state_dict(module)
 
-    def save_lora(self, output_dir: Path, weight_name: str, denoiser_layers: dict,
-                  adapter_metadata: Optional[dict] = None) -> None:
-        """The adapter file that the stock pipeline's `load_lora_weights` reads; `adapter_metadata`
-        (the peft config as a dict) is stored in the file so the reload uses the same alpha."""
-        kwargs = {f"{self.denoiser_component}_lora_layers": denoiser_layers,
-                  f"{self.denoiser_component}_lora_adapter_metadata": adapter_metadata}
+    def save_lora(self, output_dir: Path, weight_name: str, adapters: dict[str, tuple[dict, Optional[dict]]]) -> None:
+        """The adapter file that the stock pipeline's `load_lora_weights` reads. `adapters` maps a
+        pipeline component name (the denoiser's, "text_encoder", "text_encoder_2") to its layers
+        (`lora_layers`) and metadata (the peft config as a dict, stored in the file so the reload
+        uses the same alpha)."""
+        kwargs = {}
+        for component, (layers, metadata) in adapters.items():
+            kwargs[f"{component}_lora_layers"] = layers
+            kwargs[f"{component}_lora_adapter_metadata"] = metadata
         self.pipeline_class.save_lora_weights(output_dir, weight_name=weight_name, safe_serialization=True, **kwargs)
 
 

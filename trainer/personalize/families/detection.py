@@ -21,13 +21,15 @@ class FamilyInfo:
     label: str  # what users call it
     pipeline_class: str  # model_index.json `_class_name`
     methods: tuple[str, ...]  # supported spec `method` values
+    text_encoder_lora: bool = False  # lora.trainTextEncoder is supported
 
 
 ALL_SD_METHODS = ("textualInversion", "dreambooth", "lora", "customDiffusion", "tiDreambooth")
 
 FAMILIES: tuple[FamilyInfo, ...] = (
-    FamilyInfo("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline", ALL_SD_METHODS),
-    FamilyInfo("sdxl", "SDXL", "StableDiffusionXLPipeline", ("lora", "dreambooth")),
+    FamilyInfo("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline", ALL_SD_METHODS, text_encoder_lora=True),
+    FamilyInfo("sdxl", "SDXL", "StableDiffusionXLPipeline", ("textualInversion", "lora", "dreambooth"),
+               text_encoder_lora=True),
     FamilyInfo("sd3", "SD3", "StableDiffusion3Pipeline", ("lora",)),
     FamilyInfo("flux", "FLUX.1", "FluxPipeline", ("lora",)),
 )
@@ -68,6 +70,12 @@ def check_method(family: FamilyInfo, spec: PersonalizationJobSpec) -> None:
     if method == "dreambooth" and spec.dreambooth.train_text_encoder and family.name != "sd":
         raise TrainerInputError(
             f"dreambooth.trainTextEncoder is supported only on SD 1.x/2.x, not on {family.label}"
+        )
+    if method == "lora" and spec.lora.train_text_encoder and not family.text_encoder_lora:
+        supported = ", ".join(f.label for f in FAMILIES if f.text_encoder_lora)
+        raise TrainerInputError(
+            f"lora.trainTextEncoder is not supported on {family.label} ({family.pipeline_class}); "
+            f"supported on: {supported}"
         )
 
 

@@ -14,6 +14,7 @@ FAMILY_CLASSES: dict[str, type[ModelFamily]] = {
     cls.name: cls for cls in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
 }
 assert set(FAMILY_CLASSES) == {f.name for f in FAMILIES}
+assert all(bool(FAMILY_CLASSES[f.name].text_encoder_lora_target_modules) == f.text_encoder_lora for f in FAMILIES)
 
 
 def family_for_pipeline(pipe, spec: Optional[Any] = None) -> ModelFamily:

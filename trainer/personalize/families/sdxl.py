@@ -1,15 +1,17 @@
 """SDXL: two CLIP text encoders (penultimate hidden states concatenated; the second one's pooled
-projection), a UNet with micro-conditioning (original size, crop top-left, target size), the DDPM
-objective. As in diffusers' train_dreambooth_lora_sdxl.py, the micro-conditioning of a training
-example is its size as trained (the loader resizes and center-crops to the resolution), so it is
-(H, W, 0, 0, H, W) for every example, in training and in the reference batch alike."""
+projection), a UNet with micro-conditioning, the DDPM objective. As in diffusers'
+train_dreambooth_lora_sdxl.py, the micro-conditioning of a training example is
+(original height, original width, crop top, crop left, target height, target width): the image's
+size before it was resized and the corner of the square cut from it (the batch's
+IMAGE_GEOMETRY), then the trained size. The reference batch carries the geometry of its fixed
+images, so it is fixed with them."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-from personalize.families.base import Conditioning, Models
+from personalize.families.base import IMAGE_GEOMETRY, Conditioning, Models, TextEncoder
 from personalize.families.stable_diffusion import StableDiffusion, token_ids
 
 
@@ -46,6 +48,11 @@ class StableDiffusionXL(StableDiffusion):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def identifier_encoders(self, models: Models) -> list[TextEncoder]:
+        """Both CLIP encoders read the identifier: Textual Inversion learns a row in each."""
+        return [*super().identifier_encoders(models),
+                TextEncoder("text_encoder_2", models.extra_tokenizers["tokenizer_2"], models.extra_text_encoders["text_encoder_2"])]
+
     def encode_prompts(self, models, text_encoder, captions, device) -> Conditioning:
         encoders = [(models.tokenizer, text_encoder), (models.extra_tokenizers["tokenizer_2"], models.extra_text_encoders["text_encoder_2"])]
         hidden, pooled = [], None
@@ -58,11 +65,13 @@ class StableDiffusionXL(StableDiffusion):
     def denoiser_kwargs(self, models: Models, conditioning: Conditioning, latents: torch.Tensor) -> dict:
         scale = 2 ** (len(models.vae.config.block_out_channels) - 1)  # the VAE's downsampling (8 for SDXL)
         height, width = (s * scale for s in latents.shape[-2:])  # in pixels
-        time_ids = torch.tensor([height, width, 0, 0, height, width], device=latents.device, dtype=latents.dtype)
+        batch = latents.shape[0]
+        target = torch.tensor([height, width], device=latents.device, dtype=latents.dtype).expand(batch, 2)
+        geometry = conditioning.get(IMAGE_GEOMETRY)
+        if geometry is None:  # images made at the trained size (uncropped)
+            geometry = torch.cat([target, torch.zeros_like(target)], dim=1)
+        time_ids = torch.cat([geometry.to(latents.device, latents.dtype), target], dim=1)  # [B, 6]
         return {
             "encoder_hidden_states": conditioning["encoder_hidden_states"],
-            "added_cond_kwargs": {
-                "text_embeds": conditioning["text_embeds"],
-                "time_ids": time_ids.expand(latents.shape[0], 6),
-            },
+            "added_cond_kwargs": {"text_embeds": conditioning["text_embeds"], "time_ids": time_ids},
         }

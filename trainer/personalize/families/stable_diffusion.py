@@ -29,6 +29,8 @@ class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_class = StableDiffusionPipeline
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    # diffusers' train_dreambooth_lora(_sdxl).py --train_text_encoder targets (CLIP attention)
+    text_encoder_lora_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def load(self, source, **kwargs):
         return super().load(source, safety_checker=None, requires_safety_checker=False, **kwargs)

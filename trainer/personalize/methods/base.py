@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -36,9 +36,9 @@ class Stage:
 class Method:
     name: ClassVar[str] = ""  # the spec's `method` value it implements
     learns_embedding: bool = False  # needs new token rows (decided before the models are touched)
-    # Set by methods that train an embedding table of which only the identifier's rows may change
-    # (`trainable_parameters` creates it); checkpoints then save only those rows.
-    keeper: Optional["EmbeddingRowsKeeper"] = None
+    # Set by methods that train embedding tables of which only the identifier's rows may change
+    # (`trainable_parameters` creates them, one per text encoder); checkpoints save only those rows.
+    keepers: Sequence["EmbeddingRowsKeeper"] = ()
 
     def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier):
         self.models, self.spec, self.identifier = models, spec, identifier
@@ -81,6 +81,8 @@ class Method:
 
     def after_optimizer_step(self) -> None:
         """Undo what the optimizer must not change (e.g. embedding rows of other tokens)."""
+        for keeper in self.keepers:
+            keeper.restore()
 
     def save(self, output_dir: Path) -> list[str]:
         """Write the artifact(s); return their file names relative to output_dir."""
@@ -98,6 +100,25 @@ class Method:
         save_file({self.identifier.token: self.learned_rows().contiguous()}, str(output_dir / LEARNED_EMBEDS))
         return LEARNED_EMBEDS
 
+    def save_learned_embeds_per_encoder(self, output_dir: Path) -> list[str]:
+        """One embeddings file per text encoder holding the identifier (SDXL: two), each in the
+        format `pipe.load_textual_inversion(path, token=..., text_encoder=..., tokenizer=...)` reads."""
+        files = []
+        for encoder in self.models.family.identifier_encoders(self.models):
+            table = encoder.module.get_input_embeddings().weight
+            rows = table[self.identifier.ids_in(encoder.name)].detach().float().cpu().contiguous()
+            name = learned_embeds_file(encoder.name)
+            save_file({self.identifier.token: rows}, str(output_dir / name))
+            files.append(name)
+        return files
+
+
+def learned_embeds_file(encoder_name: str) -> str:
+    """`learned_embeds.safetensors` for `text_encoder`, `learned_embeds_2.safetensors` for
+    `text_encoder_2` (the names diffusers' textual_inversion_sdxl.py writes)."""
+    suffix = encoder_name.removeprefix("text_encoder")
+    return LEARNED_EMBEDS.replace(".safetensors", f"{suffix}.safetensors")
+
 
 class EmbeddingRowsKeeper:
     """Keeps every embedding row except the identifier's bit-identical across optimizer steps.
@@ -109,6 +130,7 @@ class EmbeddingRowsKeeper:
 
     def __init__(self, embeddings: torch.nn.Embedding, trained_ids: list[int]):
         self.embeddings = embeddings
+        self.rows = list(trained_ids)
         self.original = embeddings.weight.detach().clone()
         self.frozen = torch.ones(self.original.shape[0], dtype=torch.bool)
         self.frozen[trained_ids] = False

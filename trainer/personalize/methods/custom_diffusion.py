@@ -46,7 +46,7 @@ class CustomDiffusion(Method):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         kv = [p for name, p in self.models.unet.named_parameters() if "_custom_diffusion" in name]
         embeddings = self.models.text_encoder.get_input_embeddings()
-        self.keeper = EmbeddingRowsKeeper(embeddings, self.identifier.token_ids)
+        self.keepers = [EmbeddingRowsKeeper(embeddings, self.identifier.token_ids)]
         return kv + [embeddings.weight]  # of the table only the identifier's rows change
 
     @property
@@ -55,9 +55,6 @@ class CustomDiffusion(Method):
 
     def train_modules(self) -> list[torch.nn.Module]:
         return [self.models.unet, self.models.text_encoder]
-
-    def after_optimizer_step(self) -> None:
-        self.keeper.restore()
 
     def save(self, output_dir: Path) -> list[str]:
         self.models.unet.save_attn_procs(output_dir, weight_name=CUSTOM_DIFFUSION_WEIGHTS, safe_serialization=True)

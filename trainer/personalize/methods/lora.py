@@ -1,13 +1,15 @@
 """LoRA: low-rank adapters (peft) on the denoiser's attention projections (the UNet of SD/SDXL,
 the transformer of SD3/FLUX.1); the base weights stay frozen. The default target modules are
-the model family's (those of diffusers' LoRA scripts)."""
+the model family's (those of diffusers' LoRA scripts). With `lora.trainTextEncoder` the text
+encoders that read the identifier get adapters too (SDXL: both), saved in the same file under
+the names the stock `load_lora_weights` reads (text_encoder, text_encoder_2)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 from personalize.methods.base import Method
 
@@ -17,27 +19,52 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 class Lora(Method):
     name = "lora"
 
-    def prepare(self) -> None:
+    def _config(self, target_modules) -> LoraConfig:
         options = self.spec.lora
-        config = LoraConfig(
+        return LoraConfig(
             r=options.rank,
             lora_alpha=options.alpha or options.rank,
             init_lora_weights="gaussian",  # A gaussian, B zero: training starts at the base model
-            target_modules=list(options.target_modules or self.models.family.lora_target_modules),
+            target_modules=list(target_modules),
         )
-        self.models.denoiser.add_adapter(config)
+
+    def adapted(self) -> dict[str, torch.nn.Module]:
+        """The modules with adapters, by pipeline component name."""
+        family = self.models.family
+        modules = {family.denoiser_component: self.models.denoiser}
+        if self.text_encoder_trained:
+            modules |= {e.name: e.module for e in family.identifier_encoders(self.models)}
+        return modules
+
+    def prepare(self) -> None:
+        family = self.models.family
+        self.models.denoiser.add_adapter(self._config(self.spec.lora.target_modules or family.lora_target_modules))
+        if self.text_encoder_trained:
+            for encoder in family.identifier_encoders(self.models):
+                # peft's injection itself: transformers' `add_adapter` wraps it but refuses peft < 0.22
+                # (a version gate only; the stock loader's `load_adapter` has none).
+                inject_adapter_in_model(self._config(family.text_encoder_lora_target_modules), encoder.module)
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        return self.spec.lora.train_text_encoder
+
+    def train_modules(self) -> list[torch.nn.Module]:
+        return list(self.adapted().values())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for name, p in self.models.denoiser.named_parameters() if "lora_" in name]
+        return [p for module in self.adapted().values() for name, p in module.named_parameters() if "lora_" in name]
 
     def save(self, output_dir: Path) -> list[str]:
-        family, denoiser = self.models.family, self.models.denoiser
-        metadata = denoiser.peft_config["default"].to_dict()
-        # peft keeps target_modules as a set, whose order changes from one process to the next:
-        # sorted, the same weights always give the same file (a resumed run's is byte-identical).
-        metadata["target_modules"] = sorted(metadata["target_modules"])
-        # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a
-        # stock `load_lora_weights` infers alpha = rank, i.e. scale 1.0 instead of alpha / rank.
-        family.save_lora(output_dir, LORA_WEIGHTS, family.lora_layers(denoiser),
-                         adapter_metadata=metadata)
+        family = self.models.family
+        adapters = {}
+        for component, module in self.adapted().items():
+            metadata = module.peft_config["default"].to_dict()
+            # peft keeps target_modules as a set, whose order changes from one process to the next:
+            # sorted, the same weights always give the same metadata (a resumed run's equals the straight run's).
+            metadata["target_modules"] = sorted(metadata["target_modules"])
+            # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a
+            # stock `load_lora_weights` infers alpha = rank, i.e. scale 1.0 instead of alpha / rank.
+            adapters[component] = (family.lora_layers(module), metadata)
+        family.save_lora(output_dir, LORA_WEIGHTS, adapters)
         return [LORA_WEIGHTS]

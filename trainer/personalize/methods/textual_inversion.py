@@ -1,4 +1,5 @@
-"""Textual Inversion: learn only the new token's embedding row(s)."""
+"""Textual Inversion: learn only the new token's embedding row(s), in every text encoder whose
+vocabulary holds the identifier (SDXL: both CLIP encoders, as diffusers' textual_inversion_sdxl.py)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,18 @@ class TextualInversion(Method):
     learns_embedding = True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        embeddings = self.models.text_encoder.get_input_embeddings()
-        self.keeper = EmbeddingRowsKeeper(embeddings, self.identifier.token_ids)
-        return [embeddings.weight]  # only the identifier's rows survive each step (see keeper)
+        encoders = self.models.family.identifier_encoders(self.models)
+        self.keepers = [EmbeddingRowsKeeper(e.module.get_input_embeddings(), self.identifier.ids_in(e.name))
+                        for e in encoders]
+        # only the identifier's rows survive each step (see EmbeddingRowsKeeper)
+        return [keeper.embeddings.weight for keeper in self.keepers]
 
     @property
     def text_encoder_trained(self) -> bool:
         return True
 
     def train_modules(self) -> list[torch.nn.Module]:
-        return [self.models.text_encoder]
-
-    def after_optimizer_step(self) -> None:
-        self.keeper.restore()
+        return [e.module for e in self.models.family.identifier_encoders(self.models)]
 
     def save(self, output_dir: Path) -> list[str]:
-        return [self.save_learned_embeds(output_dir)]
+        return self.save_learned_embeds_per_encoder(output_dir)
