@@ -1,6 +1,7 @@
-"""With several processes the reported training loss is the mean of the processes' own losses:
-two gloo processes train on different batches (each its own seed), so their local losses differ,
-and losses.csv and result.json's trainLoss hold their mean at every step."""
+"""Data parallel with two gloo processes, which train on different batches (each its own seed):
+the reported training loss is the mean of the processes' own losses, and every trained weight is
+the same on both processes at the end (gradients averaged, also for weights accelerate does not
+wrap, such as SDXL's second text encoder)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from job_specs import job_spec
 from test_cli import write_config
 
 WORKER = Path(__file__).with_name("loss_average_worker.py")
+REPLICA_WORKER = Path(__file__).with_name("replica_weights_worker.py")
 
 
 @pytest.mark.slow
@@ -46,3 +48,29 @@ def test_reported_training_loss_is_the_mean_over_processes(tiny_pipeline_dir, co
     result = json.loads((out / "result.json").read_text())
     assert result["processes"] == 2
     assert result["trainLoss"] == pytest.approx(means[-1], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sdxl_textual_inversion_ends_with_the_same_weights_on_every_process(concept_dir, tmp_path, monkeypatch):
+    import tiny_families
+
+    folder = tiny_families.build_sdxl(tmp_path / "sdxl")
+    spec = job_spec(folder, concept_dir, "textualInversion")
+    spec["concept"] = {**spec["concept"], "token": "auto"}
+    spec["training"] = {**spec["training"], "maxSteps": 3, "resolution": tiny_families.RESOLUTION.get("sdxl", 32)}
+    spec["earlyStopping"] = {**spec["earlyStopping"], "criterion": "none"}
+    spec["validation"] = {**spec["validation"], "prompts": []}
+    config, out, digests = write_config(tmp_path, spec), tmp_path / "out", tmp_path / "digests"
+    digests.mkdir()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PJ_NAME", raising=False)
+    monkeypatch.delenv("PJ_NAMESPACE", raising=False)
+
+    code = launch(["--config", str(config), "--output", str(out)], 2,
+                  command=[sys.executable, str(REPLICA_WORKER), str(digests)])
+
+    assert code == 0
+    rank0 = json.loads((digests / "rank0.json").read_text())
+    rank1 = json.loads((digests / "rank1.json").read_text())
+    assert len(rank0) == 1 and len(rank0[0]) == 2  # one stage; an embedding table per text encoder
+    assert rank0 == rank1

@@ -66,6 +66,14 @@ def enable_gradient_checkpointing(models: Models, text_encoder_trained: bool) ->
         models.text_encoder.activation_checkpointing_enable()
 
 
+def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Each parameter's gradient becomes the mean over processes (what DDP does for the modules
+    it wraps)."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+
+
 def train_stage(
     stage: Stage,
     spec: PersonalizationJobSpec,
@@ -103,6 +111,11 @@ def train_stage(
     text_encoder = wrapped.get(id(models.text_encoder), models.text_encoder)
     for module in modules:
         module.train()
+    # DDP averages the gradients of a wrapped module only when its forward runs through the
+    # wrapper: here the denoiser's and the first text encoder's. Other trained parameters (SDXL's
+    # second text encoder) get their gradients averaged by hand, at the moments DDP syncs.
+    synced = {id(p) for m in (models.denoiser, models.text_encoder) if id(m) in wrapped for p in m.parameters()}
+    unsynced_trained = [p for p in method.parameters if id(p) not in synced]
 
     # ---- reference batch and criterion (main process only) -----------------------------------
     n_slots = es.reference_batch_size * es.reference_sub_batches
@@ -190,6 +203,8 @@ def train_stage(
                 else:
                     loss = per_example.mean()
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.num_processes > 1:
+                    average_gradients(unsynced_trained, accelerator)
                 if accelerator.sync_gradients and training.max_grad_norm > 0:
                     for keeper in keepers:
                         keeper.drop_frozen_gradients()  # the norm of what trains, not of rows reset anyway
