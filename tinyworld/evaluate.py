@@ -107,6 +107,18 @@ def text_separation(clip, tokenizer) -> dict[str, float]:
     return out
 
 
+def clip_report(clip_dir: Path, n_real: int) -> dict:
+    """Zero-shot accuracy on real renders (held-in and held-out) and text separation of one CLIP."""
+    clip, tokenizer = load_tiny_clip(clip_dir)
+    clip.float()
+    images, attrs_list = real_images(n_real, EVAL_SEED)
+    report = {"clip": str(clip_dir), "real_held_in": {"n": len(images), "accuracy": accuracies(clip, tokenizer, images, attrs_list)}}
+    images, attrs_list = held_out_images(40, EVAL_SEED)
+    report["real_held_out_concepts"] = {"n": len(images), "accuracy": accuracies(clip, tokenizer, images, attrs_list)}
+    report["text_cosine_between_attribute_values"] = text_separation(clip, tokenizer)
+    return report
+
+
 def plot_losses(log_path: Path, out: Path) -> None:
     import matplotlib
 
@@ -325,9 +337,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM sampling steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--clip-only", type=Path, default=None, metavar="CLIP_DIR",
+                        help="only score this CLIP folder (real-image zero-shot accuracy, text separation); print JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.clip_only:
+        print(json.dumps(clip_report(args.clip_only, args.n_real), indent=2))
+        return
 
     clip, tokenizer = load_tiny_clip(args.world / "clip")
     pipe = load_pipeline(args.world)
