@@ -167,13 +167,13 @@ def schedule_position(step: int, steps: int, started: float, max_seconds: float 
 
 
 def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_images=32, swap_weight=1.0,
-               checkpoint=None, checkpoint_every=250, max_seconds=None):
+               checkpoint=None, checkpoint_every=250, max_seconds=None, init=None):
     """Contrastive CLIP training plus, for `swap_images` images per batch, a cross-entropy over
     captions that differ from the image's own only in its shape (or pattern). Colour and
     background are easy, so random negatives alone hardly teach the towers shape."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
-    clip = build_clip(cfg, seed)
+    clip = build_clip(cfg, seed) if init is None else CLIPModel.from_pretrained(init, dtype=torch.float32)
     clip.train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
     started = time.time()
@@ -365,6 +365,8 @@ def main() -> None:
     parser.add_argument("--clip-max-minutes", type=float, default=None,
                         help="safety cap: stop the CLIP stage early (its LR schedule then follows time)")
     parser.add_argument("--clip-from", type=Path, default=None, help="skip the CLIP stage: load this CLIP folder")
+    parser.add_argument("--clip-init", type=Path, default=None,
+                        help="train the CLIP stage starting from this CLIP folder (a continuation, new LR schedule)")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="skip the VAE stage: load this VAE folder (waits for it to appear, so a"
                              " concurrent --vae-only process can train it)")
@@ -414,7 +416,7 @@ def main() -> None:
             cfg, pool, tokenizer, args.clip_steps, args.clip_batch, args.seed, log, lr=args.clip_lr,
             swap_images=args.swap_images, swap_weight=args.swap_weight,
             checkpoint=None if args.bench else stages / "clip",
-            max_seconds=args.clip_max_minutes * 60 if args.clip_max_minutes else None,
+            max_seconds=args.clip_max_minutes * 60 if args.clip_max_minutes else None, init=args.clip_init,
         )
         if not args.bench:
             save_clip(clip, stages / "clip")
@@ -476,6 +478,7 @@ def main() -> None:
         "batch": {"clip": args.clip_batch, "vae": args.vae_batch, "unet": args.unet_batch},
         "clip_swap": {"images_per_batch": args.swap_images, "weight": args.swap_weight,
                       "attributes": list(SWAP_ATTRIBUTES)},
+        "clip_init": str(args.clip_init) if args.clip_init else None,
         "stages_loaded": {"clip": str(args.clip_from) if args.clip_from else None,
                           "vae": str(args.vae_from) if args.vae_from else None},
         "pool_size": args.pool_size,
