@@ -856,10 +856,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from personalize.world.provenance import held_out_by
     from personalize.world.shapes import concept_set
+    from personalize.world.tiny_models import TINY_WORLD_DIR
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     concepts = [c.name for c in concept_set(args.set)[: args.concepts]]
+    seen = [c for c in concepts if c not in held_out_by(TINY_WORLD_DIR)]
+    if seen:  # scores on concepts the model was pretrained on say nothing about personalization
+        print(f"error: the installed tiny world ({TINY_WORLD_DIR}) was pretrained on {', '.join(seen)}; "
+              "re-pretrain it (tinyworld/pretrain.py) before benchmarking these concepts", file=sys.stderr)
+        return 2
     runs_dir = args.out / "personalization_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

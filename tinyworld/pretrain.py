@@ -34,7 +34,7 @@ from transformers import CLIPModel
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "trainer"))
 
-from personalize.world import shapes  # noqa: E402
+from personalize.world import provenance, shapes  # noqa: E402
 from personalize.world.scoring import uint8_batch_to_pixels  # noqa: E402
 from personalize.world.tiny_models import (  # noqa: E402
     MAX_TEXT_LENGTH,
@@ -341,6 +341,7 @@ def save_world(out: Path, clip, vae, unet, tokenizer, scaling_factor: float) -> 
     pipeline.to(torch.float16)
     pipeline.save_pretrained(out, safe_serialization=True)
     clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
+    provenance.write_record(out)  # the concepts this world never saw
 
 
 def main() -> None:

@@ -175,3 +175,21 @@ def test_tracking_cost_pairs_a_tracked_and_an_untracked_run_of_the_same_steps(sm
     expected = (sum(tracked["step_seconds"][skip:]) / (steps - skip)) / (sum(untracked["step_seconds"][skip:]) / (steps - skip))
     assert cost["per_step"]["median_ratio"] == pytest.approx(expected, rel=1e-3)
     assert "## Tracking cost" in (out / "personalization_dev.md").read_text()
+
+
+
+def test_refuses_concepts_the_installed_world_was_pretrained_on(tmp_path, monkeypatch, capsys):
+    """Scores on a concept the model was pretrained on say nothing: every concept of the chosen
+    set must be in the installed world's held-out record."""
+    from personalize.world import provenance
+
+    bench = load_benchmark()
+    world = tmp_path / "world"  # a world whose pretraining held out only blue_dotted_star
+    world.mkdir()
+    (world / provenance.RECORD_FILE).write_text(json.dumps({"dev": ["blue_dotted_star"]}))
+    monkeypatch.setattr("personalize.world.tiny_models.TINY_WORLD_DIR", world)
+    assert bench.main(["--smoke", "--workers", "1", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: the installed tiny world") and "red_striped_triangle" in error
+    assert "blue_dotted_star" not in error
+    assert not (tmp_path / "out" / "personalization_dev.json").exists()

@@ -78,3 +78,18 @@ def test_swap_captions_differ_only_in_the_swapped_attribute():
                 assert value in caption.split()
                 own = getattr(attrs, attribute)
                 assert caption.replace(value, own, 1) == captions[values.index(own)]
+
+
+def test_a_world_records_the_concepts_it_never_saw(tmp_path):
+    from personalize.world import provenance
+
+    provenance.write_record(tmp_path)
+    assert provenance.held_out_by(tmp_path) == {c.name for c in HELD_OUT_CONCEPTS}
+
+
+def test_a_world_without_a_record_held_out_only_the_dev_concepts(tmp_path):
+    from personalize.world import provenance
+
+    held_out = provenance.held_out_by(tmp_path)
+    assert held_out == {c.name for c in DEV_CONCEPTS}
+    assert not held_out & {c.name for c in TEST_CONCEPTS}
