@@ -226,6 +226,7 @@ def save_clip(clip, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    provenance.write_record(out.parent)
 
 
 def train_vae(cfg, pool, steps, batch, seed, log, lr=1e-3, kl_weight=1e-6):
