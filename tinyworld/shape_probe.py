@@ -35,6 +35,9 @@ from personalize.world.scoring import uint8_batch_to_pixels  # noqa: E402
 from personalize.world.tiny_models import TinyConfig, vision_config  # noqa: E402
 
 
+CLASSES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS)}  # both 8 classes: one head size
+
+
 def plain_labelled(rng: np.random.Generator, size: int):
     """A pretraining example with the distractors removed: solid fill on a plain sand background
     (shape, colour and geometry drawn as usual). Shows whether texture is what slows shape down."""
@@ -42,19 +45,21 @@ def plain_labelled(rng: np.random.Generator, size: int):
     return shapes.render(attrs, rng, size), attrs
 
 
-def render_pool(n: int, size: int, seed: int, cache: Path | None, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(N, size, size, 3) uint8 renders and their shape indices; cached as .npz when asked."""
-    path = cache / f"shape_pool_{n}_{size}_{seed}{'_plain' if plain else ''}.npz" if cache else None
+def render_pool(n: int, size: int, seed: int, cache: Path | None, plain: bool = False,
+                attribute: str = "shape") -> tuple[np.ndarray, np.ndarray]:
+    """(N, size, size, 3) uint8 renders and their `attribute` class indices; cached as .npz."""
+    path = cache / f"shape_pool_{n}_{size}_{seed}{'_plain' if plain else ''}_{attribute}.npz" if cache else None
     if path is not None and path.exists():
         data = np.load(path)
         return data["images"], data["labels"]
+    classes = CLASSES[attribute]
     rng = np.random.default_rng([seed, 7])
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     for i in range(n):
         image, attrs = plain_labelled(rng, size) if plain else shapes.sample_labelled(rng, size)
         images[i] = np.asarray(image)
-        labels[i] = shapes.SHAPES.index(attrs.shape)
+        labels[i] = classes.index(getattr(attrs, attribute))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, images=images, labels=labels)
@@ -95,6 +100,23 @@ class ShapeProbe(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.tower(pixel_values=pixels).pooler_output)
+
+
+class ResNetProbe(torch.nn.Module):
+    """A tiny transformers ResNetModel (batch norm, 3 basic stages) with a linear head: a
+    convolutional tower that a transformers dual encoder (VisionTextDualEncoderModel) could hold
+    next to the CLIP text tower, saved and loaded with from_pretrained like the CLIP."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        from transformers import ResNetConfig, ResNetModel
+
+        self.tower = ResNetModel(ResNetConfig(embedding_size=widths[0], hidden_sizes=list(widths), depths=[1] * len(widths),
+                                              layer_type="basic", downsample_in_first_stage=False))
+        self.head = torch.nn.Linear(widths[-1], len(shapes.SHAPES))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tower(pixel_values=pixels).pooler_output.flatten(1))
 
 
 class ConvProbe(torch.nn.Module):
@@ -166,7 +188,10 @@ def main() -> int:
     parser.add_argument("--position-scale", type=float, default=0.0,
                         help="> 0: start the position embeddings from 2-D sine-cosine codes times this")
     parser.add_argument("--cnn", action="store_true", help="a small CNN instead of the vision tower (sanity check)")
+    parser.add_argument("--resnet", action="store_true", help="a tiny transformers ResNetModel instead of the vision tower")
     parser.add_argument("--batch-norm", action="store_true", help="with --cnn: batch norm after every convolution")
+    parser.add_argument("--attribute", choices=tuple(CLASSES), default="shape",
+                        help="what the head learns (colour: a control that the tower learns at all)")
     parser.add_argument("--plain", action="store_true", help="solid shapes on a plain background (no texture distractors)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -182,14 +207,17 @@ def main() -> int:
 
     cfg = dataclasses.replace(TinyConfig(), image_size=args.image_size, vision_patch=args.patch,
                               vision_hidden=args.hidden, vision_layers=args.layers, vision_heads=args.heads)
-    train_x, train_y = render_pool(args.train_images, args.image_size, args.seed, args.cache, args.plain)
-    test_x, test_y = render_pool(args.eval_images, args.image_size, args.seed + 1, args.cache, args.plain)
+    train_x, train_y = render_pool(args.train_images, args.image_size, args.seed, args.cache, args.plain, args.attribute)
+    test_x, test_y = render_pool(args.eval_images, args.image_size, args.seed + 1, args.cache, args.plain, args.attribute)
     torch.manual_seed(args.seed)
-    model = ConvProbe(args.batch_norm) if args.cnn else ShapeProbe(cfg, args.position_scale)
+    if args.resnet:
+        model: torch.nn.Module = ResNetProbe()
+    else:
+        model = ConvProbe(args.batch_norm) if args.cnn else ShapeProbe(cfg, args.position_scale)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(args.seed)
     config = {k: getattr(args, k) for k in ("steps", "batch", "lr", "warmup", "image_size", "patch", "hidden", "layers",
-                                            "heads", "position_scale", "cnn", "batch_norm", "plain")}
+                                            "heads", "position_scale", "cnn", "resnet", "batch_norm", "plain", "attribute")}
     curve, train_seconds = {}, 0.0
     for step in range(1, args.steps + 1):
         started = time.perf_counter()
