@@ -167,13 +167,18 @@ def schedule_position(step: int, steps: int, started: float, max_seconds: float 
 
 
 def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_images=32, swap_weight=1.0,
-               checkpoint=None, checkpoint_every=250, max_seconds=None, init=None):
+               checkpoint=None, checkpoint_every=250, max_seconds=None, init=None, model=None):
     """Contrastive CLIP training plus, for `swap_images` images per batch, a cross-entropy over
     captions that differ from the image's own only in its shape (or pattern). Colour and
-    background are easy, so random negatives alone hardly teach the towers shape."""
+    background are easy, so random negatives alone hardly teach the towers shape.
+    `model`: train this instead (anything with get_image_features / get_text_features /
+    logit_scale, e.g. a probe's other image tower); otherwise a new or `init` CLIP."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
-    clip = build_clip(cfg, seed) if init is None else CLIPModel.from_pretrained(init, dtype=torch.float32)
+    if model is not None:
+        clip = model
+    else:
+        clip = build_clip(cfg, seed) if init is None else CLIPModel.from_pretrained(init, dtype=torch.float32)
     clip.train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
     started = time.time()
