@@ -22,12 +22,28 @@ DDIM, guidance EVAL_GUIDANCE.
   base    the untrained model's CLIP-I/CLIP-T with {token} replaced by the initializer token
           (the class noun); CLIP-I gain = CLIP-I after training - base CLIP-I.
 
-Wall seconds are the training loop's seconds (result.json stages[].seconds): steps, L_det
-evaluations, CLIP checks; not model loading nor the evaluation samples. Only DVAR runs evaluate
-L_det (every step); baseline, few-iterations and CLIP runs pay nothing for it.
+Wall seconds are the training loop's seconds: the sum of its steps' seconds (optimizer step, L_det
+evaluation, CLIP checks); not model loading, not the evaluation samples, not the baseline's CLIP-I
+curve. Only DVAR runs evaluate L_det (every step); baseline, few-iterations and CLIP runs pay
+nothing for it.
 
-Writes <out>/personalization.json, <out>/personalization.md and one compact JSON per run under
-<out>/personalization_runs/ (scores + loss series; rerunning reuses finished runs unless --fresh).
+Concepts come from a named held-out set (--set dev|test, trainer/personalize/world/shapes.py):
+settings may be tuned on dev, never on test.
+
+Stop quality (s90): the baseline run also scores CLIP-I every --curve-every steps (with the
+models as they are at that step; it does not change the run). s90 = the first step reaching 90%
+of the baseline's final CLIP-I gain; a DVAR stop before s90 is premature, after 2*s90 waste.
+One picture per method: <out>/stop_quality_<method>.png (benchmarks/stop_quality.py).
+
+Tracking cost: per method, --timing-repeats pairs of runs of --timing-steps steps on the set's
+first concept, one untracked (criterion none, L_det never evaluated) and one tracked (DVAR with the
+spec's default evaluation settings, minSteps = maxSteps so it runs every step), submitted next to
+each other (with 2 workers they run at the same time); the ratio of training-loop seconds is
+taken within each pair.
+
+Writes <out>/personalization_<set>.json, <out>/personalization_<set>.md and one compact JSON per
+run under <out>/personalization_runs/ (scores + loss series; rerunning reuses finished runs unless
+--fresh).
 """
 
 from __future__ import annotations
@@ -46,6 +62,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stop_quality  # noqa: E402  (a sibling script module, not a package)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("textualInversion", "lora", "customDiffusion", "dreambooth")
@@ -66,6 +85,10 @@ TRAIN_IMAGES = 8  # the user's "photos" per concept
 EVAL_EVERY = 1  # DVAR's L_det evaluation interval (steps)
 NO_TRACKING_EVAL_EVERY = 100_000  # larger than any budget: L_det never evaluated
 CLIP_CRITERION = {"everySteps": 25, "patience": 3, "epsilon": 0.0, "numSamples": 8, "inferenceSteps": 25}
+CURVE_EVERY = 25  # the baseline's CLIP-I is scored every this many steps (s90)
+TIMING_STEPS = 50  # tracked vs untracked runs of this many steps
+TIMING_REPEATS = 3  # pairs per method
+TIMING_SKIP = 10  # warm-up steps left out of seconds per step
 DREAMBOOTH_CLASS_IMAGES = 16
 TRAIN_LOSS_STRIDE = 5  # per-run series keep every 5th training loss (it is noise-dominated anyway)
 
@@ -82,7 +105,8 @@ EVAL_REFERENCE_IMAGES = 16
 EVAL_REFERENCE_SEED = 1
 
 SMOKE = {"concepts": 2, "methods": ("textualInversion",), "max_steps": 10, "window": 4, "clip_every": 4,
-         "eval_images_per_prompt": 2, "eval_inference_steps": 3, "clip_num_samples": 2, "clip_inference_steps": 3}
+         "eval_images_per_prompt": 2, "eval_inference_steps": 3, "clip_num_samples": 2, "clip_inference_steps": 3,
+         "curve_every": 3, "timing_steps": 6, "timing_repeats": 1}
 
 
 # ============================================================================ one run (worker side)
@@ -90,7 +114,7 @@ SMOKE = {"concepts": 2, "methods": ("textualInversion",), "max_steps": 10, "wind
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "run" or "base"
+    kind: str  # "run", "base" or "timing" (variant "untracked" / "tracked", no evaluation)
     concept: str
     method: str = ""
     variant: str = ""
@@ -104,10 +128,16 @@ class Task:
     eval_images_per_prompt: int = EVAL_IMAGES_PER_PROMPT
     eval_inference_steps: int = EVAL_INFERENCE_STEPS
     seed: int = 0
+    curve_every: int = 0  # baseline: score CLIP-I every this many steps and at the last (0: not at all)
+    repeat: int = 0  # timing: which pair
 
     @property
     def name(self) -> str:
-        return f"base_{self.concept}" if self.kind == "base" else f"{self.method}_{self.variant}_{self.concept}"
+        if self.kind == "base":
+            return f"base_{self.concept}"
+        if self.kind == "timing":
+            return f"timing_{self.method}_{self.variant}_{self.max_steps}_{self.repeat}_{self.concept}"
+        return f"{self.method}_{self.variant}_{self.concept}"
 
 
 _WORKER: dict[str, Any] = {}
@@ -195,13 +225,16 @@ def job_spec(task: Task, train_dir: Path) -> dict:
     from personalize.world import concept_by_name
 
     concept = concept_by_name(task.concept)
+    criterion = {"baseline": "none", "fewIterations": "none", "untracked": "none", "tracked": "dvar"}
     early_stopping: dict[str, Any] = {
-        "criterion": {"baseline": "none", "fewIterations": "none"}.get(task.variant, task.variant),
+        "criterion": criterion.get(task.variant, task.variant),
         # Only DVAR reads L_det; the other variants would pay for it without using it.
         "evalEvery": EVAL_EVERY if task.variant == "dvar" else NO_TRACKING_EVAL_EVERY,
         "window": task.window,
         "threshold": task.threshold,
     }
+    if task.variant == "tracked":  # the spec's default evaluation settings: what a user gets
+        del early_stopping["evalEvery"]
     if task.variant == "clip":
         early_stopping["clip"] = {**CLIP_CRITERION, "everySteps": task.clip_every,
                                   "numSamples": task.clip_num_samples, "inferenceSteps": task.clip_inference_steps}
@@ -216,19 +249,36 @@ def job_spec(task: Task, train_dir: Path) -> dict:
         # The trainer's own grids are skipped (see run_task); the CLIP criterion uses prompts[0].
         "validation": {"prompts": [EVAL_TEMPLATES[0]], "numImagesPerPrompt": 1},
     }
+    if task.variant == "tracked":  # tracked the whole way, never stopped: the same steps as untracked
+        spec["training"]["minSteps"] = task.max_steps
     if task.method == "dreambooth":
         spec["priorPreservation"] = {"numClassImages": DREAMBOOTH_CLASS_IMAGES}
     return spec
 
 
-def evaluate_after_training(scores: dict, rows: list, task: Task, work: Path):
+def evaluate_after_training(scores: dict, task: Task, work: Path):
     """A JobRunner `after_training` hook: score the trained models while they are still in memory
-    (instead of reloading each method's artifacts) and keep the run's loss rows."""
+    (instead of reloading each method's artifacts). Timing runs are not scored."""
 
     def hook(trained) -> None:
-        scores.update(evaluate(trained.models, trained.identifier_token, task.concept, work,
-                               task.eval_images_per_prompt, task.eval_inference_steps))
-        rows.extend(trained.loss_rows)
+        if task.kind == "run":
+            scores.update(evaluate(trained.models, trained.identifier_token, task.concept, work,
+                                   task.eval_images_per_prompt, task.eval_inference_steps))
+
+    return hook
+
+
+def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict):
+    """A JobRunner `after_step` hook: keep each step's seconds (as the loop measured them, so the
+    curve's scoring below is not counted) and, every `task.curve_every` steps and at the last,
+    the CLIP-I of the models as they are then (its own generator: the run is unchanged)."""
+
+    def hook(trained) -> None:
+        step_seconds.append(trained.seconds)
+        if task.curve_every and (trained.step % task.curve_every == 0 or trained.step == task.max_steps):
+            curve["steps"].append(trained.step)
+            curve["clip_i"].append(evaluate(trained.models, trained.identifier_token, task.concept, work,
+                                            task.eval_images_per_prompt, task.eval_inference_steps)["clip_i"])
 
     return hook
 
@@ -276,10 +326,12 @@ def run_task(task: Task) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     scores: dict[str, float] = {}
-    rows: list[dict] = []
+    step_seconds: list[float] = []
+    curve: dict[str, list] = {"steps": [], "clip_i": []}
     # The trainer's own sample grids are skipped: the hook evaluates the "after" models instead.
-    runner = JobRunner(parse_job(job_spec(task, train_dir)), output,
-                       after_training=evaluate_after_training(scores, rows, task, work), sample_grids=False)
+    runner = JobRunner(parse_job(job_spec(task, train_dir)), output, sample_grids=False,
+                       after_training=evaluate_after_training(scores, task, work),
+                       after_step=observe_steps(task, work, step_seconds, curve))
     torch.manual_seed(task.seed)
     with open(os.devnull, "w") as quiet:
         streams = sys.stdout, sys.stderr  # the progress line, 96 runs over, is noise here
@@ -294,10 +346,18 @@ def run_task(task: Task) -> dict:
         **asdict(task),
         "steps": stop["step"],
         "stop_reason": stop["reason"],
-        "wall_seconds": round(sum(s["seconds"] for s in result["stages"]), 2),
+        "wall_seconds": round(sum(step_seconds), 2),
+        # the trainer's own stage timer: also counts the curve's CLIP-I scoring and stage setup
+        "loop_seconds": round(sum(s["seconds"] for s in result["stages"]), 2),
         **scores,
-        "series": loss_series(rows, task.variant in ("dvar", "clip")),  # clip: its CLIP-I gains
     }
+    if task.kind == "timing":
+        record["step_seconds"] = _round(step_seconds, 4)
+    else:
+        record["series"] = loss_series(runner.rows, task.variant in ("dvar", "clip"))  # clip: its CLIP-I gains
+        if task.curve_every:
+            record["series"]["curve_steps"] = curve["steps"]
+            record["series"]["curve_clip_i"] = _round(curve["clip_i"], 5)
     shutil.rmtree(output, ignore_errors=True)
     return record
 
@@ -323,10 +383,27 @@ def method_tasks(method: str, variant: str, concepts: list[str], args, max_steps
             kind="run", concept=c, method=method, variant=variant,
             max_steps=max_steps or settings["max_steps"], learning_rate=settings["learning_rate"],
             window=settings["window"], threshold=settings["threshold"], clip_every=args.clip_every,
+            curve_every=args.curve_every if variant == "baseline" else 0,
             **args.eval_options,
         )
         for c in concepts
     ]
+
+
+def timing_tasks(method: str, concept: str, args) -> list[Task]:
+    """Pairs (untracked, tracked) of the same steps, next to each other in the queue; the order
+    within a pair alternates so that neither always starts first."""
+    settings = {**METHOD_SETTINGS[method], **(args.overrides.get(method, {}))}
+    tasks = []
+    for repeat in range(args.timing_repeats):
+        pair = [
+            Task(kind="timing", concept=concept, method=method, variant=variant, max_steps=args.timing_steps,
+                 learning_rate=settings["learning_rate"], window=settings["window"], threshold=settings["threshold"],
+                 repeat=repeat, **args.eval_options)
+            for variant in ("untracked", "tracked")
+        ]
+        tasks += pair if repeat % 2 == 0 else pair[::-1]
+    return tasks
 
 
 def few_iterations_steps(dvar_records: list[dict]) -> int:
@@ -344,6 +421,7 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         for variant in ("dvar", "baseline", "clip"):
             if variant in args.variants or (variant == "dvar" and "fewIterations" in args.variants):
                 pending += method_tasks(method, variant, concepts, args)
+        pending += timing_tasks(method, concepts[0], args)
     waiting_few = {m for m in args.methods} if "fewIterations" in args.variants else set()
 
     def cached(task: Task) -> Optional[dict]:
@@ -359,7 +437,8 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         records[name] = record
         (runs_dir / f"{name}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")
         shown = f"steps {record['steps']:4d} ({record['stop_reason']}) {record['wall_seconds']:7.1f} s  " if "steps" in record else ""
-        print(f"[{time.strftime('%H:%M:%S')}] {name:55s} {shown}CLIP-I {record['clip_i']:.4f} CLIP-T {record['clip_t']:.4f}", flush=True)
+        scores = f"CLIP-I {record['clip_i']:.4f} CLIP-T {record['clip_t']:.4f}" if "clip_i" in record else ""
+        print(f"[{time.strftime('%H:%M:%S')}] {name:55s} {shown}{scores}", flush=True)
 
     def unlocked() -> list[Task]:
         tasks = []
@@ -448,7 +527,54 @@ def summarise(records: list[dict], concepts: list[str], methods: list[str], vari
             if variant in table[method] and "baseline" in table[method]:
                 table[method][variant]["vs_baseline"] = versus_baseline(method, variant, runs, base, concepts)
     return {"base": {c: {k: base[c][k] for k in ("clip_i", "clip_t")} for c in concepts if c in base},
-            "table": table, "target": target_check(table, methods)}
+            "table": table, "target": target_check(table, methods),
+            "stop_quality": summarise_stop_quality(runs, base, concepts, methods),
+            "tracking_cost": summarise_tracking_cost(records, methods)}
+
+
+def baseline_curves(runs: dict, base: dict, method: str, concepts: list[str]) -> dict[str, dict]:
+    """concept -> the baseline's CLIP-I gain every k steps, from step 0 (the untrained model, gain 0)."""
+    curves = {}
+    for c in concepts:
+        run = runs.get((method, "baseline", c))
+        if run is None or c not in base or not run.get("series", {}).get("curve_steps"):
+            continue
+        series = run["series"]
+        curves[c] = {"steps": [0] + series["curve_steps"],
+                     "gains": [0.0] + [v - base[c]["clip_i"] for v in series["curve_clip_i"]]}
+    return curves
+
+
+def summarise_stop_quality(runs: dict, base: dict, concepts: list[str], methods: list[str]) -> dict:
+    out = {}
+    for method in methods:
+        curves = baseline_curves(runs, base, method, concepts)
+        stops = {c: runs[(method, "dvar", c)]["steps"] for c in concepts if (method, "dvar", c) in runs}
+        if curves and stops:
+            out[method] = {**stop_quality.stop_quality(curves, stops), "curves": curves}
+    return out
+
+
+def summarise_tracking_cost(records: list[dict], methods: list[str]) -> dict:
+    """Per method: seconds per step (after TIMING_SKIP warm-up steps) and training-loop seconds,
+    tracked over untracked, within each side-by-side pair."""
+    timing = {(r["method"], r["variant"], r["repeat"]): r for r in records if r["kind"] == "timing"}
+    out = {}
+    for method in methods:
+        repeats = sorted({k[2] for k in timing if k[0] == method})
+        pairs = [(timing[(method, "untracked", i)], timing[(method, "tracked", i)]) for i in repeats
+                 if (method, "untracked", i) in timing and (method, "tracked", i) in timing]
+        if not pairs:
+            continue
+        skip = min(TIMING_SKIP, pairs[0][0]["max_steps"] // 3)
+        per_step = stop_quality.tracking_cost([
+            (stop_quality.steady_seconds_per_step(u["step_seconds"], skip),
+             stop_quality.steady_seconds_per_step(t["step_seconds"], skip)) for u, t in pairs])
+        loop = stop_quality.tracking_cost([(u["loop_seconds"], t["loop_seconds"]) for u, t in pairs])
+        out[method] = {"steps": pairs[0][0]["max_steps"], "warmup_steps_skipped": skip,
+                       "eval_every": "spec default", "per_step": per_step,
+                       "loop_seconds_ratio": loop["median_ratio"], "loop_seconds_ratio_per_pair": loop["ratio_per_pair"]}
+    return out
 
 
 def versus_baseline(method: str, variant: str, runs: dict, base: dict, concepts: list[str]) -> dict:
@@ -522,6 +648,35 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def stop_quality_table(summary: dict) -> str:
+    lines = ["| method | concept | s90 (baseline) | DVAR stop | stop / s90 | verdict |", "|---|---|---|---|---|---|"]
+    for method, q in summary.get("stop_quality", {}).items():
+        for concept, p in q["per_concept"].items():
+            lines.append(f"| {method} | {concept} | {p['s90'] if p['s90'] is not None else '-'} | {p['stop_step']} "
+                         f"| {stop_quality.fmt_ratio(p['stop_over_s90'])} | {p['verdict']} |")
+    return "\n".join(lines)
+
+
+def stop_quality_counts(summary: dict) -> str:
+    lines = []
+    for method, q in summary.get("stop_quality", {}).items():
+        c = q["counts"]
+        lines.append(f"- {method}: premature {c['premature']}, ok {c['ok']}, waste {c['waste']}, no baseline gain "
+                     f"{c['n/a']}; median stop / s90 {stop_quality.fmt_ratio(q['median_stop_over_s90'])}")
+    return "\n".join(lines)
+
+
+def tracking_cost_table(summary: dict) -> str:
+    lines = ["| method | steps | pairs | s/step untracked | s/step tracked (DVAR, default evalEvery) "
+             "| ratio s/step (median pair) | ratio loop seconds (median pair) |", "|---|---|---|---|---|---|---|"]
+    for method, t in summary.get("tracking_cost", {}).items():
+        ps = t["per_step"]
+        lines.append(f"| {method} | {t['warmup_steps_skipped'] + 1}-{t['steps']} | {ps['pairs']} "
+                     f"| {ps['untracked_s_per_step']:.4f} | {ps['tracked_s_per_step']:.4f} | {ps['median_ratio']:.3f} "
+                     f"| {t['loop_seconds_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def target_lines(summary: dict) -> str:
     lines = []
     for method, t in summary["target"].items():
@@ -544,10 +699,16 @@ def machine() -> dict:
             "torch_threads_per_worker": 1}
 
 
+def report_paths(out: Path, concept_set: str) -> tuple[Path, Path]:
+    return out / f"personalization_{concept_set}.json", out / f"personalization_{concept_set}.md"
+
+
 def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: float) -> None:
     settings = {m: {**METHOD_SETTINGS[m], **args.overrides.get(m, {})} for m in args.methods}
+    json_path, md_path = report_paths(out, args.set)
     report = {
         "command": args.command,
+        "concept_set": args.set,
         "concepts": concepts,
         "methods": list(args.methods),
         "variants": list(args.variants),
@@ -555,6 +716,8 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
         "batch_size": BATCH_SIZE,
         "train_images": TRAIN_IMAGES,
         "clip_criterion": {**CLIP_CRITERION, "everySteps": args.clip_every},
+        "curve_every": args.curve_every,
+        "timing": {"steps": args.timing_steps, "repeats": args.timing_repeats, "concept": concepts[0]},
         "evaluation": {"templates": list(EVAL_TEMPLATES), "images_per_prompt": EVAL_IMAGES_PER_PROMPT,
                        "guidance": EVAL_GUIDANCE, "inference_steps": EVAL_INFERENCE_STEPS, "seed": EVAL_SEED,
                        "reference_images": EVAL_REFERENCE_IMAGES, "reference_seed": EVAL_REFERENCE_SEED,
@@ -566,12 +729,14 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
         **summary,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "personalization.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    json_path.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    plots = [stop_quality.plot_stop_quality(method, q["curves"], q, out).name
+             for method, q in summary["stop_quality"].items()]
     m = report["machine"]
     md = [
-        "# Personalization benchmark: the paper's Table 1 in miniature (tiny world)",
+        f"# Personalization benchmark: the paper's Table 1 in miniature (tiny world, {args.set} concepts)",
         "",
-        f"Command: `{args.command}`. {len(concepts)} held-out concepts ({', '.join(concepts)}); "
+        f"Command: `{args.command}`. {len(concepts)} held-out {args.set} concepts ({', '.join(concepts)}); "
         f"machine: {m['nproc']} x {m['cpu']}, torch {m['torch']}, {args.workers} worker process(es) x 1 thread; "
         f"total wall time {seconds / 60:.1f} min.",
         "",
@@ -590,8 +755,23 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
         "Target (issue 3):",
         target_lines(summary),
         "",
+        f"## Stop quality: DVAR's stop step against the baseline's s90 (CLIP-I every {args.curve_every} steps)",
+        "",
+        "s90 = first scored step whose CLIP-I gain reaches 90% of the baseline's final gain. "
+        "Premature: stop < s90; waste: stop > 2 x s90.",
+        "",
+        stop_quality_counts(summary),
+        "",
+        stop_quality_table(summary),
+        "",
+        "Pictures: " + ", ".join(f"`{p}`" for p in plots),
+        "",
+        f"## Tracking cost ({args.timing_steps} steps on {concepts[0]}, pairs run side by side)",
+        "",
+        tracking_cost_table(summary),
+        "",
     ]
-    (out / "personalization.md").write_text("\n".join(md))
+    md_path.write_text("\n".join(md))
 
 
 # ============================================================================ CLI
@@ -599,7 +779,14 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concepts", type=int, default=6, help="how many held-out concepts (first N)")
+    parser.add_argument("--set", choices=("dev", "test", "all"), default="dev",
+                        help="which held-out concepts: dev (tuning allowed), test (never tuned on), all")
+    parser.add_argument("--concepts", type=int, default=None, help="only the first N concepts of the set")
+    parser.add_argument("--curve-every", type=int, default=CURVE_EVERY,
+                        help="score the baseline's CLIP-I every N steps for s90 (0: no curve)")
+    parser.add_argument("--timing-steps", type=int, default=TIMING_STEPS, help="steps of each tracking-cost run")
+    parser.add_argument("--timing-repeats", type=int, default=TIMING_REPEATS,
+                        help="tracked/untracked pairs per method (0: no tracking-cost runs)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     parser.add_argument("--max-steps", action="append", default=[], metavar="[METHOD=]N",
@@ -621,11 +808,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for v in args.variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.curve_every < 0 or args.timing_repeats < 0 or args.timing_steps < 2:
+        parser.error("--curve-every and --timing-repeats must be >= 0, --timing-steps >= 2")
     args.overrides = {}
     args.clip_every = CLIP_CRITERION["everySteps"]
     args.eval_options = {}
     if args.smoke:
         args.concepts = SMOKE["concepts"]
+        args.curve_every = SMOKE["curve_every"]
+        args.timing_steps, args.timing_repeats = SMOKE["timing_steps"], SMOKE["timing_repeats"]
         if "--methods" not in " ".join(argv):
             args.methods = list(SMOKE["methods"])
         args.overrides = {m: {"max_steps": SMOKE["max_steps"], "window": SMOKE["window"]} for m in args.methods}
@@ -640,10 +831,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from personalize.world.shapes import HELD_OUT_CONCEPTS
+    from personalize.world.provenance import held_out_by
+    from personalize.world.shapes import concept_set
+    from personalize.world.tiny_models import TINY_WORLD_DIR
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    concepts = [c.name for c in HELD_OUT_CONCEPTS[: args.concepts]]
+    concepts = [c.name for c in concept_set(args.set)[: args.concepts]]
+    seen = [c for c in concepts if c not in held_out_by(TINY_WORLD_DIR)]
+    if seen:  # scores on concepts the model was pretrained on say nothing about personalization
+        print(f"error: the installed tiny world ({TINY_WORLD_DIR}) was pretrained on {', '.join(seen)}; "
+              "re-pretrain it (tinyworld/pretrain.py) before benchmarking these concepts", file=sys.stderr)
+        return 2
     runs_dir = args.out / "personalization_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -651,7 +849,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         work = args.work or Path(tmp)
         records = run_all(args, concepts, work, runs_dir)
     seconds = time.monotonic() - started
-    previous = args.out / "personalization.json"
+    previous = report_paths(args.out, args.set)[0]
     if args.report_only and previous.is_file():  # keep the timing of the run that trained
         earlier = json.loads(previous.read_text())
         seconds = earlier.get("total_wall_seconds", seconds)
@@ -662,7 +860,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(markdown_table(summary))
     print()
     print(target_lines(summary))
-    print(f"\nwrote {args.out / 'personalization.md'} and .json; total {seconds / 60:.1f} min")
+    print()
+    print(stop_quality_counts(summary))
+    print()
+    print(tracking_cost_table(summary))
+    print(f"\nwrote {report_paths(args.out, args.set)[1]} and .json; total {seconds / 60:.1f} min")
     return 0
 
 

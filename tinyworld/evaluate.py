@@ -29,6 +29,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from personalize.world import shapes  # noqa: E402
+from personalize.world.provenance import held_out_by  # noqa: E402
 from personalize.world.scoring import (  # noqa: E402
     ZERO_SHOT_CLASSES,
     chance_level,
@@ -56,10 +57,12 @@ def real_images(n: int, seed: int):
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def held_out_images(per_concept: int, seed: int):
+def held_out_images(per_concept: int, seed: int, world: Path):
+    """Renders of the concepts the world at `world` never saw in pretraining."""
+    unseen = held_out_by(world)
     rng = np.random.default_rng([seed, 1])
     images, attrs_list = [], []
-    for concept in shapes.HELD_OUT_CONCEPTS:
+    for concept in (c for c in shapes.HELD_OUT_CONCEPTS if c.name in unseen):
         for _ in range(per_concept):
             attrs = shapes.concept_attributes(concept, rng)
             images.append(shapes.render(attrs, rng))
@@ -105,6 +108,18 @@ def text_separation(clip, tokenizer) -> dict[str, float]:
         n = len(values)
         out[attribute] = round(float(((emb @ emb.T).sum() - n) / (n * n - n)), 4)
     return out
+
+
+def clip_report(clip_dir: Path, n_real: int) -> dict:
+    """Zero-shot accuracy on real renders (held-in and held-out) and text separation of one CLIP."""
+    clip, tokenizer = load_tiny_clip(clip_dir)
+    clip.float()
+    images, attrs_list = real_images(n_real, EVAL_SEED)
+    report = {"clip": str(clip_dir), "real_held_in": {"n": len(images), "accuracy": accuracies(clip, tokenizer, images, attrs_list)}}
+    images, attrs_list = held_out_images(40, EVAL_SEED, clip_dir.parent)
+    report["real_held_out_concepts"] = {"n": len(images), "accuracy": accuracies(clip, tokenizer, images, attrs_list)}
+    report["text_cosine_between_attribute_values"] = text_separation(clip, tokenizer)
+    return report
 
 
 def plot_losses(log_path: Path, out: Path) -> None:
@@ -183,8 +198,8 @@ def write_model_card(results: dict, summary: dict | None, out: Path) -> None:
         "(epsilon prediction, scaled-linear betas). `clip/` holds the whole tiny CLIPModel, used for",
         "CLIP-I / CLIP-T scores and zero-shot classification (`personalize.world.scoring`).",
         "",
-        "Held-out concepts (never in pretraining, any background): "
-        + ", ".join(f"`{c.name}`" for c in shapes.HELD_OUT_CONCEPTS)
+        "Held-out concepts (never in pretraining, any background; `held_out_concepts.json`): "
+        + ", ".join(f"`{c.name}`" for c in shapes.HELD_OUT_CONCEPTS if c.name in results["held_out"])
         + ".",
         "",
         "## Reproduce",
@@ -325,18 +340,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM sampling steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--clip-only", type=Path, default=None, metavar="CLIP_DIR",
+                        help="only score this CLIP folder (real-image zero-shot accuracy, text separation); print JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.clip_only:
+        print(json.dumps(clip_report(args.clip_only, args.n_real), indent=2))
+        return
 
     clip, tokenizer = load_tiny_clip(args.world / "clip")
     pipe = load_pipeline(args.world)
-    results: dict = {"eval_seed": EVAL_SEED, "chance": {a: round(chance_level(a), 4) for a in ATTRIBUTES}}
+    results: dict = {"eval_seed": EVAL_SEED, "chance": {a: round(chance_level(a), 4) for a in ATTRIBUTES},
+                     "held_out": sorted(held_out_by(args.world))}
 
     started = time.time()
     images, attrs_list = real_images(args.n_real, EVAL_SEED)
     results["real_held_in"] = {"n": len(images), "accuracy": accuracies(clip, tokenizer, images, attrs_list)}
-    images, attrs_list = held_out_images(40, EVAL_SEED)
+    images, attrs_list = held_out_images(40, EVAL_SEED, args.world)
     results["real_held_out_concepts"] = {"n": len(images), "accuracy": accuracies(clip, tokenizer, images, attrs_list)}
 
     prompt_attrs = held_in_prompt_attributes(args.n_generated, EVAL_SEED)

@@ -16,6 +16,7 @@ clip/, all fp16 safetensors) and the loss log tinyworld/pretrain_log.csv.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -27,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from transformers import CLIPModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "trainer"))
 
-from personalize.world import shapes  # noqa: E402
+from personalize.world import provenance, shapes  # noqa: E402
 from personalize.world.scoring import uint8_batch_to_pixels  # noqa: E402
 from personalize.world.tiny_models import (  # noqa: E402
     MAX_TEXT_LENGTH,
@@ -132,27 +135,103 @@ class TextStateCache:
 # ----------------------------------------------------------------------------- stages
 
 
-def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3):
+def features(output) -> torch.Tensor:
+    """The projected embedding tensor (some transformers versions wrap it in an output object)."""
+    return getattr(output, "pooler_output", output)
+
+
+def swap_captions(attrs: shapes.Attributes, attribute: str, values: tuple[str, ...], rng: np.random.Generator) -> list[str]:
+    """One caption template filled once per value of `attribute`, everything else as in `attrs`:
+    captions that differ only in that attribute (the hardest negatives for it)."""
+    template = shapes.caption_template(rng, need=attribute)
+    fields = {"shape": attrs.shape, "colour": attrs.colour, "pattern": attrs.pattern, "background": attrs.background}
+    return [template.format(**{**fields, attribute: value}) for value in values]
+
+
+def contrastive_targets(captions: list[str]) -> torch.Tensor:
+    """Identical captions in a batch are true matches, not negatives: spread the target over them."""
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+# Attributes the text tower must tell apart, with the values the swap loss contrasts.
+SWAP_ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": shapes.SHAPES, "pattern": shapes.PATTERNS}
+
+
+def schedule_position(step: int, steps: int, started: float, max_seconds: float | None) -> int:
+    """The step the learning-rate schedule is at: with a time cap, whichever of steps or time
+    has run out further, so a capped run still anneals (step-only when uncapped: reproducible)."""
+    if max_seconds is None or step == 0:
+        return step
+    return min(max(step, int(steps * (time.time() - started) / max_seconds)), steps - 1)
+
+
+def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_images=32, swap_weight=1.0,
+               checkpoint=None, checkpoint_every=250, max_seconds=None, init=None, model=None):
+    """Contrastive CLIP training plus, for `swap_images` images per batch, a cross-entropy over
+    captions that differ from the image's own only in its shape (or pattern). Colour and
+    background are easy, so random negatives alone hardly teach the towers shape.
+    `model`: train this instead (anything with get_image_features / get_text_features /
+    logit_scale, e.g. a probe's other image tower); otherwise a new or `init` CLIP."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
-    clip = build_clip(cfg, seed)
+    if model is not None:
+        clip = model
+    else:
+        clip = build_clip(cfg, seed) if init is None else CLIPModel.from_pretrained(init, dtype=torch.float32)
     clip.train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
     started = time.time()
+    steps_done = 0
     for step in range(steps):
+        if max_seconds is not None and time.time() - started > max_seconds:
+            print(f"[clip] time cap reached after {step} of {steps} steps", flush=True)
+            break
+        steps_done = step + 1
         indices = rng.integers(len(pool), size=batch)
         pixels = uint8_batch_to_pixels(pool.images[indices])
-        ids = tokenize(tokenizer, pool.captions(indices, rng), None)
-        set_lr(optimizer, cosine_lr(step, steps, lr, warmup=min(200, steps // 10 + 1)))
-        loss = clip(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        captions = pool.captions(indices, rng)
+        position = schedule_position(step, steps, started, max_seconds)
+        set_lr(optimizer, cosine_lr(position, steps, lr, warmup=min(200, steps // 10 + 1)))
+        image = F.normalize(features(clip.get_image_features(pixel_values=pixels)), dim=-1)
+        text = F.normalize(features(clip.get_text_features(input_ids=tokenize(tokenizer, captions, None))), dim=-1)
+        scale = clip.logit_scale.exp()
+        logits = scale * image @ text.T
+        targets = contrastive_targets(captions)
+        contrastive = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        swap = torch.zeros(())
+        if swap_images and swap_weight:
+            for attribute, values in SWAP_ATTRIBUTES.items():
+                chosen = range(min(swap_images, batch))
+                swapped = [c for i in chosen for c in swap_captions(pool.attributes[indices[i]], attribute, values, rng)]
+                swap_text = F.normalize(features(clip.get_text_features(input_ids=tokenize(tokenizer, swapped, None))), dim=-1)
+                swap_text = swap_text.view(len(chosen), len(values), -1)  # (n, values, D)
+                swap_logits = scale * torch.einsum("nd,nvd->nv", image[: len(chosen)], swap_text)
+                truth = torch.tensor([values.index(getattr(pool.attributes[indices[i]], attribute)) for i in chosen])
+                swap = swap + F.cross_entropy(swap_logits, truth)
+        loss = contrastive + swap_weight * swap
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():  # CLIP paper: cap the temperature at 100
             clip.logit_scale.clamp_(0, math.log(100))
-        log.log("clip", step, loss.item(), optimizer.param_groups[0]["lr"], started)
-    return clip.eval(), time.time() - started
+        log.log("clip", step, contrastive.item(), optimizer.param_groups[0]["lr"], started)
+        log.log("clip_swap", step, swap.item(), optimizer.param_groups[0]["lr"], started)
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_clip(clip, checkpoint)
+            print(f"[clip] checkpoint at step {step + 1}", flush=True)
+    return clip.eval(), time.time() - started, steps_done
+
+
+def save_clip(clip, out: Path) -> None:
+    """fp32 copy of the whole CLIP (a stage checkpoint; the shipped world is fp16)."""
+    tmp = out.with_name(out.name + ".tmp")
+    clip.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    provenance.write_record(out.parent)
 
 
 def train_vae(cfg, pool, steps, batch, seed, log, lr=1e-3, kl_weight=1e-6):
@@ -193,7 +272,10 @@ def encode_pool(vae, pool, chunk=512) -> tuple[torch.Tensor, torch.Tensor, float
 
 
 def train_unet(cfg, pool, latents, tokenizer, text_encoder, scheduler, steps, batch, seed, log,
-               lr=1e-3, caption_dropout=0.1, ema_decay=0.999, snr_gamma=5.0, max_seconds=None):
+               lr=1e-3, caption_dropout=0.1, ema_decay=0.999, snr_gamma=5.0, max_seconds=None,
+               on_checkpoint=None, checkpoint_every=1000):
+    """`on_checkpoint(steps_done, ema_unet)` is called every `checkpoint_every` steps with a copy
+    holding the EMA weights, so a run stopped early still leaves a usable model."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 4])
     latent_mean, latent_std, scaling_factor = latents
@@ -226,12 +308,8 @@ def train_unet(cfg, pool, latents, tokenizer, text_encoder, scheduler, steps, ba
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_states).sample
         per_example = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_example * loss_weight[timesteps]).mean()
-        # With a time cap the schedule follows whichever runs out first, steps or time, so a
-        # capped run still anneals its learning rate (step-only when uncapped: reproducible).
-        schedule_step = step
-        if max_seconds is not None and step > 0:
-            schedule_step = max(step, int(steps * (time.time() - started) / max_seconds))
-        set_lr(optimizer, cosine_lr(min(schedule_step, steps - 1), steps, lr, warmup=min(300, steps // 10 + 1)))
+        position = schedule_position(step, steps, started, max_seconds)
+        set_lr(optimizer, cosine_lr(position, steps, lr, warmup=min(300, steps // 10 + 1)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -241,6 +319,12 @@ def train_unet(cfg, pool, latents, tokenizer, text_encoder, scheduler, steps, ba
             torch._foreach_mul_(ema_params, decay)
             torch._foreach_add_(ema_params, [p.detach() for p in params], alpha=1 - decay)
         log.log("unet", step, per_example.mean().item(), optimizer.param_groups[0]["lr"], started)
+        if on_checkpoint is not None and steps_done % checkpoint_every == 0 and steps_done < steps:
+            snapshot = copy.deepcopy(unet).eval()
+            with torch.no_grad():
+                for p, ema_p in zip(snapshot.parameters(), ema_params):
+                    p.copy_(ema_p)
+            on_checkpoint(steps_done, snapshot)
     with torch.no_grad():
         for p, ema_p in zip(params, ema_params):
             p.copy_(ema_p)
@@ -263,6 +347,7 @@ def save_world(out: Path, clip, vae, unet, tokenizer, scaling_factor: float) -> 
     pipeline.to(torch.float16)
     pipeline.save_pretrained(out, safe_serialization=True)
     clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
+    provenance.write_record(out)  # the concepts this world never saw
 
 
 def main() -> None:
@@ -280,8 +365,27 @@ def main() -> None:
     parser.add_argument("--finish-by-unix", type=float, default=None,
                         help="safety cap: UNet stage stops so that weights are written before this time")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--swap-images", type=int, default=32,
+                        help="images per CLIP batch that also get the shape/pattern swap loss (0: off)")
+    parser.add_argument("--swap-weight", type=float, default=1.0)
+    parser.add_argument("--clip-max-minutes", type=float, default=None,
+                        help="safety cap: stop the CLIP stage early (its LR schedule then follows time)")
+    parser.add_argument("--clip-from", type=Path, default=None, help="skip the CLIP stage: load this CLIP folder")
+    parser.add_argument("--clip-init", type=Path, default=None,
+                        help="train the CLIP stage starting from this CLIP folder (a continuation, new LR schedule)")
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="skip the VAE stage: load this VAE folder (waits for it to appear, so a"
+                             " concurrent --vae-only process can train it)")
+    parser.add_argument("--vae-only", action="store_true", help="train and save only the VAE stage")
+    parser.add_argument("--stop-after", choices=("clip", "vae", "unet"), default="unet")
+    parser.add_argument("--checkpoint-every", type=int, default=1000,
+                        help="UNet steps between snapshots of the whole world into --out (CLIP: every 500 steps)")
     parser.add_argument("--out", type=Path, default=TINY_WORLD_DIR)
+    parser.add_argument("--stages", type=Path, default=None,
+                        help="where finished stages are saved (default: <out>_stages next to --out)")
     parser.add_argument("--log", type=Path, default=REPO_ROOT / "tinyworld" / "pretrain_log.csv")
+    parser.add_argument("--summary", type=Path, default=REPO_ROOT / "tinyworld" / "pretrain_summary.json")
     parser.add_argument("--bench", action="store_true", help="time a few steps per stage and exit")
     args = parser.parse_args()
 
@@ -289,6 +393,8 @@ def main() -> None:
     if args.bench:
         args.pool_size, args.clip_steps, args.vae_steps, args.unet_steps = 1000, 12, 12, 12
         args.log = Path("/tmp/pretrain_bench.csv")
+    stages = args.stages or args.out.with_name(args.out.name + "_stages")
+    stages.mkdir(parents=True, exist_ok=True)
     cfg = TinyConfig.pretrained()
     tokenizer = load_tokenizer()
     log = LossLog(args.log, print_every=5 if args.bench else 50)
@@ -299,8 +405,47 @@ def main() -> None:
     timings["render_pool_s"] = time.time() - started
     print(f"rendered {len(pool)} images in {timings['render_pool_s']:.0f}s", flush=True)
 
-    clip, timings["clip_s"] = train_clip(cfg, pool, tokenizer, args.clip_steps, args.clip_batch, args.seed, log)
-    vae, timings["vae_s"] = train_vae(cfg, pool, args.vae_steps, args.vae_batch, args.seed, log)
+    if args.vae_only:
+        vae, seconds = train_vae(cfg, pool, args.vae_steps, args.vae_batch, args.seed, log)
+        vae.save_pretrained(stages / "vae.tmp", safe_serialization=True)
+        (stages / "vae.tmp").rename(stages / "vae")
+        (stages / "vae_summary.json").write_text(json.dumps(
+            {"steps": args.vae_steps, "batch": args.vae_batch, "pool_size": args.pool_size, "threads": args.threads,
+             "render_pool_s": round(timings["render_pool_s"], 1), "vae_s": round(seconds, 1)}, indent=2) + "\n")
+        log.file.close()
+        return
+    clip_steps_done = args.clip_steps
+    if args.clip_from:
+        clip = CLIPModel.from_pretrained(args.clip_from, dtype=torch.float32).eval()
+        timings["clip_s"] = 0.0
+    else:
+        clip, timings["clip_s"], clip_steps_done = train_clip(
+            cfg, pool, tokenizer, args.clip_steps, args.clip_batch, args.seed, log, lr=args.clip_lr,
+            swap_images=args.swap_images, swap_weight=args.swap_weight,
+            checkpoint=None if args.bench else stages / "clip",
+            max_seconds=args.clip_max_minutes * 60 if args.clip_max_minutes else None, init=args.clip_init,
+        )
+        if not args.bench:
+            save_clip(clip, stages / "clip")
+            (stages / "clip_steps.txt").write_text(f"{clip_steps_done}\n")
+    if args.stop_after == "clip":
+        log.file.close()
+        return
+    if args.vae_from:
+        waited = time.time()
+        while not args.vae_from.exists():
+            time.sleep(15)
+        if time.time() - waited > 1:
+            print(f"waited {time.time() - waited:.0f}s for {args.vae_from}", flush=True)
+        vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).eval()
+        timings["vae_s"] = 0.0
+    else:
+        vae, timings["vae_s"] = train_vae(cfg, pool, args.vae_steps, args.vae_batch, args.seed, log)
+        if not args.bench:
+            vae.save_pretrained(stages / "vae", safe_serialization=True)
+    if args.stop_after == "vae":
+        log.file.close()
+        return
     started = time.time()
     latents = encode_pool(vae, pool)
     timings["encode_pool_s"] = time.time() - started
@@ -312,9 +457,15 @@ def main() -> None:
     if args.finish_by_unix:  # leave ~2 minutes for saving
         until_deadline = args.finish_by_unix - time.time() - 120
         max_seconds = until_deadline if max_seconds is None else min(max_seconds, until_deadline)
+
+    def snapshot(steps_done: int, ema_unet) -> None:
+        save_world(args.out, copy.deepcopy(clip), copy.deepcopy(vae), ema_unet, tokenizer, latents[2])
+        (args.out / "unet_steps.txt").write_text(f"{steps_done}\n")
+        print(f"[unet] world snapshot at step {steps_done} -> {args.out}", flush=True)
+
     unet, timings["unet_s"], unet_steps_done = train_unet(
         cfg, pool, latents, tokenizer, text_encoder, scheduler, args.unet_steps, args.unet_batch, args.seed, log,
-        max_seconds=max_seconds,
+        max_seconds=max_seconds, on_checkpoint=None if args.bench else snapshot, checkpoint_every=args.checkpoint_every,
     )
     log.file.close()
 
@@ -325,11 +476,18 @@ def main() -> None:
         return
 
     save_world(args.out, clip, vae, unet, tokenizer, latents[2])
+    (args.out / "unet_steps.txt").unlink(missing_ok=True)
     summary = {
         "seed": args.seed,
-        "steps": {"clip": args.clip_steps, "vae": args.vae_steps, "unet": unet_steps_done},
+        "steps": {"clip": clip_steps_done, "vae": args.vae_steps, "unet": unet_steps_done},
+        "clip_steps_planned": args.clip_steps,
         "unet_steps_planned": args.unet_steps,
         "batch": {"clip": args.clip_batch, "vae": args.vae_batch, "unet": args.unet_batch},
+        "clip_swap": {"images_per_batch": args.swap_images, "weight": args.swap_weight,
+                      "attributes": list(SWAP_ATTRIBUTES)},
+        "clip_init": str(args.clip_init) if args.clip_init else None,
+        "stages_loaded": {"clip": str(args.clip_from) if args.clip_from else None,
+                          "vae": str(args.vae_from) if args.vae_from else None},
         "pool_size": args.pool_size,
         # A wall-clock cap makes the UNet's LR schedule follow elapsed time while it runs slow.
         "time_capped": max_seconds is not None,
@@ -345,7 +503,7 @@ def main() -> None:
         "latent_scaling_factor": latents[2],
         "size_mb": round(folder_megabytes(args.out), 2),
     }
-    (REPO_ROOT / "tinyworld" / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2), flush=True)
 
 

@@ -37,11 +37,12 @@ def smoke(tmp_path_factory):
     bench = load_benchmark()
     out = tmp_path_factory.mktemp("bench")
     assert bench.main(["--smoke", "--workers", "1", "--out", str(out)]) == 0
-    return bench, out, json.loads((out / "personalization.json").read_text())
+    return bench, out, json.loads((out / "personalization_dev.json").read_text())
 
 
 def test_table_has_every_variant_over_both_concepts(smoke):
     bench, out, report = smoke
+    assert report["concept_set"] == "dev"
     assert report["concepts"] == ["red_striped_triangle", "blue_dotted_star"]
     table = report["table"]
     assert list(table) == ["textualInversion"]
@@ -86,7 +87,8 @@ def test_per_run_series_match_the_runs(smoke):
     bench, out, report = smoke
     runs = out / "personalization_runs"
     files = sorted(p.name for p in runs.glob("*.json"))
-    assert len(files) == 2 + 4 * 2  # base model per concept + 4 variants x 2 concepts
+    # base model per concept + 4 variants x 2 concepts + one tracked/untracked timing pair
+    assert len(files) == 2 + 4 * 2 + 2
     dvar = json.loads((runs / "textualInversion_dvar_red_striped_triangle.json").read_text())
     series = dvar["series"]
     assert series["eval_steps"] == list(range(1, dvar["steps"] + 1))  # evalEvery 1, every step tracked
@@ -117,7 +119,7 @@ def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
     assert target["met"] == (
         target["gain_kept_at_least_90pct"] and target["steps_at_most_one_third"] and target["clip_t_within_spread"]
     )
-    md = (out / "personalization.md").read_text()
+    md = (out / "personalization_dev.md").read_text()
     for variant in bench.VARIANTS:
         assert f"| textualInversion | {variant} |" in md
 
@@ -129,6 +131,65 @@ def test_finished_runs_are_reused(smoke):
     record["clip_i"] = 0.123  # a value no rerun would produce: shows up only if the file is reused
     cached.write_text(json.dumps(record))
     assert bench.main(["--smoke", "--workers", "1", "--out", str(out), "--variants", "dvar,fewIterations"]) == 0
-    again = json.loads((out / "personalization.json").read_text())
+    again = json.loads((out / "personalization_dev.json").read_text())
     assert again["table"]["textualInversion"]["dvar"]["per_concept"]["blue_dotted_star"]["clip_i"] == 0.123
     assert list(again["table"]["textualInversion"]) == ["dvar", "fewIterations"]
+
+
+def test_baseline_curve_ends_at_the_runs_final_score(smoke):
+    """The curve is scored with the models being trained; its last point (the last step) is the
+    same model state the run's final evaluation scores, so scoring mid-run did not change the run."""
+    bench, out, report = smoke
+    every, budget = bench.SMOKE["curve_every"], bench.SMOKE["max_steps"]
+    for concept in report["concepts"]:
+        run = json.loads((out / "personalization_runs" / f"textualInversion_baseline_{concept}.json").read_text())
+        assert run["series"]["curve_steps"] == [*range(every, budget + 1, every), budget]
+        assert run["series"]["curve_clip_i"][-1] == pytest.approx(run["clip_i"], abs=1e-4)
+
+
+def test_stop_quality_compares_dvar_stops_with_the_baseline_s90(smoke):
+    bench, out, report = smoke
+    quality = report["stop_quality"]["textualInversion"]
+    for concept, entry in quality["per_concept"].items():
+        dvar = report["table"]["textualInversion"]["dvar"]["per_concept"][concept]
+        assert entry["stop_step"] == dvar["steps"]
+        curve = quality["curves"][concept]
+        assert curve["steps"][0] == 0 and curve["gains"][0] == 0.0
+        final_gain = report["table"]["textualInversion"]["baseline"]["per_concept"][concept]["clip_i"] - report["base"][concept]["clip_i"]
+        assert curve["gains"][-1] == pytest.approx(final_gain, abs=1e-4)
+        assert entry["s90"] == bench.stop_quality.s90(curve["steps"], curve["gains"])
+    assert (out / "stop_quality_textualInversion.png").is_file()
+    assert "## Stop quality" in (out / "personalization_dev.md").read_text()
+
+
+def test_tracking_cost_pairs_a_tracked_and_an_untracked_run_of_the_same_steps(smoke):
+    bench, out, report = smoke
+    steps = bench.SMOKE["timing_steps"]
+    runs = out / "personalization_runs"
+    tracked = json.loads((runs / f"timing_textualInversion_tracked_{steps}_0_red_striped_triangle.json").read_text())
+    untracked = json.loads((runs / f"timing_textualInversion_untracked_{steps}_0_red_striped_triangle.json").read_text())
+    assert tracked["steps"] == untracked["steps"] == steps  # minSteps = maxSteps: DVAR tracks but never stops early
+    assert len(tracked["step_seconds"]) == len(untracked["step_seconds"]) == steps
+    cost = report["tracking_cost"]["textualInversion"]
+    skip = cost["warmup_steps_skipped"]
+    expected = (sum(tracked["step_seconds"][skip:]) / (steps - skip)) / (sum(untracked["step_seconds"][skip:]) / (steps - skip))
+    assert cost["per_step"]["median_ratio"] == pytest.approx(expected, rel=1e-3)
+    assert "## Tracking cost" in (out / "personalization_dev.md").read_text()
+
+
+
+def test_refuses_concepts_the_installed_world_was_pretrained_on(tmp_path, monkeypatch, capsys):
+    """Scores on a concept the model was pretrained on say nothing: every concept of the chosen
+    set must be in the installed world's held-out record."""
+    from personalize.world import provenance
+
+    bench = load_benchmark()
+    world = tmp_path / "world"  # a world whose pretraining held out only blue_dotted_star
+    world.mkdir()
+    (world / provenance.RECORD_FILE).write_text(json.dumps({"dev": ["blue_dotted_star"]}))
+    monkeypatch.setattr("personalize.world.tiny_models.TINY_WORLD_DIR", world)
+    assert bench.main(["--smoke", "--workers", "1", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: the installed tiny world") and "red_striped_triangle" in error
+    assert "blue_dotted_star" not in error
+    assert not (tmp_path / "out" / "personalization_dev.json").exists()

@@ -267,3 +267,33 @@ def test_after_training_hook_gets_the_trained_models_and_the_loss_rows(tiny_pipe
     assert seen == [(result["identifier"], [1, 2, 3], seen[0][2], False, [3])] and seen[0][2] > 0
     written = {p.name for p in out.iterdir()}
     assert "samples.png" not in written and "samples_before.png" not in written and "result.json" in written
+
+
+def test_after_step_hook_sees_every_step_of_every_stage_with_the_models_as_they_are(tiny_pipeline_dir, concept_dir, tmp_path):
+    """Two stages (2 + 3 steps): the hook's step counts on over the stage boundary, and it gets the
+    very models after_training gets, as they are at that step (the UNet frozen in eval mode while
+    stage 1 learns the embedding, training in stage 2)."""
+    from personalize.job_runner import JobRunner
+    from personalize.spec import parse_job
+
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "tiDreambooth")
+    steps, final = [], []
+
+    def after_step(trained):
+        steps.append((trained.step, trained.identifier_token, trained.models.unet.training, trained.seconds >= 0))
+        final.append(trained.models)
+
+    def after_training(trained):
+        final.append(trained.models)
+
+    job = parse_job({"apiVersion": "personalization.dvar.dev/v1alpha1", "kind": "PersonalizationJob",
+                     "metadata": {"name": "demo", "namespace": "default"}, "spec": spec})
+    out = tmp_path / "out"
+    out.mkdir()
+    assert JobRunner(job, out, after_step=after_step, after_training=after_training, sample_grids=False).execute() == 0
+    result = json.loads((out / "result.json").read_text())
+    token = result["identifier"]
+    assert [s[0] for s in steps] == [1, 2, 3, 4, 5]
+    assert [s[2] for s in steps] == [False, False, True, True, True]
+    assert {(s[1], s[3]) for s in steps} == {(token, True)}
+    assert all(models is final[-1] for models in final)

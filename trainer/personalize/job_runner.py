@@ -17,9 +17,10 @@ Preemption: on SIGTERM the loop finishes its step, saves a checkpoint and raises
 TrainingInterrupted; result.json and the status then say so without a decision (not Failed), and
 run.main exits 143. The next start resumes from the checkpoint.
 
-Extension points (instead of patching this module): `after_training` is called on the main
-process once the last stage is done, with the trained models in hand (`TrainedRun`);
-`sample_grids=False` skips samples_before.png and samples.png.
+Extension points (instead of patching this module): `after_step` is called on the main process
+after every training step, with the models being trained (`TrainedStep`); `after_training` once
+the last stage is done, with the trained models in hand (`TrainedRun`); `sample_grids=False`
+skips samples_before.png and samples.png.
 """
 
 from __future__ import annotations
@@ -93,6 +94,20 @@ class TrainedRun:
 AfterTraining = Callable[[TrainedRun], None]
 
 
+@dataclass
+class TrainedStep:
+    """What `JobRunner.after_step` hooks receive after each training step (main process): the
+    models as they are at that step (in training mode; a hook that samples must restore it)."""
+
+    step: int  # counted over the whole run: a later stage's steps follow the earlier stages'
+    seconds: float  # the step's own time as the loop measured it, before any callback ran
+    models: Models
+    identifier_token: str
+
+
+AfterStep = Callable[[TrainedStep], None]
+
+
 def make_job_accelerator(job: PersonalizationJob) -> Accelerator:
     training = job.spec.training
     return make_accelerator(training.mixed_precision.value, training.gradient_accumulation_steps)
@@ -126,12 +141,15 @@ class JobRunner:
         shutdown: Optional[GracefulShutdown] = None,
         after_training: Optional[AfterTraining] = None,
         sample_grids: bool = True,
+        after_step: Optional[AfterStep] = None,
     ):
         """`after_training` is called once the last stage is done, with the models in hand (e.g. a
-        benchmark scores them without reloading the artifacts); `sample_grids=False` skips
-        samples_before.png and samples.png."""
+        benchmark scores them without reloading the artifacts); `after_step` after every step
+        (e.g. a benchmark's quality curve); `sample_grids=False` skips samples_before.png and
+        samples.png."""
         self.job, self.spec, self.output = job, job.spec, output
         self.after_training = after_training
+        self.after_step = after_step
         self.sample_grids = sample_grids
         self.metrics_port = metrics_port
         self.metrics_linger = metrics_linger
@@ -154,7 +172,7 @@ class JobRunner:
         if self.reporter is not None:
             self.reporter.report(self.report, final=final)
 
-    def _on_step(self, stage: Stage, offset: int, printer: ProgressPrinter):
+    def _on_step(self, stage: Stage, offset: int, printer: ProgressPrinter, models: Models):
         def on_step(step, train_loss, det_loss, conv_value, seconds):
             if not self.accelerator.is_main_process:
                 return
@@ -177,6 +195,8 @@ class JobRunner:
             if conv_value is not None:
                 report.convergence_value = conv_value
             self._publish()
+            if self.after_step is not None:
+                self.after_step(TrainedStep(offset + step, seconds, models, self.identifier.token))
 
         return on_step
 
@@ -320,7 +340,7 @@ class JobRunner:
             printer = ProgressPrinter(stage.max_steps, stage.threshold, spec.early_stopping.criterion.value)
             outcome, method = train_stage(
                 stage, spec, models, identifier, examples, class_examples, accelerator,
-                self._on_step(stage, offset, printer), stage_index=index,
+                self._on_step(stage, offset, printer, models), stage_index=index,
                 checkpoints=checkpoints.for_stage(index, stage.name),
             )
             if accelerator.is_main_process:

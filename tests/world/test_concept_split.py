@@ -1,0 +1,95 @@
+"""The held-out concepts' dev/test split: disjoint, large enough, and out of every pretraining stage."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from personalize.world import shapes
+from personalize.world.shapes import CONCEPT_SETS, DEV_CONCEPTS, HELD_OUT_CONCEPTS, TEST_CONCEPTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tinyworld"))
+
+
+def _combination(concept):
+    return (concept.shape, concept.colour, concept.pattern)
+
+
+def test_dev_and_test_are_disjoint_and_together_are_every_held_out_concept():
+    dev = {_combination(c) for c in DEV_CONCEPTS}
+    test = {_combination(c) for c in TEST_CONCEPTS}
+    assert not dev & test
+    assert dev | test == {_combination(c) for c in HELD_OUT_CONCEPTS}
+    assert len(HELD_OUT_CONCEPTS) >= 24
+    assert len({c.name for c in HELD_OUT_CONCEPTS}) == len(HELD_OUT_CONCEPTS)
+
+
+def test_the_demo_concept_is_a_dev_concept():
+    assert shapes.concept_by_name("red_striped_triangle") in DEV_CONCEPTS
+
+
+def test_the_test_set_covers_every_shape_and_colour():
+    assert {c.shape for c in TEST_CONCEPTS} == set(shapes.SHAPES)
+    assert {c.colour for c in TEST_CONCEPTS} == set(shapes.COLOURS)
+
+
+def test_pretraining_still_shows_every_shape_in_every_colour():
+    seen = {(s, c) for s, c, _ in shapes.DEFAULT_WORLD.pretraining_combinations()}
+    assert seen == {(s, c) for s in shapes.SHAPES for c in shapes.COLOURS}
+
+
+def test_the_pretraining_pool_never_renders_a_dev_or_test_concept():
+    from pretrain import WorldPool  # the pool every pretraining stage (CLIP, VAE, UNet) draws from
+
+    pool = WorldPool(1500, 32, seed=0)
+    seen = {(a.shape, a.colour, a.pattern) for a in pool.attributes}
+    assert not seen & {_combination(c) for c in DEV_CONCEPTS}
+    assert not seen & {_combination(c) for c in TEST_CONCEPTS}
+    # Sanity: a pool that large does reach most of the allowed combinations.
+    assert len(seen) > 0.9 * len(shapes.DEFAULT_WORLD.pretraining_combinations())
+
+
+def test_concept_set_by_name():
+    assert shapes.concept_set("dev") == DEV_CONCEPTS
+    assert shapes.concept_set("test") == TEST_CONCEPTS
+    assert shapes.concept_set("all") == HELD_OUT_CONCEPTS
+    assert set(CONCEPT_SETS) == {"dev", "test"}
+    with pytest.raises(KeyError, match="no concept set named"):
+        shapes.concept_set("train")
+
+
+def test_existing_concepts_keep_their_photos():
+    """Photos are seeded by a concept's index; the dev concepts must keep their original indices."""
+    assert HELD_OUT_CONCEPTS[: len(DEV_CONCEPTS)] == DEV_CONCEPTS
+    assert HELD_OUT_CONCEPTS[0].name == "red_striped_triangle"
+
+
+def test_swap_captions_differ_only_in_the_swapped_attribute():
+    from pretrain import swap_captions
+
+    attrs = shapes.Attributes("star", "red", "dotted", "grass")
+    rng = np.random.default_rng(0)
+    for attribute, values in (("shape", shapes.SHAPES), ("pattern", shapes.PATTERNS)):
+        for _ in range(20):
+            captions = swap_captions(attrs, attribute, values, rng)
+            assert len(set(captions)) == len(values)
+            for value, caption in zip(values, captions):
+                assert value in caption.split()
+                own = getattr(attrs, attribute)
+                assert caption.replace(value, own, 1) == captions[values.index(own)]
+
+
+def test_a_world_records_the_concepts_it_never_saw(tmp_path):
+    from personalize.world import provenance
+
+    provenance.write_record(tmp_path)
+    assert provenance.held_out_by(tmp_path) == {c.name for c in HELD_OUT_CONCEPTS}
+
+
+def test_a_world_without_a_record_held_out_only_the_dev_concepts(tmp_path):
+    from personalize.world import provenance
+
+    held_out = provenance.held_out_by(tmp_path)
+    assert held_out == {c.name for c in DEV_CONCEPTS}
+    assert not held_out & {c.name for c in TEST_CONCEPTS}
