@@ -147,6 +147,22 @@ def test_deterministic_loss_is_constant_while_frozen(family, family_dirs, concep
     assert frozen.deterministic_loss(models.denoiser, models.text_encoder) != values[0]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_holdout_reference_images_leave_training_and_keep_the_loss_fixed(family, family_dirs, concept_dir):
+    from personalize.spec import parse_spec
+
+    folder = family_dirs[family]()
+    spec = parse_spec(job(folder, concept_dir, family)["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    concept = Concept.model_validate({"images": {"path": str(concept_dir)}})
+    examples = load_concept_examples(concept, "lun", tiny_families.RESOLUTION[family])
+    held = ReferenceBatch(examples, size=2, seed=0, models=models, text_encoder_trained=False, holdout=True)
+    assert len(held.training_examples.files) == len(examples.files) - 2
+    assert not set(held.training_examples.files) & {examples.files[i] for i in held.indices}
+    values = {held.deterministic_loss(models.denoiser, models.text_encoder) for _ in range(2)}
+    assert len(values) == 1 and np.isfinite(values.pop())
+
+
 def test_flux_guidance_input_is_the_fixed_scale(family_dirs, concept_dir, monkeypatch):
     from personalize.spec import parse_spec
 
@@ -164,6 +180,8 @@ def test_flux_guidance_input_is_the_fixed_scale(family_dirs, concept_dir, monkey
 
 RESUME_CASES = [
     ("flux", "lora", {}),
+    ("sd3", "lora", {}),
+    ("sdxl", "dreambooth", {}),  # the full pipeline folder
     ("sdxl", "textualInversion", {}),  # two embedding tables, each saved as its trained rows
     ("sdxl", "lora", {"lora": {"trainTextEncoder": True}}),  # adapters in the UNet and both text encoders
 ]
