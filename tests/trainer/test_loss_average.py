@@ -21,22 +21,24 @@ WORKER = Path(__file__).with_name("loss_average_worker.py")
 REPLICA_WORKER = Path(__file__).with_name("replica_weights_worker.py")
 
 
+def run_two_processes(spec: dict, worker: Path, tmp_path: Path, monkeypatch) -> tuple[Path, list, list]:
+    """The job on 2 gloo processes of `worker`; its output folder and what each rank recorded."""
+    config, out, records = write_config(tmp_path, spec), tmp_path / "out", tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PJ_NAME", raising=False)
+    monkeypatch.delenv("PJ_NAMESPACE", raising=False)
+    code = launch(["--config", str(config), "--output", str(out)], 2,
+                  command=[sys.executable, str(worker), str(records)])
+    assert code == 0
+    return out, *(json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
 @pytest.mark.slow
 def test_reported_training_loss_is_the_mean_over_processes(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
     spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
     spec["training"] = {**spec["training"], "maxSteps": 3}
-    config, out, local = write_config(tmp_path, spec), tmp_path / "out", tmp_path / "local"
-    local.mkdir()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("PJ_NAME", raising=False)
-    monkeypatch.delenv("PJ_NAMESPACE", raising=False)
-
-    code = launch(["--config", str(config), "--output", str(out)], 2,
-                  command=[sys.executable, str(WORKER), str(local)])
-
-    assert code == 0
-    rank0 = json.loads((local / "rank0.json").read_text())
-    rank1 = json.loads((local / "rank1.json").read_text())
+    out, rank0, rank1 = run_two_processes(spec, WORKER, tmp_path, monkeypatch)
     assert len(rank0) == len(rank1) == 3  # one micro-batch per step on each process
     assert all(a != b for a, b in zip(rank0, rank1))  # different batches: the mean is not either one
     with (out / "losses.csv").open() as f:
@@ -60,17 +62,6 @@ def test_sdxl_textual_inversion_ends_with_the_same_weights_on_every_process(conc
     spec["training"] = {**spec["training"], "maxSteps": 3, "resolution": tiny_families.RESOLUTION.get("sdxl", 32)}
     spec["earlyStopping"] = {**spec["earlyStopping"], "criterion": "none"}
     spec["validation"] = {**spec["validation"], "prompts": []}
-    config, out, digests = write_config(tmp_path, spec), tmp_path / "out", tmp_path / "digests"
-    digests.mkdir()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("PJ_NAME", raising=False)
-    monkeypatch.delenv("PJ_NAMESPACE", raising=False)
-
-    code = launch(["--config", str(config), "--output", str(out)], 2,
-                  command=[sys.executable, str(REPLICA_WORKER), str(digests)])
-
-    assert code == 0
-    rank0 = json.loads((digests / "rank0.json").read_text())
-    rank1 = json.loads((digests / "rank1.json").read_text())
+    _, rank0, rank1 = run_two_processes(spec, REPLICA_WORKER, tmp_path, monkeypatch)
     assert len(rank0) == 1 and len(rank0[0]) == 2  # one stage; an embedding table per text encoder
     assert rank0 == rank1

@@ -8,8 +8,10 @@ images, so it is fixed with them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 
 from personalize.families.base import IMAGE_GEOMETRY, Conditioning, Models, TextEncoder
 from personalize.families.stable_diffusion import StableDiffusion, token_ids
@@ -23,17 +25,10 @@ class StableDiffusionXL(StableDiffusion):
         return StableDiffusionXLPipeline.from_pretrained(source, dtype=torch.float32, **kwargs)
 
     def models_of(self, pipe) -> Models:
-        return Models(
-            family=self,
-            denoiser=pipe.unet,
-            vae=pipe.vae,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            sampling_scheduler=pipe.scheduler,
-            extra_text_encoders={"text_encoder_2": pipe.text_encoder_2},
-            extra_tokenizers={"tokenizer_2": pipe.tokenizer_2},
-        )
+        # SD's models plus the second text encoder and its tokenizer
+        return replace(super().models_of(pipe),
+                       extra_text_encoders={"text_encoder_2": pipe.text_encoder_2},
+                       extra_tokenizers={"tokenizer_2": pipe.tokenizer_2})
 
     def sampling_pipeline(self, models: Models):
         pipe = StableDiffusionXLPipeline(
