@@ -136,12 +136,26 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
 
+class BackgroundServer:
+    """An HTTP server (`self.server`) answering on a daemon thread until `close()`."""
+
+    server: http.server.HTTPServer
+
+    def serve_in_background(self) -> None:
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class _ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     owner: "FaultyProxy"
 
 
-class FaultyProxy:
+class FaultyProxy(BackgroundServer):
     """Forwards to 127.0.0.1:upstream_port; after `fail_writes_after` writes, cuts the rest."""
 
     def __init__(self, upstream_port: int):
@@ -153,12 +167,7 @@ class FaultyProxy:
         self.server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
         self.server.owner = self
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve_in_background()
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -176,7 +185,7 @@ class _QuietFiles(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class HttpsFiles:
+class HttpsFiles(BackgroundServer):
     """Serves `root` over TLS on 127.0.0.1; `cert` is the file clients must trust."""
 
     def __init__(self, root: Path, cert_dir: Path):
@@ -186,12 +195,7 @@ class HttpsFiles:
         context.load_cert_chain(self.cert, key)
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve_in_background()
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):
@@ -215,18 +219,13 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-class FakeHub:
+class FakeHub(BackgroundServer):
     """A hub endpoint that knows one repository (`_HubHandler.known_repo`) and none of its revisions."""
 
     def __init__(self):
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve_in_background()
 
 
 def build_hub_cache(hub_cache: Path, repo_id: str, pipeline_dir: Path, commit: str, refs: dict[str, str] | None = None,
