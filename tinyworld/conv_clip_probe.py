@@ -5,9 +5,12 @@
 Trains, with pretrain.py's CLIP objective (contrastive + shape/pattern swap loss, its batch and
 learning-rate schedule), a model whose text side is the tiny world's CLIP text tower (new, as in
 pretraining) and whose image side is a small transformers ResNetModel (batch norm) with a linear
-projection, instead of the CLIP ViT. Then measures zero-shot accuracy on the same 800 real
+projection, instead of the CLIP ViT (the world's ConvClip, without pretraining's attribute heads:
+the contrastive signal alone). Then measures zero-shot accuracy on the same 800 real
 renders evaluate.py uses for a CLIP (its EVAL_SEED), so the numbers compare with the card's.
-A probe only: the model is not a CLIPModel and is not saved as a world.
+A probe only: the model is not saved. (The recorded results in tinyworld/attempts/ came from an
+earlier copy of this class with the text tower inside a whole CLIPModel: same architecture, other
+initial weights.)
 Writes <out>/conv_clip_probe.json and the loss log <out>/conv_clip_probe_log.csv.
 """
 
@@ -26,32 +29,7 @@ sys.path.insert(0, str(HERE))
 
 import evaluate  # noqa: E402  (sibling scripts: they put trainer/ on sys.path)
 import pretrain  # noqa: E402
-from personalize.world.tiny_models import TinyConfig, build_clip, load_tokenizer  # noqa: E402
-
-
-class ConvImageClip(torch.nn.Module):
-    """The CLIP's text tower, projection and temperature, with a ResNetModel image tower."""
-
-    def __init__(self, cfg: TinyConfig, seed: int, widths: tuple[int, ...] = (32, 64, 128)):
-        super().__init__()
-        from transformers import ResNetConfig, ResNetModel
-
-        self.clip = build_clip(cfg, seed)  # its vision tower gets no gradient, so AdamW leaves it be
-        self.image_tower = ResNetModel(ResNetConfig(embedding_size=widths[0], hidden_sizes=list(widths),
-                                                    depths=[1] * len(widths), layer_type="basic",
-                                                    downsample_in_first_stage=False))
-        self.image_projection = torch.nn.Linear(widths[-1], cfg.projection_dim, bias=False)
-        self.config = self.clip.config  # scoring reads config.vision_config.image_size (32)
-
-    @property
-    def logit_scale(self) -> torch.nn.Parameter:
-        return self.clip.logit_scale
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.image_projection(self.image_tower(pixel_values=pixel_values).pooler_output.flatten(1))
-
-    def get_text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return pretrain.features(self.clip.get_text_features(input_ids=input_ids))
+from personalize.world.tiny_models import TinyConfig, build_conv_clip, load_tokenizer  # noqa: E402
 
 
 def main() -> int:
@@ -74,11 +52,11 @@ def main() -> int:
     cfg = TinyConfig.pretrained()
     tokenizer = load_tokenizer()
     pool = pretrain.WorldPool(args.pool_size, cfg.image_size, args.seed)
-    model = ConvImageClip(cfg, args.seed)
+    model = build_conv_clip(cfg, args.seed)  # the world's ConvClip, trained without its attribute heads
     log = pretrain.LossLog(args.out / "conv_clip_probe_log.csv")
     started = time.time()
     model, seconds, steps_done = pretrain.train_clip(
-        cfg, pool, tokenizer, args.steps, args.batch, args.seed, log, lr=args.lr, swap_images=args.swap_images,
+        cfg, pool, tokenizer, args.steps, args.batch, args.seed, log, lr=args.lr, swap_images=args.swap_images, attribute_weight=0.0,
         max_seconds=args.minutes * 60, model=model)
     images, attrs_list = evaluate.real_images(args.eval_images, evaluate.EVAL_SEED)
     report = {

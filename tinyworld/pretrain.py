@@ -3,7 +3,8 @@
     python tinyworld/pretrain.py --seed 0 --clip-steps 3000 --vae-steps 2500 --unet-steps 9000
 
 Stages (each deterministic given --seed):
-  1. tiny CLIP (transformers CLIPModel) trained contrastively on (image, caption) pairs;
+  1. tiny CLIP (ConvClip: CLIP text tower + small ResNet image tower) trained contrastively on
+     (image, caption) pairs, with a shape/pattern swap loss and attribute heads on the image tower;
   2. AutoencoderKL trained to reconstruct 32x32 images through 8x8x4 latents;
   3. UNet2DConditionModel trained with the epsilon-prediction DDPM loss on VAE latents,
      conditioned on the frozen CLIP text encoder's hidden states (10% caption dropout so
@@ -29,19 +30,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from transformers import CLIPModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "trainer"))
 
 from personalize.world import provenance, shapes  # noqa: E402
-from personalize.world.scoring import uint8_batch_to_pixels  # noqa: E402
+from personalize.world.scoring import load_tiny_clip, uint8_batch_to_pixels  # noqa: E402
 from personalize.world.tiny_models import (  # noqa: E402
     MAX_TEXT_LENGTH,
     TINY_WORLD_DIR,
     TinyConfig,
     assemble_pipeline,
-    build_clip,
+    build_conv_clip,
     build_unet,
     build_vae,
     count_parameters,
@@ -166,21 +166,46 @@ def schedule_position(step: int, steps: int, started: float, max_seconds: float 
     return min(max(step, int(steps * (time.time() - started) / max_seconds)), steps - 1)
 
 
+class AttributeHeads(torch.nn.Module):
+    """Linear classifiers of every attribute on the image embedding: a supervised signal that
+    makes the image tower separate shapes within a few hundred steps (docs/tiny_world.md, probes),
+    which the contrastive and swap losses then align the text tower with. Pretraining only."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(dim, len(values)) for name, values in ATTRIBUTE_VALUES.items()})
+
+    def loss(self, image_embeddings: torch.Tensor, attributes: list[shapes.Attributes]) -> torch.Tensor:
+        total = torch.zeros(())
+        for name, head in self.heads.items():
+            values = ATTRIBUTE_VALUES[name]
+            truth = torch.tensor([values.index(getattr(a, name)) for a in attributes])
+            total = total + F.cross_entropy(head(image_embeddings), truth)
+        return total / len(self.heads)
+
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "shape": tuple(shapes.SHAPES), "colour": tuple(shapes.COLOURS), "pattern": tuple(shapes.PATTERNS),
+    "background": tuple(shapes.BACKGROUNDS)}
+
+
 def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_images=32, swap_weight=1.0,
-               checkpoint=None, checkpoint_every=250, max_seconds=None, init=None, model=None):
+               attribute_weight=1.0, checkpoint=None, checkpoint_every=250, max_seconds=None, init=None, model=None):
     """Contrastive CLIP training plus, for `swap_images` images per batch, a cross-entropy over
-    captions that differ from the image's own only in its shape (or pattern). Colour and
-    background are easy, so random negatives alone hardly teach the towers shape.
+    captions that differ from the image's own only in its shape (or pattern), plus
+    `attribute_weight` x the attribute heads' loss. Colour and background are easy, so random
+    negatives alone hardly teach the towers shape.
     `model`: train this instead (anything with get_image_features / get_text_features /
-    logit_scale, e.g. a probe's other image tower); otherwise a new or `init` CLIP."""
+    logit_scale); otherwise a new ConvClip or the `init` CLIP folder."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
     if model is not None:
         clip = model
     else:
-        clip = build_clip(cfg, seed) if init is None else CLIPModel.from_pretrained(init, dtype=torch.float32)
+        clip = build_conv_clip(cfg, seed) if init is None else load_tiny_clip(init)[0]
     clip.train()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
+    heads = AttributeHeads(cfg.projection_dim)
+    optimizer = torch.optim.AdamW(list(clip.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.05)
     started = time.time()
     steps_done = 0
     for step in range(steps):
@@ -193,7 +218,8 @@ def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_imag
         captions = pool.captions(indices, rng)
         position = schedule_position(step, steps, started, max_seconds)
         set_lr(optimizer, cosine_lr(position, steps, lr, warmup=min(200, steps // 10 + 1)))
-        image = F.normalize(features(clip.get_image_features(pixel_values=pixels)), dim=-1)
+        image_raw = features(clip.get_image_features(pixel_values=pixels))
+        image = F.normalize(image_raw, dim=-1)
         text = F.normalize(features(clip.get_text_features(input_ids=tokenize(tokenizer, captions, None))), dim=-1)
         scale = clip.logit_scale.exp()
         logits = scale * image @ text.T
@@ -209,7 +235,8 @@ def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_imag
                 swap_logits = scale * torch.einsum("nd,nvd->nv", image[: len(chosen)], swap_text)
                 truth = torch.tensor([values.index(getattr(pool.attributes[indices[i]], attribute)) for i in chosen])
                 swap = swap + F.cross_entropy(swap_logits, truth)
-        loss = contrastive + swap_weight * swap
+        attribute = heads.loss(image_raw, [pool.attributes[i] for i in indices]) if attribute_weight else torch.zeros(())
+        loss = contrastive + swap_weight * swap + attribute_weight * attribute
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
@@ -218,6 +245,7 @@ def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_imag
             clip.logit_scale.clamp_(0, math.log(100))
         log.log("clip", step, contrastive.item(), optimizer.param_groups[0]["lr"], started)
         log.log("clip_swap", step, swap.item(), optimizer.param_groups[0]["lr"], started)
+        log.log("clip_attributes", step, attribute.item(), optimizer.param_groups[0]["lr"], started)
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             save_clip(clip, checkpoint)
             print(f"[clip] checkpoint at step {step + 1}", flush=True)
@@ -369,6 +397,8 @@ def main() -> None:
     parser.add_argument("--swap-images", type=int, default=32,
                         help="images per CLIP batch that also get the shape/pattern swap loss (0: off)")
     parser.add_argument("--swap-weight", type=float, default=1.0)
+    parser.add_argument("--attribute-weight", type=float, default=1.0,
+                        help="weight of the attribute heads' loss on the CLIP image embedding (0: off)")
     parser.add_argument("--clip-max-minutes", type=float, default=None,
                         help="safety cap: stop the CLIP stage early (its LR schedule then follows time)")
     parser.add_argument("--clip-from", type=Path, default=None, help="skip the CLIP stage: load this CLIP folder")
@@ -416,12 +446,12 @@ def main() -> None:
         return
     clip_steps_done = args.clip_steps
     if args.clip_from:
-        clip = CLIPModel.from_pretrained(args.clip_from, dtype=torch.float32).eval()
+        clip = load_tiny_clip(args.clip_from)[0]
         timings["clip_s"] = 0.0
     else:
         clip, timings["clip_s"], clip_steps_done = train_clip(
             cfg, pool, tokenizer, args.clip_steps, args.clip_batch, args.seed, log, lr=args.clip_lr,
-            swap_images=args.swap_images, swap_weight=args.swap_weight,
+            swap_images=args.swap_images, swap_weight=args.swap_weight, attribute_weight=args.attribute_weight,
             checkpoint=None if args.bench else stages / "clip",
             max_seconds=args.clip_max_minutes * 60 if args.clip_max_minutes else None, init=args.clip_init,
         )
@@ -485,6 +515,7 @@ def main() -> None:
         "batch": {"clip": args.clip_batch, "vae": args.vae_batch, "unet": args.unet_batch},
         "clip_swap": {"images_per_batch": args.swap_images, "weight": args.swap_weight,
                       "attributes": list(SWAP_ATTRIBUTES)},
+        "clip_attribute_heads_weight": args.attribute_weight,
         "clip_init": str(args.clip_init) if args.clip_init else None,
         "stages_loaded": {"clip": str(args.clip_from) if args.clip_from else None,
                           "vae": str(args.vae_from) if args.vae_from else None},
@@ -496,7 +527,7 @@ def main() -> None:
         "parameters": {
             "clip": count_parameters(clip),
             "clip_text": count_parameters(clip.text_model),
-            "clip_vision": count_parameters(clip.vision_model),
+            "clip_image": count_parameters(clip.image_tower) + count_parameters(clip.image_projection),
             "vae": count_parameters(vae),
             "unet": count_parameters(unet),
         },

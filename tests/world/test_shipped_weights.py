@@ -31,11 +31,11 @@ def test_world_is_well_under_50_mb():
 
 def test_pipeline_and_clip_load():
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPModel
+    from personalize.world.scoring import load_tiny_clip
 
     pipe = StableDiffusionPipeline.from_pretrained(TINY_WORLD_DIR, dtype=torch.float32)
     assert json.loads((TINY_WORLD_DIR / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-    clip = CLIPModel.from_pretrained(TINY_WORLD_DIR / "clip", dtype=torch.float32)
+    clip, _ = load_tiny_clip()
     # The pipeline's text encoder is the CLIP's text tower.
     ids = pipe.tokenizer(["a red circle"], return_tensors="pt").input_ids
     with torch.no_grad():

@@ -56,6 +56,38 @@ def test_text_encoder_from_clip_reproduces_the_clip_text_tower():
     assert tiny_models.build_unet(cfg).config.cross_attention_dim == text_encoder.config.hidden_size
 
 
+def test_conv_clip_saves_loads_and_gives_the_pipeline_its_text_tower(tmp_path):
+    from personalize.world.scoring import image_embeddings, load_tiny_clip, text_embeddings
+
+    cfg = tiny_models.TinyConfig.test()
+    clip = tiny_models.build_conv_clip(cfg, seed=2)
+    clip.train()  # move the batch-norm statistics off their initial values
+    with torch.no_grad():
+        clip.get_image_features(torch.rand(8, 3, 32, 32) * 2 - 1)
+    clip.eval()
+    clip.save_pretrained(tmp_path / "clip")
+    loaded, tokenizer = load_tiny_clip(tmp_path / "clip")
+    images = [np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    assert torch.allclose(image_embeddings(loaded, images), image_embeddings(clip, images), atol=1e-6)
+    assert torch.allclose(text_embeddings(loaded, tokenizer, ["a red star"]), text_embeddings(clip, tokenizer, ["a red star"]))
+    assert image_embeddings(loaded, images).shape == (3, cfg.projection_dim)
+
+    text_encoder = tiny_models.text_encoder_from_clip(loaded).eval()
+    ids = tokenizer(["a blue dotted star"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(text_encoder(input_ids=ids).last_hidden_state,
+                              loaded.text_model(input_ids=ids).last_hidden_state)
+
+    # A weights file that does not match its config is refused, not half-loaded.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "clip" / "model.safetensors")
+    weights.pop("image_projection.weight")
+    save_file(weights, tmp_path / "clip" / "model.safetensors")
+    with pytest.raises(ValueError, match="image_projection.weight"):
+        load_tiny_clip(tmp_path / "clip")
+
+
 def test_latents_are_8x8_for_32px_images():
     cfg = tiny_models.TinyConfig.test()
     vae = tiny_models.build_vae(cfg)

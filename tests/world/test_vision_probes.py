@@ -55,20 +55,28 @@ def test_probe_towers_give_one_logit_per_shape(probe):
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, len(shapes.SHAPES))
 
 
-def test_train_clip_trains_the_model_it_is_handed_and_leaves_the_unused_vit_alone(tmp_path):
-    from conv_clip_probe import ConvImageClip
+def test_train_clip_trains_every_part_of_the_conv_clip_and_its_attribute_heads_matter(tmp_path):
+    import dataclasses
+
     from pretrain import LossLog, WorldPool, train_clip
 
-    from personalize.world.tiny_models import load_tokenizer
+    from personalize.world.tiny_models import build_conv_clip, load_tokenizer
 
-    cfg = TinyConfig.test()
-    model = ConvImageClip(cfg, seed=0, widths=(8, 16))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = dataclasses.replace(TinyConfig.test(), image_tower_widths=(8, 16))
     pool = WorldPool(16, cfg.image_size, seed=0)
-    trained, _, steps = train_clip(cfg, pool, load_tokenizer(), steps=2, batch=4, seed=0,
-                                   log=LossLog(tmp_path / "log.csv"), swap_images=2, model=model)
-    assert trained is model and steps == 2
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert any(n.startswith("image_tower.") for n in changed) and "image_projection.weight" in changed
-    assert any(n.startswith("clip.text_model.") for n in changed)
-    assert not any(n.startswith("clip.vision_model.") or n.startswith("clip.visual_projection.") for n in changed)
+
+    def trained_image_tower(attribute_weight: float) -> dict[str, torch.Tensor]:
+        model = build_conv_clip(cfg, seed=0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trained, _, steps = train_clip(cfg, pool, load_tokenizer(), steps=2, batch=4, seed=0,
+                                       log=LossLog(tmp_path / "log.csv"), swap_images=2, model=model,
+                                       attribute_weight=attribute_weight)
+        assert trained is model and steps == 2
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert any(n.startswith("image_tower.") for n in changed) and "image_projection.weight" in changed
+        assert any(n.startswith("text_tower.text_model.") for n in changed)
+        assert "text_tower.text_projection.weight" in changed
+        return {n: p.detach().clone() for n, p in model.image_tower.named_parameters()}
+
+    with_heads, without = trained_image_tower(1.0), trained_image_tower(0.0)
+    assert any(not torch.equal(with_heads[n], without[n]) for n in with_heads)

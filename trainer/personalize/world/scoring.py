@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
+from personalize.world.conv_clip import ConvClip, is_conv_clip_folder
 from personalize.world.shapes import BACKGROUNDS, COLOURS, PATTERNS, SHAPES
 from personalize.world.tiny_models import TINY_WORLD_DIR, load_tokenizer
 
@@ -58,10 +59,19 @@ def uint8_batch_to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def load_tiny_clip(path: str | Path | None = None) -> tuple[CLIPModel, CLIPTokenizer]:
-    """The pretrained tiny CLIP (float32, eval mode) and the shipped tokenizer."""
-    clip = CLIPModel.from_pretrained(Path(path) if path else TINY_WORLD_DIR / "clip", dtype=torch.float32)
+def load_tiny_clip(path: str | Path | None = None) -> tuple[CLIPModel | ConvClip, CLIPTokenizer]:
+    """The pretrained tiny CLIP (float32, eval mode) and the shipped tokenizer. A folder is
+    either a ConvClip (the current world) or a transformers CLIPModel (the first world)."""
+    folder = Path(path) if path else TINY_WORLD_DIR / "clip"
+    if is_conv_clip_folder(folder):
+        clip = ConvClip.from_pretrained(folder, dtype=torch.float32)
+    else:
+        clip = CLIPModel.from_pretrained(folder, dtype=torch.float32)
     return clip.eval(), load_tokenizer()
+
+
+def clip_image_size(clip: CLIPModel | ConvClip) -> int:
+    return clip.image_size if isinstance(clip, ConvClip) else clip.config.vision_config.image_size
 
 
 def _model_dtype(clip: CLIPModel) -> torch.dtype:
@@ -72,7 +82,7 @@ def _model_dtype(clip: CLIPModel) -> torch.dtype:
 def image_embeddings(clip: CLIPModel, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
     """(N, projection_dim) L2-normalised image embeddings."""
     if not isinstance(images, torch.Tensor):
-        images = images_to_pixels(images, clip.config.vision_config.image_size)
+        images = images_to_pixels(images, clip_image_size(clip))
     features = clip.get_image_features(pixel_values=images.to(_model_dtype(clip)))
     features = getattr(features, "pooler_output", features)  # transformers 5 may wrap outputs
     return torch.nn.functional.normalize(features.float(), dim=-1)

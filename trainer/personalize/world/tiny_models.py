@@ -46,6 +46,7 @@ class TinyConfig:
     vision_heads: int = 4
     vision_patch: int = 8
     projection_dim: int = 64
+    image_tower_widths: tuple[int, ...] = (32, 64, 128)  # the ConvClip's ResNet stages
 
     @classmethod
     def pretrained(cls) -> "TinyConfig":
@@ -112,14 +113,24 @@ def build_clip(cfg: TinyConfig, seed: int = 0) -> CLIPModel:
     return CLIPModel(config)
 
 
+def build_conv_clip(cfg: TinyConfig, seed: int = 0) -> "ConvClip":
+    """The world's CLIP: the CLIP text tower with a small ResNet image tower (conv_clip.py)."""
+    from personalize.world.conv_clip import ConvClip, resnet_config
+
+    torch.manual_seed(seed)
+    return ConvClip(text_config(cfg), resnet_config(cfg.image_tower_widths), cfg.projection_dim, cfg.image_size)
+
+
 def build_text_encoder(cfg: TinyConfig, seed: int = 0) -> CLIPTextModel:
     torch.manual_seed(seed)
     return CLIPTextModel(text_config(cfg))
 
 
-def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
-    """The CLIP text tower as a standalone CLIPTextModel (what Stable Diffusion conditions on)."""
-    text_encoder = CLIPTextModel(clip.config.text_config)
+def text_encoder_from_clip(clip) -> CLIPTextModel:
+    """The CLIP text tower (of a CLIPModel or a ConvClip) as a standalone CLIPTextModel (what
+    Stable Diffusion conditions on)."""
+    config = clip.text_config if hasattr(clip, "text_config") else clip.config.text_config
+    text_encoder = CLIPTextModel(config)
     # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
     target = getattr(text_encoder, "text_model", text_encoder)
     target.load_state_dict(clip.text_model.state_dict())
