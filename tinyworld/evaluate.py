@@ -174,13 +174,13 @@ def _row(name: str, acc: dict[str, float], chance: dict[str, float] | None = Non
     return f"| {name} | {cells} |"
 
 
-def _stage_from_log(log_path: Path, stage: str) -> tuple[int, float] | None:
-    """(steps, wall seconds) of a stage as recorded in the loss log, or None if absent."""
-    if not log_path.exists():
-        return None
-    with log_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["stage"] == stage]
-    return (len(rows), float(rows[-1]["elapsed_s"])) if rows else None
+def clip_objective(summary: dict) -> str:
+    parts = ["contrastive"]
+    if summary.get("clip_swap", {}).get("images_per_batch"):
+        parts.append(f"shape/pattern swap on {summary['clip_swap']['images_per_batch']} images per batch")
+    if summary.get("clip_attribute_heads_weight"):
+        parts.append(f"attribute heads x{summary['clip_attribute_heads_weight']:g}")
+    return " + ".join(parts)
 
 
 def write_model_card(results: dict, summary: dict | None, out: Path) -> None:
@@ -195,8 +195,10 @@ def write_model_card(results: dict, summary: dict | None, out: Path) -> None:
         "any download. It is a Stable Diffusion pipeline in miniature: AutoencoderKL (32x32 RGB <->",
         "8x8x4 latents) + UNet2DConditionModel conditioned on the frozen text tower of a tiny CLIP,",
         "the real CLIP BPE tokenizer (49,408 tokens, ids identical to open_clip's), DDPM scheduler",
-        "(epsilon prediction, scaled-linear betas). `clip/` holds the whole tiny CLIPModel, used for",
-        "CLIP-I / CLIP-T scores and zero-shot classification (`personalize.world.scoring`).",
+        "(epsilon prediction, scaled-linear betas). `clip/` holds the whole tiny CLIP, used for",
+        "CLIP-I / CLIP-T scores and zero-shot classification (`personalize.world.scoring`): a ConvClip",
+        "(`personalize.world.conv_clip`: the CLIP text tower the UNet conditions on, with a small ResNet",
+        "image tower) or, in worlds before it, a transformers CLIPModel.",
         "",
         "Held-out concepts (never in pretraining, any background; `held_out_concepts.json`): "
         + ", ".join(f"`{c.name}`" for c in shapes.HELD_OUT_CONCEPTS if c.name in results["held_out"])
@@ -206,21 +208,20 @@ def write_model_card(results: dict, summary: dict | None, out: Path) -> None:
         "",
         "```",
     ]
-    if summary:
+    if summary and summary.get("commands"):  # a world made in several runs lists them
+        lines += summary["commands"]
+    elif summary:
         steps = summary["steps"]
         lines.append(
             f"python tinyworld/pretrain.py --seed {summary['seed']} --clip-steps {steps['clip']} "
             f"--vae-steps {steps['vae']} --unet-steps {steps['unet']} --threads {summary['threads']}"
         )
-    vision_refine = _stage_from_log(out.parent / "pretrain_log.csv", "clip_vision")
-    if vision_refine:
-        lines.append(f"python tinyworld/refine_clip_vision.py --seed {summary['seed'] if summary else 0} --steps {vision_refine[0]}")
     lines += ["python tinyworld/evaluate.py", "```", ""]
     if summary and summary.get("time_capped"):
         lines += [
-            "The shipped weights came from this command plus `--finish-by-unix` (a wall-clock cap for a",
-            "shared machine). While the UNet ran slower than planned its learning-rate schedule followed",
-            "elapsed time instead of steps, so the command above reproduces the run closely, not bit-for-bit.",
+            "Some stages ran under a wall-clock cap (`--clip-max-minutes`, `--unet-max-minutes`: a shared",
+            "machine). Under a cap a stage's learning-rate schedule follows elapsed time when it runs slower",
+            "than planned, so these commands reproduce the weights closely, not bit-for-bit.",
             "",
         ]
     if summary:
@@ -232,7 +233,8 @@ def write_model_card(results: dict, summary: dict | None, out: Path) -> None:
             "| part | parameters | steps | batch | wall time |",
             "|---|---|---|---|---|",
             f"| world rendering ({summary['pool_size']} images) | - | - | - | {wall['render_pool_s'] / 60:.1f} min |",
-            f"| CLIP (contrastive) | {params['clip']:,} (text {params['clip_text']:,}, vision {params['clip_vision']:,}) "
+            f"| CLIP ({clip_objective(summary)}) | {params['clip']:,} (text {params['clip_text']:,}, "
+            f"image {params.get('clip_image', params.get('clip_vision', 0)):,}) "
             f"| {summary['steps']['clip']} | {summary['batch']['clip']} | {wall['clip_s'] / 60:.1f} min |",
             f"| VAE (MSE + L1 + 1e-6 KL) | {params['vae']:,} | {summary['steps']['vae']} | {summary['batch']['vae']} "
             f"| {wall['vae_s'] / 60:.1f} min |",
@@ -241,12 +243,6 @@ def write_model_card(results: dict, summary: dict | None, out: Path) -> None:
             f"| {summary['batch']['unet']} | {wall['unet_s'] / 60:.1f} min |",
         ]
         total_seconds = sum(wall.values())
-        if vision_refine:
-            total_seconds += vision_refine[1]
-            lines.append(
-                f"| CLIP vision tower refined against the frozen text tower (refine_clip_vision.py) "
-                f"| {params['clip_vision']:,} + projection | {vision_refine[0]} | 128 | {vision_refine[1] / 60:.1f} min |"
-            )
         lines += [
             "",
             f"Total wall time {total_seconds / 60:.1f} min (rendering, training, latent encoding) with torch.set_num_threads({summary['threads']}) on a"
