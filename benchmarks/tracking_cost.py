@@ -186,7 +186,7 @@ def recorded_series(runs_dir: Path) -> dict:
         policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
         stop, evaluations = None, 0
         for step, value in enumerate(values, start=1):
-            measured = value if schedule.due(step) else None
+            measured = value if schedule.due(step, policy) else None
             evaluations += measured is not None
             schedule.observe(step, measured, policy)
             if policy.check(step) is not None:
