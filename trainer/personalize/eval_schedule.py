@@ -19,13 +19,14 @@ Two schedules (`earlyStopping.evalSchedule`):
   over such a gap would get wrong, and it is judged against the scale DVAR decides on:
   sqrt(threshold x variance of the whole series), the window's standard deviation when DVAR's
   value is at the threshold. Above TOLERANCE of it the gap halves, below GROW_BELOW x TOLERANCE
-  it doubles (up to `max_gap`), in between it stays.
+  it doubles (up to `max_gap`), in between it stays. Other criteria get the same rule with their
+  own threshold; their thresholds are small numbers, so the gaps only get shorter (safe, not cheap).
 
 The recorded `losses.csv` has a value in `deterministic_loss` exactly at the evaluated steps, so
 `personalize-train replay --schedule adaptive` rebuilds the same series with `InterpolatedSeries`
 (the code the loop uses) and reproduces the live decision.
 
-`gap_for` and `next_evaluation` are pure functions. Torch-free.
+`gap_for`, `controlled_gap` and `line_miss` are pure functions. Torch-free.
 """
 
 from __future__ import annotations
