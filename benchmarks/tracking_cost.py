@@ -10,12 +10,11 @@ Per method, on the tiny world (one concept, 8 images, batch 4, reference batch 4
    both (the reference batch has its own generator), so the stop steps compare the schedules
    alone. The adaptive run's recorded series is replayed (`personalize-train replay`) to check
    that replay names the live stop step.
-2. Cost. `--rounds` interleaved pairs (the order alternates): the adaptive DVAR run to its stop,
-   and an untracked run (criterion none, L_det never evaluated) of the same number of steps.
-   The ratio is the loop's total step time (training + evaluations, every step counted) of the
-   tracked run over the untracked one; reported as the median over rounds with min and max.
-   For reference, the evaluate-every-step cost: median seconds per step over steps 11-50 of the
-   every-step run over the same steps of the untracked runs.
+2. Cost. `--rounds` interleaved triples (the order rotates): the adaptive DVAR run to its stop,
+   the every-step DVAR run (the spec's default evaluation settings) to its stop, and an untracked
+   run (criterion none, L_det never evaluated) of the adaptive run's steps. A ratio is the loop's
+   total step time (training + evaluations, every step counted) of a tracked run over the
+   untracked one, over the steps both made; reported as the median over rounds with min and max.
 
 Writes benchmarks/results/tracking_cost.json and tracking_cost.md.
 """
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -55,7 +55,6 @@ LEARNING_RATES = {"textualInversion": 0.02, "dreambooth": 3e-4, "lora": 3e-3, "c
                   "tiDreambooth": 3e-4}
 THRESHOLDS = {"textualInversion": 0.15, "dreambooth": 0.4, "lora": 0.15, "customDiffusion": 0.15, "tiDreambooth": 0.4}
 NO_TRACKING = 100_000  # an evalEvery beyond the run: L_det is never evaluated
-TIMED_STEPS = range(11, 51)  # per-step comparison of evaluate-every-step
 
 
 def make_spec(method: str, concept_dir: Path, max_steps: int, window: int, early_stopping: dict) -> dict:
@@ -112,8 +111,10 @@ def replayed_stops(stages: list[list[dict]], window: int, threshold: float, work
     return stops
 
 
-def loop_seconds(stages: list[list[dict]]) -> float:
-    return sum(r["seconds"] for rows in stages for r in rows)
+def loop_seconds(stages: list[list[dict]], limits: list[int] | None = None) -> float:
+    """The loop's total step time; with `limits`, of each stage's first limits[i] steps only."""
+    limits = limits or [len(rows) for rows in stages]
+    return sum(r["seconds"] for rows, limit in zip(stages, limits) for r in rows if r["step"] <= limit)
 
 
 def measure(method: str, concept_dir: Path, args, work: Path) -> dict:
@@ -130,22 +131,28 @@ def measure(method: str, concept_dir: Path, args, work: Path) -> dict:
     if method == "tiDreambooth":
         untracked_spec["tiDreambooth"]["stage1MaxSteps"] = adaptive_stops[0]
         untracked_spec["training"]["maxSteps"] = adaptive_stops[1]
-    ratios, tracked_s, untracked_s, untracked_rows = [], [], [], []
+    ratios, every_ratios, tracked_s, untracked_s, every_s = [], [], [], [], []
+    orders = (("tracked", "every", "untracked"), ("untracked", "tracked", "every"), ("every", "untracked", "tracked"))
     for r in range(args.rounds):
-        pair = {}
-        for name in (("tracked", "untracked") if r % 2 == 0 else ("untracked", "tracked")):
-            spec = make_spec(method, concept_dir, args.max_steps, args.window, ADAPTIVE) if name == "tracked" else untracked_spec
+        runs = {}
+        for name in orders[r % len(orders)]:
+            spec = {"tracked": lambda: make_spec(method, concept_dir, args.max_steps, args.window, ADAPTIVE),
+                    "every": lambda: make_spec(method, concept_dir, args.max_steps, args.window, EVERY_STEP),
+                    "untracked": lambda: untracked_spec}[name]()
             stages, stops = train(spec)
-            pair[name] = loop_seconds(stages)
-            if name == "untracked":
-                untracked_rows.append(stages[0])
-            else:
+            runs[name] = stages
+            if name == "tracked":
                 assert stops == adaptive_stops, (stops, adaptive_stops)  # deterministic: the same decision
-        ratios.append(pair["tracked"] / pair["untracked"])
-        tracked_s.append(pair["tracked"])
-        untracked_s.append(pair["untracked"])
-    every_per_step = statistics.median(r["seconds"] for r in every[0] if r["step"] in TIMED_STEPS)
-    untracked_per_step = statistics.median(r["seconds"] for rows in untracked_rows for r in rows if r["step"] in TIMED_STEPS)
+            if name == "every":
+                assert stops == every_stops, (stops, every_stops)
+        limits = [len(rows) for rows in runs["untracked"]]  # the adaptive run's steps, per stage
+        untracked = loop_seconds(runs["untracked"])
+        ratios.append(loop_seconds(runs["tracked"]) / untracked)
+        # evaluating at every step, over the steps both runs made
+        every_ratios.append(loop_seconds(runs["every"], limits) / loop_seconds(runs["untracked"], limits))
+        tracked_s.append(loop_seconds(runs["tracked"]))
+        untracked_s.append(untracked)
+        every_s.append(loop_seconds(runs["every"], limits))
     result = {
         "threshold": threshold,
         "stop_every_step": every_stops,
@@ -159,8 +166,13 @@ def measure(method: str, concept_dir: Path, args, work: Path) -> dict:
         "loop_ratio_adaptive_over_untracked": {
             "median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
         },
-        "loop_seconds": {"tracked": [round(s, 2) for s in tracked_s], "untracked": [round(s, 2) for s in untracked_s]},
-        "every_step_cost_per_step_11_50": round(every_per_step / untracked_per_step, 3),
+        "loop_ratio_every_step_over_untracked": {
+            "median": round(statistics.median(every_ratios), 3), "min": round(min(every_ratios), 3),
+            "max": round(max(every_ratios), 3),
+        },
+        "loop_seconds": {"tracked": [round(s, 2) for s in tracked_s], "untracked": [round(s, 2) for s in untracked_s],
+                         "every_step": [round(s, 2) for s in every_s]},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     print(method, json.dumps(result), flush=True)
@@ -186,7 +198,7 @@ def recorded_series(runs_dir: Path) -> dict:
         policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
         stop, evaluations = None, 0
         for step, value in enumerate(values, start=1):
-            measured = value if schedule.due(step) else None
+            measured = value if schedule.due(step, policy) else None
             evaluations += measured is not None
             schedule.observe(step, measured, policy)
             if policy.check(step) is not None:
@@ -231,18 +243,19 @@ def markdown(report: dict) -> str:
         f"{report['window']} steps, maxSteps {report['max_steps']}; {report['machine']}; {report['rounds']} interleaved "
         "rounds. Command: `python benchmarks/tracking_cost.py`. Loop ratio: total step time of the adaptive DVAR "
         "run over an untracked run (criterion none, no L_det) of the same steps; median (min-max) over rounds. "
-        "Every step: seconds per step (steps 11-50) evaluating at every step over untracked.",
+        "Every step: the same for the every-step DVAR run (evalSchedule fixed, evalEvery 1, the spec's default) over "
+        "the untracked run's steps, in the same rounds (the order rotates). Load average: at the end of the method.",
         "",
         "| method | stop, every step | stop, adaptive | moved | replay = live | evaluated steps | loop ratio adaptive "
-        "| every-step cost |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loop ratio every step | load average |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, r in report["methods"].items():
-        q = r["loop_ratio_adaptive_over_untracked"]
+        q, e = r["loop_ratio_adaptive_over_untracked"], r["loop_ratio_every_step_over_untracked"]
         lines.append(
             f"| {method} | {r['stop_every_step']} | {r['stop_adaptive']} | {r['stop_moved']} | {r['replay_matches_live']} "
             f"| {r['adaptive_evaluations']}/{r['adaptive_steps']} | {q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f}) "
-            f"| {r['every_step_cost_per_step_11_50']:.2f} |"
+            f"| {e['median']:.3f} ({e['min']:.3f}-{e['max']:.3f}) | {' '.join(str(x) for x in r['load_average'])} |"
         )
     return "\n".join(lines) + "\n"
 

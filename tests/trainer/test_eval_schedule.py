@@ -16,10 +16,10 @@ from personalize.eval_schedule import (
     AdaptiveSchedule,
     FixedSchedule,
     InterpolatedSeries,
+    controlled_gap,
     default_max_gap,
-    dense_start,
     gap_for,
-    next_evaluation,
+    line_miss,
     schedule_from_spec,
 )
 from personalize.replay import REPLAYABLE
@@ -53,23 +53,69 @@ def test_the_gap_grows_with_the_distance_and_stays_in_bounds():
     assert len(set(gaps)) > 5  # it is graded, not a switch
 
 
-def test_next_evaluation_is_dense_at_the_start_then_at_most_doubles():
-    assert [next_evaluation(s, 1, None, 0.15, max_gap=31, dense_until=10) for s in (1, 5, 9)] == [2, 6, 10]
-    assert next_evaluation(10, 1, None, 0.15, max_gap=31, dense_until=10) == 12  # gap 1 -> 2
-    assert next_evaluation(12, 2, None, 0.15, max_gap=31, dense_until=10) == 16  # 2 -> 4
-    assert next_evaluation(100, 16, None, 0.15, max_gap=31, dense_until=10) == 131  # capped at max_gap
-    assert next_evaluation(100, 31, 0.16, 0.15, max_gap=31, dense_until=10) == 101  # near: at once every step
+def test_the_gap_halves_on_a_miss_doubles_on_a_hit_and_stays_in_between():
+    tolerance = 1.0
+    assert controlled_gap(8, 1.01, tolerance, max_gap=31) == 4
+    assert controlled_gap(1, 5.0, tolerance, max_gap=31) == 1
+    assert controlled_gap(8, eval_schedule.GROW_BELOW * 0.99, tolerance, max_gap=31) == 16
+    assert controlled_gap(20, 0.0, tolerance, max_gap=31) == 31  # capped
+    assert controlled_gap(8, 0.5, tolerance, max_gap=31) == 8
+    assert controlled_gap(8, None, tolerance, max_gap=31) == 8  # no prediction yet
+
+
+def test_the_miss_is_measured_against_the_line_through_the_two_previous_measurements():
+    assert line_miss((1, 1.0), (3, 3.0), 7, 7.0) == 0.0
+    assert line_miss((1, 1.0), (3, 3.0), 7, 6.5) == 0.5
+    assert line_miss(None, (3, 3.0), 7, 6.5) is None
 
 
 def test_defaults_scale_with_the_window():
-    assert default_max_gap(310) == 31 and default_max_gap(60) == 6 and default_max_gap(5) == 1
-    assert dense_start(310) == 10 and dense_start(3) == 1
+    assert default_max_gap(310) == 77 and default_max_gap(60) == 15 and default_max_gap(3) == 1
+
+
+def evaluated_steps(values, window, threshold):
+    schedule = AdaptiveSchedule(threshold, window)
+    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10_000)
+    evaluated = []
+    for step, value in enumerate(values, 1):
+        if schedule.due(step, policy):
+            schedule.observe(step, value, policy)
+            evaluated.append(step)
+    return evaluated
+
+
+def test_a_straight_line_is_evaluated_ever_more_rarely_and_a_zigzag_at_every_step():
+    line = evaluated_steps([1.0 - 0.001 * i for i in range(200)], 60, 0.15)
+    gaps = [b - a for a, b in zip(line, line[1:])]
+    assert gaps[:4] == [1, 1, 2, 4] and max(gaps) == default_max_gap(60)
+    zigzag = evaluated_steps([1.0 + 0.01 * (-1) ** i - 0.001 * i for i in range(200)], 60, 0.15)
+    assert zigzag == list(range(1, 201))
+
+
+def test_an_evaluation_is_called_when_the_held_measurement_would_stop_the_run():
+    """Between planned evaluations, the schedule asks whether the criterion would stop at this
+    step had L_det stayed at its last measurement; from the first step where it would, it is due."""
+    window, threshold = 20, 0.15
+    values = [10.0 - i for i in range(10)] + [1.0] * 5
+    schedule = AdaptiveSchedule(threshold, window)
+    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10_000)
+    for step, value in enumerate(values, 1):
+        schedule.observe(step, value, policy)  # measured at every step up to 15
+    schedule.next_step = 10_000  # no planned evaluation
+    held = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10_000)
+    for value in values:
+        held.update(value)
+    first = next(step for step in range(16, 200) if held.update(1.0) is not None and held.criterion.should_stop())
+    assert [schedule.due(step, policy) for step in range(16, first + 1)] == [False] * (first - 16) + [True]
+    assert not schedule.due(first, None)  # no criterion to project: only the plan counts
+    policy.min_steps = first + 1
+    assert not schedule.due(first, policy)  # no stop is allowed yet
 
 
 def test_the_spec_chooses_the_schedule():
     assert isinstance(schedule_from_spec(EarlyStopping(), 0.15, 310), FixedSchedule)
     adaptive = schedule_from_spec(EarlyStopping(eval_schedule="adaptive"), 0.15, 310)
-    assert isinstance(adaptive, AdaptiveSchedule) and adaptive.max_gap == 31
+    assert isinstance(adaptive, AdaptiveSchedule) and adaptive.max_gap == 77
     assert schedule_from_spec(EarlyStopping(eval_schedule="adaptive", max_eval_gap=7), 0.15, 310).max_gap == 7
     assert EarlyStopping(eval_schedule="adaptive", eval_every=5).criterion_spacing == 1
     assert EarlyStopping(eval_every=5).criterion_spacing == 5
@@ -128,7 +174,7 @@ def live_run(values, schedule, policy):
     """What train_stage does after each step: evaluate when due, feed the criterion, check."""
     evaluated = {}
     for step, value in enumerate(values, start=1):
-        measured = value if schedule.due(step) else None
+        measured = value if schedule.due(step, policy) else None
         if measured is not None:
             evaluated[step] = measured
         schedule.observe(step, measured, policy)
@@ -181,7 +227,7 @@ def test_a_resumed_schedule_continues_exactly(tmp_path):
     evaluated_rest = {}
     stop_resumed = None
     for step in range(cut + 1, len(values) + 1):
-        measured = values[step - 1] if resumed.due(step) else None
+        measured = values[step - 1] if resumed.due(step, resumed_policy) else None
         if measured is not None:
             evaluated_rest[step] = measured
         resumed.observe(step, measured, resumed_policy)

@@ -47,12 +47,13 @@ def run(pipeline_dir, concept_dir, method: str, early_stopping: dict):
     return stages
 
 
-# Measured on this tiny run: TI+DreamBooth's second stage stops at 43 with the adaptive schedule
-# and at 35 evaluating every step; DreamBooth (with the flip augmentation and gradient clipping
-# defaults) at 41 against 49. Kept as strict xfails so that they are visible, and so that a
-# schedule that fixes them makes this test fail until the mark is removed. The schedule is opt-in.
-KNOWN_MISSES = {"tiDreambooth": "stage 2 stops 8 steps after the every-step run (43 vs 35)",
-                "dreambooth": "stops 8 steps before the every-step run (41 vs 49)"}
+# TI+DreamBooth's second stage: at step 25, L_det spikes to 2.20 between values near 1.1 (one
+# step of this tiny model's DreamBooth training going astray). Evaluating at every step, the spike
+# dominates both variances until it leaves the window and the run stops at 55; the adaptive
+# schedule evaluates steps 24 and 26 (the loss zigzags, 33 of 35 steps are measured) and stops at
+# 35. No schedule that skips a step can see a one-step spike there; kept as a strict xfail so that
+# the gap stays visible.
+KNOWN_MISSES = {"tiDreambooth": "a one-step L_det spike at stage 2's step 25 is skipped: stops at 35, every step at 55"}
 
 
 @pytest.mark.parametrize("method", [
@@ -64,8 +65,10 @@ def test_adaptive_stops_near_every_step_and_replays_exactly(method, tiny_pipelin
     adaptive = run(tiny_pipeline_dir, concept_dir, method, {"evalSchedule": "adaptive"})
     for (rows_1, out_1), (rows_a, out_a) in zip(every, adaptive):
         assert out_1.reason.value == "ConvergenceThreshold"  # the comparison is about an early stop
-        assert abs(out_a.stop_step - out_1.stop_step) <= 5, (out_a.stop_step, out_1.stop_step)
         evaluated = [r["step"] for r in rows_a if r["deterministic_loss"] is not None]
+        print(f"{method}: stop every step {out_1.stop_step}, adaptive {out_a.stop_step}, "
+              f"evaluated {len(evaluated)}/{len(rows_a)}")
+        assert abs(out_a.stop_step - out_1.stop_step) <= 5, (out_a.stop_step, out_1.stop_step)
         assert len(evaluated) < len(rows_a)  # it skipped evaluations
         # the same training: identical losses at the steps both runs evaluated
         by_step = {r["step"]: r["deterministic_loss"] for r in rows_1}

@@ -166,3 +166,76 @@ def test_augmentation_never_reaches_the_reference_batch(models, examples, concep
     assert augmented_ref.deterministic_loss(models.unet, models.text_encoder) == loss
     assert not torch.equal(augmented.sample(3, torch.Generator().manual_seed(0))[0],
                            examples.sample(3, torch.Generator().manual_seed(0))[0])
+
+
+def _plain_deterministic_loss(ref, denoiser, text_encoder) -> float:
+    """L_det the straightforward way: Module.eval(), no_grad, the components and the loss."""
+    from personalize.diffusion import diffusion_loss
+
+    denoiser.eval()
+    text_encoder.eval()
+    try:
+        with torch.no_grad():
+            latents, noise, timesteps, emb = ref.components(text_encoder)
+            parts = [
+                float(diffusion_loss(denoiser, ref.models, latents[p], noise[p], timesteps[p], emb[p]))
+                for p in (slice(s * ref.size, (s + 1) * ref.size) for s in range(ref.sub_batches))
+            ]
+    finally:
+        denoiser.train()
+        text_encoder.train()
+    return sum(parts) / len(parts)
+
+
+@pytest.mark.parametrize("text_encoder_trained", [False, True])
+def test_the_fast_evaluation_gives_bit_identical_values_and_restores_the_modes(models, examples, text_encoder_trained):
+    """Inference mode, the flat mode switch and the cached captions change the cost, not L_det:
+    equal to the last bit to the plain evaluation, on a UNet with LoRA adapters whose dropout
+    would change the value if eval mode were not reached."""
+    from peft import LoraConfig
+
+    unet = models.unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, lora_dropout=0.5, target_modules=["to_q", "to_v"]),
+                     adapter_name="fast_eval_test")
+    try:
+        with torch.no_grad():  # non-zero B matrices: the adapters (and their dropout) count
+            for name, p in unet.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.05)
+        unet.train()
+        models.text_encoder.train()
+        ref = make(models, examples, size=2, sub_batches=2, text_encoder_trained=text_encoder_trained)
+        fast = [ref.deterministic_loss(unet, models.text_encoder) for _ in range(3)]
+        assert all(m.training for m in unet.modules()) and all(m.training for m in models.text_encoder.modules())
+        plain = _plain_deterministic_loss(ref, unet, models.text_encoder)
+        assert fast == [plain] * 3
+        # a denoiser in eval mode stays there
+        unet.eval()
+        assert ref.deterministic_loss(unet, models.text_encoder) == plain
+        assert not any(m.training for m in unet.modules())
+    finally:
+        unet.delete_adapters("fast_eval_test")
+        unet.train()
+        models.text_encoder.train()
+
+
+def test_the_mode_switch_falls_back_to_train_for_modules_that_override_it():
+    from personalize.reference_batch import ModeSwitch
+
+    class Counting(torch.nn.Module):
+        calls: list[bool] = []
+
+        def train(self, mode: bool = True):
+            Counting.calls.append(mode)
+            return super().train(mode)
+
+    tree = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(Counting(), torch.nn.Dropout(0.5)))
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    for module, overridden in ((tree, True), (plain, False)):
+        Counting.calls.clear()
+        switch = ModeSwitch(module)
+        switch.set(False)
+        assert not any(m.training for m in module.modules())
+        switch.set(True)
+        assert all(m.training for m in module.modules())
+        assert Counting.calls == ([False, True] if overridden else [])

@@ -222,11 +222,12 @@ def train_stage(
 
         det_step = conv_step = None
         if reference is not None:
-            if schedule.due(step):
+            loss_policy = policy if clip_check is None else None  # the policy the L_det series feeds
+            if schedule.due(step, loss_policy):
                 with accelerator.autocast():
                     det_step = reference.deterministic_loss(models.denoiser, models.text_encoder)
                 det_loss = det_step
-            conv_step = schedule.observe(step, det_step, policy if clip_check is None else None)
+            conv_step = schedule.observe(step, det_step, loss_policy)
             if clip_check is not None and step % es.clip.every_steps == 0:
                 with accelerator.autocast():  # the frozen weights are in the half dtype here
                     conv_step = policy.update(clip_check.score(models))

@@ -15,7 +15,10 @@ reference generator is separate from the training generator, so evaluating (or n
 changes the training trajectory.
 
 Everything that does not depend on trained weights is computed once: the latents (the VAE is
-always frozen), and the caption embeddings when the text encoder's input is frozen.
+always frozen), and the caption embeddings when the text encoder's input is frozen. An evaluation
+runs under `torch.inference_mode` and switches the models to eval mode through a flat list of
+their modules (`ModeSwitch`) rather than `Module.eval()`/`train()`, whose recursive walk costs
+~5% of the tiny UNet's forward: tracking is cheaper, the values are the same (tested).
 """
 
 from __future__ import annotations
@@ -32,6 +35,37 @@ from personalize.spec import EarlyStopping, FixedComponents, ReferenceInfo
 
 # Offset that separates the reference generator's stream from the training generator's.
 REFERENCE_SEED_OFFSET = 0x5EED_DE7
+
+
+class ModeSwitch:
+    """Switches a module tree between train and eval mode the way `Module.train(mode)` does,
+    with one flag write per module instead of a recursive walk through `Module.__setattr__`.
+
+    The modules are listed once, on first use: the tree must not change afterwards (a training
+    stage adds its adapters before the reference batch is built). A tree with a module that
+    overrides `train()` (e.g. PEFT's DoRA) is switched with `Module.train` itself.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._modules: Optional[list[torch.nn.Module]] = None
+        self._plain: Optional[bool] = None
+
+    def _listed(self) -> Optional[list[torch.nn.Module]]:
+        if self._plain is None:
+            modules = list(self.module.modules())
+            self._plain = all(type(m).train is torch.nn.Module.train for m in modules)
+            self._modules = modules if self._plain else None
+        return self._modules
+
+    def set(self, training: bool) -> None:
+        """Every module of the tree in train (True) or eval (False) mode."""
+        modules = self._listed()
+        if modules is None:
+            self.module.train(training)
+            return
+        for m in modules:
+            m.__dict__["training"] = training  # where nn.Module keeps the flag (set in its __init__)
 
 
 class ReferenceBatch:
@@ -59,6 +93,7 @@ class ReferenceBatch:
         self.num_timesteps = models.family.num_timesteps(models)
         self.generator = self._generator(seed)
         self.evaluations = 0
+        self._modes: dict[int, ModeSwitch] = {}  # per model evaluated: its mode switch
 
         # Draw every component once, in a fixed order, whether or not it stays fixed: the
         # reference examples (and so the held-out set) then depend on the seed only.
@@ -169,33 +204,53 @@ class ReferenceBatch:
         embeddings = embeddings.with_image_geometry(self.examples.geometry[indices])
         return latents, noise, timesteps, embeddings
 
-    @torch.no_grad()
+    def _mode(self, module: torch.nn.Module) -> ModeSwitch:
+        switch = self._modes.get(id(module))
+        if switch is None or switch.module is not module:
+            switch = self._modes[id(module)] = ModeSwitch(module)
+        return switch
+
+    @property
+    def captions_cached(self) -> bool:
+        """Whether the caption embeddings are reused (the text encoder then is not run)."""
+        return self._caption_cache is not None
+
     def deterministic_loss(self, denoiser, text_encoder) -> float:
-        """L_det: the training loss on the reference batch, averaged over its sub-batches."""
-        denoiser_was_training, text_was_training = denoiser.training, text_encoder.training
-        denoiser.eval()
-        text_encoder.eval()
+        """L_det: the training loss on the reference batch, averaged over its sub-batches.
+
+        Under inference mode, with the denoiser (and the text encoder, when it runs) in eval
+        mode; each is returned to the mode it was in."""
+        # the text encoder runs only while its embeddings are not cached
+        models = [denoiser] if self.captions_cached else [denoiser, text_encoder]
+        was_training = [m.training for m in models]
+        for m in models:
+            self._mode(m).set(False)
         try:
-            latents, noise, timesteps, embeddings = self.components(text_encoder)
-            # fp32 inputs (under mixed precision the caller's autocast runs the denoiser in the half
-            # dtype); the squared error and the mean over slots and sub-batches stay fp32.
-            device = denoiser.device
-            total = 0.0
-            for s in range(self.sub_batches):
-                part = slice(s * self.size, (s + 1) * self.size)
-                loss = diffusion_loss(
-                    denoiser,
-                    self.models,
-                    latents[part].to(device, torch.float32),
-                    noise[part].to(device, torch.float32),
-                    timesteps[part].to(device),
-                    embeddings[part].to(device, torch.float32),
-                )
-                total += float(loss)
+            with torch.inference_mode():
+                total = self._loss(denoiser, text_encoder)
         finally:
-            denoiser.train(denoiser_was_training)
-            text_encoder.train(text_was_training)
+            for m, training in zip(models, was_training):
+                self._mode(m).set(training)
         self.evaluations += 1
+        return total
+
+    def _loss(self, denoiser, text_encoder) -> float:
+        latents, noise, timesteps, embeddings = self.components(text_encoder)
+        # fp32 inputs (under mixed precision the caller's autocast runs the denoiser in the half
+        # dtype); the squared error and the mean over slots and sub-batches stay fp32.
+        device = denoiser.device
+        total = 0.0
+        for s in range(self.sub_batches):
+            part = slice(s * self.size, (s + 1) * self.size)
+            loss = diffusion_loss(
+                denoiser,
+                self.models,
+                latents[part].to(device, torch.float32),
+                noise[part].to(device, torch.float32),
+                timesteps[part].to(device),
+                embeddings[part].to(device, torch.float32),
+            )
+            total += float(loss)
         return total / self.sub_batches
 
     # ---- resume ----------------------------------------------------------------------------

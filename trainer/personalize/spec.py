@@ -469,13 +469,14 @@ class EarlyStopping(ApiModel):
     )
     eval_schedule: EvalSchedule = Field(
         EvalSchedule.fixed,
-        description="fixed: every evalEvery steps. adaptive: densely at the start, every maxEvalGap steps while "
-        "the convergence value is far from the threshold, every step once it is near; the criterion then sees "
-        "one value per training step, interpolated linearly between evaluations.",
+        description="fixed: every evalEvery steps. adaptive: gaps that halve while the loss strays from a straight "
+        "line and double while it follows one (up to maxEvalGap), every step once the convergence value is near "
+        "the threshold, and at once when the criterion would stop on the last measurement; the criterion then "
+        "sees one value per training step, interpolated linearly between evaluations.",
     )
     max_eval_gap: Optional[int] = Field(
         None, ge=1, le=100_000, description="Adaptive schedule: the most steps between two evaluations. "
-        "Default: the window / 10.",
+        "Default: the window / 4.",
     )
     reference_batch_size: int = Field(4, ge=1, le=256)
     reference_sub_batches: int = Field(
