@@ -429,10 +429,11 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         if args.fresh or not path.is_file():
             return None
         record = {**asdict(Task(kind="", concept="")), **json.loads(path.read_text())}  # older files: defaults
-        same = all(record[k] == v for k, v in asdict(task).items())
+        same = all(record[k] == v for k, v in asdict(task).items()) and record.get("world") == args.world
         return record if same else None
 
     def finished(record: dict) -> None:
+        record["world"] = args.world  # a run is only reused on the world it ran on
         name = Task(**{k: record[k] for k in Task.__dataclass_fields__}).name
         records[name] = record
         (runs_dir / f"{name}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")
@@ -708,6 +709,7 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
     json_path, md_path = report_paths(out, args.set)
     report = {
         "command": args.command,
+        "world": args.world,  # provenance.world_fingerprint of the tiny world the runs trained
         "concept_set": args.set,
         "concepts": concepts,
         "methods": list(args.methods),
@@ -831,7 +833,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from personalize.world.provenance import held_out_by
+    from personalize.world.provenance import held_out_by, world_fingerprint
     from personalize.world.shapes import concept_set
     from personalize.world.tiny_models import TINY_WORLD_DIR
 
@@ -842,6 +844,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: the installed tiny world ({TINY_WORLD_DIR}) was pretrained on {', '.join(seen)}; "
               "re-pretrain it (tinyworld/pretrain.py) before benchmarking these concepts", file=sys.stderr)
         return 2
+    args.world = world_fingerprint(TINY_WORLD_DIR)
     runs_dir = args.out / "personalization_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -218,12 +218,19 @@ def recorded_series(runs_dir: Path) -> dict:
     }
 
 
+def relative_to_repo(path: Path) -> str:
+    path = path.resolve()
+    root = RESULTS.parents[1]
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def recorded_markdown(summary: dict) -> str:
     lines = [
         "# The adaptive schedule on recorded every-step DVAR series",
         "",
-        "Series: `benchmarks/results/personalization_runs/*_dvar_*.json` (tiny world, window 60, every step). "
-        f"Command: `python benchmarks/tracking_cost.py --recorded-only`. Within 5 steps: {summary['within_5_steps']} "
+        f"Series: `{summary['runs_dir']}/*_dvar_*.json` (tiny world, window 60, every step). "
+        f"Command: `python benchmarks/tracking_cost.py --recorded-only --runs {summary['runs_dir']}`. "
+        f"Within 5 steps: {summary['within_5_steps']} "
         f"of {summary['count']}; not stopped by the recorded stop (stops later, by an unknown amount): "
         f"{summary['later_than_recorded']}.",
         "",
@@ -270,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--recorded-only", action="store_true",
                         help="only the schedule on the personalization benchmark's recorded series")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "first_world" / "personalization_runs",
+                        help="the personalization benchmark's run files to replay (default: the first world's)")
     args = parser.parse_args(argv)
     out = Path(args.output)
-    summary = recorded_series(RESULTS / "personalization_runs")
+    summary = {**recorded_series(args.runs), "runs_dir": relative_to_repo(args.runs)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "tracking_cost_recorded.md").write_text(recorded_markdown(summary))

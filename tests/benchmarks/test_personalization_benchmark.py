@@ -136,6 +136,21 @@ def test_finished_runs_are_reused(smoke):
     assert list(again["table"]["textualInversion"]) == ["dvar", "fewIterations"]
 
 
+def test_runs_of_another_world_are_not_reused(smoke):
+    """A finished run names the world it trained on; after re-pretraining it is run again."""
+    bench, out, report = smoke
+    assert report["world"] == json.loads(
+        (out / "personalization_runs" / "textualInversion_dvar_red_striped_triangle.json").read_text())["world"]
+    cached = out / "personalization_runs" / "textualInversion_dvar_red_striped_triangle.json"
+    record = json.loads(cached.read_text())
+    record["clip_i"], record["world"] = 0.123, "another-world"
+    cached.write_text(json.dumps(record))
+    assert bench.main(["--smoke", "--workers", "1", "--out", str(out), "--variants", "dvar"]) == 0
+    again = json.loads((out / "personalization_dev.json").read_text())
+    assert again["table"]["textualInversion"]["dvar"]["per_concept"]["red_striped_triangle"]["clip_i"] != 0.123
+    assert json.loads(cached.read_text())["world"] == report["world"]
+
+
 def test_baseline_curve_ends_at_the_runs_final_score(smoke):
     """The curve is scored with the models being trained; its last point (the last step) is the
     same model state the run's final evaluation scores, so scoring mid-run did not change the run."""

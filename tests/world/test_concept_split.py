@@ -93,3 +93,16 @@ def test_a_world_without_a_record_held_out_only_the_dev_concepts(tmp_path):
     held_out = provenance.held_out_by(tmp_path)
     assert held_out == {c.name for c in DEV_CONCEPTS}
     assert not held_out & {c.name for c in TEST_CONCEPTS}
+
+
+def test_world_fingerprint_follows_the_weights_bytes(tmp_path):
+    from personalize.world.provenance import world_fingerprint
+
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "model.safetensors"
+    weights.write_bytes(b"one")
+    first = world_fingerprint(tmp_path)
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert world_fingerprint(tmp_path) == first
+    weights.write_bytes(b"two")
+    assert world_fingerprint(tmp_path) != first

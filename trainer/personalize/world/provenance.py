@@ -6,10 +6,12 @@ carry their own list and scoring code checks against it:
 
     write_record(world_dir)                        # pretraining: this world held out today's sets
     unseen = held_out_by(world_dir)                # names of the concepts it never saw
+    world_fingerprint(world_dir)                   # which weights these are (results name it)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,3 +33,13 @@ def held_out_by(world_dir: str | Path) -> frozenset[str]:
         # Worlds pretrained before the dev/test split carry no record; they held out the dev set.
         return frozenset(c.name for c in DEV_CONCEPTS)
     return frozenset(name for names in json.loads(path.read_text()).values() for name in names)
+
+
+def world_fingerprint(world_dir: str | Path) -> str:
+    """12 hex digits of a SHA-256 over the world's weight files (names and bytes): results
+    computed on one world must not be mistaken for another's."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(world_dir).rglob("*.safetensors")):
+        digest.update(path.relative_to(world_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
