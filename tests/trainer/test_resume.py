@@ -91,7 +91,8 @@ def only_checkpoint(output: Path) -> tuple[Path, dict]:
 def test_sigterm_then_resume_equals_an_uninterrupted_run(method, concept_dir, tmp_path, capsys):
     # LoRA warms its learning rate up past the interrupt step: the schedule's place must be restored too.
     schedule = {"lrScheduler": "constant_with_warmup", "lrWarmupSteps": 12} if method == "lora" else {}
-    config = write_config(tmp_path / "job.yaml", concept_dir, method, **schedule)
+    # minSteps: the run must go on well past the interrupt whatever step the world's DVAR would allow.
+    config = write_config(tmp_path / "job.yaml", concept_dir, method, minSteps=14, **schedule)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
     # The uninterrupted run and the run to be interrupted run side by side (2 cores).
