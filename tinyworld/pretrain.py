@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "trainer"))
 
 from personalize.world import provenance, shapes  # noqa: E402
-from personalize.world.scoring import load_tiny_clip, uint8_batch_to_pixels  # noqa: E402
+from personalize.world.scoring import ZERO_SHOT_CLASSES, load_tiny_clip, uint8_batch_to_pixels  # noqa: E402
 from personalize.world.tiny_models import (  # noqa: E402
     MAX_TEXT_LENGTH,
     TINY_WORLD_DIR,
@@ -184,9 +184,8 @@ class AttributeHeads(torch.nn.Module):
         return total / len(self.heads)
 
 
-ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
-    "shape": tuple(shapes.SHAPES), "colour": tuple(shapes.COLOURS), "pattern": tuple(shapes.PATTERNS),
-    "background": tuple(shapes.BACKGROUNDS)}
+# The zero-shot classes, in the heads' order (their initial weights are drawn in this order).
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {name: ZERO_SHOT_CLASSES[name] for name in ("shape", "colour", "pattern", "background")}
 
 
 def train_clip(cfg, pool, tokenizer, steps, batch, seed, log, lr=1e-3, swap_images=32, swap_weight=1.0,
