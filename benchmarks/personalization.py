@@ -6,7 +6,9 @@ personalization method, on held-out concepts of the embedded tiny world.
 
 Variants (per method, on every concept; each run is one in-process PersonalizationJob):
   baseline       criterion none, the method's fixed step budget (`max_steps` below)
-  dvar           criterion dvar (the method's window / threshold below), same budget as the cap
+  dvar           criterion dvar (the method's window / threshold below), same budget as the cap;
+                 with baseline also asked for, cut from the baseline's run (which then tracks
+                 L_det without stopping and scores the models at DVAR's stop: derived_dvar_record)
   fewIterations  criterion none, maxSteps = DVAR's mean stop step for that method over the concepts
   clip           criterion clip: CLIP-I of samples every `everySteps` steps, stop after `patience`
                  checks without improvement (the paper's expensive baseline)
@@ -24,8 +26,8 @@ DDIM, guidance EVAL_GUIDANCE.
 
 Wall seconds are the training loop's seconds: the sum of its steps' seconds (optimizer step, L_det
 evaluation, CLIP checks); not model loading, not the evaluation samples, not the baseline's CLIP-I
-curve. Only DVAR runs evaluate L_det (every step); baseline, few-iterations and CLIP runs pay
-nothing for it.
+curve. DVAR runs (and baselines that observe DVAR) evaluate L_det every step; few-iterations and
+CLIP runs pay nothing for it.
 
 Concepts come from a named held-out set (--set dev|test, trainer/personalize/world/shapes.py):
 settings may be tuned on dev, never on test.
@@ -129,6 +131,9 @@ class Task:
     eval_inference_steps: int = EVAL_INFERENCE_STEPS
     seed: int = 0
     curve_every: int = 0  # baseline: score CLIP-I every this many steps and at the last (0: not at all)
+    # baseline: track L_det at every step without stopping (DVAR, minSteps = maxSteps) and score the
+    # models at the step DVAR would stop at: the DVAR run, derived (see `derived_dvar_record`)
+    observe_dvar: bool = False
     repeat: int = 0  # timing: which pair
 
     @property
@@ -226,10 +231,11 @@ def job_spec(task: Task, train_dir: Path) -> dict:
 
     concept = concept_by_name(task.concept)
     criterion = {"baseline": "none", "fewIterations": "none", "untracked": "none", "tracked": "dvar"}
+    tracked = task.variant == "dvar" or task.observe_dvar
     early_stopping: dict[str, Any] = {
-        "criterion": criterion.get(task.variant, task.variant),
+        "criterion": "dvar" if task.observe_dvar else criterion.get(task.variant, task.variant),
         # Only DVAR reads L_det; the other variants would pay for it without using it.
-        "evalEvery": EVAL_EVERY if task.variant == "dvar" else NO_TRACKING_EVAL_EVERY,
+        "evalEvery": EVAL_EVERY if tracked else NO_TRACKING_EVAL_EVERY,
         "window": task.window,
         "threshold": task.threshold,
     }
@@ -249,7 +255,7 @@ def job_spec(task: Task, train_dir: Path) -> dict:
         # The trainer's own grids are skipped (see run_task); the CLIP criterion uses prompts[0].
         "validation": {"prompts": [EVAL_TEMPLATES[0]], "numImagesPerPrompt": 1},
     }
-    if task.variant == "tracked":  # tracked the whole way, never stopped: the same steps as untracked
+    if task.variant == "tracked" or task.observe_dvar:  # tracked the whole way, never stopped
         spec["training"]["minSteps"] = task.max_steps
     if task.method == "dreambooth":
         spec["priorPreservation"] = {"numClassImages": DREAMBOOTH_CLASS_IMAGES}
@@ -268,17 +274,26 @@ def evaluate_after_training(scores: dict, task: Task, work: Path):
     return hook
 
 
-def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict):
+def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict, runner, dvar_stop: dict):
     """A JobRunner `after_step` hook: keep each step's seconds (as the loop measured them, so the
-    curve's scoring below is not counted) and, every `task.curve_every` steps and at the last,
-    the CLIP-I of the models as they are then (its own generator: the run is unchanged)."""
+    scoring below is not counted); every `task.curve_every` steps and at the last, the CLIP-I of
+    the models as they are then (its own generator: the run is unchanged); and, for a baseline
+    that observes DVAR, the scores at the first step whose convergence value is below the
+    threshold: where a DVAR run stops (`StopPolicy`: |value| < threshold, minSteps 0)."""
 
     def hook(trained) -> None:
         step_seconds.append(trained.seconds)
+        scores = None
+        value = runner.rows[-1]["convergence_value"] if runner.rows else None  # this step's
+        if task.observe_dvar and not dvar_stop and value is not None and abs(value) < task.threshold:
+            scores = evaluate(trained.models, trained.identifier_token, task.concept, work,
+                              task.eval_images_per_prompt, task.eval_inference_steps)
+            dvar_stop.update(steps=trained.step, wall_seconds=round(sum(step_seconds), 2), **scores)
         if task.curve_every and (trained.step % task.curve_every == 0 or trained.step == task.max_steps):
+            scores = scores or evaluate(trained.models, trained.identifier_token, task.concept, work,
+                                        task.eval_images_per_prompt, task.eval_inference_steps)
             curve["steps"].append(trained.step)
-            curve["clip_i"].append(evaluate(trained.models, trained.identifier_token, task.concept, work,
-                                            task.eval_images_per_prompt, task.eval_inference_steps)["clip_i"])
+            curve["clip_i"].append(scores["clip_i"])
 
     return hook
 
@@ -328,10 +343,11 @@ def run_task(task: Task) -> dict:
     scores: dict[str, float] = {}
     step_seconds: list[float] = []
     curve: dict[str, list] = {"steps": [], "clip_i": []}
+    dvar_stop: dict[str, Any] = {}
     # The trainer's own sample grids are skipped: the hook evaluates the "after" models instead.
     runner = JobRunner(parse_job(job_spec(task, train_dir)), output, sample_grids=False,
-                       after_training=evaluate_after_training(scores, task, work),
-                       after_step=observe_steps(task, work, step_seconds, curve))
+                       after_training=evaluate_after_training(scores, task, work))
+    runner.after_step = observe_steps(task, work, step_seconds, curve, runner, dvar_stop)
     torch.manual_seed(task.seed)
     with open(os.devnull, "w") as quiet:
         streams = sys.stdout, sys.stderr  # the progress line, 96 runs over, is noise here
@@ -354,10 +370,13 @@ def run_task(task: Task) -> dict:
     if task.kind == "timing":
         record["step_seconds"] = _round(step_seconds, 4)
     else:
-        record["series"] = loss_series(runner.rows, task.variant in ("dvar", "clip"))  # clip: its CLIP-I gains
+        record["series"] = loss_series(runner.rows, task.variant in ("dvar", "clip") or task.observe_dvar)
         if task.curve_every:
             record["series"]["curve_steps"] = curve["steps"]
             record["series"]["curve_clip_i"] = _round(curve["clip_i"], 5)
+        if task.observe_dvar:  # never below the threshold: DVAR would have run the whole budget
+            record["dvar_stop"] = dvar_stop or {"steps": record["steps"], "stop_reason": record["stop_reason"],
+                                                **{k: record[k] for k in ("wall_seconds", "clip_i", "clip_t")}}
     shutil.rmtree(output, ignore_errors=True)
     return record
 
@@ -384,6 +403,7 @@ def method_tasks(method: str, variant: str, concepts: list[str], args, max_steps
             max_steps=max_steps or settings["max_steps"], learning_rate=settings["learning_rate"],
             window=settings["window"], threshold=settings["threshold"], clip_every=args.clip_every,
             curve_every=args.curve_every if variant == "baseline" else 0,
+            observe_dvar=variant == "baseline" and "dvar" in args.variants,
             **args.eval_options,
         )
         for c in concepts
@@ -406,6 +426,27 @@ def timing_tasks(method: str, concept: str, args) -> list[Task]:
     return tasks
 
 
+def derived_dvar_record(baseline: dict) -> dict:
+    """The DVAR run of a baseline that observed DVAR. A DVAR run is the baseline's run up to its
+    stop step: same seed, same batches, and L_det uses its own fixed tensors (the training losses
+    of both are identical, tests/benchmarks/test_personalization_benchmark.py). Its series are
+    the baseline's, cut at the stop."""
+    stop = baseline["dvar_stop"]
+    task = {**{k: baseline[k] for k in Task.__dataclass_fields__}, "variant": "dvar", "curve_every": 0,
+            "observe_dvar": False}
+    series = baseline["series"]
+    cut = dict(series)
+    cut["train_loss"] = series["train_loss"][: stop["steps"] // series["train_loss_stride"]]
+    for steps_key, values_key in (("eval_steps", "deterministic_loss"), ("convergence_steps", "convergence_value")):
+        keep = [i for i, s in enumerate(series.get(steps_key, [])) if s <= stop["steps"]]
+        cut[steps_key] = [series[steps_key][i] for i in keep]
+        cut[values_key] = [series[values_key][i] for i in keep]
+    for key in ("curve_steps", "curve_clip_i"):
+        cut.pop(key, None)
+    return {**task, "stop_reason": "ConvergenceThreshold", **stop, "series": cut, "derived_from": "baseline",
+            "loop_seconds": stop["wall_seconds"], "world": baseline.get("world")}
+
+
 def few_iterations_steps(dvar_records: list[dict]) -> int:
     """DVAR's mean stop step over the concepts, rounded to the nearest step."""
     return max(1, round(statistics.fmean(r["steps"] for r in dvar_records)))
@@ -419,7 +460,8 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
     # Method by method (a cut-short run still has whole methods), DVAR first: it unlocks few-iterations.
     for method in args.methods:
         for variant in ("dvar", "baseline", "clip"):
-            if variant in args.variants or (variant == "dvar" and "fewIterations" in args.variants):
+            derived = variant == "dvar" and "baseline" in args.variants  # from the baseline's run
+            if not derived and (variant in args.variants or (variant == "dvar" and "fewIterations" in args.variants)):
                 pending += method_tasks(method, variant, concepts, args)
         pending += timing_tasks(method, concepts[0], args)
     waiting_few = {m for m in args.methods} if "fewIterations" in args.variants else set()
@@ -434,6 +476,8 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
 
     def finished(record: dict) -> None:
         record["world"] = args.world  # a run is only reused on the world it ran on
+        if record.get("dvar_stop"):
+            finished(derived_dvar_record(record))
         name = Task(**{k: record[k] for k in Task.__dataclass_fields__}).name
         records[name] = record
         (runs_dir / f"{name}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")

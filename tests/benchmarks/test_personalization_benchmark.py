@@ -99,7 +99,10 @@ def test_per_run_series_match_the_runs(smoke):
     # the first check only sets the best score; later ones report their gain over it
     assert clip["series"]["convergence_steps"] == list(range(2 * every, clip["steps"] + 1, every))
     baseline = json.loads((runs / "textualInversion_baseline_red_striped_triangle.json").read_text())
-    assert "deterministic_loss" not in baseline["series"]  # no L_det tracking without early stopping
+    # the baseline observes DVAR the whole way (never stopping) and its DVAR run is cut from it
+    assert baseline["series"]["eval_steps"] == list(range(1, baseline["steps"] + 1))
+    assert baseline["dvar_stop"]["steps"] == dvar["steps"] and dvar["derived_from"] == "baseline"
+    assert series["deterministic_loss"] == baseline["series"]["deterministic_loss"][: dvar["steps"]]
 
 
 def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
@@ -122,6 +125,20 @@ def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
     md = (out / "personalization_dev.md").read_text()
     for variant in bench.VARIANTS:
         assert f"| textualInversion | {variant} |" in md
+
+
+def test_dvar_run_cut_from_the_baseline_is_the_real_dvar_run(smoke, tmp_path):
+    """What licenses deriving DVAR from the baseline: a real DVAR run (criterion dvar, stopping)
+    trains, tracks and scores exactly like the baseline up to its stop step."""
+    bench, out, report = smoke
+    assert bench.main(["--smoke", "--workers", "1", "--out", str(tmp_path), "--variants", "dvar"]) == 0
+    for concept in report["concepts"]:
+        name = f"textualInversion_dvar_{concept}.json"
+        derived = json.loads((out / "personalization_runs" / name).read_text())
+        real = json.loads((tmp_path / "personalization_runs" / name).read_text())
+        assert "derived_from" not in real
+        for key in ("steps", "stop_reason", "clip_i", "clip_t", "series"):
+            assert derived[key] == real[key], (concept, key)
 
 
 def test_finished_runs_are_reused(smoke):
