@@ -4,20 +4,18 @@ every everySteps), on the shipped tiny world with a few steps."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
+from script_module import load_script
 import torch
 
 from personalize.world.tiny_models import TINY_WORLD_DIR
 
 torch.set_num_threads(1)
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "personalization.py"
 
 pytestmark = pytest.mark.skipif(
     not (TINY_WORLD_DIR / "model_index.json").exists(), reason="pretrained tiny world not built yet"
@@ -25,11 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("personalization_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+    return load_script("personalization", "personalization_benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from script_module import load_script
 
-MODULE = Path(__file__).resolve().parents[2] / "benchmarks" / "stop_quality.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("stop_quality_under_test", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sq = _load()
+sq = load_script("stop_quality", "stop_quality_under_test")
 
 
 def test_s90_is_the_first_step_reaching_ninety_percent_of_the_final_gain():

@@ -1,0 +1,157 @@
+"""Where would DVAR stop with another window or threshold, and what would that stop keep?
+
+    python benchmarks/stop_sweep.py --set dev [--runs benchmarks/results/personalization_runs]
+
+Reads the personalization benchmark's baseline runs that observed DVAR (L_det at every step of
+the whole budget, CLIP-I every --curve-every steps) and, per method and (window, threshold):
+
+- replays DVAR on the recorded L_det series (the criterion code the loop runs) -> stop step;
+- reads the CLIP-I gain at that step off the baseline's curve, linearly interpolated between
+  its scored steps (the base model's score at step 0): an estimate, exact only on scored steps;
+- gain kept = that gain / the baseline's final gain, per concept; median and minimum over the
+  concepts with a final gain; steps / budget, median.
+
+It also reports how noisy the curve is: the standard deviation of the curve's last quarter around
+its mean, as a share of the final gain. A single final score carries that noise into every "gain
+kept", so a stop on the plateau can read as 80% or 110% by chance.
+
+No training: seconds per sweep. Written for the dev set (tuning allowed); on the test set it is
+only ever run after the settings are fixed, to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from personalize.criteria import StopPolicy, build_criterion
+from personalize.world.shapes import CONCEPT_SETS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WINDOWS = (40, 60, 80, 100, 120)
+THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4)
+
+
+def dvar_stop(losses: list[float], window: int, threshold: float) -> Optional[int]:
+    """The first step (1-based, one loss per step) at which DVAR(window, threshold) stops."""
+    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
+    for step, loss in enumerate(losses, start=1):
+        policy.update(loss)
+        if policy.criterion.should_stop():
+            return step
+    return None
+
+
+def gain_at(step: float, steps: list[int], gains: list[float]) -> float:
+    """The curve's gain at `step`, linearly interpolated between scored steps."""
+    if step >= steps[-1]:
+        return gains[-1]
+    for (s0, g0), (s1, g1) in zip(zip(steps, gains), zip(steps[1:], gains[1:])):
+        if s0 <= step <= s1:
+            return g0 + (g1 - g0) * (step - s0) / (s1 - s0)
+    raise ValueError(f"step {step} before the curve's first point {steps[0]}")
+
+
+def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str, dict]:
+    """concept -> {"losses", "budget", "steps", "gains"} for baselines that observed DVAR."""
+    out = {}
+    for concept in concepts:
+        run_path = runs_dir / f"{method}_baseline_{concept}.json"
+        base_path = runs_dir / f"base_{concept}.json"
+        if not (run_path.is_file() and base_path.is_file()):
+            continue
+        run, base = json.loads(run_path.read_text()), json.loads(base_path.read_text())
+        series = run["series"]
+        if series.get("eval_steps") != list(range(1, run["steps"] + 1)) or not series.get("curve_steps"):
+            continue  # not tracked at every step, or no curve
+        out[concept] = {
+            "losses": series["deterministic_loss"],
+            "budget": run["steps"],
+            "steps": [0] + series["curve_steps"],
+            "gains": [0.0] + [v - base["clip_i"] for v in series["curve_clip_i"]],
+        }
+    return out
+
+
+def curve_noise(gains: list[float]) -> float:
+    """Spread of the curve's last quarter (its plateau) over the final gain."""
+    tail = gains[-max(3, len(gains) // 4):]
+    return statistics.pstdev(tail) / gains[-1] if gains[-1] > 0 else math.nan
+
+
+def sweep(baselines: dict[str, dict], windows, thresholds) -> list[dict]:
+    rows = []
+    for window in windows:
+        for threshold in thresholds:
+            kept, ratio = [], []
+            for b in baselines.values():
+                stop = dvar_stop(b["losses"], window, threshold) or b["budget"]
+                ratio.append(stop / b["budget"])
+                final = b["gains"][-1]
+                if final > 0:
+                    kept.append(gain_at(stop, b["steps"], b["gains"]) / final)
+            rows.append({
+                "window": window, "threshold": threshold,
+                "median_kept": statistics.median(kept) if kept else math.nan,
+                "min_kept": min(kept) if kept else math.nan,
+                "median_steps_ratio": statistics.median(ratio),
+                "kept_per_concept": [round(k, 3) for k in kept],
+            })
+    return rows
+
+
+def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
+    noise = [curve_noise(b["gains"]) for b in baselines.values()]
+    finite = [n for n in noise if math.isfinite(n)]
+    lines = [
+        f"### {method} ({len(baselines)} concepts)",
+        "",
+        f"Curve noise (plateau std / final gain), median over concepts: "
+        f"{statistics.median(finite):.0%}" if finite else "Curve noise: no concept with a gain",
+        "",
+        "| window | threshold | gain kept, median | gain kept, min | steps / budget, median | meets 90% at <= 1/3 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        meets = r["median_kept"] >= 0.9 and r["median_steps_ratio"] <= 1 / 3
+        lines.append(f"| {r['window']} | {r['threshold']} | {r['median_kept']:.0%} | {r['min_kept']:.0%} | "
+                     f"{r['median_steps_ratio']:.2f} | {'yes' if meets else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs")
+    parser.add_argument("--methods", default="textualInversion,lora,customDiffusion,dreambooth")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    concepts = [c.name for c in CONCEPT_SETS[args.set]]
+    report, parts = {}, [f"# DVAR window / threshold sweep on recorded baselines ({args.set} concepts)", "",
+                         f"Command: `python benchmarks/stop_sweep.py --set {args.set}`. Gain kept is read off "
+                         "the baseline's CLIP-I curve (interpolated between scored steps): an estimate.", ""]
+    for method in args.methods.split(","):
+        baselines = load_baselines(args.runs, method, concepts)
+        if not baselines:
+            continue
+        rows = sweep(baselines, WINDOWS, THRESHOLDS)
+        report[method] = {"concepts": sorted(baselines), "rows": rows,
+                          "curve_noise": {c: curve_noise(b["gains"]) for c, b in baselines.items()}}
+        parts.append(markdown(method, baselines, rows))
+    if not report:
+        print(f"error: no baseline runs with L_det series and curves in {args.runs}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"stop_sweep_{args.set}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"stop_sweep_{args.set}.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/stop_sweep.py: DVAR replayed with other windows/thresholds on recorded baselines,
+the gain read off the baseline's curve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from script_module import load_script
+
+from personalize.replay import replay_one
+from personalize.spec import Method
+
+sweep = load_script("stop_sweep", "stop_sweep_under_test")
+
+
+def _losses(n=200, knee=50):
+    """A loss that falls until `knee`, then wobbles deterministically around a floor."""
+    return [0.1 - 0.04 * min(i, knee) / knee + 0.002 * ((i * 7919) % 13 - 6) / 6 for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("window,threshold", [(20, 0.15), (40, 0.3), (60, 0.1)])
+def test_dvar_stop_is_where_replay_stops(window, threshold):
+    losses = _losses()
+    expected = replay_one("dvar", list(enumerate(losses, start=1)), window_steps=window, threshold=threshold,
+                          eval_every=1, min_steps=0, method=Method.lora, last_step=len(losses))["stop_step"]
+    assert expected is not None
+    assert sweep.dvar_stop(losses, window, threshold) == expected
+    # a larger window needs at least as many values before it can stop at all
+    assert sweep.dvar_stop(losses, window, threshold) >= window
+
+
+def test_gain_is_interpolated_between_scored_steps():
+    steps, gains = [0, 25, 50], [0.0, 0.10, 0.20]
+    assert sweep.gain_at(0, steps, gains) == 0.0
+    assert sweep.gain_at(10, steps, gains) == pytest.approx(0.04)
+    assert sweep.gain_at(40, steps, gains) == pytest.approx(0.16)
+    assert sweep.gain_at(60, steps, gains) == 0.20  # past the last point: the final gain
+
+
+def test_sweep_reads_baselines_and_reports_kept_gain(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    losses = _losses(200)
+    curve_steps = list(range(25, 201, 25))
+    curve = [0.5 + 0.1 * min(s, 100) / 100 for s in curve_steps]  # gain 0.1 reached at step 100
+    for concept, clip in (("red_striped_triangle", curve), ("blue_dotted_star", [0.5] * len(curve))):
+        (runs / f"lora_baseline_{concept}.json").write_text(json.dumps({
+            "steps": 200, "series": {"eval_steps": list(range(1, 201)), "deterministic_loss": losses,
+                                     "curve_steps": curve_steps, "curve_clip_i": clip}}))
+        (runs / f"base_{concept}.json").write_text(json.dumps({"clip_i": 0.5}))
+    baselines = sweep.load_baselines(runs, "lora", ["red_striped_triangle", "blue_dotted_star", "pink_striped_heart"])
+    assert sorted(baselines) == ["blue_dotted_star", "red_striped_triangle"]  # no files: left out
+    (row,) = sweep.sweep(baselines, [40], [0.15])
+    stop = sweep.dvar_stop(losses, 40, 0.15)
+    # only the concept with a gain counts towards "kept"; both count towards steps
+    assert row["kept_per_concept"] == [pytest.approx(min(stop, 100) / 100, abs=1e-3)]
+    assert row["median_steps_ratio"] == pytest.approx(stop / 200)
+    assert sweep.main(["--runs", str(runs), "--methods", "lora", "--out", str(tmp_path)]) == 0
+    assert "| 40 | 0.15 |" in (tmp_path / "stop_sweep_dev.md").read_text()
