@@ -92,6 +92,12 @@ TIMING_STEPS = 50  # tracked vs untracked runs of this many steps
 TIMING_REPEATS = 3  # pairs per method
 TIMING_SKIP = 10  # warm-up steps left out of seconds per step
 DREAMBOOTH_CLASS_IMAGES = 16
+# A concept whose baseline gains less CLIP-I than this is not judged by "gain kept": its CLIP-I
+# wobbles by about as much from one scored step to the next (benchmarks/stop_sweep.py measures the
+# spread of each baseline's plateau; on the second world's dev set the median is 0.012), so the
+# ratio of two such numbers is noise (-215% and 93% on dev concepts that gained 0.010 and 0.028).
+MIN_JUDGED_GAIN = 0.03
+MIN_KEPT_PER_CONCEPT = 0.7  # issue 17: no judged concept keeps under 70%
 TRAIN_LOSS_STRIDE = 5  # per-run series keep every 5th training loss (it is noise-dominated anyway)
 
 EVAL_TEMPLATES = (
@@ -631,14 +637,15 @@ def versus_baseline(method: str, variant: str, runs: dict, base: dict, concepts:
         if b is None or v is None:
             continue
         baseline_gain = b["clip_i"] - base[c]["clip_i"]
-        kept.append((v["clip_i"] - base[c]["clip_i"]) / baseline_gain if baseline_gain > 0 else math.nan)
+        kept.append((v["clip_i"] - base[c]["clip_i"]) / baseline_gain if baseline_gain >= MIN_JUDGED_GAIN else math.nan)
         step_ratio.append(v["steps"] / b["steps"])
         wall_ratio.append(v["wall_seconds"] / b["wall_seconds"])
     finite = [k for k in kept if math.isfinite(k)]
     return {
         "gain_kept_per_concept": kept,
         "median_gain_kept": statistics.median(finite) if finite else math.nan,
-        "concepts_without_baseline_gain": len(kept) - len(finite),
+        "min_gain_kept": min(finite) if finite else math.nan,
+        "concepts_without_baseline_gain": len(kept) - len(finite),  # gain below MIN_JUDGED_GAIN: not judged
         "steps_ratio_per_concept": step_ratio,
         "median_steps_ratio": statistics.median(step_ratio),
         "median_wall_ratio": statistics.median(wall_ratio),
@@ -646,8 +653,9 @@ def versus_baseline(method: str, variant: str, runs: dict, base: dict, concepts:
 
 
 def target_check(table: dict, methods: list[str]) -> dict:
-    """Issue 3's target, per method: median-concept gain kept >= 90%, steps <= 1/3 of baseline,
-    DVAR's mean CLIP-T not below the baseline's by more than DVAR's spread (std) over concepts."""
+    """Issue 17's target, per method: median-concept gain kept >= 90%, no judged concept (baseline
+    gain >= MIN_JUDGED_GAIN) under 70%, steps <= 1/3 of baseline, DVAR's mean CLIP-T not below the
+    baseline's by more than DVAR's spread (std) over concepts."""
     out = {}
     for method in methods:
         entry = table.get(method, {})
@@ -657,10 +665,13 @@ def target_check(table: dict, methods: list[str]) -> dict:
         clip_t_drop = entry["baseline"]["clip_t"]["mean"] - entry["dvar"]["clip_t"]["mean"]
         checks = {
             "gain_kept_at_least_90pct": bool(vs["median_gain_kept"] >= 0.9),
+            "no_concept_under_70pct": bool(vs["min_gain_kept"] >= MIN_KEPT_PER_CONCEPT),
             "steps_at_most_one_third": bool(vs["median_steps_ratio"] <= 1 / 3),
             "clip_t_within_spread": bool(clip_t_drop <= entry["dvar"]["clip_t"]["std"]),
         }
         out[method] = {**checks, "met": all(checks.values()), "median_gain_kept": vs["median_gain_kept"],
+                       "min_gain_kept": vs["min_gain_kept"], "judged_concepts": len(vs["gain_kept_per_concept"])
+                       - vs["concepts_without_baseline_gain"],
                        "median_steps_ratio": vs["median_steps_ratio"], "clip_t_drop": clip_t_drop,
                        "baseline_clip_i_gain_mean": entry["baseline"]["clip_i_gain"]["mean"]}
     return out
@@ -729,6 +740,7 @@ def target_lines(summary: dict) -> str:
         lines.append(
             f"- {method}: {verdict} - median concept keeps {100 * t['median_gain_kept']:.0f}% of the baseline's "
             f"CLIP-I gain (need >= 90%) at {t['median_steps_ratio']:.2f} of its steps (need <= 0.33); "
+            f"worst of {t['judged_concepts']} judged concepts keeps {100 * t['min_gain_kept']:.0f}% (need >= 70%); "
             f"CLIP-T {'drop' if t['clip_t_drop'] >= 0 else 'rise'} {abs(t['clip_t_drop']):.3f} "
             f"(allowed drop: DVAR's std) -> {'ok' if t['clip_t_within_spread'] else 'too large'}"
         )
@@ -798,7 +810,7 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
         ) + f"; batch {BATCH_SIZE}, {TRAIN_IMAGES} photos; CLIP criterion every {args.clip_every} steps, "
         f"patience {CLIP_CRITERION['patience']}, {CLIP_CRITERION['numSamples']} samples.",
         "",
-        "Target (issue 3):",
+        "Target (issue 17):",
         target_lines(summary),
         "",
         f"## Stop quality: DVAR's stop step against the baseline's s90 (CLIP-I every {args.curve_every} steps)",
