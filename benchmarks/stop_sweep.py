@@ -78,10 +78,14 @@ def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str
     return out
 
 
+def plateau_spread(gains: list[float]) -> float:
+    """Standard deviation of the curve's last quarter (at least 3 points): its plateau's wobble."""
+    return statistics.pstdev(gains[-max(3, len(gains) // 4):])
+
+
 def curve_noise(gains: list[float]) -> float:
-    """Spread of the curve's last quarter (its plateau) over the final gain."""
-    tail = gains[-max(3, len(gains) // 4):]
-    return statistics.pstdev(tail) / gains[-1] if gains[-1] > 0 else math.nan
+    """The plateau's wobble over the final gain."""
+    return plateau_spread(gains) / gains[-1] if gains[-1] > 0 else math.nan
 
 
 def sweep(baselines: dict[str, dict], windows, thresholds) -> list[dict]:
@@ -108,11 +112,12 @@ def sweep(baselines: dict[str, dict], windows, thresholds) -> list[dict]:
 def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
     noise = [curve_noise(b["gains"]) for b in baselines.values()]
     finite = [n for n in noise if math.isfinite(n)]
+    spread = statistics.median(plateau_spread(b["gains"]) for b in baselines.values())
     lines = [
         f"### {method} ({len(baselines)} concepts)",
         "",
-        f"Curve noise (plateau std / final gain), median over concepts: "
-        f"{statistics.median(finite):.0%}" if finite else "Curve noise: no concept with a gain",
+        f"Plateau wobble (std of the curve's last quarter), median over concepts: {spread:.3f} CLIP-I; "
+        + (f"as a share of the final gain: {statistics.median(finite):.0%}" if finite else "no concept gained"),
         "",
         "| window | threshold | gain kept, median | gain kept, min | steps / budget, median | meets 90% at <= 1/3 |",
         "|---|---|---|---|---|---|",
@@ -141,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         rows = sweep(baselines, WINDOWS, THRESHOLDS)
         report[method] = {"concepts": sorted(baselines), "rows": rows,
+                          "plateau_spread": {c: plateau_spread(b["gains"]) for c, b in baselines.items()},
                           "curve_noise": {c: curve_noise(b["gains"]) for c, b in baselines.items()}}
         parts.append(markdown(method, baselines, rows))
     if not report:
