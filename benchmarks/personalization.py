@@ -82,6 +82,10 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "customDiffusion": {"learning_rate": 1e-3, "max_steps": 400, "window": 60, "threshold": 0.15},
     "dreambooth": {"learning_rate": 3e-4, "max_steps": 400, "window": 60, "threshold": 0.4},
 }
+# Per-method settings --setting may also change (the spec's defaults otherwise): what the DVAR
+# stop depends on besides window and threshold.
+EXPERIMENT_SETTINGS = {"reference_batch_size": int, "holdout": lambda v: v.lower() in ("1", "true", "yes")}
+SETTING_TYPES = {"learning_rate": float, "max_steps": int, "window": int, "threshold": float, **EXPERIMENT_SETTINGS}
 BATCH_SIZE = 4
 TRAIN_IMAGES = 8  # the user's "photos" per concept
 EVAL_EVERY = 1  # DVAR's L_det evaluation interval (steps)
@@ -140,6 +144,8 @@ class Task:
     # baseline: track L_det at every step without stopping (DVAR, minSteps = maxSteps) and score the
     # models at the step DVAR would stop at: the DVAR run, derived (see `derived_dvar_record`)
     observe_dvar: bool = False
+    reference_batch_size: int = 4  # earlyStopping.referenceBatchSize (the spec's default)
+    holdout: bool = False  # earlyStopping.holdout: the reference examples are not trained on
     repeat: int = 0  # timing: which pair
 
     @property
@@ -244,6 +250,8 @@ def job_spec(task: Task, train_dir: Path) -> dict:
         "evalEvery": EVAL_EVERY if tracked else NO_TRACKING_EVAL_EVERY,
         "window": task.window,
         "threshold": task.threshold,
+        "referenceBatchSize": task.reference_batch_size,
+        "holdout": task.holdout,
     }
     if task.variant == "tracked":  # the spec's default evaluation settings: what a user gets
         del early_stopping["evalEvery"]
@@ -410,7 +418,7 @@ def method_tasks(method: str, variant: str, concepts: list[str], args, max_steps
             window=settings["window"], threshold=settings["threshold"], clip_every=args.clip_every,
             curve_every=args.curve_every if variant == "baseline" else 0,
             observe_dvar=variant == "baseline" and "dvar" in args.variants,
-            **args.eval_options,
+            **{k: settings[k] for k in EXPERIMENT_SETTINGS if k in settings}, **args.eval_options,
         )
         for c in concepts
     ]
@@ -849,6 +857,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     parser.add_argument("--max-steps", action="append", default=[], metavar="[METHOD=]N",
                         help="baseline budget override, for all methods or one (repeatable)")
+    parser.add_argument("--setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help=f"a per-method setting ({', '.join(SETTING_TYPES)}), e.g. dreambooth.threshold=0.3 "
+                        "(repeatable). A run file is reused only with the same settings: give an experiment its own --out")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each); 1 = in-process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
@@ -885,6 +896,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         method, _, steps = item.rpartition("=")
         for m in [method] if method else args.methods:
             args.overrides.setdefault(m, {})["max_steps"] = int(steps)
+    for item in args.setting:
+        target, _, value = item.partition("=")
+        method, _, key = target.partition(".")
+        if method not in METHODS or key not in SETTING_TYPES or not value:
+            parser.error(f"--setting {item!r}: expected METHOD.KEY=VALUE with METHOD one of {', '.join(METHODS)} "
+                         f"and KEY one of {', '.join(SETTING_TYPES)}")
+        try:
+            args.overrides.setdefault(method, {})[key] = SETTING_TYPES[key](value)
+        except ValueError:
+            parser.error(f"--setting {item!r}: {value!r} is not a valid {key}")
     return args
 
 
