@@ -114,6 +114,17 @@ def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
         assert vs["median_gain_kept"] == pytest.approx(statistics.median(kept))
         assert vs["min_gain_kept"] == pytest.approx(min(kept))
     assert vs["concepts_without_baseline_gain"] == len(report["concepts"]) - len(kept)
+    plateau_kept = []  # the second reading: against the mean of the baseline's last curve scores
+    for concept in report["concepts"]:
+        run = json.loads((out / "personalization_runs" / f"textualInversion_baseline_{concept}.json").read_text())
+        baseline_gain = run["clip_i"] - base[concept]["clip_i"]
+        if baseline_gain >= bench.MIN_JUDGED_GAIN:
+            plateau = statistics.fmean(run["series"]["curve_clip_i"][-bench.PLATEAU_POINTS:]) - base[concept]["clip_i"]
+            plateau_kept.append((entry["dvar"]["per_concept"][concept]["clip_i"] - base[concept]["clip_i"]) / plateau)
+    if plateau_kept:
+        assert vs["median_gain_kept_vs_plateau"] == pytest.approx(statistics.median(plateau_kept))
+    else:
+        assert vs["median_gain_kept_vs_plateau"] is None
     target = report["target"]["textualInversion"]
     assert target["met"] == (
         target["gain_kept_at_least_90pct"] and target["no_concept_under_70pct"] and target["steps_at_most_one_third"]
