@@ -613,7 +613,7 @@ def summarise_stop_quality(runs: dict, base: dict, concepts: list[str], methods:
         curves = baseline_curves(runs, base, method, concepts)
         stops = {c: runs[(method, "dvar", c)]["steps"] for c in concepts if (method, "dvar", c) in runs}
         if curves and stops:
-            out[method] = {**stop_quality.stop_quality(curves, stops), "curves": curves}
+            out[method] = {**stop_quality.stop_quality(curves, stops, MIN_JUDGED_GAIN), "curves": curves}
     return out
 
 
@@ -736,7 +736,8 @@ def stop_quality_counts(summary: dict) -> str:
     lines = []
     for method, q in summary.get("stop_quality", {}).items():
         c = q["counts"]
-        lines.append(f"- {method}: premature {c['premature']}, ok {c['ok']}, waste {c['waste']}, no baseline gain "
+        lines.append(f"- {method}: premature {c['premature']}, ok {c['ok']}, waste {c['waste']}, baseline gain under "
+                     f"{MIN_JUDGED_GAIN} (not judged) "
                      f"{c['n/a']}; median stop / s90 {stop_quality.fmt_ratio(q['median_stop_over_s90'])}")
     return "\n".join(lines)
 

@@ -17,17 +17,19 @@ S90_FRACTION = 0.9
 WASTE_FACTOR = 2.0  # stopping after WASTE_FACTOR * s90 spends at least as many steps again for 10% of the gain
 
 
-def s90(steps: Sequence[int], gains: Sequence[float], fraction: float = S90_FRACTION) -> Optional[int]:
+def s90(steps: Sequence[int], gains: Sequence[float], fraction: float = S90_FRACTION,
+        min_gain: float = 0.0) -> Optional[int]:
     """The first step whose CLIP-I gain reaches `fraction` of the run's final gain (the last value).
 
     `gains` are CLIP-I minus the untrained model's CLIP-I, measured at `steps` (ascending). None
-    when the run ends without a gain (final gain <= 0): no step can be "90% of nothing"."""
+    when the run ends without a gain above `min_gain` (final gain <= min_gain): no step can be "90%
+    of nothing", and 90% of a gain within the score's own noise is a coin toss."""
     if len(steps) != len(gains) or not steps:
         raise ValueError("steps and gains must be non-empty and of equal length")
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError("steps must be strictly increasing")
     final = gains[-1]
-    if not final > 0:
+    if not final > min_gain:
         return None
     for step, gain in zip(steps, gains):
         if gain >= fraction * final:
@@ -46,7 +48,7 @@ def stop_verdict(stop_step: int, s90_step: Optional[int], waste_factor: float = 
     return "ok"
 
 
-def stop_quality(curves: dict[str, dict], stops: dict[str, int]) -> dict:
+def stop_quality(curves: dict[str, dict], stops: dict[str, int], min_gain: float = 0.0) -> dict:
     """Per concept: s90 of the baseline's curve, the early-stop step and its verdict; counts.
 
     curves: concept -> {"steps": [...], "gains": [...]} (the baseline's CLIP-I gain every k steps,
@@ -55,7 +57,7 @@ def stop_quality(curves: dict[str, dict], stops: dict[str, int]) -> dict:
     for concept, curve in curves.items():
         if concept not in stops:
             continue
-        point = s90(curve["steps"], curve["gains"])
+        point = s90(curve["steps"], curve["gains"], min_gain=min_gain)
         stop = stops[concept]
         per_concept[concept] = {
             "s90": point,

@@ -14,6 +14,8 @@ def test_s90_is_the_first_step_reaching_ninety_percent_of_the_final_gain():
     assert sq.s90(steps, gains) == 75  # 0.089 < 0.9 * 0.10 <= 0.095
     assert sq.s90(steps, [0.0, 0.2, 0.1, 0.1, 0.1]) == 25  # an early overshoot counts: it did reach 90%
     assert sq.s90(steps, [0.0, 0.0, 0.0, 0.0, 0.1]) == 100  # only the end reaches it
+    assert sq.s90(steps, gains, min_gain=0.1) is None  # a final gain within the noise floor: no s90
+    assert sq.s90(steps, gains, min_gain=0.099) == 75
 
 
 def test_s90_uses_the_last_value_as_the_final_gain_and_none_without_a_gain():
