@@ -96,11 +96,7 @@ TIMING_STEPS = 50  # tracked vs untracked runs of this many steps
 TIMING_REPEATS = 3  # pairs per method
 TIMING_SKIP = 10  # warm-up steps left out of seconds per step
 DREAMBOOTH_CLASS_IMAGES = 16
-# A concept whose baseline gains less CLIP-I than this is not judged by "gain kept": its CLIP-I
-# wobbles by about as much from one scored step to the next (benchmarks/stop_sweep.py measures the
-# spread of each baseline's plateau; on the second world's dev set the median is 0.012), so the
-# ratio of two such numbers is noise (-215% and 93% on dev concepts that gained 0.010 and 0.028).
-MIN_JUDGED_GAIN = 0.03
+MIN_JUDGED_GAIN = stop_quality.MIN_JUDGED_GAIN  # smaller baseline gains are not judged
 MIN_KEPT_PER_CONCEPT = 0.7
 # A second reading of "gain kept", against the baseline's plateau: the mean of the last this many
 # scored steps of its CLIP-I curve (the final score alone carries one draw of the wobble above).

@@ -9,7 +9,7 @@ the whole budget, CLIP-I every --curve-every steps) and, per method and (window,
 - reads the CLIP-I gain at that step off the baseline's curve, linearly interpolated between
   its scored steps (the base model's score at step 0): an estimate, exact only on scored steps;
 - gain kept = that gain / the baseline's final gain, per concept; median and minimum over the
-  concepts with a final gain; steps / budget, median.
+  concepts whose final gain is at least MIN_JUDGED_GAIN (stop_quality.py); steps / budget, median.
 
 It also reports how noisy the curve is: the standard deviation of the curve's last quarter around
 its mean, as a share of the final gain. A single final score carries that noise into every "gain
@@ -31,6 +31,9 @@ from typing import Optional
 
 from personalize.criteria import StopPolicy, build_criterion
 from personalize.world.shapes import CONCEPT_SETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stop_quality import MIN_JUDGED_GAIN  # noqa: E402  (a sibling script module)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOWS = (40, 60, 80, 100, 120)
@@ -97,7 +100,7 @@ def sweep(baselines: dict[str, dict], windows, thresholds) -> list[dict]:
                 stop = dvar_stop(b["losses"], window, threshold) or b["budget"]
                 ratio.append(stop / b["budget"])
                 final = b["gains"][-1]
-                if final > 0:
+                if final >= MIN_JUDGED_GAIN:  # smaller gains are within the curve's wobble
                     kept.append(gain_at(stop, b["steps"], b["gains"]) / final)
             rows.append({
                 "window": window, "threshold": threshold,
