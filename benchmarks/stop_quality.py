@@ -115,7 +115,7 @@ def plot_stop_quality(method: str, curves: dict[str, dict], quality: dict, out: 
     for index, (concept, curve) in enumerate(sorted(curves.items())):
         entry = per_concept.get(concept)
         final = curve["gains"][-1]
-        if entry is None or not final > 0:
+        if entry is None or entry["s90"] is None:  # no gain worth judging: nothing to scale by
             continue
         colour = colours[index % len(colours)]
         left.plot(curve["steps"], [g / final for g in curve["gains"]], color=colour, lw=1.2, label=concept)

@@ -74,7 +74,10 @@ def test_tracking_cost_takes_the_ratio_within_each_pair():
 
 def test_plot_writes_one_picture_per_method(tmp_path):
     curves = {"a": {"steps": [0, 10, 20], "gains": [0.0, 0.2, 0.2]}, "b": {"steps": [0, 10, 20], "gains": [0.0, 0.0, -0.1]}}
-    quality = sq.stop_quality(curves, {"a": 5, "b": 20})
+    # "c" gains, but less than the judged minimum: no s90, left out of the picture
+    curves["c"] = {"steps": [0, 10, 20], "gains": [0.0, 0.01, 0.02]}
+    quality = sq.stop_quality(curves, {"a": 5, "b": 20, "c": 10}, min_gain=0.03)
+    assert quality["per_concept"]["c"]["s90"] is None and quality["counts"]["n/a"] == 2
     path = sq.plot_stop_quality("lora", curves, quality, tmp_path)
     assert path == tmp_path / "stop_quality_lora.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
