@@ -50,6 +50,7 @@ from personalize.replay import run as replay_run
 from personalize.run_files import write_losses_csv
 from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
+from personalize.world.shapes import concept_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCEPT = "red_striped_triangle"
@@ -183,7 +184,7 @@ def measure(method: str, concept_dir: Path, args, work: Path) -> dict:
     return result
 
 
-def every_step_series(runs_dir: Path) -> dict[str, dict]:
+def every_step_series(runs_dir: Path, concepts: set[str] | None = None) -> dict[str, dict]:
     """method/concept -> the longest every-step L_det series the personalization benchmark recorded:
     a baseline that observed DVAR (its whole budget) or else a DVAR run (up to its own stop)."""
     found: dict[str, dict] = {}
@@ -191,6 +192,8 @@ def every_step_series(runs_dir: Path) -> dict[str, dict]:
         record = json.loads(path.read_text())
         series = record.get("series", {})
         if record.get("kind") != "run" or record.get("variant") not in ("baseline", "dvar"):
+            continue
+        if concepts is not None and record["concept"] not in concepts:
             continue
         if not series.get("eval_steps") or series["eval_steps"] != list(range(1, record["steps"] + 1)):
             continue
@@ -234,13 +237,13 @@ def schedule_knobs(**values: float):
             setattr(eval_schedule, k, v)
 
 
-def recorded_series(runs_dir: Path, knobs: dict | None = None) -> dict:
+def recorded_series(runs_dir: Path, knobs: dict | None = None, concepts: set[str] | None = None) -> dict:
     """The adaptive schedule (its defaults, or `knobs`) against every step on recorded series.
     A series that ends at its own every-step stop (a DVAR run's) cannot show a later adaptive
     stop: those count as `later_than_recorded`."""
     runs = {}
     with schedule_knobs(**(knobs or {})):
-        for name, r in every_step_series(runs_dir).items():
+        for name, r in every_step_series(runs_dir, concepts).items():
             every, _ = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=False)
             stop, evaluations = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=True)
             if every is None and stop is None:
@@ -266,12 +269,12 @@ FRONTIER_GRID = {"NEAR": (1.0, 1.5), "FAR": (3.0, 6.0), "TOLERANCE": (0.35, 0.7,
                  "MEASUREMENTS_PER_WINDOW": (2, 4)}
 
 
-def frontier(runs_dir: Path) -> list[dict]:
+def frontier(runs_dir: Path, concepts: set[str] | None = None) -> list[dict]:
     """Per knob setting: stops within 5 steps of every step, and the mean evaluated fraction."""
     rows = []
     for values in itertools.product(*FRONTIER_GRID.values()):
         knobs = dict(zip(FRONTIER_GRID, values))
-        summary = recorded_series(runs_dir, knobs)
+        summary = recorded_series(runs_dir, knobs, concepts)
         rows.append({**knobs, "within_5_steps": summary["within_5_steps"], "count": summary["count"],
                      "mean_evaluated_fraction": summary["mean_evaluated_fraction"]})
     return sorted(rows, key=lambda r: (-r["within_5_steps"], r["mean_evaluated_fraction"]))
@@ -289,6 +292,7 @@ def recorded_markdown(summary: dict) -> str:
         "",
         f"Series: `{summary['runs_dir']}` (tiny world, window 60, every step; a baseline's whole budget where "
         "the benchmark recorded one, else a DVAR run up to its stop). "
+        f"Concepts: the {summary.get('concept_set', 'all')} set. "
         f"Command: `python benchmarks/tracking_cost.py --recorded-only --runs {summary['runs_dir']}`. "
         f"Within 5 steps: {summary['within_5_steps']} of {summary['count']}; not stopped by the end of the "
         f"recorded series: {summary['later_than_recorded']}; mean evaluated fraction "
@@ -355,9 +359,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the schedule on the personalization benchmark's recorded series")
     parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs",
                         help="the personalization benchmark's run files to replay")
+    parser.add_argument("--set", choices=("dev", "test", "all"), default="dev",
+                        help="only the runs of these held-out concepts (the schedule is studied on dev)")
     args = parser.parse_args(argv)
     out = Path(args.output)
-    summary = {**recorded_series(args.runs), "frontier": frontier(args.runs), "runs_dir": relative_to_repo(args.runs)}
+    concepts = {c.name for c in concept_set(args.set)}
+    summary = {**recorded_series(args.runs, concepts=concepts), "frontier": frontier(args.runs, concepts),
+               "runs_dir": relative_to_repo(args.runs), "concept_set": args.set}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "tracking_cost_recorded.md").write_text(recorded_markdown(summary))
