@@ -875,6 +875,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help=f"a per-method setting ({', '.join(SETTING_TYPES)}), e.g. dreambooth.threshold=0.3 "
                         "(repeatable). A run file is reused only with the same settings: give an experiment its own --out")
+    parser.add_argument("--eval-images", type=int, default=None, metavar="N",
+                        help=f"evaluation samples per prompt (default {EVAL_IMAGES_PER_PROMPT}); more shrink the "
+                        "CLIP-I wobble between scored steps, at the evaluation's cost")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each); 1 = in-process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
@@ -907,6 +910,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.clip_every = SMOKE["clip_every"]
         args.eval_options = {k: SMOKE[k] for k in ("eval_images_per_prompt", "eval_inference_steps",
                                                    "clip_num_samples", "clip_inference_steps")}
+    if args.eval_images is not None:
+        if args.eval_images < 1:
+            parser.error("--eval-images must be >= 1")
+        args.eval_options["eval_images_per_prompt"] = args.eval_images
     for item in args.max_steps:
         method, _, steps = item.rpartition("=")
         for m in [method] if method else args.methods:
