@@ -99,11 +99,11 @@ TIMING_STEPS = 50  # tracked vs untracked runs of this many steps
 TIMING_REPEATS = 3  # pairs per method
 TIMING_SKIP = 10  # warm-up steps left out of seconds per step
 DREAMBOOTH_CLASS_IMAGES = 16
-MIN_JUDGED_GAIN = stop_quality.MIN_JUDGED_GAIN  # smaller baseline gains are not judged
-MIN_KEPT_PER_CONCEPT = 0.7
+MIN_JUDGED_GAIN = stop_quality.MIN_JUDGED_GAIN  # smaller baseline gains are not judged (why: there)
+MIN_KEPT_PER_CONCEPT = 0.7  # issue 17: no judged concept keeps under 70%
 # A second reading of "gain kept", against the baseline's plateau: the mean of the last this many
-# scored steps of its CLIP-I curve (the final score alone carries one draw of the wobble above).
-PLATEAU_POINTS = 4  # issue 17: no judged concept keeps under 70%
+# scored steps of its CLIP-I curve (the final score alone carries one draw of its step-to-step wobble).
+PLATEAU_POINTS = 4
 TRAIN_LOSS_STRIDE = 5  # per-run series keep every 5th training loss (it is noise-dominated anyway)
 
 EVAL_TEMPLATES = (
