@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,8 +39,7 @@ from accelerate import Accelerator
 
 from personalize.criteria import StopPolicy, build_criterion
 from personalize.data import load_concept_examples
-from personalize import eval_schedule
-from personalize.eval_schedule import AdaptiveSchedule
+from personalize.eval_schedule import AdaptiveSchedule, ScheduleKnobs
 from personalize.identifier import setup_identifier
 from personalize.loop import train_stage
 from personalize.methods import learns_embedding, plan_stages
@@ -204,12 +202,13 @@ def every_step_series(runs_dir: Path, concepts: set[str] | None = None) -> dict[
     return found
 
 
-def schedule_stop(losses: list[float], window: int, threshold: float, adaptive: bool) -> tuple[int | None, int]:
+def schedule_stop(losses: list[float], window: int, threshold: float, adaptive: bool,
+                  knobs: ScheduleKnobs = ScheduleKnobs()) -> tuple[int | None, int]:
     """(stop step or None, evaluations) of DVAR fed by the adaptive schedule (or every step) on a
     recorded every-step series. L_det at a step does not depend on which earlier steps were
     evaluated (fixed reference batch, its own generator), so this is exactly what a live run of
     the same training would have evaluated and decided."""
-    schedule = AdaptiveSchedule(threshold, window) if adaptive else None
+    schedule = AdaptiveSchedule(threshold, window, knobs=knobs) if adaptive else None
     policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
     evaluations = 0
     for step, value in enumerate(losses, start=1):
@@ -224,35 +223,22 @@ def schedule_stop(losses: list[float], window: int, threshold: float, adaptive: 
     return None, evaluations
 
 
-@contextmanager
-def schedule_knobs(**values: float):
-    """The adaptive schedule's module constants set to `values` for the block."""
-    saved = {k: getattr(eval_schedule, k) for k in values}
-    try:
-        for k, v in values.items():
-            setattr(eval_schedule, k, v)
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(eval_schedule, k, v)
-
-
-def recorded_series(runs_dir: Path, knobs: dict | None = None, concepts: set[str] | None = None) -> dict:
+def recorded_series(runs_dir: Path, knobs: ScheduleKnobs = ScheduleKnobs(),
+                    concepts: set[str] | None = None) -> dict:
     """The adaptive schedule (its defaults, or `knobs`) against every step on recorded series.
     A series that ends at its own every-step stop (a DVAR run's) cannot show a later adaptive
     stop: those count as `later_than_recorded`."""
     runs = {}
-    with schedule_knobs(**(knobs or {})):
-        for name, r in every_step_series(runs_dir, concepts).items():
-            every, _ = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=False)
-            stop, evaluations = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=True)
-            if every is None and stop is None:
-                continue  # neither stops within the recorded budget: nothing to compare
-            runs[name] = {
-                "window": r["window"], "stop_every_step": every, "stop_adaptive": stop,
-                "moved": None if stop is None or every is None else stop - every,
-                "evaluated_fraction": round(evaluations / (stop or len(r["losses"])), 3),
-            }
+    for name, r in every_step_series(runs_dir, concepts).items():
+        every, _ = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=False)
+        stop, evaluations = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=True, knobs=knobs)
+        if every is None and stop is None:
+            continue  # neither stops within the recorded budget: nothing to compare
+        runs[name] = {
+            "window": r["window"], "stop_every_step": every, "stop_adaptive": stop,
+            "moved": None if stop is None or every is None else stop - every,
+            "evaluated_fraction": round(evaluations / (stop or len(r["losses"])), 3),
+        }
     moved = [r["moved"] for r in runs.values()]
     fractions = [r["evaluated_fraction"] for r in runs.values()]
     return {
@@ -265,8 +251,8 @@ def recorded_series(runs_dir: Path, knobs: dict | None = None, concepts: set[str
 
 
 # The trade-off between evaluations saved and stops kept: the adaptive schedule's knobs on a grid.
-FRONTIER_GRID = {"NEAR": (1.0, 1.5), "FAR": (3.0, 6.0), "TOLERANCE": (0.35, 0.7, 1.4, math.inf),
-                 "MEASUREMENTS_PER_WINDOW": (2, 4)}
+FRONTIER_GRID = {"near": (1.0, 1.5), "far": (3.0, 6.0), "tolerance": (0.35, 0.7, 1.4, math.inf),
+                 "measurements_per_window": (2, 4)}
 
 
 def frontier(runs_dir: Path, concepts: set[str] | None = None) -> list[dict]:
@@ -274,7 +260,7 @@ def frontier(runs_dir: Path, concepts: set[str] | None = None) -> list[dict]:
     rows = []
     for values in itertools.product(*FRONTIER_GRID.values()):
         knobs = dict(zip(FRONTIER_GRID, values))
-        summary = recorded_series(runs_dir, knobs, concepts)
+        summary = recorded_series(runs_dir, ScheduleKnobs(**knobs), concepts)
         rows.append({**knobs, "within_5_steps": summary["within_5_steps"], "count": summary["count"],
                      "mean_evaluated_fraction": summary["mean_evaluated_fraction"]})
     return sorted(rows, key=lambda r: (-r["within_5_steps"], r["mean_evaluated_fraction"]))
@@ -308,16 +294,16 @@ def recorded_markdown(summary: dict) -> str:
             "",
             "## The trade-off: the schedule's knobs on a grid",
             "",
-            "Per setting of `personalize.eval_schedule`'s constants (the first row with all stops kept is the "
+            "Per `personalize.eval_schedule.ScheduleKnobs` (the first row with all stops kept is the "
             "cheapest that keeps them): stops within 5 steps of every step, and the mean share of steps "
             "evaluated. A tracked run costs about 1 + fraction x (L_det's cost / a step's); at every step that "
             "is the measured every-step ratio, 1.31-1.37.",
             "",
-            "| NEAR | FAR | TOLERANCE | MEASUREMENTS_PER_WINDOW | within 5 steps | mean evaluated fraction |",
+            "| near | far | tolerance | measurements per window | within 5 steps | mean evaluated fraction |",
             "|---|---|---|---|---|---|",
         ]
         for r in summary["frontier"]:
-            lines.append(f"| {r['NEAR']} | {r['FAR']} | {r['TOLERANCE']} | {r['MEASUREMENTS_PER_WINDOW']} "
+            lines.append(f"| {r['near']} | {r['far']} | {r['tolerance']} | {r['measurements_per_window']} "
                          f"| {r['within_5_steps']}/{r['count']} | {r['mean_evaluated_fraction']} |")
     return "\n".join(lines) + "\n"
 

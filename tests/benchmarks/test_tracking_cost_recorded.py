@@ -34,14 +34,12 @@ def test_the_longest_every_step_series_is_used(tmp_path):
     assert len(found["lora/blue_dotted_star"]["losses"]) == 70
 
 
-def test_a_gap_of_one_is_evaluating_every_step_and_knobs_are_restored():
+def test_a_gap_of_one_is_evaluating_every_step():
     losses = _losses()
     every, evaluations = tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=False)
     assert every is not None and evaluations == every
-    before = tc.eval_schedule.MEASUREMENTS_PER_WINDOW
-    with tc.schedule_knobs(MEASUREMENTS_PER_WINDOW=WINDOW, TOLERANCE=0.0):  # largest gap: 1 step
-        assert tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=True) == (every, every)
-    assert tc.eval_schedule.MEASUREMENTS_PER_WINDOW == before
+    one_step = tc.ScheduleKnobs(measurements_per_window=WINDOW)  # largest gap: 1 step
+    assert tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=True, knobs=one_step) == (every, every)
     stop, evaluations = tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=True)
     assert evaluations < (stop or len(losses))  # the defaults skip steps
 

@@ -16,6 +16,7 @@ from personalize.eval_schedule import (
     AdaptiveSchedule,
     FixedSchedule,
     InterpolatedSeries,
+    ScheduleKnobs,
     controlled_gap,
     default_max_gap,
     gap_for,
@@ -73,8 +74,8 @@ def test_defaults_scale_with_the_window():
     assert default_max_gap(310) == 77 and default_max_gap(60) == 15 and default_max_gap(3) == 1
 
 
-def evaluated_steps(values, window, threshold):
-    schedule = AdaptiveSchedule(threshold, window)
+def evaluated_steps(values, window, threshold, knobs=ScheduleKnobs()):
+    schedule = AdaptiveSchedule(threshold, window, knobs=knobs)
     policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10_000)
     evaluated = []
     for step, value in enumerate(values, 1):
@@ -90,6 +91,18 @@ def test_a_straight_line_is_evaluated_ever_more_rarely_and_a_zigzag_at_every_ste
     assert gaps[:4] == [1, 1, 2, 4] and max(gaps) == default_max_gap(60)
     zigzag = evaluated_steps([1.0 + 0.01 * (-1) ** i - 0.001 * i for i in range(200)], 60, 0.15)
     assert zigzag == list(range(1, 201))
+
+
+def test_other_knobs_change_the_schedule_without_touching_the_defaults():
+    line = [1.0 - 0.001 * i for i in range(200)]
+    wide = evaluated_steps(line, 60, 0.15, ScheduleKnobs(measurements_per_window=2))
+    assert max(b - a for a, b in zip(wide, wide[1:])) == 30  # window / 2
+    zigzag = [1.0 + 0.01 * (-1) ** i - 0.001 * i for i in range(200)]
+    lax = evaluated_steps(zigzag, 60, 0.15, ScheduleKnobs(tolerance=float("inf")))
+    assert len(lax) < 150  # no error control: the zigzag no longer forces every step (default: all 200)
+    assert ScheduleKnobs() == ScheduleKnobs(eval_schedule.NEAR, eval_schedule.FAR, eval_schedule.TOLERANCE,
+                                            eval_schedule.GROW_BELOW, eval_schedule.MEASUREMENTS_PER_WINDOW)
+    assert evaluated_steps(zigzag, 60, 0.15) == list(range(1, 201))
 
 
 def test_an_evaluation_is_called_when_the_held_measurement_would_stop_the_run():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from personalize.criteria import StopPolicy
@@ -51,12 +52,24 @@ TOLERANCE = 0.35
 GROW_BELOW = 0.25
 
 
-def default_max_gap(window_steps: int) -> int:
+@dataclass(frozen=True)
+class ScheduleKnobs:
+    """The adaptive schedule's constants, in one value (the defaults above), so that a study of
+    the schedule (benchmarks/tracking_cost.py) can pass others instead of patching this module."""
+
+    near: float = NEAR
+    far: float = FAR
+    tolerance: float = TOLERANCE
+    grow_below: float = GROW_BELOW
+    measurements_per_window: int = MEASUREMENTS_PER_WINDOW
+
+
+def default_max_gap(window_steps: int, measurements_per_window: int = MEASUREMENTS_PER_WINDOW) -> int:
     """The adaptive schedule's largest gap for a criterion window of `window_steps` steps."""
-    return max(1, window_steps // MEASUREMENTS_PER_WINDOW)
+    return max(1, window_steps // measurements_per_window)
 
 
-def gap_for(value: Optional[float], threshold: float, max_gap: int) -> int:
+def gap_for(value: Optional[float], threshold: float, max_gap: int, near: float = NEAR, far: float = FAR) -> int:
     """The largest gap the convergence value allows.
 
     Undefined value (the window is not full yet, or a criterion that never stops): `max_gap`.
@@ -66,22 +79,23 @@ def gap_for(value: Optional[float], threshold: float, max_gap: int) -> int:
     if value is None or not math.isfinite(value) or threshold <= 0:
         return max_gap
     distance = abs(value) / threshold
-    if distance <= NEAR:
+    if distance <= near:
         return 1
-    if distance >= FAR:
+    if distance >= far:
         return max_gap
-    fraction = math.log(distance / NEAR) / math.log(FAR / NEAR)
+    fraction = math.log(distance / near) / math.log(far / near)
     return max(1, min(max_gap, 1 + int(fraction * (max_gap - 1))))
 
 
-def controlled_gap(gap: int, miss: Optional[float], tolerance: float, max_gap: int) -> int:
+def controlled_gap(gap: int, miss: Optional[float], tolerance: float, max_gap: int,
+                   grow_below: float = GROW_BELOW) -> int:
     """The next gap from the last one and how far the measurement missed the straight-line
     prediction (None: not enough measurements for a prediction yet, the gap stays)."""
     if miss is None:
         return max(1, min(gap, max_gap))
     if miss > tolerance:
         return max(1, gap // 2)
-    if miss < GROW_BELOW * tolerance:
+    if miss < grow_below * tolerance:
         return min(2 * gap, max_gap)
     return min(gap, max_gap)
 
@@ -174,9 +188,12 @@ class AdaptiveSchedule:
 
     name = "adaptive"
 
-    def __init__(self, threshold: float, window_steps: int, max_gap: Optional[int] = None):
+    def __init__(self, threshold: float, window_steps: int, max_gap: Optional[int] = None,
+                 knobs: ScheduleKnobs = ScheduleKnobs()):
         self.threshold = float(threshold)
-        self.max_gap = default_max_gap(window_steps) if max_gap is None else int(max_gap)
+        self.knobs = knobs
+        self.max_gap = (default_max_gap(window_steps, knobs.measurements_per_window) if max_gap is None
+                        else int(max_gap))
         if self.max_gap < 1:
             raise ValueError(f"max_gap must be >= 1, got {self.max_gap}")
         self.series = InterpolatedSeries()
@@ -213,10 +230,11 @@ class AdaptiveSchedule:
         miss = line_miss(self.before, last, step, measured)
         value = self.series.observe(policy if policy is not None else _Discard(), step, measured)
         self.before = last
-        tolerance = TOLERANCE * math.sqrt(self.threshold * self.series.variance)
-        self.gap = controlled_gap(self.gap, miss, tolerance, self.max_gap)
+        knobs = self.knobs
+        tolerance = knobs.tolerance * math.sqrt(self.threshold * self.series.variance)
+        self.gap = controlled_gap(self.gap, miss, tolerance, self.max_gap, knobs.grow_below)
         current = policy.criterion.value if policy is not None else None
-        self.next_step = step + min(self.gap, gap_for(current, self.threshold, self.max_gap))
+        self.next_step = step + min(self.gap, gap_for(current, self.threshold, self.max_gap, knobs.near, knobs.far))
         return value
 
     def state_dict(self) -> dict[str, Any]:
