@@ -300,14 +300,17 @@ def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict, runne
     def hook(trained) -> None:
         step_seconds.append(trained.seconds)
         scores = None
+
+        def score_now() -> dict:
+            return scores or evaluate(trained.models, trained.identifier_token, task.concept, work,
+                                      task.eval_images_per_prompt, task.eval_inference_steps)
+
         value = runner.rows[-1]["convergence_value"] if runner.rows else None  # this step's
         if task.observe_dvar and not dvar_stop and value is not None and abs(value) < task.threshold:
-            scores = evaluate(trained.models, trained.identifier_token, task.concept, work,
-                              task.eval_images_per_prompt, task.eval_inference_steps)
+            scores = score_now()
             dvar_stop.update(steps=trained.step, wall_seconds=round(sum(step_seconds), 2), **scores)
         if task.curve_every and (trained.step % task.curve_every == 0 or trained.step == task.max_steps):
-            scores = scores or evaluate(trained.models, trained.identifier_token, task.concept, work,
-                                        task.eval_images_per_prompt, task.eval_inference_steps)
+            scores = score_now()  # the DVAR stop's scores if it stopped at this very step
             curve["steps"].append(trained.step)
             curve["clip_i"].append(scores["clip_i"])
 
@@ -459,6 +462,9 @@ def derived_dvar_record(baseline: dict) -> dict:
         cut[values_key] = [series[values_key][i] for i in keep]
     for key in ("curve_steps", "curve_clip_i"):
         cut.pop(key, None)
+    # wall_seconds sums the loop's step times; a live run's loop_seconds (the trainer's stage timer)
+    # adds stage setup and curve scoring. A cut run has no curve and its share of the baseline's
+    # setup is not recorded, so both report the step times up to the stop.
     return {**task, "stop_reason": "ConvergenceThreshold", **stop, "series": cut, "derived_from": "baseline",
             "loop_seconds": stop["wall_seconds"], "world": baseline.get("world")}
 

@@ -5,7 +5,7 @@
 Reads the personalization benchmark's baseline runs that observed DVAR (L_det at every step of
 the whole budget, CLIP-I every --curve-every steps) and, per method and (window, threshold):
 
-- replays DVAR on the recorded L_det series (the criterion code the loop runs) -> stop step;
+- replays DVAR on the recorded L_det series (`personalize-train replay`'s code) -> stop step;
 - reads the CLIP-I gain at that step off the baseline's curve, linearly interpolated between
   its scored steps (the base model's score at step 0): an estimate, exact only on scored steps;
 - gain kept = that gain / the baseline's final gain, per concept; median and minimum over the
@@ -29,25 +29,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from personalize.criteria import StopPolicy, build_criterion
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stop_quality import MIN_JUDGED_GAIN  # noqa: E402  (a sibling script module)
+from recorded_runs import every_step_runs, every_step_stop  # noqa: E402  (sibling script modules)
+from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOWS = (40, 60, 80, 100, 120)
 THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4)
-
-
-def dvar_stop(losses: list[float], window: int, threshold: float) -> Optional[int]:
-    """The first step (1-based, one loss per step) at which DVAR(window, threshold) stops."""
-    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
-    for step, loss in enumerate(losses, start=1):
-        policy.update(loss)
-        if policy.criterion.should_stop():
-            return step
-    return None
 
 
 def gain_at(step: float, steps: list[int], gains: list[float]) -> float:
@@ -61,22 +51,19 @@ def gain_at(step: float, steps: list[int], gains: list[float]) -> float:
 
 
 def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str, dict]:
-    """concept -> {"losses", "budget", "steps", "gains"} for baselines that observed DVAR."""
+    """concept -> {"losses", "budget", "steps", "gains"} for baselines that observed DVAR and
+    scored a CLIP-I curve."""
     out = {}
-    for concept in concepts:
-        run_path = runs_dir / f"{method}_baseline_{concept}.json"
-        base_path = runs_dir / f"base_{concept}.json"
-        if not (run_path.is_file() and base_path.is_file()):
+    for run in every_step_runs(runs_dir, method=method, concepts=concepts, variants=("baseline",)):
+        base_path = runs_dir / f"base_{run['concept']}.json"
+        if not (base_path.is_file() and run["series"].get("curve_steps")):
             continue
-        run, base = json.loads(run_path.read_text()), json.loads(base_path.read_text())
-        series = run["series"]
-        if series.get("eval_steps") != list(range(1, run["steps"] + 1)) or not series.get("curve_steps"):
-            continue  # not tracked at every step, or no curve
-        out[concept] = {
-            "losses": series["deterministic_loss"],
+        base = json.loads(base_path.read_text())
+        out[run["concept"]] = {
+            "losses": run["series"]["deterministic_loss"],
             "budget": run["steps"],
-            "steps": [0] + series["curve_steps"],
-            "gains": [0.0] + [v - base["clip_i"] for v in series["curve_clip_i"]],
+            "steps": [0] + run["series"]["curve_steps"],
+            "gains": [0.0] + [v - base["clip_i"] for v in run["series"]["curve_clip_i"]],
         }
     return out
 
@@ -91,13 +78,13 @@ def curve_noise(gains: list[float]) -> float:
     return plateau_spread(gains) / gains[-1] if gains[-1] > 0 else math.nan
 
 
-def sweep(baselines: dict[str, dict], windows, thresholds) -> list[dict]:
+def sweep(method: str, baselines: dict[str, dict], windows, thresholds) -> list[dict]:
     rows = []
     for window in windows:
         for threshold in thresholds:
             kept, ratio = [], []
             for b in baselines.values():
-                stop = dvar_stop(b["losses"], window, threshold) or b["budget"]
+                stop = every_step_stop(b["losses"], window, threshold, method) or b["budget"]
                 ratio.append(stop / b["budget"])
                 final = b["gains"][-1]
                 if final >= MIN_JUDGED_GAIN:  # smaller gains are within the curve's wobble
@@ -147,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         baselines = load_baselines(args.runs, method, concepts)
         if not baselines:
             continue
-        rows = sweep(baselines, WINDOWS, THRESHOLDS)
+        rows = sweep(method, baselines, WINDOWS, THRESHOLDS)
         report[method] = {"concepts": sorted(baselines), "rows": rows,
                           "plateau_spread": {c: plateau_spread(b["gains"]) for c, b in baselines.items()},
                           "curve_noise": {c: curve_noise(b["gains"]) for c, b in baselines.items()}}

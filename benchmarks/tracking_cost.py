@@ -50,6 +50,9 @@ from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
 from personalize.world.shapes import concept_set
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorded_runs import every_step_runs, every_step_stop  # noqa: E402  (a sibling script module)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCEPT = "red_striped_triangle"
 IMAGES = 8
@@ -186,38 +189,28 @@ def every_step_series(runs_dir: Path, concepts: set[str] | None = None) -> dict[
     """method/concept -> the longest every-step L_det series the personalization benchmark recorded:
     a baseline that observed DVAR (its whole budget) or else a DVAR run (up to its own stop)."""
     found: dict[str, dict] = {}
-    for path in sorted(runs_dir.glob("*.json")):
-        record = json.loads(path.read_text())
-        series = record.get("series", {})
-        if record.get("kind") != "run" or record.get("variant") not in ("baseline", "dvar"):
-            continue
-        if concepts is not None and record["concept"] not in concepts:
-            continue
-        if not series.get("eval_steps") or series["eval_steps"] != list(range(1, record["steps"] + 1)):
-            continue
-        name = f"{record['method']}/{record['concept']}"
-        if name not in found or len(series["deterministic_loss"]) > len(found[name]["losses"]):
-            found[name] = {"window": record["window"], "threshold": record["threshold"],
-                           "losses": series["deterministic_loss"], "whole_budget": record["variant"] == "baseline"}
+    for record in every_step_runs(runs_dir, concepts=concepts):
+        name, losses = f"{record['method']}/{record['concept']}", record["series"]["deterministic_loss"]
+        if name not in found or len(losses) > len(found[name]["losses"]):
+            found[name] = {"method": record["method"], "window": record["window"],
+                           "threshold": record["threshold"], "losses": losses,
+                           "whole_budget": record["variant"] == "baseline"}
     return found
 
 
-def schedule_stop(losses: list[float], window: int, threshold: float, adaptive: bool,
+def adaptive_stop(losses: list[float], window: int, threshold: float,
                   knobs: ScheduleKnobs = ScheduleKnobs()) -> tuple[int | None, int]:
-    """(stop step or None, evaluations) of DVAR fed by the adaptive schedule (or every step) on a
-    recorded every-step series. L_det at a step does not depend on which earlier steps were
-    evaluated (fixed reference batch, its own generator), so this is exactly what a live run of
-    the same training would have evaluated and decided."""
-    schedule = AdaptiveSchedule(threshold, window, knobs=knobs) if adaptive else None
+    """(stop step or None, evaluations) of DVAR fed by the adaptive schedule on a recorded
+    every-step series. L_det at a step does not depend on which earlier steps were evaluated
+    (fixed reference batch, its own generator), so this is exactly what a live run of the same
+    training would have evaluated and decided."""
+    schedule = AdaptiveSchedule(threshold, window, knobs=knobs)
     policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
     evaluations = 0
     for step, value in enumerate(losses, start=1):
-        due = schedule is None or schedule.due(step, policy)
+        due = schedule.due(step, policy)
         evaluations += due
-        if schedule is None:
-            policy.update(value)
-        else:
-            schedule.observe(step, value if due else None, policy)
+        schedule.observe(step, value if due else None, policy)
         if due and policy.check(step) is not None:
             return step, evaluations
     return None, evaluations
@@ -230,8 +223,8 @@ def recorded_series(runs_dir: Path, knobs: ScheduleKnobs = ScheduleKnobs(),
     stop: those count as `later_than_recorded`."""
     runs = {}
     for name, r in every_step_series(runs_dir, concepts).items():
-        every, _ = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=False)
-        stop, evaluations = schedule_stop(r["losses"], r["window"], r["threshold"], adaptive=True, knobs=knobs)
+        every = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"])
+        stop, evaluations = adaptive_stop(r["losses"], r["window"], r["threshold"], knobs)
         if every is None and stop is None:
             continue  # neither stops within the recorded budget: nothing to compare
         runs[name] = {

@@ -8,8 +8,7 @@ import json
 import pytest
 from script_module import load_script
 
-from personalize.replay import replay_one
-from personalize.spec import Method
+from personalize.criteria import StopPolicy, build_criterion
 
 sweep = load_script("stop_sweep", "stop_sweep_under_test")
 
@@ -20,14 +19,14 @@ def _losses(n=200, knee=50):
 
 
 @pytest.mark.parametrize("window,threshold", [(20, 0.15), (40, 0.3), (60, 0.1)])
-def test_dvar_stop_is_where_replay_stops(window, threshold):
+def test_every_step_stop_is_the_criterion_fed_one_loss_per_step(window, threshold):
     losses = _losses()
-    expected = replay_one("dvar", list(enumerate(losses, start=1)), window_steps=window, threshold=threshold,
-                          eval_every=1, min_steps=0, method=Method.lora, last_step=len(losses))["stop_step"]
-    assert expected is not None
-    assert sweep.dvar_stop(losses, window, threshold) == expected
+    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
+    expected = next(step for step, loss in enumerate(losses, start=1)
+                    if policy.observe(step, loss) is not None)  # the budget is out of reach
+    assert sweep.every_step_stop(losses, window, threshold, "lora") == expected
     # a larger window needs at least as many values before it can stop at all
-    assert sweep.dvar_stop(losses, window, threshold) >= window
+    assert expected >= window
 
 
 def test_gain_is_interpolated_between_scored_steps():
@@ -46,13 +45,13 @@ def test_sweep_reads_baselines_and_reports_kept_gain(tmp_path):
     curve = [0.5 + 0.1 * min(s, 100) / 100 for s in curve_steps]  # gain 0.1 reached at step 100
     for concept, clip in (("red_striped_triangle", curve), ("blue_dotted_star", [0.5] * len(curve))):
         (runs / f"lora_baseline_{concept}.json").write_text(json.dumps({
-            "steps": 200, "series": {"eval_steps": list(range(1, 201)), "deterministic_loss": losses,
+            "kind": "run", "method": "lora", "variant": "baseline", "concept": concept, "steps": 200, "series": {"eval_steps": list(range(1, 201)), "deterministic_loss": losses,
                                      "curve_steps": curve_steps, "curve_clip_i": clip}}))
         (runs / f"base_{concept}.json").write_text(json.dumps({"clip_i": 0.5}))
     baselines = sweep.load_baselines(runs, "lora", ["red_striped_triangle", "blue_dotted_star", "pink_striped_heart"])
     assert sorted(baselines) == ["blue_dotted_star", "red_striped_triangle"]  # no files: left out
-    (row,) = sweep.sweep(baselines, [40], [0.15])
-    stop = sweep.dvar_stop(losses, 40, 0.15)
+    (row,) = sweep.sweep("lora", baselines, [40], [0.15])
+    stop = sweep.every_step_stop(losses, 40, 0.15, "lora")
     # only the concept with a gain counts towards "kept"; both count towards steps
     assert row["kept_per_concept"] == [pytest.approx(min(stop, 100) / 100, abs=1e-3)]
     assert row["median_steps_ratio"] == pytest.approx(stop / 200)

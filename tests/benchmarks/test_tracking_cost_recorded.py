@@ -36,11 +36,11 @@ def test_the_longest_every_step_series_is_used(tmp_path):
 
 def test_a_gap_of_one_is_evaluating_every_step():
     losses = _losses()
-    every, evaluations = tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=False)
-    assert every is not None and evaluations == every
+    every = tc.every_step_stop(losses, WINDOW, THRESHOLD, "lora")
+    assert every is not None
     one_step = tc.ScheduleKnobs(measurements_per_window=WINDOW)  # largest gap: 1 step
-    assert tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=True, knobs=one_step) == (every, every)
-    stop, evaluations = tc.schedule_stop(losses, WINDOW, THRESHOLD, adaptive=True)
+    assert tc.adaptive_stop(losses, WINDOW, THRESHOLD, knobs=one_step) == (every, every)
+    stop, evaluations = tc.adaptive_stop(losses, WINDOW, THRESHOLD)
     assert evaluations < (stop or len(losses))  # the defaults skip steps
 
 

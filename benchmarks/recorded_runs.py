@@ -1,0 +1,40 @@
+"""The personalization benchmark's run files read back, for studies that replay stops without
+training (stop_sweep.py, tracking_cost.py --recorded-only).
+
+A run file holds L_det at every step the run trained when it was tracked with evalEvery 1: a
+baseline that observed DVAR has its whole budget, a DVAR run stops at its own stop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from personalize.replay import replay_one
+from personalize.spec import Method
+
+
+def every_step_runs(runs_dir: Path, *, method: Optional[str] = None, concepts: Optional[Iterable[str]] = None,
+                    variants: tuple[str, ...] = ("baseline", "dvar")) -> list[dict]:
+    """Run records (sorted by file name) whose L_det was evaluated at every step they trained."""
+    wanted = None if concepts is None else set(concepts)
+    found = []
+    for path in sorted(runs_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("kind") != "run" or record.get("variant") not in variants:
+            continue
+        if (method is not None and record.get("method") != method) or (wanted is not None and record["concept"] not in wanted):
+            continue
+        if record.get("series", {}).get("eval_steps") != list(range(1, record["steps"] + 1)):
+            continue  # evaluated on a schedule, or not at all
+        found.append(record)
+    return found
+
+
+def every_step_stop(losses: list[float], window: int, threshold: float, method: str) -> Optional[int]:
+    """Where DVAR(window, threshold) stops on an every-step L_det series (1-based steps, minSteps
+    0): replay's answer, which is the training loop's own decision on the same values."""
+    points = list(enumerate(losses, start=1))
+    return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=1, min_steps=0,
+                      method=Method(method), last_step=len(losses))["stop_step"]
