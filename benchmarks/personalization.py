@@ -87,7 +87,10 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 # Per-method settings --setting may also change (the spec's defaults otherwise): what the DVAR
 # stop depends on besides window and threshold.
-EXPERIMENT_SETTINGS = {"reference_batch_size": int, "holdout": lambda v: v.lower() in ("1", "true", "yes")}
+# slot_study N: a baseline also scores a second reference batch of N slots, slot by slot, at every
+# step (the run itself is unchanged): reference_study.py replays DVAR on any subset of the slots.
+EXPERIMENT_SETTINGS = {"reference_batch_size": int, "holdout": lambda v: v.lower() in ("1", "true", "yes"),
+                       "slot_study": int}
 SETTING_TYPES = {"learning_rate": float, "max_steps": int, "window": int, "threshold": float, **EXPERIMENT_SETTINGS}
 BATCH_SIZE = 4
 TRAIN_IMAGES = 8  # the user's "photos" per concept
@@ -148,6 +151,7 @@ class Task:
     observe_dvar: bool = False
     reference_batch_size: int = 4  # earlyStopping.referenceBatchSize (the spec's default)
     holdout: bool = False  # earlyStopping.holdout: the reference examples are not trained on
+    slot_study: int = 0  # baseline: slots of the study's reference batch, scored at every step (0: none)
     repeat: int = 0  # timing: which pair
 
     @property
@@ -290,12 +294,14 @@ def evaluate_after_training(scores: dict, task: Task, work: Path):
     return hook
 
 
-def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict, runner, dvar_stop: dict):
+def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict, runner, dvar_stop: dict,
+                  slots: dict):
     """A JobRunner `after_step` hook: keep each step's seconds (as the loop measured them, so the
     scoring below is not counted); every `task.curve_every` steps and at the last, the CLIP-I of
     the models as they are then (its own generator: the run is unchanged); and, for a baseline
     that observes DVAR, the scores at the first step whose convergence value is below the
-    threshold: where a DVAR run stops (`StopPolicy`: |value| < threshold, minSteps 0)."""
+    threshold: where a DVAR run stops (`StopPolicy`: |value| < threshold, minSteps 0); with
+    task.slot_study, the study batch's slot losses at every step (`slots`)."""
 
     def hook(trained) -> None:
         step_seconds.append(trained.seconds)
@@ -313,6 +319,23 @@ def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict, runne
             scores = score_now()  # the DVAR stop's scores if it stopped at this very step
             curve["steps"].append(trained.step)
             curve["clip_i"].append(scores["clip_i"])
+        if task.slot_study and task.variant == "baseline":
+            batch = study_batch(trained)
+            slots["losses"].append(_round(batch.slot_losses(trained.models.denoiser, trained.models.text_encoder), 5))
+
+    def study_batch(trained):
+        """The study's reference batch, built at the first step: the loop's construction with
+        task.slot_study slots (its own generator, like the loop's: training is unchanged)."""
+        if "batch" not in slots:
+            from personalize.data import examples_of
+            from personalize.reference_batch import ReferenceBatch
+
+            examples = examples_of(runner.job.spec, runner.identifier.text, trained.resolution)
+            # captions re-encoded at every evaluation: right whether or not the method trains the text encoder
+            slots["batch"] = ReferenceBatch(examples, size=task.slot_study, seed=task.seed, models=trained.models,
+                                            text_encoder_trained=True)
+            slots["timesteps"] = slots["batch"].timesteps.tolist()
+        return slots["batch"]
 
     return hook
 
@@ -363,10 +386,11 @@ def run_task(task: Task) -> dict:
     step_seconds: list[float] = []
     curve: dict[str, list] = {"steps": [], "clip_i": []}
     dvar_stop: dict[str, Any] = {}
+    slots: dict[str, Any] = {"losses": []}
     # The trainer's own sample grids are skipped: the hook evaluates the "after" models instead.
     runner = JobRunner(parse_job(job_spec(task, train_dir)), output, sample_grids=False,
                        after_training=evaluate_after_training(scores, task, work))
-    runner.after_step = observe_steps(task, work, step_seconds, curve, runner, dvar_stop)
+    runner.after_step = observe_steps(task, work, step_seconds, curve, runner, dvar_stop, slots)
     torch.manual_seed(task.seed)
     with open(os.devnull, "w") as quiet:
         streams = sys.stdout, sys.stderr  # the progress line, 96 runs over, is noise here
@@ -393,6 +417,8 @@ def run_task(task: Task) -> dict:
         if task.curve_every:
             record["series"]["curve_steps"] = curve["steps"]
             record["series"]["curve_clip_i"] = _round(curve["clip_i"], 5)
+        if slots["losses"]:  # one row per step (the study batch's slot losses); the slots' timesteps
+            record["slots"] = {"timesteps": slots["timesteps"], "losses": slots["losses"]}
         if task.observe_dvar:  # never below the threshold: DVAR would have run the whole budget
             record["dvar_stop"] = dvar_stop or {"steps": record["steps"], "stop_reason": record["stop_reason"],
                                                 **{k: record[k] for k in ("wall_seconds", "clip_i", "clip_t")}}
@@ -912,7 +938,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.timing_steps, args.timing_repeats = SMOKE["timing_steps"], SMOKE["timing_repeats"]
         if "--methods" not in " ".join(argv):
             args.methods = list(SMOKE["methods"])
-        args.overrides = {m: {"max_steps": SMOKE["max_steps"], "window": SMOKE["window"]} for m in args.methods}
+        args.overrides = {m: {**args.overrides.get(m, {}), "max_steps": SMOKE["max_steps"], "window": SMOKE["window"]}
+                          for m in args.methods}
         args.clip_every = SMOKE["clip_every"]
         args.eval_options = {k: SMOKE[k] for k in ("eval_images_per_prompt", "eval_inference_steps",
                                                    "clip_num_samples", "clip_inference_steps")}

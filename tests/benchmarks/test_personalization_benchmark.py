@@ -233,3 +233,32 @@ def test_refuses_concepts_the_installed_world_was_pretrained_on(tmp_path, monkey
     assert error.startswith("error: the installed tiny world") and "red_striped_triangle" in error
     assert "blue_dotted_star" not in error
     assert not (tmp_path / "out" / "personalization_dev.json").exists()
+
+
+def test_slot_study_scores_a_second_reference_batch_without_changing_the_run(smoke, tmp_path):
+    """--setting METHOD.slot_study=N: the baseline also scores N reference slots, one loss per slot
+    and step; its training, L_det and scores are the smoke baseline's (the study batch has its own
+    generator), which is what lets reference_study.py read gains off the recorded curves."""
+    bench, out, report = smoke
+    runs = tmp_path / "personalization_runs"
+    runs.mkdir()
+    for base in (out / "personalization_runs").glob("base_*.json"):  # reused: no rescoring
+        (runs / base.name).write_text(base.read_text())
+    assert bench.main(["--smoke", "--workers", "1", "--out", str(tmp_path), "--variants", "baseline,dvar",
+                       "--setting", "textualInversion.slot_study=3"]) == 0
+    name = "textualInversion_baseline_red_striped_triangle.json"
+    plain = json.loads((out / "personalization_runs" / name).read_text())
+    study = json.loads((runs / name).read_text())
+    assert "slots" not in plain
+    assert len(study["slots"]["losses"]) == study["steps"] and {len(r) for r in study["slots"]["losses"]} == {3}
+    assert len(set(study["slots"]["timesteps"])) == 3
+    for key in ("series", "clip_i", "clip_t", "steps"):
+        assert study[key] == plain[key], key
+
+    reference_study = load_script("reference_study", "reference_study_under_test")
+    baselines = reference_study.load_baselines(out / "personalization_runs", "textualInversion", report["concepts"])
+    loaded = reference_study.load_study(runs, "textualInversion", baselines)
+    assert sorted(loaded) == sorted(report["concepts"])
+    result = reference_study.study_method("textualInversion", loaded, baselines)
+    assert [r["timestep"] for r in result["by_slot"]] == sorted(study["slots"]["timesteps"])
+    assert {k: r["subsets"] for k, r in result["by_size"].items()} == {1: 3, 2: 3}

@@ -83,6 +83,20 @@ def test_sub_batches_average_their_losses(models, examples):
     assert both == pytest.approx(sum(parts) / 2, rel=1e-6)
 
 
+def test_slot_losses_are_each_slot_alone_and_average_to_the_deterministic_loss(models, examples):
+    from personalize.diffusion import diffusion_loss
+
+    ref = make(models, examples, size=2, sub_batches=2)
+    slots = ref.slot_losses(models.unet, models.text_encoder)
+    assert len(slots) == 4 and len(set(slots)) == 4  # distinct timesteps: distinct losses
+    assert sum(slots) / 4 == pytest.approx(ref.deterministic_loss(models.unet, models.text_encoder), rel=1e-6)
+    latents, noise, timesteps, emb = ref.components(models.text_encoder)
+    with torch.no_grad():
+        alone = float(diffusion_loss(models.unet, models, latents[2:3], noise[2:3], timesteps[2:3], emb[2:3]))
+    assert slots[2] == pytest.approx(alone, rel=1e-5)
+    assert ref.evaluations == 2
+
+
 def test_holdout_removes_reference_examples_from_training(models, examples):
     held = make(models, examples, size=2, holdout=True)
     kept = held.training_examples

@@ -103,6 +103,7 @@ class TrainedStep:
     seconds: float  # the step's own time as the loop measured it, before any callback ran
     models: Models
     identifier_token: str
+    resolution: int  # the training images' size in pixels
 
 
 AfterStep = Callable[[TrainedStep], None]
@@ -172,7 +173,7 @@ class JobRunner:
         if self.reporter is not None:
             self.reporter.report(self.report, final=final)
 
-    def _on_step(self, stage: Stage, offset: int, printer: ProgressPrinter, models: Models):
+    def _on_step(self, stage: Stage, offset: int, printer: ProgressPrinter, models: Models, resolution: int):
         def on_step(step, train_loss, det_loss, conv_value, seconds):
             if not self.accelerator.is_main_process:
                 return
@@ -196,7 +197,7 @@ class JobRunner:
                 report.convergence_value = conv_value
             self._publish()
             if self.after_step is not None:
-                self.after_step(TrainedStep(offset + step, seconds, models, self.identifier.token))
+                self.after_step(TrainedStep(offset + step, seconds, models, self.identifier.token, resolution))
 
         return on_step
 
@@ -340,7 +341,7 @@ class JobRunner:
             printer = ProgressPrinter(stage.max_steps, stage.threshold, spec.early_stopping.criterion.value)
             outcome, method = train_stage(
                 stage, spec, models, identifier, examples, class_examples, accelerator,
-                self._on_step(stage, offset, printer, models), stage_index=index,
+                self._on_step(stage, offset, printer, models, resolution), stage_index=index,
                 checkpoints=checkpoints.for_stage(index, stage.name),
             )
             if accelerator.is_main_process:

@@ -220,6 +220,14 @@ class ReferenceBatch:
 
         Under inference mode, with the denoiser (and the text encoder, when it runs) in eval
         mode; each is returned to the mode it was in."""
+        return self._evaluated(self._loss, denoiser, text_encoder)
+
+    def slot_losses(self, denoiser, text_encoder) -> list[float]:
+        """The loss of each slot on its own, in slot order (their mean is L_det up to rounding):
+        for studies of the batch itself, e.g. what a smaller batch or other timesteps would give."""
+        return self._evaluated(self._per_slot, denoiser, text_encoder)
+
+    def _evaluated(self, compute, denoiser, text_encoder):
         # the text encoder runs only while its embeddings are not cached
         models = [denoiser] if self.captions_cached else [denoiser, text_encoder]
         was_training = [m.training for m in models]
@@ -227,31 +235,39 @@ class ReferenceBatch:
             self._mode(m).set(False)
         try:
             with torch.inference_mode():
-                total = self._loss(denoiser, text_encoder)
+                result = compute(denoiser, text_encoder)
         finally:
             for m, training in zip(models, was_training):
                 self._mode(m).set(training)
         self.evaluations += 1
-        return total
+        return result
 
-    def _loss(self, denoiser, text_encoder) -> float:
+    def _sub_batch_losses(self, denoiser, text_encoder, reduction: str) -> list[torch.Tensor]:
         latents, noise, timesteps, embeddings = self.components(text_encoder)
         # fp32 inputs (under mixed precision the caller's autocast runs the denoiser in the half
         # dtype); the squared error and the mean over slots and sub-batches stay fp32.
         device = denoiser.device
-        total = 0.0
+        losses = []
         for s in range(self.sub_batches):
             part = slice(s * self.size, (s + 1) * self.size)
-            loss = diffusion_loss(
+            losses.append(diffusion_loss(
                 denoiser,
                 self.models,
                 latents[part].to(device, torch.float32),
                 noise[part].to(device, torch.float32),
                 timesteps[part].to(device),
                 embeddings[part].to(device, torch.float32),
-            )
-            total += float(loss)
-        return total / self.sub_batches
+                reduction=reduction,
+            ))
+        return losses
+
+    def _loss(self, denoiser, text_encoder) -> float:
+        parts = self._sub_batch_losses(denoiser, text_encoder, "mean")
+        return sum(float(loss) for loss in parts) / self.sub_batches
+
+    def _per_slot(self, denoiser, text_encoder) -> list[float]:
+        parts = self._sub_batch_losses(denoiser, text_encoder, "none")  # [size] each
+        return torch.cat(parts).float().cpu().tolist()
 
     # ---- resume ----------------------------------------------------------------------------
 

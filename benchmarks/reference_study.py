@@ -1,0 +1,142 @@
+"""How the reference batch's size and timesteps move the DVAR stop, without retraining.
+
+    python benchmarks/personalization.py --set dev --methods lora --variants baseline,dvar \\
+        --setting lora.slot_study=8 --curve-every 0 --out benchmarks/results/experiments/reference_batch
+    python benchmarks/reference_study.py --set dev --study benchmarks/results/experiments/reference_batch
+
+The first command re-runs the dev baselines (same seed: the same training) and scores a second
+reference batch of 8 slots slot by slot at every step. L_det of a reference batch is the mean of
+its slots' losses, so any k of those 8 slots is a reference batch of size k with its own fixed
+images, noise, captions and timesteps. Per method and size k this script takes every k-subset,
+replays DVAR (the method's window and threshold, `personalize-train replay`'s code) on its L_det
+series, and reads the CLIP-I gain at that stop off the baseline's curve (stop_sweep.py: the
+recorded baselines of --runs, interpolated between scored steps).
+
+Per k it reports, over the subsets: the median of "gain kept on the median concept", the median
+of "worst judged concept", the median steps / budget, and how many subsets meet the target
+(median >= 90%, worst >= 70%, steps <= 1/3). Per single slot (k = 1) it reports the same by the
+slot's timestep. An evaluation costs about k/4 of today's (the spec's default size is 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from personalize.world.shapes import CONCEPT_SETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorded_runs import every_step_stop  # noqa: E402  (sibling script modules)
+from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
+from stop_sweep import gain_at, load_baselines  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = (1, 2, 4, 8)
+TARGET = {"median_kept": 0.9, "min_kept": 0.7, "steps": 1 / 3}
+
+
+def load_study(study_runs: Path, method: str, baselines: dict[str, dict]) -> dict[str, dict]:
+    """concept -> {"timesteps", "losses" [steps][slots], "window", "threshold"} for study runs whose
+    training is the recorded baseline's (their own L_det series are equal, value for value)."""
+    out = {}
+    for concept, baseline in baselines.items():
+        path = study_runs / f"{method}_baseline_{concept}.json"
+        if not path.is_file():
+            continue
+        run = json.loads(path.read_text())
+        if "slots" not in run:
+            continue
+        if run["series"].get("deterministic_loss") != baseline["losses"]:
+            print(f"warning: {path.name}: its L_det differs from the recorded baseline's (not the same "
+                  "training); left out", file=sys.stderr)
+            continue
+        out[concept] = {"timesteps": run["slots"]["timesteps"], "losses": run["slots"]["losses"],
+                        "window": run["window"], "threshold": run["threshold"]}
+    return out
+
+
+def subset_outcome(method: str, subset: tuple[int, ...], study: dict, baselines: dict) -> dict:
+    """DVAR on the mean loss of `subset`'s slots, per concept: kept gain (judged concepts) and steps."""
+    kept, ratios = [], []
+    for concept, s in study.items():
+        b = baselines[concept]
+        losses = [statistics.fmean(row[i] for i in subset) for row in s["losses"]]
+        stop = every_step_stop(losses, s["window"], s["threshold"], method) or b["budget"]
+        ratios.append(stop / b["budget"])
+        if b["gains"][-1] >= MIN_JUDGED_GAIN:
+            kept.append(gain_at(stop, b["steps"], b["gains"]) / b["gains"][-1])
+    return {"median_kept": statistics.median(kept) if kept else math.nan, "min_kept": min(kept) if kept else math.nan,
+            "steps": statistics.median(ratios)}
+
+
+def meets(outcome: dict) -> bool:
+    return (outcome["median_kept"] >= TARGET["median_kept"] and outcome["min_kept"] >= TARGET["min_kept"]
+            and outcome["steps"] <= TARGET["steps"])
+
+
+def study_method(method: str, study: dict, baselines: dict) -> dict:
+    n_slots = len(next(iter(study.values()))["timesteps"])
+    by_size = {}
+    for k in (k for k in SIZES if k <= n_slots):
+        outcomes = [subset_outcome(method, subset, study, baselines) for subset in itertools.combinations(range(n_slots), k)]
+        by_size[k] = {
+            "subsets": len(outcomes),
+            "median_kept": statistics.median(o["median_kept"] for o in outcomes),
+            "min_kept": statistics.median(o["min_kept"] for o in outcomes),
+            "steps": statistics.median(o["steps"] for o in outcomes),
+            "meeting_target": sum(meets(o) for o in outcomes),
+        }
+    # per slot: the same timestep's rank in every concept's batch (same seed, same draw)
+    timesteps = next(iter(study.values()))["timesteps"]
+    by_slot = [{"timestep": timesteps[i], **subset_outcome(method, (i,), study, baselines)} for i in range(n_slots)]
+    return {"concepts": sorted(study), "by_size": by_size, "by_slot": sorted(by_slot, key=lambda r: r["timestep"])}
+
+
+def markdown(method: str, result: dict) -> str:
+    lines = [f"### {method} ({len(result['concepts'])} concepts)", "",
+             "| slots k | subsets | gain kept, median concept | worst judged concept | steps / budget | subsets meeting the target |",
+             "|---|---|---|---|---|---|"]
+    for k, r in result["by_size"].items():
+        lines.append(f"| {k} | {r['subsets']} | {r['median_kept']:.0%} | {r['min_kept']:.0%} | {r['steps']:.2f} "
+                     f"| {r['meeting_target']} / {r['subsets']} |")
+    lines += ["", "| one slot, timestep | gain kept, median concept | worst judged concept | steps / budget |", "|---|---|---|---|"]
+    lines += [f"| {r['timestep']} | {r['median_kept']:.0%} | {r['min_kept']:.0%} | {r['steps']:.2f} |" for r in result["by_slot"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
+    parser.add_argument("--study", type=Path, required=True, help="the slot-study benchmark's results folder")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs",
+                        help="the recorded baselines (with CLIP-I curves) the study runs repeat")
+    parser.add_argument("--methods", default="textualInversion,lora,customDiffusion,dreambooth")
+    args = parser.parse_args(argv)
+    concepts = [c.name for c in CONCEPT_SETS[args.set]]
+    report, parts = {}, [f"# Reference batch: size and timesteps ({args.set} concepts)", "",
+                         f"Command: `python benchmarks/reference_study.py --set {args.set} --study {args.study}`. "
+                         "Gain kept is read off the baseline's CLIP-I curve: an estimate.", ""]
+    for method in args.methods.split(","):
+        baselines = load_baselines(args.runs, method, concepts)
+        study = load_study(args.study / "personalization_runs", method, baselines)
+        if not study:
+            continue
+        report[method] = study_method(method, study, baselines)
+        parts.append(markdown(method, report[method]))
+    if not report:
+        print(f"error: no slot-study runs matching recorded baselines in {args.study}", file=sys.stderr)
+        return 2
+    (args.study / f"reference_study_{args.set}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.study / f"reference_study_{args.set}.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
