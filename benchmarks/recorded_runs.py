@@ -38,3 +38,11 @@ def every_step_stop(losses: list[float], window: int, threshold: float, method: 
     points = list(enumerate(losses, start=1))
     return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=1, min_steps=0,
                       method=Method(method), last_step=len(losses))["stop_step"]
+
+
+def write_study(out: Path, stem: str, report: dict, sections: list[str]) -> None:
+    """A replay study's results: <stem>.json (the numbers) and <stem>.md (the sections), printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(sections))
+    print("\n".join(sections))

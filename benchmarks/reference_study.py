@@ -32,7 +32,7 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_stop  # noqa: E402  (sibling script modules)
+from recorded_runs import every_step_stop, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
 from stop_sweep import gain_at, load_baselines  # noqa: E402
 
@@ -132,9 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not report:
         print(f"error: no slot-study runs matching recorded baselines in {args.study}", file=sys.stderr)
         return 2
-    (args.study / f"reference_study_{args.set}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.study / f"reference_study_{args.set}.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+    write_study(args.study, f"reference_study_{args.set}", report, parts)
     return 0
 
 

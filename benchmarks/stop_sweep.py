@@ -32,7 +32,7 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_runs, every_step_stop  # noqa: E402  (sibling script modules)
+from recorded_runs import every_step_runs, every_step_stop, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,10 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not report:
         print(f"error: no baseline runs with L_det series and curves in {args.runs}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"stop_sweep_{args.set}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"stop_sweep_{args.set}.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+    write_study(args.out, f"stop_sweep_{args.set}", report, parts)
     return 0
 
 
