@@ -464,7 +464,8 @@ def timing_tasks(method: str, concept: str, args) -> list[Task]:
         pair = [
             Task(kind="timing", concept=concept, method=method, variant=variant, max_steps=args.timing_steps,
                  learning_rate=settings["learning_rate"], window=settings["window"], threshold=settings["threshold"],
-                 repeat=repeat, **args.eval_options)
+                 repeat=repeat, **{k: settings[k] for k in ("reference_batch_size", "holdout") if k in settings},
+                 **args.eval_options)
             for variant in ("untracked", "tracked")
         ]
         tasks += pair if repeat % 2 == 0 else pair[::-1]
