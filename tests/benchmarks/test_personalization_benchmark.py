@@ -262,3 +262,16 @@ def test_slot_study_scores_a_second_reference_batch_without_changing_the_run(smo
     result = reference_study.study_method("textualInversion", loaded, baselines)
     assert [r["timestep"] for r in result["by_slot"]] == sorted(study["slots"]["timesteps"])
     assert {k: r["subsets"] for k, r in result["by_size"].items()} == {1: 3, 2: 3}
+
+
+def test_timing_pairs_run_with_the_methods_reference_batch_settings():
+    """--setting lora.reference_batch_size=2 times what a user with that setting would pay."""
+    from argparse import Namespace
+
+    bench = load_benchmark()
+    args = Namespace(overrides={"lora": {"reference_batch_size": 2, "holdout": True}}, timing_repeats=2,
+                     timing_steps=12, eval_options={})
+    tasks = bench.timing_tasks("lora", "red_striped_triangle", args)
+    assert [t.variant for t in tasks] == ["untracked", "tracked", "tracked", "untracked"]
+    assert {(t.reference_batch_size, t.holdout, t.max_steps) for t in tasks} == {(2, True, 12)}
+    assert {t.reference_batch_size for t in bench.timing_tasks("textualInversion", "red_striped_triangle", args)} == {4}
