@@ -193,7 +193,7 @@ def test_resume_after_sigterm_gives_the_same_run(family, method, sections, famil
     (with re-sampled reference timesteps, so the reference generator must resume too), the same artifacts."""
     import subprocess
 
-    from test_resume import STEP_LINE, command, read_rows, run_until_sigterm, trainer_env
+    from test_resume import STEP_LINE, command, read_rows, straight_beside_interrupted, trainer_env
 
     manifest = job(family_dirs[family](), concept_dir, family, method, training={
         "maxSteps": 40, "batchSize": 2, "learningRate": 5e-3, "resolution": tiny_families.RESOLUTION[family],
@@ -203,11 +203,7 @@ def test_resume_after_sigterm_gives_the_same_run(family, method, sections, famil
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(manifest))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    with (tmp_path / "straight.log").open("w") as log:
-        reference_run = subprocess.Popen(command(config, straight), stdout=log, stderr=subprocess.STDOUT,
-                                         env=trainer_env(tmp_path / "straight.termination"))
-        code, stdout = run_until_sigterm(config, resumed, trainer_env(tmp_path / "interrupted.termination"), at_step=4)
-        assert reference_run.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    code, stdout = straight_beside_interrupted(config, tmp_path, at_step=4, timeout=600)
     assert code == 143, stdout[-3000:]
     proc = subprocess.run(command(config, resumed), capture_output=True, text=True,
                           env=trainer_env(tmp_path / "resumed.termination"), timeout=600)

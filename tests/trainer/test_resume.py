@@ -76,6 +76,19 @@ def run_until_sigterm(config: Path, output: Path, env: dict, at_step: int) -> tu
     return code, "".join(lines)
 
 
+def straight_beside_interrupted(config: Path, tmp_path: Path, at_step: int, timeout: int = 300) -> tuple[int, str]:
+    """The uninterrupted run (into tmp_path/straight) and the run to be interrupted at `at_step`
+    (into tmp_path/resumed) side by side, 2 cores; the straight run must succeed. Returns the
+    interrupted run's (exit code, stdout)."""
+    with (tmp_path / "straight.log").open("w") as log:
+        straight = subprocess.Popen(command(config, tmp_path / "straight"), stdout=log, stderr=subprocess.STDOUT,
+                                    env=trainer_env(tmp_path / "straight.termination"))
+        code, stdout = run_until_sigterm(config, tmp_path / "resumed", trainer_env(tmp_path / "interrupted.termination"),
+                                         at_step=at_step)
+        assert straight.wait(timeout=timeout) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    return code, stdout
+
+
 def read_rows(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))
@@ -94,13 +107,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(method, concept_dir, tm
     # minSteps: the run must go on well past the interrupt whatever step the world's DVAR would allow.
     config = write_config(tmp_path / "job.yaml", concept_dir, method, minSteps=14, **schedule)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-
-    # The uninterrupted run and the run to be interrupted run side by side (2 cores).
-    with (tmp_path / "straight.log").open("w") as log:
-        reference_run = subprocess.Popen(command(config, straight), stdout=log, stderr=subprocess.STDOUT,
-                                         env=trainer_env(tmp_path / "straight.termination"))
-        code, stdout = run_until_sigterm(config, resumed, trainer_env(tmp_path / "interrupted.termination"), at_step=7)
-        assert reference_run.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    code, stdout = straight_beside_interrupted(config, tmp_path, at_step=7)
 
     # Interrupted: exit 143, one checkpoint of the step after which it stopped, no Failed anywhere.
     assert code == 143, stdout[-3000:]
