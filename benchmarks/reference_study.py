@@ -14,8 +14,11 @@ recorded baselines of --runs, interpolated between scored steps).
 
 Per k it reports, over the subsets: the median of "gain kept on the median concept", the median
 of "worst judged concept", the median steps / budget, and how many subsets meet the target
-(median >= 90%, worst >= 70%, steps <= 1/3). Per single slot (k = 1) it reports the same by the
-slot's timestep. An evaluation costs about k/4 of today's (the spec's default size is 4).
+(stop_quality.meets_target). Per single slot (k = 1) it reports the same by the slot's timestep.
+What an evaluation of k slots costs is measured by the benchmark's timing pairs
+(`--setting METHOD.reference_batch_size=k`; docs/benchmark.md, "Tracking cost against the
+reference batch size"): not k/4 of the default's, since a single slot still costs about 0.2 of a
+training step on this CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -32,13 +34,11 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_stop, write_study  # noqa: E402  (sibling script modules)
-from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
-from stop_sweep import gain_at, load_baselines  # noqa: E402
+from recorded_runs import write_study  # noqa: E402  (sibling script modules)
+from stop_sweep import load_baselines, stop_outcome, summarize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (1, 2, 4, 8)
-TARGET = {"median_kept": 0.9, "min_kept": 0.7, "steps": 1 / 3}
 
 
 def load_study(study_runs: Path, method: str, baselines: dict[str, dict]) -> dict[str, dict]:
@@ -62,26 +62,18 @@ def load_study(study_runs: Path, method: str, baselines: dict[str, dict]) -> dic
 
 
 def subset_outcome(method: str, subset: tuple[int, ...], study: dict, baselines: dict) -> dict:
-    """DVAR on the mean loss of `subset`'s slots, per concept: kept gain (judged concepts) and steps."""
-    kept, ratios = [], []
+    """DVAR on the mean loss of `subset`'s slots, per concept, summarized over the concepts."""
+    outcomes = []
     for concept, s in study.items():
-        b = baselines[concept]
         losses = [statistics.fmean(row[i] for i in subset) for row in s["losses"]]
-        stop = every_step_stop(losses, s["window"], s["threshold"], method) or b["budget"]
-        ratios.append(stop / b["budget"])
-        if b["gains"][-1] >= MIN_JUDGED_GAIN:
-            kept.append(gain_at(stop, b["steps"], b["gains"]) / b["gains"][-1])
-    return {"median_kept": statistics.median(kept) if kept else math.nan, "min_kept": min(kept) if kept else math.nan,
-            "steps": statistics.median(ratios)}
-
-
-def meets(outcome: dict) -> bool:
-    return (outcome["median_kept"] >= TARGET["median_kept"] and outcome["min_kept"] >= TARGET["min_kept"]
-            and outcome["steps"] <= TARGET["steps"])
+        outcomes.append(stop_outcome(method, losses, s["window"], s["threshold"], baselines[concept]))
+    return summarize(outcomes)
 
 
 def study_method(method: str, study: dict, baselines: dict) -> dict:
-    n_slots = len(next(iter(study.values()))["timesteps"])
+    # the same seed draws the same slots for every concept: one list of timesteps
+    timesteps = next(iter(study.values()))["timesteps"]
+    n_slots = len(timesteps)
     by_size = {}
     for k in (k for k in SIZES if k <= n_slots):
         outcomes = [subset_outcome(method, subset, study, baselines) for subset in itertools.combinations(range(n_slots), k)]
@@ -89,12 +81,14 @@ def study_method(method: str, study: dict, baselines: dict) -> dict:
             "subsets": len(outcomes),
             "median_kept": statistics.median(o["median_kept"] for o in outcomes),
             "min_kept": statistics.median(o["min_kept"] for o in outcomes),
-            "steps": statistics.median(o["steps"] for o in outcomes),
-            "meeting_target": sum(meets(o) for o in outcomes),
+            "steps": statistics.median(o["median_steps_ratio"] for o in outcomes),
+            "meeting_target": sum(o["meets_target"] for o in outcomes),
         }
-    # per slot: the same timestep's rank in every concept's batch (same seed, same draw)
-    timesteps = next(iter(study.values()))["timesteps"]
-    by_slot = [{"timestep": timesteps[i], **subset_outcome(method, (i,), study, baselines)} for i in range(n_slots)]
+    by_slot = []
+    for i in range(n_slots):
+        outcome = subset_outcome(method, (i,), study, baselines)
+        by_slot.append({"timestep": timesteps[i], "median_kept": outcome["median_kept"],
+                        "min_kept": outcome["min_kept"], "steps": outcome["median_steps_ratio"]})
     return {"concepts": sorted(study), "by_size": by_size, "by_slot": sorted(by_slot, key=lambda r: r["timestep"])}
 
 

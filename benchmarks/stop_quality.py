@@ -19,6 +19,13 @@ S90_FRACTION = 0.9
 # spread of each baseline's plateau; on the second world's dev set the median is 0.012), so the
 # ratio of two such numbers is noise (-215% and 93% on dev concepts that gained 0.010 and 0.028).
 MIN_JUDGED_GAIN = 0.03
+# Issue 17's target for DVAR against the baseline, per method over a concept set: the median
+# concept keeps >= 90% of the baseline's CLIP-I gain, no judged concept keeps under 70%, at <= 1/3
+# of the baseline's steps (median). The one statement of it: the benchmark and the replay studies
+# all check `meets_target`.
+TARGET_MEDIAN_KEPT = 0.9
+TARGET_MIN_KEPT = 0.7
+TARGET_STEPS_RATIO = 1 / 3
 WASTE_FACTOR = 2.0  # stopping after WASTE_FACTOR * s90 spends at least as many steps again for 10% of the gain
 
 
@@ -40,6 +47,19 @@ def s90(steps: Sequence[int], gains: Sequence[float], fraction: float = S90_FRAC
         if gain >= fraction * final:
             return int(step)
     return int(steps[-1])  # unreachable: the last gain is the final one
+
+
+def target_checks(median_kept: float, min_kept: float, steps_ratio: float) -> dict[str, bool]:
+    """The target's three parts, each True when met (NaN, no judged concept, meets none)."""
+    return {
+        "gain_kept_at_least_90pct": bool(median_kept >= TARGET_MEDIAN_KEPT),
+        "no_concept_under_70pct": bool(min_kept >= TARGET_MIN_KEPT),
+        "steps_at_most_one_third": bool(steps_ratio <= TARGET_STEPS_RATIO),
+    }
+
+
+def meets_target(median_kept: float, min_kept: float, steps_ratio: float) -> bool:
+    return all(target_checks(median_kept, min_kept, steps_ratio).values())
 
 
 def stop_verdict(stop_step: int, s90_step: Optional[int], waste_factor: float = WASTE_FACTOR) -> str:

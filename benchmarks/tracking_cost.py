@@ -216,13 +216,12 @@ def adaptive_stop(losses: list[float], window: int, threshold: float,
     return None, evaluations
 
 
-def recorded_series(runs_dir: Path, knobs: ScheduleKnobs = ScheduleKnobs(),
-                    concepts: set[str] | None = None) -> dict:
-    """The adaptive schedule (its defaults, or `knobs`) against every step on recorded series.
-    A series that ends at its own every-step stop (a DVAR run's) cannot show a later adaptive
-    stop: those count as `later_than_recorded`."""
+def recorded_series(series: dict[str, dict], knobs: ScheduleKnobs = ScheduleKnobs()) -> dict:
+    """The adaptive schedule (its defaults, or `knobs`) against every step on recorded series
+    (`every_step_series`). A series that ends at its own every-step stop (a DVAR run's) cannot
+    show a later adaptive stop: those count as `later_than_recorded`."""
     runs = {}
-    for name, r in every_step_series(runs_dir, concepts).items():
+    for name, r in series.items():
         every = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"])
         stop, evaluations = adaptive_stop(r["losses"], r["window"], r["threshold"], knobs)
         if every is None and stop is None:
@@ -248,12 +247,12 @@ FRONTIER_GRID = {"near": (1.0, 1.5), "far": (3.0, 6.0), "tolerance": (0.35, 0.7,
                  "measurements_per_window": (2, 4)}
 
 
-def frontier(runs_dir: Path, concepts: set[str] | None = None) -> list[dict]:
+def frontier(series: dict[str, dict]) -> list[dict]:
     """Per knob setting: stops within 5 steps of every step, and the mean evaluated fraction."""
     rows = []
     for values in itertools.product(*FRONTIER_GRID.values()):
         knobs = dict(zip(FRONTIER_GRID, values))
-        summary = recorded_series(runs_dir, ScheduleKnobs(**knobs), concepts)
+        summary = recorded_series(series, ScheduleKnobs(**knobs))
         rows.append({**knobs, "within_5_steps": summary["within_5_steps"], "count": summary["count"],
                      "mean_evaluated_fraction": summary["mean_evaluated_fraction"]})
     return sorted(rows, key=lambda r: (-r["within_5_steps"], r["mean_evaluated_fraction"]))
@@ -343,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output)
     concepts = {c.name for c in concept_set(args.set)}
-    summary = {**recorded_series(args.runs, concepts=concepts), "frontier": frontier(args.runs, concepts),
+    series = every_step_series(args.runs, concepts)  # read once: the frontier replays it 64 times
+    summary = {**recorded_series(series), "frontier": frontier(series),
                "runs_dir": relative_to_repo(args.runs), "concept_set": args.set}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")

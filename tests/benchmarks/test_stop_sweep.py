@@ -57,3 +57,28 @@ def test_sweep_reads_baselines_and_reports_kept_gain(tmp_path):
     assert row["median_steps_ratio"] == pytest.approx(stop / 200)
     assert sweep.main(["--runs", str(runs), "--methods", "lora", "--out", str(tmp_path)]) == 0
     assert "| 40 | 0.15 |" in (tmp_path / "stop_sweep_dev.md").read_text()
+
+
+@pytest.mark.parametrize("outcomes,meets", [
+    ([(0.30, 0.95), (0.25, 0.90), (0.20, 1.00)], True),
+    ([(0.30, 0.95), (0.25, 0.65), (0.20, 1.00)], False),  # the worst judged concept under 70%
+    ([(0.40, 0.95), (0.35, 0.90), (0.30, 1.00)], False),  # median steps over a third
+    ([(0.30, 0.85), (0.25, 0.80), (0.20, 1.00)], False),  # the median concept under 90%
+    ([(0.30, 0.95), (0.25, None), (0.20, 1.00)], True),  # a concept not judged: steps only
+])
+def test_summary_checks_the_whole_target(outcomes, meets):
+    summary = sweep.summarize(outcomes)
+    assert summary["meets_target"] is meets
+    judged = [k for _, k in outcomes if k is not None]
+    assert summary["min_kept"] == min(judged)
+    assert summary["median_steps_ratio"] == sorted(r for r, _ in outcomes)[1]
+
+
+def test_stop_outcome_runs_the_budget_when_dvar_never_stops():
+    baseline = {"budget": 200, "steps": [0, 100, 200], "gains": [0.0, 0.1, 0.2]}
+    # a loss that swings as much in the last window as over the run: the ratio stays near 1
+    swinging = [0.1 + 0.05 * (-1) ** i for i in range(200)]
+    assert sweep.stop_outcome("lora", swinging, 40, 0.15, baseline) == (1.0, 1.0)
+    small = {**baseline, "gains": [0.0, 0.01, 0.02]}  # under MIN_JUDGED_GAIN: not judged
+    assert sweep.stop_outcome("lora", swinging, 40, 0.15, small) == (1.0, None)
+    assert sweep.stop_outcome("lora", _losses(200), 40, 0.15, baseline)[0] < 1.0  # a plateau stops

@@ -46,7 +46,7 @@ def test_a_gap_of_one_is_evaluating_every_step():
 
 def test_the_frontier_puts_settings_that_keep_more_stops_first(tmp_path):
     _write(tmp_path, "baseline", "red_striped_triangle", _losses())
-    rows = tc.frontier(tmp_path)
+    rows = tc.frontier(tc.every_step_series(tmp_path))
     assert len(rows) == len(list(tc.itertools.product(*tc.FRONTIER_GRID.values())))
     keys = [(-r["within_5_steps"], r["mean_evaluated_fraction"]) for r in rows]
     assert keys == sorted(keys)
