@@ -115,7 +115,7 @@ def measure(method: str, images: Path, work: Path, interrupt_at: int, max_steps:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [
-        "# Checkpoint cost on the tiny world (issue 6)",
+        "# Checkpoint cost on the tiny world",
         "",
         f"`python benchmarks/checkpoint_cost.py` on {meta['machine']}; checkpointEvery 5, DVAR window 8, "
         f"SIGTERM at step >= {meta['interrupt_at']} (tiDreambooth: in stage 2). Single CPU thread per run.",

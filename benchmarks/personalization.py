@@ -71,7 +71,6 @@ import stop_quality  # noqa: E402  (a sibling script module, not a package)
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("textualInversion", "lora", "customDiffusion", "dreambooth")
 VARIANTS = ("baseline", "dvar", "fewIterations", "clip")
-TARGET_METHODS = ("textualInversion", "lora")  # issue 3's target names these two
 
 # ---- per-method settings on the tiny world (tuned on these concepts; see docs/benchmark.md) ----
 # max_steps is the baseline's fixed budget: long enough that the baseline's CLIP-I has stopped
@@ -702,7 +701,7 @@ def versus_baseline(method: str, variant: str, runs: dict, base: dict, concepts:
 
 
 def target_check(table: dict, methods: list[str]) -> dict:
-    """Issue 17's target, per method: median-concept gain kept >= 90%, no judged concept (baseline
+    """The stop's target (stop_quality.target_checks), per method: median-concept gain kept >= 90%, no judged concept (baseline
     gain >= MIN_JUDGED_GAIN) under 70%, steps <= 1/3 of baseline, DVAR's mean CLIP-T not below the
     baseline's by more than DVAR's spread (std) over concepts."""
     out = {}
@@ -863,7 +862,7 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
         ) + f"; batch {BATCH_SIZE}, {TRAIN_IMAGES} photos; CLIP criterion every {args.clip_every} steps, "
         f"patience {CLIP_CRITERION['patience']}, {CLIP_CRITERION['numSamples']} samples.",
         "",
-        "Target (issue 17):",
+        "Target (DVAR against the baseline, stop_quality.target_checks):",
         target_lines(summary),
         "",
         f"## Stop quality: DVAR's stop step against the baseline's s90 (CLIP-I every {args.curve_every} steps)",

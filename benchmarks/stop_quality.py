@@ -19,7 +19,7 @@ S90_FRACTION = 0.9
 # spread of each baseline's plateau; on the second world's dev set the median is 0.012), so the
 # ratio of two such numbers is noise (-215% and 93% on dev concepts that gained 0.010 and 0.028).
 MIN_JUDGED_GAIN = 0.03
-# Issue 17's target for DVAR against the baseline, per method over a concept set: the median
+# The stop's target, DVAR against the baseline, per method over a concept set: the median
 # concept keeps >= 90% of the baseline's CLIP-I gain, no judged concept keeps under 70%, at <= 1/3
 # of the baseline's steps (median). The one statement of it: the benchmark and the replay studies
 # all check `meets_target`.

@@ -10,7 +10,7 @@ the whole budget, CLIP-I every --curve-every steps) and, per method and (window,
   its scored steps (the base model's score at step 0): an estimate, exact only on scored steps;
 - gain kept = that gain / the baseline's final gain, per concept; median and minimum over the
   concepts whose final gain is at least MIN_JUDGED_GAIN (stop_quality.py); steps / budget, median;
-  whether that meets issue 17's target (stop_quality.meets_target).
+  whether that meets the stop's target (stop_quality.meets_target).
 
 It also reports how noisy the curve is: the standard deviation of the curve's last quarter around
 its mean, as a share of the final gain. A single final score carries that noise into every "gain
@@ -92,7 +92,7 @@ def stop_outcome(method: str, losses: list[float], window: int, threshold: float
 
 def summarize(outcomes: list[tuple[float, Optional[float]]]) -> dict:
     """Over concepts' stop outcomes: gain kept on the median and the worst judged concept, median
-    steps / budget, and whether that meets issue 17's target."""
+    steps / budget, and whether that meets the stop's target (stop_quality.meets_target)."""
     kept = [k for _, k in outcomes if k is not None]
     summary = {
         "median_kept": statistics.median(kept) if kept else math.nan,
