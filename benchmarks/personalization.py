@@ -891,7 +891,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", choices=("dev", "test", "all"), default="dev",
                         help="which held-out concepts: dev (tuning allowed), test (never tuned on), all")
-    parser.add_argument("--concepts", type=int, default=None, help="only the first N concepts of the set")
+    parser.add_argument("--concepts", default=None, metavar="N|NAME,...",
+                        help="only the first N concepts of the set, or these concepts of it (comma-separated)")
     parser.add_argument("--curve-every", type=int, default=CURVE_EVERY,
                         help="score the baseline's CLIP-I every N steps for s90 (0: no curve)")
     parser.add_argument("--timing-steps", type=int, default=TIMING_STEPS, help="steps of each tracking-cost run")
@@ -961,13 +962,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def select_concepts(names: list[str], wanted: Optional[str | int]) -> list[str]:
+    """The concepts of a set that --concepts asks for: all (None), the first N, or the named ones
+    in the order given (each must be in the set: a test concept is never benchmarked as dev)."""
+    if wanted is None:
+        return names
+    if isinstance(wanted, int) or wanted.isdigit():
+        if int(wanted) < 1:
+            raise ValueError("N must be >= 1")
+        return names[: int(wanted)]
+    chosen = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in names]
+    if unknown or not chosen:
+        raise ValueError(f"not in this set: {', '.join(unknown) or '(none given)'}; the set holds {', '.join(names)}")
+    return list(dict.fromkeys(chosen))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from personalize.world.provenance import held_out_by, world_fingerprint
     from personalize.world.shapes import concept_set
     from personalize.world.tiny_models import TINY_WORLD_DIR
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    concepts = [c.name for c in concept_set(args.set)[: args.concepts]]
+    try:
+        concepts = select_concepts([c.name for c in concept_set(args.set)], args.concepts)
+    except ValueError as error:
+        print(f"error: --concepts: {error}", file=sys.stderr)
+        return 2
     seen = [c for c in concepts if c not in held_out_by(TINY_WORLD_DIR)]
     if seen:  # scores on concepts the model was pretrained on say nothing about personalization
         print(f"error: the installed tiny world ({TINY_WORLD_DIR}) was pretrained on {', '.join(seen)}; "

@@ -275,3 +275,21 @@ def test_timing_pairs_run_with_the_methods_reference_batch_settings():
     assert [t.variant for t in tasks] == ["untracked", "tracked", "tracked", "untracked"]
     assert {(t.reference_batch_size, t.holdout, t.max_steps) for t in tasks} == {(2, True, 12)}
     assert {t.reference_batch_size for t in bench.timing_tasks("textualInversion", "red_striped_triangle", args)} == {4}
+
+
+def test_concepts_are_chosen_by_count_or_by_name_within_the_set(tmp_path, capsys):
+    bench = load_benchmark()
+    names = ["red_striped_triangle", "blue_dotted_star", "pink_striped_heart"]
+    assert bench.select_concepts(names, None) == names
+    assert bench.select_concepts(names, "2") == names[:2]
+    assert bench.select_concepts(names, "pink_striped_heart,red_striped_triangle,pink_striped_heart") == [
+        "pink_striped_heart", "red_striped_triangle"]  # the order given, once each
+    with pytest.raises(ValueError, match="orange_dotted_hexagon"):
+        bench.select_concepts(names, "orange_dotted_hexagon")
+    with pytest.raises(ValueError):
+        bench.select_concepts(names, "0")
+    # a test concept named on the dev set is refused before anything trains
+    out = tmp_path / "out"
+    assert bench.main(["--set", "dev", "--concepts", "orange_dotted_hexagon", "--workers", "1", "--out", str(out)]) == 2
+    assert "not in this set: orange_dotted_hexagon" in capsys.readouterr().err
+    assert not (out / "personalization_dev.json").exists()
