@@ -40,6 +40,13 @@ def every_step_stop(losses: list[float], window: int, threshold: float, method: 
                       method=Method(method), last_step=len(losses))["stop_step"]
 
 
+def relative_to_repo(path: Path) -> str:
+    """`path` as written in a report: relative to the repository when inside it."""
+    path = path.resolve()
+    root = Path(__file__).resolve().parents[1]
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def write_study(out: Path, stem: str, report: dict, sections: list[str]) -> None:
     """A replay study's results: <stem>.json (the numbers) and <stem>.md (the sections), printed too."""
     out.mkdir(parents=True, exist_ok=True)

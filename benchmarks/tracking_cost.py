@@ -51,7 +51,7 @@ from personalize.world import concept_by_name, write_concept_images
 from personalize.world.shapes import concept_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_runs, every_step_stop  # noqa: E402  (a sibling script module)
+from recorded_runs import every_step_runs, every_step_stop, relative_to_repo  # noqa: E402  (a sibling script module)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCEPT = "red_striped_triangle"
@@ -256,12 +256,6 @@ def frontier(series: dict[str, dict]) -> list[dict]:
         rows.append({**knobs, "within_5_steps": summary["within_5_steps"], "count": summary["count"],
                      "mean_evaluated_fraction": summary["mean_evaluated_fraction"]})
     return sorted(rows, key=lambda r: (-r["within_5_steps"], r["mean_evaluated_fraction"]))
-
-
-def relative_to_repo(path: Path) -> str:
-    path = path.resolve()
-    root = RESULTS.parents[1]
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def recorded_markdown(summary: dict) -> str:

@@ -1,0 +1,138 @@
+"""One run's stop, traced: how far L_det and CLIP-I had come when DVAR stopped.
+
+    python benchmarks/stop_trace.py --set dev      # every dev baseline: the summary table
+    python benchmarks/stop_trace.py --runs benchmarks/results/personalization_runs \\
+        textualInversion/red_striped_triangle lora/blue_dotted_star   # these, step by step
+
+For a baseline that observed DVAR (L_det and DVAR's value at every step) and scored a CLIP-I
+curve, per scored step: L_det (the mean of the SMOOTH steps ending there: one step's value carries
+the step-to-step wiggle DVAR measures), DVAR's value, and the CLIP-I gain as a share of the
+plateau's gain. Both ends are plateaus, since single values wobble: L_det's is the mean of the
+run's last quarter, CLIP-I's the mean of the curve's last PLATEAU_POINTS scores (as the
+benchmark's "gain kept against the plateau"). The summary puts side by side, at DVAR's stop:
+
+- L_det progress: (L_det at step 1 - L_det at the stop) / (L_det at step 1 - L_det's plateau);
+- CLIP-I progress: the gain at the stop (read off the curve, stop_sweep.gain_at) / the plateau gain.
+
+DVAR stops when L_det has flattened, so its L_det progress is high; when CLIP-I progress is far
+lower, the concept is a late learner for this method: the deterministic loss had stopped telling
+what the samples still gained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from personalize.world.shapes import CONCEPT_SETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import METHODS, PLATEAU_POINTS  # noqa: E402  (sibling script modules)
+from recorded_runs import relative_to_repo, write_study  # noqa: E402
+from stop_quality import s90  # noqa: E402
+from stop_sweep import gain_at  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMOOTH = 10
+
+
+def smoothed(losses: list[float], step: int, width: int = SMOOTH) -> float:
+    """Mean L_det of the `width` steps ending at `step` (1-based), fewer at the start."""
+    return statistics.fmean(losses[max(0, step - width) : step])
+
+
+def trace(run: dict, base_clip_i: float) -> dict:
+    """The trace of one baseline run record (it observed DVAR and scored a CLIP-I curve)."""
+    series = run["series"]
+    losses = series["deterministic_loss"]
+    values = dict(zip(series["convergence_steps"], series["convergence_value"]))
+    steps = [0] + series["curve_steps"]
+    gains = [0.0] + [v - base_clip_i for v in series["curve_clip_i"]]
+    stop = run["dvar_stop"]["steps"]
+    plateau = statistics.fmean(gains[-PLATEAU_POINTS:])
+    start, end = losses[0], statistics.fmean(losses[-(len(losses) // 4):])
+
+    def l_det_progress(step: int) -> float:
+        return (start - smoothed(losses, step)) / (start - end)
+
+    rows = [{"step": s, "l_det": round(smoothed(losses, s), 5), "dvar_value": values.get(s),
+             "clip_i_progress": round(g / plateau, 3)} for s, g in zip(steps[1:], gains[1:])]
+    return {
+        "method": run["method"], "concept": run["concept"], "window": run["window"], "threshold": run["threshold"],
+        "final_gain": round(gains[-1], 4), "plateau_gain": round(plateau, 4), "dvar_stop": stop,
+        "s90": s90(steps, gains, min_gain=0.0),
+        "l_det_progress_at_stop": round(l_det_progress(stop), 3),
+        "clip_i_progress_at_stop": round(gain_at(stop, steps, gains) / plateau, 3),
+        "rows": rows,
+    }
+
+
+def markdown(t: dict) -> str:
+    lines = [f"### {t['method']} / {t['concept']} (window {t['window']}, threshold {t['threshold']})", "",
+             f"CLIP-I gain: final {t['final_gain']:.3f}, plateau {t['plateau_gain']:.3f}; DVAR stops at "
+             f"{t['dvar_stop']}, s90 {t['s90']} (of the final gain). "
+             f"At the stop: L_det progress {t['l_det_progress_at_stop']:.0%}, "
+             f"CLIP-I progress {t['clip_i_progress_at_stop']:.0%}.", "",
+             f"| step | L_det (mean of {SMOOTH} steps) | DVAR value | CLIP-I gain / plateau |", "|---|---|---|---|"]
+    for r in t["rows"]:
+        value = "-" if r["dvar_value"] is None else f"{r['dvar_value']:.3f}"
+        lines.append(f"| {r['step']} | {r['l_det']:.4f} | {value} | {r['clip_i_progress']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(traces: list[dict]) -> str:
+    lines = ["| method | concept | plateau gain | DVAR stop | s90 | L_det progress at the stop | CLIP-I progress at the stop |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['method']} | {t['concept']} | {t['plateau_gain']:.3f} | {t['dvar_stop']} | {t['s90']} | "
+              f"{t['l_det_progress_at_stop']:.0%} | {t['clip_i_progress_at_stop']:.0%} |" for t in traces]
+    return "\n".join(lines) + "\n"
+
+
+def traceable(runs: Path, method: str, concept: str) -> Optional[str]:
+    """Why the run cannot be traced, or None when it can."""
+    path, base = runs / f"{method}_baseline_{concept}.json", runs / f"base_{concept}.json"
+    if not (path.is_file() and base.is_file()):
+        return f"needs {path.name} and {base.name} in {runs}"
+    run = json.loads(path.read_text())
+    if not (run["series"].get("curve_steps") and "dvar_stop" in run):
+        return f"{path.name} is not a baseline that observed DVAR and scored a CLIP-I curve"
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_named", nargs="*", metavar="METHOD/CONCEPT",
+                        help="runs to trace step by step (default: every traceable baseline of --set, summary only)")
+    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs")
+    parser.add_argument("--out", type=Path, default=None, help="write stop_trace_<set>.{json,md} here (default: --runs' parent)")
+    args = parser.parse_args(argv)
+    if args.runs_named:
+        named = [tuple(n.partition("/")[::2]) for n in args.runs_named]
+        for method, concept in named:
+            if (why := traceable(args.runs, method, concept)) is not None:
+                print(f"error: {method}/{concept}: {why}", file=sys.stderr)
+                return 2
+    else:
+        named = [(m, c.name) for m in METHODS for c in CONCEPT_SETS[args.set]
+                 if traceable(args.runs, m, c.name) is None]
+    traces = [trace(json.loads((args.runs / f"{m}_baseline_{c}.json").read_text()),
+                    json.loads((args.runs / f"base_{c}.json").read_text())["clip_i"]) for m, c in named]
+    if not traces:
+        print(f"error: no baseline in {args.runs} observed DVAR and scored a CLIP-I curve", file=sys.stderr)
+        return 2
+    command = " ".join(["python benchmarks/stop_trace.py", "--set", args.set, "--runs", relative_to_repo(args.runs),
+                        *args.runs_named])
+    parts = ["# DVAR's stop against L_det and CLIP-I progress", "", f"Command: `{command}`", "", summary_table(traces)]
+    if args.runs_named:
+        parts += [markdown(t) for t in traces]
+    write_study(args.out or args.runs.parent, f"stop_trace_{args.set}", {"traces": traces}, parts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
