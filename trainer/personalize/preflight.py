@@ -4,6 +4,7 @@ input fails in a second with one line naming the problem (`error: ...`, exit cod
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -92,9 +93,10 @@ def prepare_output_dir(path: str | Path) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe file of its own: every process of a multi-process job checks the same folder at
+        # once, and a shared probe name lets one process delete the file another is checking.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as err:
         raise TrainerInputError(f"output directory {str(path)!r} is not writable: {err.strerror or err}") from None
     return out
