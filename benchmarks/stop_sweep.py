@@ -51,6 +51,11 @@ def gain_at(step: float, steps: list[int], gains: list[float]) -> float:
     raise ValueError(f"step {step} before the curve's first point {steps[0]}")
 
 
+def curve_gains(series: dict, base_clip_i: float) -> tuple[list[int], list[float]]:
+    """A baseline's CLIP-I curve as (steps, gains over the base model), starting at step 0, gain 0."""
+    return [0] + series["curve_steps"], [0.0] + [v - base_clip_i for v in series["curve_clip_i"]]
+
+
 def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str, dict]:
     """concept -> {"losses", "budget", "steps", "gains"} for baselines that observed DVAR and
     scored a CLIP-I curve."""
@@ -59,13 +64,9 @@ def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str
         base_path = runs_dir / f"base_{run['concept']}.json"
         if not (base_path.is_file() and run["series"].get("curve_steps")):
             continue
-        base = json.loads(base_path.read_text())
-        out[run["concept"]] = {
-            "losses": run["series"]["deterministic_loss"],
-            "budget": run["steps"],
-            "steps": [0] + run["series"]["curve_steps"],
-            "gains": [0.0] + [v - base["clip_i"] for v in run["series"]["curve_clip_i"]],
-        }
+        steps, gains = curve_gains(run["series"], json.loads(base_path.read_text())["clip_i"])
+        out[run["concept"]] = {"losses": run["series"]["deterministic_loss"], "budget": run["steps"],
+                               "steps": steps, "gains": gains}
     return out
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from personalization import METHODS, PLATEAU_POINTS  # noqa: E402  (sibling script modules)
 from recorded_runs import relative_to_repo, write_study  # noqa: E402
 from stop_quality import s90  # noqa: E402
-from stop_sweep import gain_at  # noqa: E402
+from stop_sweep import curve_gains, gain_at  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOOTH = 10
@@ -50,8 +50,7 @@ def trace(run: dict, base_clip_i: float) -> dict:
     series = run["series"]
     losses = series["deterministic_loss"]
     values = dict(zip(series["convergence_steps"], series["convergence_value"]))
-    steps = [0] + series["curve_steps"]
-    gains = [0.0] + [v - base_clip_i for v in series["curve_clip_i"]]
+    steps, gains = curve_gains(series, base_clip_i)
     stop = run["dvar_stop"]["steps"]
     plateau = statistics.fmean(gains[-PLATEAU_POINTS:])
     start, end = losses[0], statistics.fmean(losses[-(len(losses) // 4):])
@@ -92,15 +91,15 @@ def summary_table(traces: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def traceable(runs: Path, method: str, concept: str) -> Optional[str]:
-    """Why the run cannot be traced, or None when it can."""
+def load_trace(runs: Path, method: str, concept: str) -> dict:
+    """The trace of `method`'s baseline on `concept` in `runs`; ValueError saying why it cannot be traced."""
     path, base = runs / f"{method}_baseline_{concept}.json", runs / f"base_{concept}.json"
     if not (path.is_file() and base.is_file()):
-        return f"needs {path.name} and {base.name} in {runs}"
+        raise ValueError(f"needs {path.name} and {base.name} in {runs}")
     run = json.loads(path.read_text())
     if not (run["series"].get("curve_steps") and "dvar_stop" in run):
-        return f"{path.name} is not a baseline that observed DVAR and scored a CLIP-I curve"
-    return None
+        raise ValueError(f"{path.name} is not a baseline that observed DVAR and scored a CLIP-I curve")
+    return trace(run, json.loads(base.read_text())["clip_i"])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -111,17 +110,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs")
     parser.add_argument("--out", type=Path, default=None, help="write stop_trace_<set>.{json,md} here (default: --runs' parent)")
     args = parser.parse_args(argv)
+    traces = []
     if args.runs_named:
-        named = [tuple(n.partition("/")[::2]) for n in args.runs_named]
-        for method, concept in named:
-            if (why := traceable(args.runs, method, concept)) is not None:
-                print(f"error: {method}/{concept}: {why}", file=sys.stderr)
+        for name in args.runs_named:
+            method, _, concept = name.partition("/")
+            try:
+                traces.append(load_trace(args.runs, method, concept))
+            except ValueError as why:
+                print(f"error: {name}: {why}", file=sys.stderr)
                 return 2
-    else:
-        named = [(m, c.name) for m in METHODS for c in CONCEPT_SETS[args.set]
-                 if traceable(args.runs, m, c.name) is None]
-    traces = [trace(json.loads((args.runs / f"{m}_baseline_{c}.json").read_text()),
-                    json.loads((args.runs / f"base_{c}.json").read_text())["clip_i"]) for m, c in named]
+    else:  # every baseline of the set that can be traced
+        for method in METHODS:
+            for concept in CONCEPT_SETS[args.set]:
+                try:
+                    traces.append(load_trace(args.runs, method, concept.name))
+                except ValueError:
+                    continue
     if not traces:
         print(f"error: no baseline in {args.runs} observed DVAR and scored a CLIP-I curve", file=sys.stderr)
         return 2
