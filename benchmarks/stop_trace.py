@@ -12,7 +12,9 @@ run's last quarter, CLIP-I's the mean of the curve's last PLATEAU_POINTS scores 
 benchmark's "gain kept against the plateau"). The summary puts side by side, at DVAR's stop:
 
 - L_det progress: (L_det at step 1 - L_det at the stop) / (L_det at step 1 - L_det's plateau);
-- CLIP-I progress: the gain at the stop (read off the curve, stop_sweep.gain_at) / the plateau gain.
+- CLIP-I progress: the gain at the stop (read off the curve, stop_sweep.gain_at) / the plateau gain;
+- CLIP-I wobble: the standard deviation of the plateau's scores / the plateau gain. A shortfall in
+  CLIP-I progress far larger than the wobble is a real early stop, not score noise.
 
 DVAR stops when L_det has flattened, so its L_det progress is high; when CLIP-I progress is far
 lower, the concept is a late learner for this method: the deterministic loss had stopped telling
@@ -53,6 +55,7 @@ def trace(run: dict, base_clip_i: float) -> dict:
     steps, gains = curve_gains(series, base_clip_i)
     stop = run["dvar_stop"]["steps"]
     plateau = statistics.fmean(gains[-PLATEAU_POINTS:])
+    wobble = statistics.pstdev(gains[-PLATEAU_POINTS:]) / plateau if plateau > 0 else None  # no gain to wobble around
     start, end = losses[0], statistics.fmean(losses[-(len(losses) // 4):])
 
     def l_det_progress(step: int) -> float:
@@ -66,6 +69,7 @@ def trace(run: dict, base_clip_i: float) -> dict:
         "s90": s90(steps, gains, min_gain=0.0),
         "l_det_progress_at_stop": round(l_det_progress(stop), 3),
         "clip_i_progress_at_stop": round(gain_at(stop, steps, gains) / plateau, 3),
+        "clip_i_wobble": None if wobble is None else round(wobble, 3),
         "rows": rows,
     }
 
@@ -84,10 +88,33 @@ def markdown(t: dict) -> str:
 
 
 def summary_table(traces: list[dict]) -> str:
-    lines = ["| method | concept | plateau gain | DVAR stop | s90 | L_det progress at the stop | CLIP-I progress at the stop |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | concept | plateau gain | DVAR stop | s90 | L_det progress at the stop | "
+             "CLIP-I progress at the stop | CLIP-I wobble / plateau gain |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {t['method']} | {t['concept']} | {t['plateau_gain']:.3f} | {t['dvar_stop']} | {t['s90']} | "
-              f"{t['l_det_progress_at_stop']:.0%} | {t['clip_i_progress_at_stop']:.0%} |" for t in traces]
+              f"{t['l_det_progress_at_stop']:.0%} | {t['clip_i_progress_at_stop']:.0%} | "
+              f"{'-' if t['clip_i_wobble'] is None else format(t['clip_i_wobble'], '.0%')} |"
+              for t in traces]
+    return "\n".join(lines) + "\n"
+
+
+def method_medians(traces: list[dict]) -> dict[str, dict]:
+    """Per method, over its concepts with a positive plateau gain (a negative one turns progress
+    around): the median L_det and CLIP-I progress at the stop and the median wobble."""
+    out = {}
+    for method in dict.fromkeys(t["method"] for t in traces):
+        gained = [t for t in traces if t["method"] == method and t["plateau_gain"] > 0]
+        if gained:
+            out[method] = {"concepts": len(gained), **{
+                key: round(statistics.median(t[key] for t in gained), 3)
+                for key in ("l_det_progress_at_stop", "clip_i_progress_at_stop", "clip_i_wobble")}}
+    return out
+
+
+def medians_table(medians: dict[str, dict]) -> str:
+    lines = ["| method | concepts (plateau gain > 0) | median L_det progress at the stop | "
+             "median CLIP-I progress at the stop | median CLIP-I wobble / plateau gain |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {v['concepts']} | {v['l_det_progress_at_stop']:.0%} | {v['clip_i_progress_at_stop']:.0%} | "
+              f"{v['clip_i_wobble']:.0%} |" for m, v in medians.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -131,10 +158,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     command = " ".join(["python benchmarks/stop_trace.py", "--set", args.set, "--runs", relative_to_repo(args.runs),
                         *args.runs_named])
-    parts = ["# DVAR's stop against L_det and CLIP-I progress", "", f"Command: `{command}`", "", summary_table(traces)]
+    medians = method_medians(traces)
+    parts = ["# DVAR's stop against L_det and CLIP-I progress", "", f"Command: `{command}`", "",
+             medians_table(medians), summary_table(traces)]
     if args.runs_named:
         parts += [markdown(t) for t in traces]
-    write_study(args.out or args.runs.parent, f"stop_trace_{args.set}", {"traces": traces}, parts)
+    write_study(args.out or args.runs.parent, f"stop_trace_{args.set}", {"medians": medians, "traces": traces}, parts)
     return 0
 
 
