@@ -35,7 +35,7 @@ from personalize.world.shapes import CONCEPT_SETS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from personalization import METHODS, PLATEAU_POINTS  # noqa: E402  (sibling script modules)
 from recorded_runs import relative_to_repo, write_study  # noqa: E402
-from stop_quality import s90  # noqa: E402
+from stop_quality import MIN_JUDGED_GAIN, s90  # noqa: E402
 from stop_sweep import curve_gains, gain_at  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,11 +98,12 @@ def summary_table(traces: list[dict]) -> str:
 
 
 def method_medians(traces: list[dict]) -> dict[str, dict]:
-    """Per method, over its concepts with a positive plateau gain (a negative one turns progress
-    around): the median L_det and CLIP-I progress at the stop and the median wobble."""
+    """Per method, over its concepts whose plateau gain is at least MIN_JUDGED_GAIN (a smaller one
+    is within the scores' wobble, and progress against it means nothing): the median L_det and
+    CLIP-I progress at the stop and the median wobble."""
     out = {}
     for method in dict.fromkeys(t["method"] for t in traces):
-        gained = [t for t in traces if t["method"] == method and t["plateau_gain"] > 0]
+        gained = [t for t in traces if t["method"] == method and t["plateau_gain"] >= MIN_JUDGED_GAIN]
         if gained:
             out[method] = {"concepts": len(gained), **{
                 key: round(statistics.median(t[key] for t in gained), 3)
@@ -111,7 +112,7 @@ def method_medians(traces: list[dict]) -> dict[str, dict]:
 
 
 def medians_table(medians: dict[str, dict]) -> str:
-    lines = ["| method | concepts (plateau gain > 0) | median L_det progress at the stop | "
+    lines = [f"| method | concepts (plateau gain >= {MIN_JUDGED_GAIN}) | median L_det progress at the stop | "
              "median CLIP-I progress at the stop | median CLIP-I wobble / plateau gain |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {v['concepts']} | {v['l_det_progress_at_stop']:.0%} | {v['clip_i_progress_at_stop']:.0%} | "
               f"{v['clip_i_wobble']:.0%} |" for m, v in medians.items()]

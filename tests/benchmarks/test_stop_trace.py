@@ -63,14 +63,16 @@ def test_main_traces_every_baseline_of_the_set_and_refuses_what_it_cannot_trace(
     assert "not a baseline that observed DVAR and scored a CLIP-I curve" in capsys.readouterr().err
 
 
-def test_the_wobble_is_the_plateau_scores_spread_over_its_gain_and_medians_skip_concepts_that_lost():
+def test_the_wobble_is_the_plateau_scores_spread_over_its_gain_and_medians_skip_concepts_that_gained_too_little():
     _, run = _late_learner_run()
     run["series"]["curve_clip_i"][-4:] = [0.58, 0.62, 0.58, 0.62]  # gains 0.18/0.22: mean 0.2, std 0.02
     t = st.trace(run, base_clip_i=0.4)
     assert t["plateau_gain"] == pytest.approx(0.2) and t["clip_i_wobble"] == pytest.approx(0.1)
     lost = {**t, "concept": "blue_dotted_star", "plateau_gain": -0.05, "clip_i_progress_at_stop": -3.0, "clip_i_wobble": None}
     other = {**t, "method": "dreambooth", "clip_i_progress_at_stop": 0.5}
-    medians = st.method_medians([t, lost, other])
+    within_wobble = {**t, "concept": "green_dotted_star", "plateau_gain": st.MIN_JUDGED_GAIN / 2,
+                     "clip_i_progress_at_stop": 25.0}
+    medians = st.method_medians([t, lost, other, within_wobble])
     assert medians["lora"] == {"concepts": 1, "l_det_progress_at_stop": t["l_det_progress_at_stop"],
                                "clip_i_progress_at_stop": t["clip_i_progress_at_stop"], "clip_i_wobble": 0.1}
     assert medians["dreambooth"]["clip_i_progress_at_stop"] == 0.5
