@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from personalize.criteria import StopPolicy, make_criterion, window_in_evaluations
+from personalize.criteria import StopPolicy, make_criterion, stop_threshold, window_in_evaluations
 from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import setup_identifier
@@ -70,7 +70,7 @@ def make_spec(method: str, model: dict, concept_dir: Path, steps: int, eval_ever
     return spec
 
 
-EVAL_SECONDS: list[float] = []  # filled by the timing wrapper below
+EVAL_SECONDS: list[float] = []  # filled by the timing wrapper, which main() installs
 
 
 def _timed_deterministic_loss(original):
@@ -82,8 +82,6 @@ def _timed_deterministic_loss(original):
 
     return wrapper
 
-
-ReferenceBatch.deterministic_loss = _timed_deterministic_loss(ReferenceBatch.deterministic_loss)
 
 
 def train(spec_dict: dict) -> list[tuple[int, float, float | None, float]]:
@@ -155,7 +153,7 @@ def stop_step_shift(model: dict, concept_dir: Path, max_steps: int, window: int)
     results = {}
     for method in STOP_METHODS:
         spec = make_spec(method, model, concept_dir, max_steps, 1, window)
-        threshold = parse_spec(spec).threshold
+        threshold = stop_threshold(parse_spec(spec))  # the method's DVAR default, as a run resolves it
         started = time.monotonic()
         rows = train(spec)
         series = [(step, det) for step, _, det, _ in rows]
@@ -221,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Time each L_det evaluation. Installed here, not at import, so that importing this script
+    # (its tests do) leaves the trainer as it is.
+    ReferenceBatch.deterministic_loss = _timed_deterministic_loss(ReferenceBatch.deterministic_loss)
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
