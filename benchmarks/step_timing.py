@@ -83,7 +83,6 @@ def _timed_deterministic_loss(original):
     return wrapper
 
 
-
 def train(spec_dict: dict) -> list[tuple[int, float, float | None, float]]:
     """One fresh run; rows (step, train_loss, deterministic_loss, step_seconds) over all stages."""
     spec = parse_spec(spec_dict)
