@@ -164,8 +164,9 @@ class Task:
 _WORKER: dict[str, Any] = {}
 
 
-def init_worker(work_dir: str) -> None:
-    """One torch thread per worker: two workers use both cores without oversubscription."""
+def init_worker(work_dir: str, world_dir: Optional[str] = None) -> None:
+    """One torch thread per worker: two workers use both cores without oversubscription.
+    world_dir: a pretrained tiny world folder other than the installed one (--world)."""
     import torch
 
     torch.set_num_threads(1)
@@ -173,13 +174,22 @@ def init_worker(work_dir: str) -> None:
     import personalize.job_runner  # noqa: F401  (silences the libraries' progress bars, as in the trainer)
 
     _WORKER["work"] = Path(work_dir)
+    _WORKER["world"] = Path(world_dir) if world_dir else None
+    _WORKER.pop("clip", None)  # loaded from the world on first use
+
+
+def base_model() -> dict:
+    """The spec's baseModel: the installed tiny world, or the --world folder."""
+    world = _WORKER.get("world")
+    return {"path": str(world)} if world else {"builtin": "tiny-world"}
 
 
 def _clip():
     if "clip" not in _WORKER:
         from personalize.world.scoring import load_tiny_clip
 
-        _WORKER["clip"] = load_tiny_clip()
+        world = _WORKER.get("world")
+        _WORKER["clip"] = load_tiny_clip(world / "clip" if world else None)  # the world's own CLIP scores it
     return _WORKER["clip"]
 
 
@@ -264,7 +274,7 @@ def job_spec(task: Task, train_dir: Path) -> dict:
                                   "numSamples": task.clip_num_samples, "inferenceSteps": task.clip_inference_steps}
         del early_stopping["threshold"], early_stopping["window"]  # clip: patience / epsilon instead
     spec: dict[str, Any] = {
-        "baseModel": {"builtin": "tiny-world"},
+        "baseModel": base_model(),
         "method": task.method,
         "concept": {"images": {"path": str(train_dir)}, "classNoun": concept.class_noun},
         "training": {"maxSteps": task.max_steps, "learningRate": task.learning_rate, "batchSize": BATCH_SIZE,
@@ -430,7 +440,7 @@ def base_scores(task: Task, work: Path) -> dict[str, float]:
     from personalize.spec import BaseModelSource
     from personalize.world import concept_by_name
 
-    models = models_of(load_base_pipeline(BaseModelSource(builtin="tiny-world")))
+    models = models_of(load_base_pipeline(BaseModelSource(**base_model())))
     return evaluate(models, concept_by_name(task.concept).class_noun, task.concept, work,
                     task.eval_images_per_prompt, task.eval_inference_steps)
 
@@ -559,7 +569,7 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         return list(records.values())
 
     if args.workers <= 1:
-        init_worker(str(work))
+        init_worker(str(work), args.world_dir and str(args.world_dir))
         while queue:
             finished(run_task(queue.pop(0)))
             submit_or_reuse(unlocked(), lambda t: queue.insert(0, t))
@@ -567,7 +577,7 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         import multiprocessing
 
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=init_worker, initargs=(str(work),)) as pool:
+                                 initializer=init_worker, initargs=(str(work), args.world_dir and str(args.world_dir))) as pool:
             running: set[Future] = set()
             while queue or running:
                 while queue and len(running) < args.workers:
@@ -889,8 +899,11 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=("dev", "test", "all"), default="dev",
-                        help="which held-out concepts: dev (tuning allowed), test (never tuned on), all")
+    parser.add_argument("--set", choices=("dev", "test", "fresh", "all"), default="dev",
+                        help="which held-out concepts: dev (tuning allowed), test (never tuned on), "
+                        "fresh (confirmation only; needs a world that held them out), all")
+    parser.add_argument("--world", dest="world_dir", type=Path, default=None, metavar="DIR",
+                        help="a pretrained tiny world folder (default: the installed one)")
     parser.add_argument("--concepts", default=None, metavar="N|NAME,...",
                         help="only the first N concepts of the set, or these concepts of it (comma-separated)")
     parser.add_argument("--curve-every", type=int, default=CURVE_EVERY,
@@ -989,12 +1002,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"error: --concepts: {error}", file=sys.stderr)
         return 2
-    seen = [c for c in concepts if c not in held_out_by(TINY_WORLD_DIR)]
+    world = args.world_dir or TINY_WORLD_DIR
+    if not (world / "model_index.json").is_file() or not (world / "clip").is_dir():
+        print(f"error: --world {world}: not a pretrained tiny world (model_index.json and clip/)", file=sys.stderr)
+        return 2
+    seen = [c for c in concepts if c not in held_out_by(world)]
     if seen:  # scores on concepts the model was pretrained on say nothing about personalization
-        print(f"error: the installed tiny world ({TINY_WORLD_DIR}) was pretrained on {', '.join(seen)}; "
+        print(f"error: the tiny world {world} was pretrained on {', '.join(seen)}; "
               "re-pretrain it (tinyworld/pretrain.py) before benchmarking these concepts", file=sys.stderr)
         return 2
-    args.world = world_fingerprint(TINY_WORLD_DIR)
+    args.world = world_fingerprint(world)
     runs_dir = args.out / "personalization_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

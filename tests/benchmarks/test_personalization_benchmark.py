@@ -218,21 +218,63 @@ def test_tracking_cost_pairs_a_tracked_and_an_untracked_run_of_the_same_steps(sm
 
 
 
-def test_refuses_concepts_the_installed_world_was_pretrained_on(tmp_path, monkeypatch, capsys):
+def test_refuses_concepts_the_world_was_pretrained_on(tmp_path, capsys):
     """Scores on a concept the model was pretrained on say nothing: every concept of the chosen
-    set must be in the installed world's held-out record."""
+    set must be in the world's held-out record."""
+    import shutil
+
     from personalize.world import provenance
 
     bench = load_benchmark()
     world = tmp_path / "world"  # a world whose pretraining held out only blue_dotted_star
-    world.mkdir()
+    shutil.copytree(TINY_WORLD_DIR, world)
     (world / provenance.RECORD_FILE).write_text(json.dumps({"dev": ["blue_dotted_star"]}))
-    monkeypatch.setattr("personalize.world.tiny_models.TINY_WORLD_DIR", world)
-    assert bench.main(["--smoke", "--workers", "1", "--out", str(tmp_path / "out")]) == 2
+    assert bench.main(["--smoke", "--workers", "1", "--world", str(world), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error: the installed tiny world") and "red_striped_triangle" in error
+    assert error.startswith(f"error: the tiny world {world} was pretrained on") and "red_striped_triangle" in error
     assert "blue_dotted_star" not in error
     assert not (tmp_path / "out" / "personalization_dev.json").exists()
+
+
+def test_the_fresh_set_needs_a_world_that_held_it_out(tmp_path, capsys):
+    """The installed world was pretrained before the fresh set existed, so it saw those concepts."""
+    bench = load_benchmark()
+    assert bench.main(["--smoke", "--workers", "1", "--set", "fresh", "--out", str(tmp_path / "out")]) == 2
+    assert "red_striped_hexagon" in capsys.readouterr().err
+    assert bench.main(["--smoke", "--workers", "1", "--world", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "not a pretrained tiny world" in capsys.readouterr().err
+
+
+def test_another_world_trains_and_scores_the_runs(tmp_path):
+    """--world DIR: the runs train that folder's pipeline and are scored by its CLIP, and the
+    report names its weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from personalize.world import provenance
+    from personalize.world.shapes import FRESH_CONCEPTS
+
+    bench = load_benchmark()
+    world = tmp_path / "world"
+    shutil.copytree(TINY_WORLD_DIR, world)
+    (world / provenance.RECORD_FILE).write_text(json.dumps({"fresh": [c.name for c in FRESH_CONCEPTS]}))
+    clip_weights = next((world / "clip").glob("*.safetensors"))
+    tensors = load_file(clip_weights)
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in tensors.items()}, clip_weights)
+    out = tmp_path / "out"
+    argv = ["--smoke", "--workers", "1", "--set", "fresh", "--world", str(world), "--out", str(out),
+            "--variants", "baseline", "--concepts", "1", "--timing-repeats", "0"]
+    assert bench.main(argv) == 0
+    report = json.loads((out / "personalization_fresh.json").read_text())
+    assert report["world"] == provenance.world_fingerprint(world) != provenance.world_fingerprint(TINY_WORLD_DIR)
+    run = report["table"]["textualInversion"]["baseline"]["per_concept"][FRESH_CONCEPTS[0].name]
+    assert run["steps"] == bench.SMOKE["max_steps"]
+    # Scored by this world's (altered) CLIP: the installed one gives another base score.
+    bench.init_worker(str(tmp_path / "w"))
+    installed = bench.base_scores(bench.Task("base", FRESH_CONCEPTS[0].name, eval_images_per_prompt=2,
+                                             eval_inference_steps=3), tmp_path / "w")
+    assert installed["clip_i"] != pytest.approx(report["base"][FRESH_CONCEPTS[0].name]["clip_i"], abs=1e-6)
 
 
 def test_slot_study_scores_a_second_reference_batch_without_changing_the_run(smoke, tmp_path):

@@ -3,7 +3,8 @@
 Everything is drawn with PIL + numpy from a seed, so the same seed always gives the same
 images and captions. A few (shape, colour, pattern) combinations are held out of all
 pretraining: they are the personalization concepts (`HELD_OUT_CONCEPTS`), split into a dev set
-(settings may be tuned on it) and a test set (never tuned on), `CONCEPT_SETS`.
+(settings may be tuned on it), a test set (never tuned on) and a fresh set (added later, to
+confirm a setting on concepts nobody had looked at), `CONCEPT_SETS`.
 
     rng = np.random.default_rng(0)
     image, caption = sample_example(rng)               # a pretraining example (never held out)
@@ -90,7 +91,7 @@ class Concept:
 # Held-out concepts come in two named sets. DEV concepts may be looked at while choosing
 # settings (the benchmark's per-method settings were chosen on the first six); TEST concepts
 # are only ever scored with settings fixed beforehand. Each pair (shape, colour) appears at
-# most once across both sets, so pretraining still shows every shape in every colour with
+# most once across all sets, so pretraining still shows every shape in every colour with
 # three of the four patterns.
 DEV_CONCEPTS: tuple[Concept, ...] = (
     Concept("red_striped_triangle", "triangle", "red", "striped"),
@@ -120,9 +121,27 @@ TEST_CONCEPTS: tuple[Concept, ...] = (
     Concept("blue_dotted_heart", "heart", "blue", "dotted"),
     Concept("pink_checkered_cross", "cross", "pink", "checkered"),
 )
-CONCEPT_SETS: dict[str, tuple[Concept, ...]] = {"dev": DEV_CONCEPTS, "test": TEST_CONCEPTS}
+# FRESH concepts confirm a setting chosen on dev after the test set had been looked at: added
+# 2026-11-30, drawn at random (numpy seed 20261130) from the (shape, colour) pairs the other two
+# sets leave free, each shape and colour at most twice, four per pattern. Only a world pretrained
+# after that date holds them out (its held_out_concepts.json says so; the installed one does not).
+FRESH_CONCEPTS: tuple[Concept, ...] = (
+    Concept("red_striped_hexagon", "hexagon", "red", "striped"),
+    Concept("yellow_striped_hexagon", "hexagon", "yellow", "striped"),
+    Concept("purple_checkered_diamond", "diamond", "purple", "checkered"),
+    Concept("blue_dotted_square", "square", "blue", "dotted"),
+    Concept("red_dotted_star", "star", "red", "dotted"),
+    Concept("pink_checkered_square", "square", "pink", "checkered"),
+    Concept("purple_dotted_triangle", "triangle", "purple", "dotted"),
+    Concept("orange_checkered_cross", "cross", "orange", "checkered"),
+    Concept("white_striped_circle", "circle", "white", "striped"),
+    Concept("orange_checkered_circle", "circle", "orange", "checkered"),
+    Concept("yellow_striped_star", "star", "yellow", "striped"),
+    Concept("green_dotted_heart", "heart", "green", "dotted"),
+)
+CONCEPT_SETS: dict[str, tuple[Concept, ...]] = {"dev": DEV_CONCEPTS, "test": TEST_CONCEPTS, "fresh": FRESH_CONCEPTS}
 # Dev first: a concept's index seeds its photos (write_concept_images), so appending keeps them.
-HELD_OUT_CONCEPTS: tuple[Concept, ...] = DEV_CONCEPTS + TEST_CONCEPTS
+HELD_OUT_CONCEPTS: tuple[Concept, ...] = DEV_CONCEPTS + TEST_CONCEPTS + FRESH_CONCEPTS
 HELD_OUT_COMBINATIONS: frozenset[tuple[str, str, str]] = frozenset(
     (c.shape, c.colour, c.pattern) for c in HELD_OUT_CONCEPTS
 )
@@ -378,7 +397,7 @@ def concept_by_name(name: str) -> Concept:
 
 
 def concept_set(name: str) -> tuple[Concept, ...]:
-    """The named held-out set: 'dev', 'test', or 'all' (both)."""
+    """The named held-out set: 'dev', 'test', 'fresh', or 'all' (every set)."""
     if name == "all":
         return HELD_OUT_CONCEPTS
     try:
