@@ -32,11 +32,12 @@ def every_step_runs(runs_dir: Path, *, method: Optional[str] = None, concepts: O
     return found
 
 
-def every_step_stop(losses: list[float], window: int, threshold: float, method: str) -> Optional[int]:
-    """Where DVAR(window, threshold) stops on an every-step L_det series (1-based steps, minSteps
-    0): replay's answer, which is the training loop's own decision on the same values."""
+def every_step_stop(losses: list[float], window: int, threshold: float, method: str,
+                    min_steps: int = 0) -> Optional[int]:
+    """Where DVAR(window, threshold) stops on an every-step L_det series (1-based steps, no stop
+    before min_steps): replay's answer, which is the training loop's own decision on the same values."""
     points = list(enumerate(losses, start=1))
-    return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=1, min_steps=0,
+    return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=1, min_steps=min_steps,
                       method=Method(method), last_step=len(losses))["stop_step"]
 
 

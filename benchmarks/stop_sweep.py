@@ -5,7 +5,7 @@
 Reads the personalization benchmark's baseline runs that observed DVAR (L_det at every step of
 the whole budget, CLIP-I every --curve-every steps) and, per method and (window, threshold):
 
-- replays DVAR on the recorded L_det series (`personalize-train replay`'s code) -> stop step;
+- replays DVAR on the recorded L_det series, with each --min-steps floor, (`personalize-train replay`'s code) -> stop step;
 - reads the CLIP-I gain at that step off the baseline's curve, linearly interpolated between
   its scored steps (the base model's score at step 0): an estimate, exact only on scored steps;
 - gain kept = that gain / the baseline's final gain, per concept; median and minimum over the
@@ -81,11 +81,11 @@ def curve_noise(gains: list[float]) -> float:
 
 
 def stop_outcome(method: str, losses: list[float], window: int, threshold: float,
-                 baseline: dict) -> tuple[float, Optional[float]]:
+                 baseline: dict, min_steps: int = 0) -> tuple[float, Optional[float]]:
     """DVAR(window, threshold) replayed on `losses` against one recorded baseline: (steps / budget,
     gain kept), the gain kept None when the concept is not judged (final gain under MIN_JUDGED_GAIN:
     within the curve's wobble). A run that never stops runs the budget."""
-    stop = every_step_stop(losses, window, threshold, method) or baseline["budget"]
+    stop = every_step_stop(losses, window, threshold, method, min_steps) or baseline["budget"]
     final = baseline["gains"][-1]
     kept = gain_at(stop, baseline["steps"], baseline["gains"]) / final if final >= MIN_JUDGED_GAIN else None
     return stop / baseline["budget"], kept
@@ -105,10 +105,10 @@ def summarize(outcomes: list[tuple[float, Optional[float]]]) -> dict:
     return summary
 
 
-def sweep(method: str, baselines: dict[str, dict], windows, thresholds) -> list[dict]:
-    return [{"window": window, "threshold": threshold,
-             **summarize([stop_outcome(method, b["losses"], window, threshold, b) for b in baselines.values()])}
-            for window in windows for threshold in thresholds]
+def sweep(method: str, baselines: dict[str, dict], windows, thresholds, min_steps=(0,)) -> list[dict]:
+    return [{"window": window, "threshold": threshold, "min_steps": floor,
+             **summarize([stop_outcome(method, b["losses"], window, threshold, b, floor) for b in baselines.values()])}
+            for window in windows for threshold in thresholds for floor in min_steps]
 
 
 def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
@@ -121,11 +121,11 @@ def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
         f"Plateau wobble (std of the curve's last quarter), median over concepts: {spread:.3f} CLIP-I; "
         + (f"as a share of the final gain: {statistics.median(finite):.0%}" if finite else "no concept gained"),
         "",
-        "| window | threshold | gain kept, median | gain kept, min | steps / budget, median | meets the target |",
-        "|---|---|---|---|---|---|",
+        "| window | threshold | minSteps | gain kept, median | gain kept, min | steps / budget, median | meets the target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['window']} | {r['threshold']} | {r['median_kept']:.0%} | {r['min_kept']:.0%} | "
+        lines.append(f"| {r['window']} | {r['threshold']} | {r['min_steps']} | {r['median_kept']:.0%} | {r['min_kept']:.0%} | "
                      f"{r['median_steps_ratio']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -135,17 +135,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
     parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs")
     parser.add_argument("--methods", default="textualInversion,lora,customDiffusion,dreambooth")
+    parser.add_argument("--min-steps", default="0", metavar="N,...",
+                        help="minSteps floors to sweep too (no stop before that step)")
+    parser.add_argument("--stem", default=None, help="output name (default: stop_sweep_<set>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    floors = [int(n) for n in args.min_steps.split(",")]
     concepts = [c.name for c in CONCEPT_SETS[args.set]]
     report, parts = {}, [f"# DVAR window / threshold sweep on recorded baselines ({args.set} concepts)", "",
-                         f"Command: `python benchmarks/stop_sweep.py --set {args.set}`. Gain kept is read off "
+                         f"Command: `python benchmarks/stop_sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`. Gain kept is read off "
                          "the baseline's CLIP-I curve (interpolated between scored steps): an estimate.", ""]
     for method in args.methods.split(","):
         baselines = load_baselines(args.runs, method, concepts)
         if not baselines:
             continue
-        rows = sweep(method, baselines, WINDOWS, THRESHOLDS)
+        rows = sweep(method, baselines, WINDOWS, THRESHOLDS, floors)
         report[method] = {"concepts": sorted(baselines), "rows": rows,
                           "plateau_spread": {c: plateau_spread(b["gains"]) for c, b in baselines.items()},
                           "curve_noise": {c: curve_noise(b["gains"]) for c, b in baselines.items()}}
@@ -153,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not report:
         print(f"error: no baseline runs with L_det series and curves in {args.runs}", file=sys.stderr)
         return 2
-    write_study(args.out, f"stop_sweep_{args.set}", report, parts)
+    write_study(args.out, args.stem or f"stop_sweep_{args.set}", report, parts)
     return 0
 
 

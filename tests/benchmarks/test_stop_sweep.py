@@ -82,3 +82,20 @@ def test_stop_outcome_runs_the_budget_when_dvar_never_stops():
     small = {**baseline, "gains": [0.0, 0.01, 0.02]}  # under MIN_JUDGED_GAIN: not judged
     assert sweep.stop_outcome("lora", swinging, 40, 0.15, small) == (1.0, None)
     assert sweep.stop_outcome("lora", _losses(200), 40, 0.15, baseline)[0] < 1.0  # a plateau stops
+
+
+def test_a_min_steps_floor_delays_the_stop_as_the_training_loop_would():
+    losses = _losses()
+    free = sweep.every_step_stop(losses, 20, 0.15, "lora")
+    policy = StopPolicy(build_criterion("dvar", 20, 1, 0.15), max_steps=10**9, min_steps=free + 30)
+    expected = next(step for step, loss in enumerate(losses, start=1) if policy.observe(step, loss) is not None)
+    assert sweep.every_step_stop(losses, 20, 0.15, "lora", min_steps=free + 30) == expected >= free + 30
+    assert sweep.every_step_stop(losses, 20, 0.15, "lora", min_steps=free - 5) == free  # a floor already passed
+
+
+def test_the_sweep_covers_each_min_steps_floor(tmp_path):
+    losses = _losses(200)
+    baseline = {"losses": losses, "budget": 200, "steps": [0, 100, 200], "gains": [0.0, 0.1, 0.1]}
+    rows = sweep.sweep("lora", {"a": baseline}, [20], [0.15], min_steps=(0, 150))
+    assert [r["min_steps"] for r in rows] == [0, 150]
+    assert rows[1]["median_steps_ratio"] >= 150 / 200 > rows[0]["median_steps_ratio"]
