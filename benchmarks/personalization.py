@@ -45,7 +45,7 @@ taken within each pair.
 
 Writes <out>/personalization_<set>.json, <out>/personalization_<set>.md and one compact JSON per
 run under <out>/personalization_runs/ (scores + loss series; rerunning reuses finished runs unless
---fresh).
+--rerun).
 """
 
 from __future__ import annotations
@@ -525,7 +525,7 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
 
     def cached(task: Task) -> Optional[dict]:
         path = runs_dir / f"{task.name}.json"
-        if args.fresh or not path.is_file():
+        if args.rerun or not path.is_file():
             return None
         record = {**asdict(Task(kind="", concept="")), **json.loads(path.read_text())}  # older files: defaults
         same = all(record[k] == v for k, v in asdict(task).items()) and record.get("world") == args.world
@@ -924,7 +924,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each); 1 = in-process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    parser.add_argument("--fresh", action="store_true", help="ignore finished runs in <out>/personalization_runs")
+    parser.add_argument("--rerun", action="store_true", help="ignore finished runs in <out>/personalization_runs")
     parser.add_argument("--report-only", action="store_true", help="no training: the table from finished runs")
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE['concepts']} concepts, {','.join(SMOKE['methods'])}, {SMOKE['max_steps']} steps")

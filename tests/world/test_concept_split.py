@@ -111,6 +111,14 @@ def test_the_installed_world_did_not_hold_out_the_fresh_concepts():
     assert not held_out & {c.name for c in FRESH_CONCEPTS}
 
 
+def test_the_third_world_held_out_every_set():
+    """tinyworld/third_world, pretrained for the fresh set, never saw any held-out concept."""
+    from personalize.world.provenance import held_out_by
+
+    third = Path(__file__).resolve().parents[2] / "tinyworld" / "third_world"
+    assert held_out_by(third) == {c.name for c in HELD_OUT_CONCEPTS}
+
+
 def test_world_fingerprint_follows_the_weights_bytes(tmp_path):
     from personalize.world.provenance import world_fingerprint
 
