@@ -29,8 +29,9 @@ evaluation, CLIP checks); not model loading, not the evaluation samples, not the
 curve. DVAR runs (and baselines that observe DVAR) evaluate L_det every step; few-iterations and
 CLIP runs pay nothing for it.
 
-Concepts come from a named held-out set (--set dev|test, trainer/personalize/world/shapes.py):
-settings may be tuned on dev, never on test.
+Concepts come from a named held-out set (--set dev|test|fresh, trainer/personalize/world/shapes.py):
+settings may be tuned on dev, never on test or fresh. The fresh set confirms a setting chosen on
+dev; only a world pretrained without it can score it (--world tinyworld/third_world).
 
 Stop quality (s90): the baseline run also scores CLIP-I every --curve-every steps (with the
 models as they are at that step; it does not change the run). s90 = the first step reaching 90%

@@ -5,7 +5,8 @@
 Reads the personalization benchmark's baseline runs that observed DVAR (L_det at every step of
 the whole budget, CLIP-I every --curve-every steps) and, per method and (window, threshold):
 
-- replays DVAR on the recorded L_det series, with each --min-steps floor, (`personalize-train replay`'s code) -> stop step;
+- replays DVAR on the recorded L_det series (`personalize-train replay`'s code), once per
+  --min-steps floor (no stop before it; default 0) -> stop step;
 - reads the CLIP-I gain at that step off the baseline's curve, linearly interpolated between
   its scored steps (the base model's score at step 0): an estimate, exact only on scored steps;
 - gain kept = that gain / the baseline's final gain, per concept; median and minimum over the
