@@ -88,7 +88,7 @@ class Concept:
         return f"{self.colour} {self.pattern} {self.shape}"
 
 
-# Held-out concepts come in two named sets. DEV concepts may be looked at while choosing
+# Held-out concepts come in three named sets (FRESH below). DEV concepts may be looked at while choosing
 # settings (the benchmark's per-method settings were chosen on the first six); TEST concepts
 # are only ever scored with settings fixed beforehand. Each pair (shape, colour) appears at
 # most once across all sets, so pretraining still shows every shape in every colour with
