@@ -569,8 +569,9 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         print(f"--report-only: {len(queue)} run(s) not finished are left out", flush=True)
         return list(records.values())
 
+    worker_args = (str(work), str(args.world_dir) if args.world_dir else None)
     if args.workers <= 1:
-        init_worker(str(work), args.world_dir and str(args.world_dir))
+        init_worker(*worker_args)
         while queue:
             finished(run_task(queue.pop(0)))
             submit_or_reuse(unlocked(), lambda t: queue.insert(0, t))
@@ -578,7 +579,7 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
         import multiprocessing
 
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=init_worker, initargs=(str(work), args.world_dir and str(args.world_dir))) as pool:
+                                 initializer=init_worker, initargs=worker_args) as pool:
             running: set[Future] = set()
             while queue or running:
                 while queue and len(running) < args.workers:
@@ -899,8 +900,10 @@ def write_report(summary: dict, args, concepts: list[str], out: Path, seconds: f
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from personalize.world.shapes import CONCEPT_SETS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=("dev", "test", "fresh", "all"), default="dev",
+    parser.add_argument("--set", choices=(*CONCEPT_SETS, "all"), default="dev",
                         help="which held-out concepts: dev (tuning allowed), test (never tuned on), "
                         "fresh (confirmation only; needs a world that held them out), all")
     parser.add_argument("--world", dest="world_dir", type=Path, default=None, metavar="DIR",

@@ -40,10 +40,9 @@ from personalize.criteria import StopPolicy, make_criterion, stop_threshold, win
 from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import setup_identifier
-from personalize.loop import train_stage
+from personalize.loop import StepRecord, train_stage
 from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import builtin_tiny_world_folder, load_base_pipeline, models_of
-from personalize.reference_batch import ReferenceBatch
 from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
 from personalize.world.tiny_models import build_tiny_pipeline_folder
@@ -70,21 +69,8 @@ def make_spec(method: str, model: dict, concept_dir: Path, steps: int, eval_ever
     return spec
 
 
-EVAL_SECONDS: list[float] = []  # filled by the timing wrapper, which main() installs
-
-
-def _timed_deterministic_loss(original):
-    def wrapper(self, unet, text_encoder):
-        started = time.perf_counter()
-        value = original(self, unet, text_encoder)
-        EVAL_SECONDS.append(time.perf_counter() - started)
-        return value
-
-    return wrapper
-
-
-def train(spec_dict: dict) -> list[tuple[int, float, float | None, float]]:
-    """One fresh run; rows (step, train_loss, deterministic_loss, step_seconds) over all stages."""
+def train(spec_dict: dict) -> list[StepRecord]:
+    """One fresh run: what the loop reported at each step, over all stages."""
     spec = parse_spec(spec_dict)
     models = models_of(load_base_pipeline(spec.base_model))
     ident = setup_identifier(
@@ -92,12 +78,9 @@ def train(spec_dict: dict) -> list[tuple[int, float, float | None, float]]:
         initializer=spec.initializer_token,
     )
     examples = examples_of(spec, ident.text, models.unet.config.sample_size * 4)
-    rows: list[tuple[int, float, float | None, float]] = []
+    rows: list[StepRecord] = []
     for index, stage in enumerate(plan_stages(spec)):
-        train_stage(
-            stage, spec, models, ident, examples, None, Accelerator(cpu=True),
-            lambda step, tl, det, conv, sec: rows.append((step, tl, det, sec)), stage_index=index,
-        )
+        train_stage(stage, spec, models, ident, examples, None, Accelerator(cpu=True), rows.append, stage_index=index)
     return rows
 
 
@@ -107,19 +90,19 @@ def step_timing(model: dict, concept_dir: Path, rounds: int, steps: int) -> dict
     for method in METHODS:
         seconds: dict[str, list[float]] = {name: [] for name in names}
         paired_e1, paired_e5, eval_fraction = [], [], []
-        for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate the order each round
+        for round_index in range(rounds):
+            turn = round_index % len(names)
+            order = names[turn:] + names[:turn]  # rotate the order each round
             for name in order:
-                EVAL_SECONDS.clear()
                 rows = train(make_spec(method, model, concept_dir, steps, CONDITIONS[name]))
-                seconds[name] += [sec for step, _, _, sec in rows if step > 1]
-                if name == "eval_every_1":  # one evaluation per step, in step order
-                    for (step, _, _, sec), ev in zip(rows, EVAL_SECONDS):
-                        if step > 1:
-                            train_part = sec - ev
-                            paired_e1.append(sec / train_part)
-                            paired_e5.append((train_part + ev / 5) / train_part)
-                            eval_fraction.append(ev / train_part)
+                seconds[name] += [r.seconds for r in rows if r.step > 1]
+                if name == "eval_every_1":  # one evaluation per step: split each step in two
+                    for r in rows:
+                        if r.step > 1:
+                            train_part = r.seconds - r.evaluation_seconds
+                            paired_e1.append(r.seconds / train_part)
+                            paired_e5.append((train_part + r.evaluation_seconds / 5) / train_part)
+                            eval_fraction.append(r.evaluation_seconds / train_part)
         medians = {name: statistics.median(v) for name, v in seconds.items()}
         results[method] = {
             "median_step_seconds": {k: round(v, 5) for k, v in medians.items()},
@@ -155,7 +138,7 @@ def stop_step_shift(model: dict, concept_dir: Path, max_steps: int, window: int)
         threshold = stop_threshold(parse_spec(spec))  # the method's DVAR default, as a run resolves it
         started = time.monotonic()
         rows = train(spec)
-        series = [(step, det) for step, _, det, _ in rows]
+        series = [(r.step, r.deterministic_loss) for r in rows]
         at1 = stop_step(series, window, 1, threshold, max_steps)
         at5 = stop_step(series, window, 5, threshold, max_steps)
         results[method] = {
@@ -218,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # Time each L_det evaluation. Installed here, not at import, so that importing this script
-    # (its tests do) leaves the trainer as it is.
-    ReferenceBatch.deterministic_loss = _timed_deterministic_loss(ReferenceBatch.deterministic_loss)
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -48,7 +48,7 @@ from personalize.replay import run as replay_run
 from personalize.run_files import write_losses_csv
 from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
-from personalize.world.shapes import concept_set
+from personalize.world.shapes import CONCEPT_SETS, concept_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recorded_runs import every_step_runs, every_step_stop, relative_to_repo  # noqa: E402  (a sibling script module)
@@ -97,8 +97,8 @@ def train(spec_dict: dict) -> tuple[list[list[dict]], list[int]]:
         rows: list[dict] = []
         outcome, _ = train_stage(
             stage, spec, models, ident, examples, None, Accelerator(cpu=True),
-            lambda step, tl, det, conv, sec: rows.append({"step": step, "train_loss": tl, "deterministic_loss": det,
-                                                          "convergence_value": conv, "seconds": sec}),
+            lambda r: rows.append({"step": r.step, "train_loss": r.train_loss, "deterministic_loss": r.deterministic_loss,
+                                   "convergence_value": r.convergence_value, "seconds": r.seconds}),
             stage_index=index,
         )
         stages.append(rows)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the schedule on the personalization benchmark's recorded series")
     parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs",
                         help="the personalization benchmark's run files to replay")
-    parser.add_argument("--set", choices=("dev", "test", "all"), default="dev",
+    parser.add_argument("--set", choices=(*CONCEPT_SETS, "all"), default="dev",
                         help="only the runs of these held-out concepts (the schedule is studied on dev)")
     args = parser.parse_args(argv)
     out = Path(args.output)

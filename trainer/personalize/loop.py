@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -41,8 +42,23 @@ from personalize.spec import CriterionName, PersonalizationJobSpec
 
 WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 
-# on_step(step, train_loss, deterministic_loss, convergence_value, step_seconds)
-StepCallback = Callable[[int, float, Optional[float], Optional[float], float], None]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What the loop reports after each optimizer step. None: not measured at this step."""
+
+    step: int
+    train_loss: float
+    deterministic_loss: Optional[float]
+    convergence_value: Optional[float]
+    seconds: float  # wall time of the whole step, evaluation included
+    # The part of `seconds` spent on the stop signal (L_det, or the CLIP check): what tracking
+    # costs, observable on the user's own hardware (personalization_evaluation_duration_seconds).
+    evaluation_seconds: Optional[float]
+
+
+StepCallback = Callable[[StepRecord], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -220,22 +236,25 @@ def train_stage(
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at step {step} of stage {stage.name}")
 
-        det_step = conv_step = None
+        det_step = conv_step = eval_seconds = None
         if reference is not None:
             loss_policy = policy if clip_check is None else None  # the policy the L_det series feeds
             if schedule.due(step, loss_policy):
-                with accelerator.autocast():
+                eval_started = time.monotonic()
+                with accelerator.autocast():  # returns a float: on a GPU the time includes the kernels
                     det_step = reference.deterministic_loss(models.denoiser, models.text_encoder)
-                det_loss = det_step
+                det_loss, eval_seconds = det_step, time.monotonic() - eval_started
             conv_step = schedule.observe(step, det_step, loss_policy)
             if clip_check is not None and step % es.clip.every_steps == 0:
+                eval_started = time.monotonic()
                 with accelerator.autocast():  # the frozen weights are in the half dtype here
                     conv_step = policy.update(clip_check.score(models))
+                eval_seconds = (eval_seconds or 0.0) + time.monotonic() - eval_started
             conv_value = conv_step if conv_step is not None else conv_value
             reason = policy.check(step)
         if accelerator.num_processes > 1:
             reason = broadcast_object_list([reason])[0]  # every process stops together
-        on_step(step, train_loss, det_step, conv_step, time.monotonic() - step_started)
+        on_step(StepRecord(step, train_loss, det_step, conv_step, time.monotonic() - step_started, eval_seconds))
         if checkpoints is not None:  # every checkpointEvery steps, and on SIGTERM (then raises TrainingInterrupted)
             last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             checkpoints.after_step(step, reason, state, last)

@@ -72,6 +72,15 @@ class TrainerMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=self.registry,
         ).labels(**self.labels)
+        # Observed only at steps that evaluate the stop signal; its sum over the step duration's
+        # sum is the share of training time that tracking costs on this hardware.
+        self.evaluation_duration = Histogram(
+            "personalization_evaluation_duration_seconds",
+            "Wall time one step spent evaluating the stop signal (deterministic loss or CLIP check).",
+            LABELS,
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=self.registry,
+        ).labels(**self.labels)
         for unknown in (self.deterministic_loss, self.training_loss, self.convergence_value, self.convergence_threshold):
             unknown.set(math.nan)
         self._server = None
@@ -86,6 +95,7 @@ class TrainerMetrics:
         convergence_value: Optional[float],
         threshold: Optional[float],
         step_seconds: Optional[float],
+        evaluation_seconds: Optional[float] = None,
     ) -> None:
         """Record one step. None means "not measured at this step": the gauge keeps its value."""
         self.step.set(step)
@@ -100,6 +110,8 @@ class TrainerMetrics:
                 gauge.set(value)
         if step_seconds is not None:
             self.step_duration.observe(step_seconds)
+        if evaluation_seconds is not None:
+            self.evaluation_duration.observe(evaluation_seconds)
 
     def set_early_stopped(self, stopped: bool) -> None:
         self.early_stopped.set(1 if stopped else 0)
