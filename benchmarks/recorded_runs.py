@@ -33,12 +33,14 @@ def every_step_runs(runs_dir: Path, *, method: Optional[str] = None, concepts: O
 
 
 def every_step_stop(losses: list[float], window: int, threshold: float, method: str,
-                    min_steps: int = 0) -> Optional[int]:
+                    min_steps: int = 0, eval_every: int = 1) -> Optional[int]:
     """Where DVAR(window, threshold) stops on an every-step L_det series (1-based steps, no stop
-    before min_steps): replay's answer, which is the training loop's own decision on the same values."""
-    points = list(enumerate(losses, start=1))
-    return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=1, min_steps=min_steps,
-                      method=Method(method), last_step=len(losses))["stop_step"]
+    before min_steps): replay's answer, which is the training loop's own decision on the same values.
+    With eval_every k, only the steps divisible by k are kept: what the fixed schedule at evalEvery k
+    would have measured and decided on the same training."""
+    points = [(step, value) for step, value in enumerate(losses, start=1) if step % eval_every == 0]
+    return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=eval_every,
+                      min_steps=min_steps, method=Method(method), last_step=len(losses))["stop_step"]
 
 
 def relative_to_repo(path: Path) -> str:

@@ -258,6 +258,24 @@ def frontier(series: dict[str, dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["within_5_steps"], r["mean_evaluated_fraction"]))
 
 
+FIXED_EVERY = (2, 3, 4, 5, 6, 8, 10)  # the paper's own route: evaluate every k steps, DVAR over those values
+
+
+def fixed_every(series: dict[str, dict], every: int) -> dict:
+    """The fixed schedule at evalEvery `every` against every step on the same recorded series."""
+    moved = []
+    for r in series.values():
+        each = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"])
+        stop = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"], eval_every=every)
+        if each is not None or stop is not None:
+            moved.append(None if each is None or stop is None else stop - each)
+    distances = [abs(m) for m in moved if m is not None]
+    return {"eval_every": every, "evaluated_fraction": round(1 / every, 3), "count": len(moved),
+            "within_5_steps": sum(d <= 5 for d in distances),
+            "median_distance": statistics.median(distances) if distances else None,
+            "max_distance": max(distances) if distances else None}
+
+
 def recorded_markdown(summary: dict) -> str:
     lines = [
         "# The adaptive schedule on recorded every-step DVAR series",
@@ -291,6 +309,22 @@ def recorded_markdown(summary: dict) -> str:
         for r in summary["frontier"]:
             lines.append(f"| {r['near']} | {r['far']} | {r['tolerance']} | {r['measurements_per_window']} "
                          f"| {r['within_5_steps']}/{r['count']} | {r['mean_evaluated_fraction']} |")
+    if summary.get("fixed_every"):
+        lines += [
+            "",
+            "## The fixed schedule at evalEvery k on the same series",
+            "",
+            "The other route to fewer evaluations, and the paper's (a validation step every k training "
+            "iterations, DVAR over those values): only the steps divisible by k are kept and replayed "
+            "with the window in evaluations. Distance: |stop at evalEvery k - stop at every step|, in steps, "
+            "over the series where both stop.",
+            "",
+            "| evalEvery | evaluated fraction | within 5 steps | median distance | largest distance |",
+            "|---|---|---|---|---|",
+        ]
+        for r in summary["fixed_every"]:
+            lines.append(f"| {r['eval_every']} | {r['evaluated_fraction']} | {r['within_5_steps']}/{r['count']} "
+                         f"| {r['median_distance']} | {r['max_distance']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -338,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     concepts = {c.name for c in concept_set(args.set)}
     series = every_step_series(args.runs, concepts)  # read once: the frontier replays it 64 times
     summary = {**recorded_series(series), "frontier": frontier(series),
+               "fixed_every": [fixed_every(series, k) for k in FIXED_EVERY],
                "runs_dir": relative_to_repo(args.runs), "concept_set": args.set}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -51,3 +51,20 @@ def test_the_frontier_puts_settings_that_keep_more_stops_first(tmp_path):
     keys = [(-r["within_5_steps"], r["mean_evaluated_fraction"]) for r in rows]
     assert keys == sorted(keys)
     assert all(0 < r["mean_evaluated_fraction"] <= 1 for r in rows)
+
+
+def test_the_fixed_schedule_decides_on_every_kth_value_only(tmp_path):
+    losses = _losses()
+    every = tc.every_step_stop(losses, WINDOW, THRESHOLD, "lora")
+    fifth = tc.every_step_stop(losses, WINDOW, THRESHOLD, "lora", eval_every=5)
+    assert fifth % 5 == 0 and fifth != every  # it can only stop where it measured
+    # changing a value it never sees changes nothing; changing one it sees can
+    hidden = list(losses)
+    hidden[fifth - 2] += 1.0  # step fifth - 1: not a multiple of 5
+    assert tc.every_step_stop(hidden, WINDOW, THRESHOLD, "lora", eval_every=5) == fifth
+    _write(tmp_path, "baseline", "red_striped_triangle", losses)
+    series = tc.every_step_series(tmp_path)
+    assert tc.fixed_every(series, 1)["within_5_steps"] == 1 and tc.fixed_every(series, 1)["max_distance"] == 0
+    row = tc.fixed_every(series, 5)
+    assert row["median_distance"] == abs(fifth - every) and row["evaluated_fraction"] == 0.2
+    assert row["within_5_steps"] == int(abs(fifth - every) <= 5)
