@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +50,8 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert OUTPUT_FILES | {"learned_embeds.safetensors"} <= {p.name for p in out.iterdir()}
     assert "step 6/6" in proc.stdout
+    [closing] = [line for line in proc.stdout.splitlines() if "stopped at step 6/6" in line]
+    assert re.search(r"evaluating the stop signal took [\d.]+ s of [\d.]+ s \(\d+%\)", closing), closing
 
     rows = read_losses(out / "losses.csv")
     assert list(rows[0]) == ["step", "train_loss", "deterministic_loss", "convergence_value"]

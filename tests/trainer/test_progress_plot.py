@@ -49,6 +49,14 @@ def test_tty_mode_rewrites_the_line_in_place():
     assert second.startswith(short) and len(second.rstrip("\n")) >= len(long)  # old text erased
 
 
+def test_the_closing_line_can_say_what_tracking_cost():
+    p = ProgressPrinter(max_steps=10, stream=io.StringIO(), is_tty=False, clock=Clock())
+    assert p.tracking_cost() is None  # nothing timed yet
+    for step in range(1, 5):  # 0.1 s steps; every other one spent 0.05 s evaluating L_det
+        p.update(step, 0.1, step_seconds=0.1, evaluation_seconds=0.05 if step % 2 == 0 else None)
+    assert p.tracking_cost() == "evaluating the stop signal took 0.1 s of 0.4 s (25%)"
+
+
 def test_format_duration():
     assert format_duration(3725) == "1:02:05"
     assert format_duration(None) == "?" and format_duration(math.inf) == "?"

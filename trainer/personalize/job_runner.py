@@ -182,7 +182,7 @@ class JobRunner:
             self.rows.append(
                 {"step": offset + step, "train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             )
-            printer.update(step, train_loss, det_loss, conv_value)
+            printer.update(step, train_loss, det_loss, conv_value, record.seconds, record.evaluation_seconds)
             self.metrics.observe(step, stage.max_steps, train_loss, det_loss, conv_value, stage.threshold,
                                  record.seconds, record.evaluation_seconds)
             report = self.report
@@ -348,7 +348,9 @@ class JobRunner:
                 checkpoints=checkpoints.for_stage(index, stage.name),
             )
             if accelerator.is_main_process:
-                printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value})")
+                cost = printer.tracking_cost()
+                printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value})"
+                              + (f"; {cost}" if cost else ""))
             offset += outcome.stop_step
             self.outcomes.append(outcome)
             self.report.reference = outcome.reference
