@@ -25,6 +25,12 @@ GPU_SECONDS_SAVED = Counter(
     "Estimated GPU-seconds saved by early stopping (steps saved x measured seconds per step x GPUs).",
     ["method"],
 )
+TRACKING_GPU_SECONDS = Counter(
+    "personalization_tracking_gpu_seconds",
+    "GPU-seconds finished jobs spent evaluating their stop signal (the trainer's trackingSeconds x GPUs): "
+    "what early stopping cost, to set against what it saved.",
+    ["method"],
+)
 RECONCILE_ERRORS = Counter(
     "personalization_reconcile_errors", "Handler invocations that raised (kopf retries them).", ["handler"],
 )
@@ -38,6 +44,7 @@ for _reason in lifecycle.SUCCESS_REASONS + lifecycle.FAILURE_REASONS:
 for _method in Method:
     STEPS_SAVED.labels(method=_method.value)
     GPU_SECONDS_SAVED.labels(method=_method.value)
+    TRACKING_GPU_SECONDS.labels(method=_method.value)
 for _handler in HANDLERS:
     RECONCILE_ERRORS.labels(handler=_handler)
 
@@ -80,10 +87,14 @@ REGISTRY.register(PHASES)
 
 
 def record_completion(phase: str, reason: str, method: str, status: dict[str, Any], gpus: int) -> None:
-    """Count one finished job; credit early stopping with the steps (and GPU time) it saved."""
+    """Count one finished job; credit early stopping with the steps (and GPU time) it saved, and
+    charge it with the GPU time its tracking cost."""
     COMPLETIONS.labels(reason=reason).inc()
     if phase != Phase.succeeded.value:
         return
+    tracking = sum(stage.get("trackingSeconds") or 0.0 for stage in status.get("stages") or [])
+    if tracking > 0 and gpus > 0:
+        TRACKING_GPU_SECONDS.labels(method=method).inc(tracking * gpus)
     early = status.get("earlyStop") or {}
     saved = early.get("stepsSaved") or 0
     if not early.get("stopped") or saved <= 0:

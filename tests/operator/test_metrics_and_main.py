@@ -21,25 +21,34 @@ def sample(name, labels):
 
 
 def test_metric_names_and_early_stopping_savings():
-    before = (sample("personalization_job_completions_total", {"reason": "EarlyStopped"}),
-              sample("personalization_steps_saved_total", {"method": "lora"}),
-              sample("personalization_gpu_seconds_saved_total", {"method": "lora"}))
+    def counters():
+        return (sample("personalization_job_completions_total", {"reason": "EarlyStopped"}),
+                sample("personalization_steps_saved_total", {"method": "lora"}),
+                sample("personalization_gpu_seconds_saved_total", {"method": "lora"}),
+                sample("personalization_tracking_gpu_seconds_total", {"method": "lora"}))
+
+    before = counters()
     status = {"progress": {"step": 100}, "wallSeconds": 50.0,
-              "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "step": 100, "stepsSaved": 300}}
+              "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "step": 100, "stepsSaved": 300},
+              "stages": [{"name": "lora", "stopStep": 100, "seconds": 40.0, "trackingSeconds": 10.0}]}
     metrics.record_completion("Succeeded", "EarlyStopped", "lora", status, gpus=2)
-    after = (sample("personalization_job_completions_total", {"reason": "EarlyStopped"}),
-             sample("personalization_steps_saved_total", {"method": "lora"}),
-             sample("personalization_gpu_seconds_saved_total", {"method": "lora"}))
-    # 300 steps saved at 0.5 s/step on 2 GPUs = 300 GPU-seconds.
-    assert [a - b for a, b in zip(after, before)] == [1, 300, 300]
-    # A run to maxSteps saved nothing.
-    metrics.record_completion("Succeeded", "MaxSteps", "lora", {"earlyStop": {"stopped": False, "stepsSaved": 0}}, 2)
+    after = counters()
+    # 300 steps saved at 0.5 s/step on 2 GPUs = 300 GPU-seconds; tracking cost 10 s on 2 GPUs.
+    assert [a - b for a, b in zip(after, before)] == [1, 300, 300, 20]
+    # A run to maxSteps saved nothing, and still paid for its tracking (two stages here).
+    metrics.record_completion("Succeeded", "MaxSteps", "lora", {
+        "earlyStop": {"stopped": False, "stepsSaved": 0},
+        "stages": [{"name": "a", "trackingSeconds": 1.5}, {"name": "b", "trackingSeconds": 2.5}]}, 2)
     assert sample("personalization_steps_saved_total", {"method": "lora"}) == after[1]
+    assert sample("personalization_tracking_gpu_seconds_total", {"method": "lora"}) == after[3] + 8
+    # A failed job is counted as a completion only.
+    metrics.record_completion("Failed", "OOMKilled", "lora", {"stages": [{"trackingSeconds": 5.0}]}, 2)
+    assert sample("personalization_tracking_gpu_seconds_total", {"method": "lora"}) == after[3] + 8
 
     metrics.PHASES.observe("uid-1", "Running")
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())}
     assert {"personalization_jobs", "personalization_job_completions", "personalization_steps_saved",
-            "personalization_gpu_seconds_saved"} <= set(families)
+            "personalization_gpu_seconds_saved", "personalization_tracking_gpu_seconds"} <= set(families)
     phases = {s.labels["phase"] for s in families["personalization_jobs"].samples}
     assert phases >= {"Pending", "Queued", "Running", "Succeeded", "Failed"}
     metrics.PHASES.forget("uid-1")
@@ -116,7 +125,7 @@ def test_every_known_label_value_exists_at_zero_from_start_up():
         [("personalization_jobs", ("phase", p.value)) for p in Phase]
         + [("personalization_job_completions_total", ("reason", r))
            for r in lifecycle.SUCCESS_REASONS + lifecycle.FAILURE_REASONS]
-        + [(f"personalization_{m}_total", ("method", method.value)) for m in ("steps_saved", "gpu_seconds_saved")
+        + [(f"personalization_{m}_total", ("method", method.value)) for m in ("steps_saved", "gpu_seconds_saved", "tracking_gpu_seconds")
            for method in Method]
         + [("personalization_reconcile_errors_total", ("handler", h)) for h in metrics.HANDLERS]
     )

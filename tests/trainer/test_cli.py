@@ -69,6 +69,8 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     assert stop["step"] == 6 and stop["stepsSaved"] == 0 and stop["fractionSaved"] == 0.0
     assert stop["window"] == 2  # 4 steps at evalEvery 2
     assert result["artifact"]["files"] == ["learned_embeds.safetensors"]
+    [stage] = result["stages"]  # its L_det evaluations are timed, and are part of the stage's time
+    assert 0 < stage["trackingSeconds"] < stage["seconds"]
     assert result["deterministicLoss"] == pytest.approx(float(rows[-1]["deterministic_loss"]))
     assert Image.open(out / "samples.png").size == (64, 64)  # 2 prompts x 2 images of 32 px
     before, after = (np.asarray(Image.open(out / f), dtype=np.float32) for f in ("samples_before.png", "samples.png"))

@@ -47,7 +47,7 @@ from personalize.pipeline_io import Models, default_resolution, load_base_pipeli
 from personalize.plotting import plot_convergence
 from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
-from personalize.progress import ProgressPrinter
+from personalize.progress import ProgressPrinter, tracking_cost
 from personalize.resume import RunCheckpoints
 from personalize.run_files import LOSSES_FILE, PLOT_FILE, RESULT_FILE, write_json, write_losses_csv
 from personalize.samples import SAMPLES_BEFORE_FILE, SAMPLES_FILE, write_samples
@@ -182,7 +182,7 @@ class JobRunner:
             self.rows.append(
                 {"step": offset + step, "train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
             )
-            printer.update(step, train_loss, det_loss, conv_value, record.seconds, record.evaluation_seconds)
+            printer.update(step, train_loss, det_loss, conv_value)
             self.metrics.observe(step, stage.max_steps, train_loss, det_loss, conv_value, stage.threshold,
                                  record.seconds, record.evaluation_seconds)
             report = self.report
@@ -348,9 +348,8 @@ class JobRunner:
                 checkpoints=checkpoints.for_stage(index, stage.name),
             )
             if accelerator.is_main_process:
-                cost = printer.tracking_cost()
-                printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value})"
-                              + (f"; {cost}" if cost else ""))
+                printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value}); "
+                              + tracking_cost(outcome.tracking_seconds, outcome.seconds))
             offset += outcome.stop_step
             self.outcomes.append(outcome)
             self.report.reference = outcome.reference

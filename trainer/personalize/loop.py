@@ -188,6 +188,7 @@ def train_stage(
         train_loss, det_loss, conv_value = last["train_loss"], last["deterministic_loss"], last["convergence_value"]
         checkpoints.after_step(step, reason, state, checkpoints.last)  # SIGTERM during setup: exit now
 
+    tracking_seconds = 0.0  # what evaluating the stop signal cost this stage (since a resume, like `started`)
     while reason is None:
         step_started = time.monotonic()
         step += 1
@@ -254,6 +255,7 @@ def train_stage(
             reason = policy.check(step)
         if accelerator.num_processes > 1:
             reason = broadcast_object_list([reason])[0]  # every process stops together
+        tracking_seconds += eval_seconds or 0.0
         on_step(StepRecord(step, train_loss, det_step, conv_step, time.monotonic() - step_started, eval_seconds))
         if checkpoints is not None:  # every checkpointEvery steps, and on SIGTERM (then raises TrainingInterrupted)
             last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
@@ -274,6 +276,7 @@ def train_stage(
         convergence_value=conv_value,
         reference=reference.info() if reference is not None else None,
         seconds=seconds,
+        tracking_seconds=tracking_seconds,
     ), method
 
 

@@ -29,6 +29,12 @@ def _num(value: Optional[float]) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
+def tracking_cost(tracking_seconds: float, seconds: float) -> str:
+    """The closing line's note on what tracking cost: 'evaluating the stop signal took 1.6 s of 5.9 s (27%)'."""
+    share = tracking_seconds / seconds if seconds > 0 else 0.0
+    return f"evaluating the stop signal took {tracking_seconds:.1f} s of {seconds:.1f} s ({share:.0%})"
+
+
 class ProgressPrinter:
     def __init__(
         self,
@@ -47,10 +53,6 @@ class ProgressPrinter:
         self._clock = clock
         self._start: Optional[tuple[int, float]] = None  # (step, time) of the first report
         self._last_len = 0
-        # What tracking costs, for the closing line: seconds of the steps reported, and the part
-        # of them spent evaluating the stop signal (L_det or the CLIP check).
-        self.step_seconds = 0.0
-        self.evaluation_seconds = 0.0
 
     def eta_seconds(self, step: int) -> Optional[float]:
         if self._start is None:
@@ -84,12 +86,8 @@ class ProgressPrinter:
         train_loss: Optional[float] = None,
         deterministic_loss: Optional[float] = None,
         convergence_value: Optional[float] = None,
-        step_seconds: Optional[float] = None,
-        evaluation_seconds: Optional[float] = None,
     ) -> str:
         """Print the progress after `step`; returns the line (without control characters)."""
-        self.step_seconds += step_seconds or 0.0
-        self.evaluation_seconds += evaluation_seconds or 0.0
         if self._start is None:
             # The pace is measured from the first report, so setup time does not inflate the ETA.
             self._start = (step, self._clock())
@@ -102,13 +100,6 @@ class ProgressPrinter:
             self.stream.write(line + "\n")
         self.stream.flush()
         return line
-
-    def tracking_cost(self) -> Optional[str]:
-        """'evaluating the stop signal took 12.3 s of 48.0 s (26%)', or None before any timed step."""
-        if self.step_seconds <= 0:
-            return None
-        share = self.evaluation_seconds / self.step_seconds
-        return f"evaluating the stop signal took {self.evaluation_seconds:.1f} s of {self.step_seconds:.1f} s ({share:.0%})"
 
     def close(self, message: Optional[str] = None) -> None:
         """End the in-place line (TTY) and print an optional closing message."""

@@ -24,6 +24,7 @@ class StageOutcome:
     convergence_value: Optional[float]
     reference: Optional[ReferenceInfo]
     seconds: float
+    tracking_seconds: float = 0.0  # of `seconds`, spent evaluating the stop signal (L_det, CLIP check)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -43,4 +44,4 @@ class StageOutcome:
         """The stage's entry in result.json's `stages`."""
         return {"name": self.name, "stopStep": self.stop_step, "maxSteps": self.max_steps, "reason": self.reason.value,
                 "convergenceValue": self.convergence_value, "threshold": self.threshold,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "trackingSeconds": round(self.tracking_seconds, 3)}
