@@ -48,8 +48,10 @@ _SETUP = textwrap.dedent(
 
 
 def job_manifest(workdir: Path) -> dict:
-    # DVAR over 30 evaluations with a loose threshold: a few hundred ms per step on 2 cores, so
-    # the run trains for roughly 10 s (several scrapes) and then stops early.
+    # DVAR over 30 evaluations with a loose threshold: it would stop near step 31, which a fast
+    # CPU trains in 1.5 s, between two 1-s scrapes or three (the Early stop annotation then sees
+    # no 0 before the 1). minSteps 120 keeps it training for several scrapes on any machine
+    # (about 5 s at 0.045 s per step, 35 s at 0.3) before it stops early.
     return {
         "apiVersion": "personalization.dvar.dev/v1alpha1",
         "kind": "PersonalizationJob",
@@ -58,7 +60,7 @@ def job_manifest(workdir: Path) -> dict:
             "method": "textualInversion",
             "baseModel": {"path": str(workdir / "pipeline")},
             "concept": {"images": {"path": str(workdir / "images")}, "classNoun": "triangle", "token": "<concept>"},
-            "training": {"maxSteps": 300, "batchSize": 2, "learningRate": 0.01},
+            "training": {"maxSteps": 300, "minSteps": 120, "batchSize": 2, "learningRate": 0.01},
             "earlyStopping": {"criterion": "dvar", "window": 30, "threshold": 0.9},
             "validation": {"prompts": ["a photo of {token}"], "numImagesPerPrompt": 1, "inferenceSteps": 2},
         },

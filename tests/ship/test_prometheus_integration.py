@@ -44,12 +44,16 @@ TRAINER_METRICS = {
     "personalization_step_duration_seconds_bucket",
     "personalization_step_duration_seconds_sum",
     "personalization_step_duration_seconds_count",
+    "personalization_evaluation_duration_seconds_bucket",
+    "personalization_evaluation_duration_seconds_sum",
+    "personalization_evaluation_duration_seconds_count",
 }
 OPERATOR_METRICS = {
     "personalization_jobs": "phase",
     "personalization_job_completions_total": "reason",
     "personalization_steps_saved_total": "method",
     "personalization_gpu_seconds_saved_total": "method",
+    "personalization_tracking_gpu_seconds_total": "method",
     "personalization_reconcile_errors_total": "handler",
 }
 # The dashboards' time range when their queries are replayed (covers the whole session).
@@ -92,7 +96,7 @@ def test_trainer_values_follow_the_run(live):
         return float(s["value"][1])
 
     assert value("personalization_max_steps") == 300
-    assert 1 <= value("personalization_step") < 300
+    assert 120 <= value("personalization_step") < 300  # not before minSteps
     assert value("personalization_convergence_threshold") == pytest.approx(0.9)
     assert value("personalization_convergence_value") < 0.9
     assert value("personalization_step_duration_seconds_count") >= value("personalization_step") - 1
