@@ -50,6 +50,9 @@ class TrainerMetrics:
         def gauge(metric: str, doc: str) -> Gauge:
             return Gauge(metric, doc, LABELS, registry=self.registry).labels(**self.labels)
 
+        def seconds_histogram(metric: str, doc: str) -> Histogram:
+            return Histogram(metric, doc, LABELS, buckets=STEP_SECONDS_BUCKETS, registry=self.registry).labels(**self.labels)
+
         self.deterministic_loss = gauge(
             "personalization_deterministic_loss", "Loss on the fixed reference batch at the last evaluation."
         )
@@ -65,22 +68,16 @@ class TrainerMetrics:
         self.early_stopped = gauge(
             "personalization_early_stopped", "1 if the criterion stopped training before max steps, else 0."
         )
-        self.step_duration = Histogram(
+        self.step_duration = seconds_histogram(
             "personalization_step_duration_seconds",
             "Wall time of one training step (including any deterministic-loss evaluation).",
-            LABELS,
-            buckets=STEP_SECONDS_BUCKETS,
-            registry=self.registry,
-        ).labels(**self.labels)
+        )
         # Observed only at steps that evaluate the stop signal; its sum over the step duration's
         # sum is the share of training time that tracking costs on this hardware.
-        self.evaluation_duration = Histogram(
+        self.evaluation_duration = seconds_histogram(
             "personalization_evaluation_duration_seconds",
             "Wall time one step spent evaluating the stop signal (deterministic loss or CLIP check).",
-            LABELS,
-            buckets=STEP_SECONDS_BUCKETS,
-            registry=self.registry,
-        ).labels(**self.labels)
+        )
         for unknown in (self.deterministic_loss, self.training_loss, self.convergence_value, self.convergence_threshold):
             unknown.set(math.nan)
         self._server = None
