@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -41,9 +43,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (1, 2, 4, 8)
 
 
+def same_training(losses: list[float], recorded: list[float], start: int = 20) -> bool:
+    """Whether a study run's own L_det series is the recorded baseline's training: the same length,
+    the first `start` values within 0.1% relative, and the rest within 1%. On one machine the two
+    are equal; another CPU's kernels differ in the last bits, which full fine-tuning lets grow to
+    0.015% by step 20 and 0.5% by step 400 (DreamBooth, measured), while another seed or setting
+    differs by percents from the first steps."""
+    return len(losses) == len(recorded) and all(
+        math.isclose(a, b, rel_tol=1e-3 if step < start else 1e-2, abs_tol=1e-6)
+        for step, (a, b) in enumerate(zip(losses, recorded)))
+
+
 def load_study(study_runs: Path, method: str, baselines: dict[str, dict]) -> dict[str, dict]:
     """concept -> {"timesteps", "losses" [steps][slots], "window", "threshold"} for study runs whose
-    training is the recorded baseline's (their own L_det series are equal, value for value)."""
+    training is the recorded baseline's (`same_training`)."""
     out = {}
     for concept, baseline in baselines.items():
         path = study_runs / f"{method}_baseline_{concept}.json"
@@ -52,7 +65,7 @@ def load_study(study_runs: Path, method: str, baselines: dict[str, dict]) -> dic
         run = json.loads(path.read_text())
         if "slots" not in run:
             continue
-        if run["series"].get("deterministic_loss") != baseline["losses"]:
+        if not same_training(run["series"].get("deterministic_loss") or [], baseline["losses"]):
             print(f"warning: {path.name}: its L_det differs from the recorded baseline's (not the same "
                   "training); left out", file=sys.stderr)
             continue
@@ -114,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     concepts = [c.name for c in CONCEPT_SETS[args.set]]
     report, parts = {}, [f"# Reference batch: size and timesteps ({args.set} concepts)", "",
-                         f"Command: `python benchmarks/reference_study.py --set {args.set} --study {args.study}`. "
+                         f"Command: `python benchmarks/reference_study.py {shlex.join(sys.argv[1:] if argv is None else argv)}`. "
                          "Gain kept is read off the baseline's CLIP-I curve: an estimate.", ""]
     for method in args.methods.split(","):
         baselines = load_baselines(args.runs, method, concepts)

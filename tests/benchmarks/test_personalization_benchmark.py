@@ -304,6 +304,12 @@ def test_slot_study_scores_a_second_reference_batch_without_changing_the_run(smo
     result = reference_study.study_method("textualInversion", loaded, baselines)
     assert [r["timestep"] for r in result["by_slot"]] == sorted(study["slots"]["timesteps"])
     assert {k: r["subsets"] for k, r in result["by_size"].items()} == {1: 3, 2: 3}
+    # Another CPU's rounding is the same training; another seed's first steps are not.
+    losses = study["series"]["deterministic_loss"]
+    assert reference_study.same_training([v * (1 + 2e-5) for v in losses], losses)
+    assert reference_study.same_training(losses[:-1] + [losses[-1] * 1.005], losses)  # late drift
+    assert not reference_study.same_training([v * 1.01 for v in losses], losses)
+    assert not reference_study.same_training(losses[:-1], losses)
 
 
 def test_timing_pairs_run_with_the_methods_reference_batch_settings():
