@@ -43,7 +43,6 @@ from personalize.spec import CriterionName, PersonalizationJobSpec
 WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 
 
-
 @dataclass(frozen=True)
 class StepRecord:
     """What the loop reports after each optimizer step. None: not measured at this step."""
