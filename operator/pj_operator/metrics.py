@@ -92,7 +92,8 @@ def record_completion(phase: str, reason: str, method: str, status: dict[str, An
     COMPLETIONS.labels(reason=reason).inc()
     if phase != Phase.succeeded.value:
         return
-    tracking = sum(stage.get("trackingSeconds") or 0.0 for stage in status.get("stages") or [])
+    stages = status.get("stages") or []
+    tracking = sum(stage.get("trackingSeconds") or 0.0 for stage in stages)
     if tracking > 0 and gpus > 0:
         TRACKING_GPU_SECONDS.labels(method=method).inc(tracking * gpus)
     early = status.get("earlyStop") or {}
@@ -100,11 +101,13 @@ def record_completion(phase: str, reason: str, method: str, status: dict[str, An
     if not early.get("stopped") or saved <= 0:
         return
     STEPS_SAVED.labels(method=method).inc(saved)
-    # Seconds per step from the trainer's own wall clock over the steps it actually ran.
+    # Seconds per step from the trainer's own clock over the steps it actually ran: the stages'
+    # training time where reported (the run's wall time also holds model loading, samples and
+    # uploads, which a longer run would not have repeated), else the wall time.
     steps_run = (status.get("progress") or {}).get("step") or early.get("step") or 0
-    wall = status.get("wallSeconds") or 0.0
-    if steps_run > 0 and wall > 0 and gpus > 0:
-        GPU_SECONDS_SAVED.labels(method=method).inc(saved * wall / steps_run * gpus)
+    trained = sum(stage.get("seconds") or 0.0 for stage in stages) or status.get("wallSeconds") or 0.0
+    if steps_run > 0 and trained > 0 and gpus > 0:
+        GPU_SECONDS_SAVED.labels(method=method).inc(saved * trained / steps_run * gpus)
 
 
 def counting_errors(handler: str) -> Callable:
