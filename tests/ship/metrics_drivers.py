@@ -36,6 +36,7 @@ def run_operator(port: int) -> None:
         "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "step": 100, "stepsSaved": 300},
         "progress": {"step": 100, "maxSteps": 400},
         "wallSeconds": 50.0,
+        "stages": [{"name": "textualInversion", "stopStep": 100, "seconds": 40.0, "trackingSeconds": 10.0}],
     }
     time.sleep(2)  # let Prometheus see the counters' absence first, as after an operator start
     for round_ in range(10_000):

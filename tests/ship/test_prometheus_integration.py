@@ -109,6 +109,9 @@ def test_operator_series_arrive_with_their_labels(live):
         assert all(label in s["metric"] for s in series), name
     phases = {s["metric"]["phase"] for s in live.prom.query('personalization_jobs{job="operator"} > 0', at=live.eval_time)}
     assert {"Running", "Queued", "Pending", "Succeeded", "Failed"} <= phases
+    # the scripted finished job reports its stages' tracking time: counted for its method only
+    tracked = live.prom.query('personalization_tracking_gpu_seconds_total{job="operator"} > 0', at=live.eval_time)
+    assert {s["metric"]["method"] for s in tracked} == {"textualInversion"}
 
 
 def test_an_invalid_expression_is_reported_as_a_parse_error(live):
