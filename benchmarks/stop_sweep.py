@@ -58,8 +58,8 @@ def curve_gains(series: dict, base_clip_i: float) -> tuple[list[int], list[float
 
 
 def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str, dict]:
-    """concept -> {"losses", "budget", "steps", "gains"} for baselines that observed DVAR and
-    scored a CLIP-I curve."""
+    """concept -> {"losses", "budget", "steps", "gains", "window", "threshold"} for baselines that
+    observed DVAR and scored a CLIP-I curve."""
     out = {}
     for run in every_step_runs(runs_dir, method=method, concepts=concepts, variants=("baseline",)):
         base_path = runs_dir / f"base_{run['concept']}.json"
@@ -67,7 +67,8 @@ def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str
             continue
         steps, gains = curve_gains(run["series"], json.loads(base_path.read_text())["clip_i"])
         out[run["concept"]] = {"losses": run["series"]["deterministic_loss"], "budget": run["steps"],
-                               "steps": steps, "gains": gains}
+                               "steps": steps, "gains": gains,
+                               "window": run.get("window"), "threshold": run.get("threshold")}  # the run's DVAR
     return out
 
 
