@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -280,10 +281,10 @@ def recorded_markdown(summary: dict) -> str:
     lines = [
         "# The adaptive schedule on recorded every-step DVAR series",
         "",
-        f"Series: `{summary['runs_dir']}` (tiny world, window 60, every step; a baseline's whole budget where "
-        "the benchmark recorded one, else a DVAR run up to its stop). "
+        f"Series: `{summary['runs_dir']}` (L_det at every step, each run's own DVAR window and threshold; a "
+        "baseline's whole budget where the benchmark recorded one, else a DVAR run up to its stop). "
         f"Concepts: the {summary.get('concept_set', 'all')} set. "
-        f"Command: `python benchmarks/tracking_cost.py --recorded-only --runs {summary['runs_dir']}`. "
+        f"Command: `{summary['command']}`. "
         f"Within 5 steps: {summary['within_5_steps']} of {summary['count']}; not stopped by the end of the "
         f"recorded series: {summary['later_than_recorded']}; mean evaluated fraction "
         f"{summary['mean_evaluated_fraction']}.",
@@ -373,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     series = every_step_series(args.runs, concepts)  # read once: the frontier replays it 64 times
     summary = {**recorded_series(series), "frontier": frontier(series),
                "fixed_every": [fixed_every(series, k) for k in FIXED_EVERY],
-               "runs_dir": relative_to_repo(args.runs), "concept_set": args.set}
+               "runs_dir": relative_to_repo(args.runs), "concept_set": args.set,
+               "command": shlex.join(["python", "benchmarks/tracking_cost.py",
+                                      *(sys.argv[1:] if argv is None else argv)])}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "tracking_cost_recorded.md").write_text(recorded_markdown(summary))
