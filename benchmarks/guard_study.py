@@ -15,7 +15,6 @@ scores the samples), on top of L_det at every step. No training: seconds per set
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -25,11 +24,10 @@ from personalize.criteria import ClipScoreCriterion
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_stop, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import RESULTS, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
 from stop_sweep import gain_at, load_baselines, summarize  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def clip_stop(steps: list[int], gains: list[float], patience: int) -> Optional[int]:
@@ -77,10 +75,7 @@ def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs")
-    parser.add_argument("--methods", default="textualInversion,lora,customDiffusion,dreambooth")
+    parser = study_parser(__doc__)
     parser.add_argument("--patience", default="2,3", metavar="N,...", help="the guard's patiences, in checks")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

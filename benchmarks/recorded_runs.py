@@ -1,5 +1,5 @@
 """The personalization benchmark's run files read back, for studies that replay stops without
-training (stop_sweep.py, tracking_cost.py --recorded-only).
+training (stop_sweep.py, guard_study.py, reference_study.py, tracking_cost.py --recorded-only).
 
 A run file holds L_det at every step the run trained when it was tracked with evalEvery 1: a
 baseline that observed DVAR has its whole budget, a DVAR run stops at its own stop.
@@ -7,12 +7,27 @@ baseline that observed DVAR has its whole budget, a DVAR run stops at its own st
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Iterable, Optional
 
 from personalize.replay import replay_one
 from personalize.spec import Method
+from personalize.world.shapes import CONCEPT_SETS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STUDIED_METHODS = "textualInversion,lora,customDiffusion,dreambooth"
+
+
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line the replay studies share: which concept set, which run files, which methods."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs",
+                        help="the personalization benchmark's run files (baselines with L_det and CLIP-I curves)")
+    parser.add_argument("--methods", default=STUDIED_METHODS, help="comma-separated")
+    return parser
 
 
 def every_step_runs(runs_dir: Path, *, method: Optional[str] = None, concepts: Optional[Iterable[str]] = None,

@@ -23,7 +23,6 @@ training step on this CPU.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -36,10 +35,9 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_sweep import load_baselines, stop_outcome, summarize  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (1, 2, 4, 8)
 
 
@@ -118,12 +116,8 @@ def markdown(method: str, result: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
+    parser = study_parser(__doc__)  # --runs: the recorded baselines the study runs repeat
     parser.add_argument("--study", type=Path, required=True, help="the slot-study benchmark's results folder")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs",
-                        help="the recorded baselines (with CLIP-I curves) the study runs repeat")
-    parser.add_argument("--methods", default="textualInversion,lora,customDiffusion,dreambooth")
     args = parser.parse_args(argv)
     concepts = [c.name for c in CONCEPT_SETS[args.set]]
     report, parts = {}, [f"# Reference batch: size and timesteps ({args.set} concepts)", "",

@@ -23,7 +23,6 @@ only ever run after the settings are fixed, to report.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -34,10 +33,9 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_runs, every_step_stop, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import RESULTS, every_step_runs, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN, meets_target  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WINDOWS = (40, 60, 80, 100, 120)
 THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4)
 
@@ -133,10 +131,7 @@ def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=sorted(CONCEPT_SETS), default="dev")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "personalization_runs")
-    parser.add_argument("--methods", default="textualInversion,lora,customDiffusion,dreambooth")
+    parser = study_parser(__doc__)
     parser.add_argument("--min-steps", default="0", metavar="N,...",
                         help="minSteps floors to sweep too (no stop before that step)")
     parser.add_argument("--stem", default=None, help="output name (default: stop_sweep_<set>)")
