@@ -24,10 +24,9 @@ from personalize.criteria import ClipScoreCriterion
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import RESULTS, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import RESULTS, command_line, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
 from stop_sweep import gain_at, load_baselines, summarize  # noqa: E402
-
 
 
 def clip_stop(steps: list[int], gains: list[float], patience: int) -> Optional[int]:
@@ -41,12 +40,15 @@ def clip_stop(steps: list[int], gains: list[float], patience: int) -> Optional[i
     return None
 
 
-def guarded_outcome(method: str, baseline: dict, patience: Optional[int]) -> dict:
-    """DVAR alone (patience None) or DVAR held until the CLIP criterion fires, on one baseline."""
+def dvar_stop(method: str, baseline: dict) -> int:
+    """Where DVAR (the run's own window and threshold) stops on the recorded L_det; the budget if never."""
+    return every_step_stop(baseline["losses"], baseline["window"], baseline["threshold"], method) or baseline["budget"]
+
+
+def guarded_outcome(baseline: dict, dvar: int, patience: Optional[int]) -> dict:
+    """DVAR's stop `dvar` alone (patience None) or held until the CLIP criterion fires, on one baseline."""
     budget, steps, gains = baseline["budget"], baseline["steps"], baseline["gains"]
-    stop = every_step_stop(baseline["losses"], baseline["window"], baseline["threshold"], method) or budget
-    if patience is not None:
-        stop = max(stop, clip_stop(steps, gains, patience) or budget)
+    stop = dvar if patience is None else max(dvar, clip_stop(steps, gains, patience) or budget)
     final = gains[-1]
     return {"stop": stop, "steps_ratio": stop / budget,
             "kept": gain_at(stop, steps, gains) / final if final >= MIN_JUDGED_GAIN else None,
@@ -54,17 +56,18 @@ def guarded_outcome(method: str, baseline: dict, patience: Optional[int]) -> dic
 
 
 def study(method: str, baselines: dict[str, dict], patiences: list[Optional[int]]) -> list[dict]:
+    stops = [(b, dvar_stop(method, b)) for b in baselines.values()]  # DVAR's stop does not depend on the guard
     rows = []
     for patience in patiences:
-        outcomes = [guarded_outcome(method, b, patience) for b in baselines.values()]
+        outcomes = [guarded_outcome(b, dvar, patience) for b, dvar in stops]
         rows.append({"patience": patience, **summarize([(o["steps_ratio"], o["kept"]) for o in outcomes]),
                      "median_clip_checks": statistics.median(o["clip_checks"] for o in outcomes)})
     return rows
 
 
 def markdown(method: str, baselines: dict, rows: list[dict]) -> str:
-    lines = [f"### {method} ({len(baselines)} concepts; DVAR window {next(iter(baselines.values()))['window']}, "
-             f"threshold {next(iter(baselines.values()))['threshold']})", "",
+    first = next(iter(baselines.values()))
+    lines = [f"### {method} ({len(baselines)} concepts; DVAR window {first['window']}, threshold {first['threshold']})", "",
              "| stop | gain kept, median | gain kept, worst | steps / budget, median | CLIP checks, median | meets the target |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -82,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     patiences = [None] + [int(n) for n in args.patience.split(",")]
     concepts = [c.name for c in CONCEPT_SETS[args.set]]
     report, parts = {}, [f"# A CLIP guard on top of DVAR, on recorded baselines ({args.set} concepts)", "",
-                         f"Command: `python benchmarks/guard_study.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+                         f"Command: `{command_line('guard_study.py', argv)}`. "
                          "Gain kept is read off the baseline's CLIP-I curve (interpolated between scored steps): an "
                          "estimate; the guard's checks are that curve's scored steps.", ""]
     for method in args.methods.split(","):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -28,6 +30,11 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
                         help="the personalization benchmark's run files (baselines with L_det and CLIP-I curves)")
     parser.add_argument("--methods", default=STUDIED_METHODS, help="comma-separated")
     return parser
+
+
+def command_line(script: str, argv: Optional[list[str]]) -> str:
+    """How a study was invoked, for its report: `python benchmarks/<script> <its arguments>`."""
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def every_step_runs(runs_dir: Path, *, method: Optional[str] = None, concepts: Optional[Iterable[str]] = None,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import study_parser, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import command_line, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_sweep import load_baselines, stop_outcome, summarize  # noqa: E402
 
 SIZES = (1, 2, 4, 8)
@@ -121,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     concepts = [c.name for c in CONCEPT_SETS[args.set]]
     report, parts = {}, [f"# Reference batch: size and timesteps ({args.set} concepts)", "",
-                         f"Command: `python benchmarks/reference_study.py {shlex.join(sys.argv[1:] if argv is None else argv)}`. "
+                         f"Command: `{command_line('reference_study.py', argv)}`. "
                          "Gain kept is read off the baseline's CLIP-I curve: an estimate.", ""]
     for method in args.methods.split(","):
         baselines = load_baselines(args.runs, method, concepts)

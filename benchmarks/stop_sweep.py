@@ -33,7 +33,7 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import RESULTS, every_step_runs, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import RESULTS, command_line, every_step_runs, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN, meets_target  # noqa: E402
 
 WINDOWS = (40, 60, 80, 100, 120)
@@ -140,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     floors = [int(n) for n in args.min_steps.split(",")]
     concepts = [c.name for c in CONCEPT_SETS[args.set]]
     report, parts = {}, [f"# DVAR window / threshold sweep on recorded baselines ({args.set} concepts)", "",
-                         f"Command: `python benchmarks/stop_sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`. Gain kept is read off "
+                         f"Command: `{command_line('stop_sweep.py', argv)}`. Gain kept is read off "
                          "the baseline's CLIP-I curve (interpolated between scored steps): an estimate.", ""]
     for method in args.methods.split(","):
         baselines = load_baselines(args.runs, method, concepts)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from personalize.world import concept_by_name, write_concept_images
 from personalize.world.shapes import CONCEPT_SETS, concept_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import every_step_runs, every_step_stop, relative_to_repo  # noqa: E402  (a sibling script module)
+from recorded_runs import command_line, every_step_runs, every_step_stop, relative_to_repo  # noqa: E402  (a sibling script module)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCEPT = "red_striped_triangle"
@@ -262,19 +261,22 @@ def frontier(series: dict[str, dict]) -> list[dict]:
 FIXED_EVERY = (2, 3, 4, 5, 6, 8, 10)  # the paper's own route: evaluate every k steps, DVAR over those values
 
 
-def fixed_every(series: dict[str, dict], every: int) -> dict:
-    """The fixed schedule at evalEvery `every` against every step on the same recorded series."""
-    moved = []
-    for r in series.values():
-        each = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"])
-        stop = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"], eval_every=every)
-        if each is not None or stop is not None:
-            moved.append(None if each is None or stop is None else stop - each)
-    distances = [abs(m) for m in moved if m is not None]
-    return {"eval_every": every, "evaluated_fraction": round(1 / every, 3), "count": len(moved),
-            "within_5_steps": sum(d <= 5 for d in distances),
-            "median_distance": statistics.median(distances) if distances else None,
-            "max_distance": max(distances) if distances else None}
+def fixed_every(series: dict[str, dict], everies: tuple[int, ...] = FIXED_EVERY) -> list[dict]:
+    """The fixed schedule at each evalEvery in `everies` against every step, on the same recorded series."""
+    each = {name: every_step_stop(r["losses"], r["window"], r["threshold"], r["method"]) for name, r in series.items()}
+    rows = []
+    for every in everies:
+        moved = []
+        for name, r in series.items():
+            stop = every_step_stop(r["losses"], r["window"], r["threshold"], r["method"], eval_every=every)
+            if each[name] is not None or stop is not None:
+                moved.append(None if each[name] is None or stop is None else stop - each[name])
+        distances = [abs(m) for m in moved if m is not None]
+        rows.append({"eval_every": every, "evaluated_fraction": round(1 / every, 3), "count": len(moved),
+                     "within_5_steps": sum(d <= 5 for d in distances),
+                     "median_distance": statistics.median(distances) if distances else None,
+                     "max_distance": max(distances) if distances else None})
+    return rows
 
 
 def recorded_markdown(summary: dict) -> str:
@@ -373,10 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     concepts = {c.name for c in concept_set(args.set)}
     series = every_step_series(args.runs, concepts)  # read once: the frontier replays it 64 times
     summary = {**recorded_series(series), "frontier": frontier(series),
-               "fixed_every": [fixed_every(series, k) for k in FIXED_EVERY],
+               "fixed_every": fixed_every(series),
                "runs_dir": relative_to_repo(args.runs), "concept_set": args.set,
-               "command": shlex.join(["python", "benchmarks/tracking_cost.py",
-                                      *(sys.argv[1:] if argv is None else argv)])}
+               "command": command_line("tracking_cost.py", argv)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_cost_recorded.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "tracking_cost_recorded.md").write_text(recorded_markdown(summary))

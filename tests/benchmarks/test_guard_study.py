@@ -42,7 +42,9 @@ def test_the_guard_holds_a_dvar_stop_until_the_curve_has_flattened(tmp_path):
     _write(runs, "red_striped_triangle", late)
     _write(runs, "blue_dotted_star", [0.0] * 8)  # never learns: counts for steps, not for "kept"
     baselines = guard.load_baselines(runs, "lora", ["red_striped_triangle", "blue_dotted_star"])
-    alone, fooled, waited = (guard.guarded_outcome("lora", baselines["red_striped_triangle"], p) for p in (None, 2, 3))
+    learner = baselines["red_striped_triangle"]
+    dvar = guard.dvar_stop("lora", learner)
+    alone, fooled, waited = (guard.guarded_outcome(learner, dvar, p) for p in (None, 2, 3))
     assert alone["stop"] < 50 and alone["kept"] == pytest.approx(0.0)  # DVAR stopped before learning began
     # checks at 50 and 75 bring no gain over 25's: patience 2 fires at 75, still before the learning
     assert fooled["stop"] == 75 and fooled["kept"] == pytest.approx(0.0) and fooled["clip_checks"] == 3

@@ -64,7 +64,7 @@ def test_the_fixed_schedule_decides_on_every_kth_value_only(tmp_path):
     assert tc.every_step_stop(hidden, WINDOW, THRESHOLD, "lora", eval_every=5) == fifth
     _write(tmp_path, "baseline", "red_striped_triangle", losses)
     series = tc.every_step_series(tmp_path)
-    assert tc.fixed_every(series, 1)["within_5_steps"] == 1 and tc.fixed_every(series, 1)["max_distance"] == 0
-    row = tc.fixed_every(series, 5)
+    each_step, row = tc.fixed_every(series, (1, 5))
+    assert each_step["within_5_steps"] == 1 and each_step["max_distance"] == 0
     assert row["median_distance"] == abs(fifth - every) and row["evaluated_fraction"] == 0.2
     assert row["within_5_steps"] == int(abs(fifth - every) <= 5)
