@@ -55,6 +55,12 @@ class StepRecord:
     # The part of `seconds` spent on the stop signal (L_det, or the CLIP check): what tracking
     # costs, observable on the user's own hardware (personalization_evaluation_duration_seconds).
     evaluation_seconds: Optional[float]
+    # L_det of each reference example at this evaluation, keyed by its timestep (or sigma for
+    # flow-matching families), e.g. {"t=0999": 0.041, ...}; None where L_det was not evaluated.
+    timestep_losses: Optional[dict[str, float]] = None
+    # Cheap per-step training statistics of the concept's own parameters (training_stats.py):
+    # lr, grad_norm, update_ratio, update_cosine, adam_snr; None where not measured.
+    stats: Optional[dict[str, float]] = None
 
 
 StepCallback = Callable[[StepRecord], None]
