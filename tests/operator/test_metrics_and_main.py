@@ -65,10 +65,8 @@ def test_reconcile_errors_are_counted_and_reraised():
         raise RuntimeError("boom")
 
     before = sample("personalization_reconcile_errors_total", {"handler": "unit"})
-    try:
+    with pytest.raises(RuntimeError, match="boom"):
         broken()
-    except RuntimeError:
-        pass
     assert sample("personalization_reconcile_errors_total", {"handler": "unit"}) == before + 1
 
 
