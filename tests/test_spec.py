@@ -41,6 +41,12 @@ def test_published_dvar_settings():
     assert (METHOD_DEFAULTS[Method.custom_diffusion].window, METHOD_DEFAULTS[Method.custom_diffusion].threshold) == (180, 0.15)
 
 
+def test_lora_borrows_textual_inversions_dvar_setting():
+    """spec.py and docs/criteria.md say so: LoRA has no published setting of its own."""
+    lora, ti = METHOD_DEFAULTS[Method.lora], METHOD_DEFAULTS[Method.textual_inversion]
+    assert (lora.window, lora.threshold) == (ti.window, ti.threshold)
+
+
 def test_explicit_values_override_defaults():
     spec = parse_job(
         minimal(training={"maxSteps": 50, "learningRate": 0.1}, earlyStopping={"window": 20, "threshold": 0.3})

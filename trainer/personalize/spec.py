@@ -172,8 +172,9 @@ METHOD_DEFAULTS: dict[Method, MethodDefaults] = {
     Method.dreambooth: MethodDefaults(
         max_steps=1000, learning_rate=5e-6, window=440, threshold=0.4, prior_preservation=True
     ),
-    # LoRA has no published DVAR setting; it behaves like a light DreamBooth, so we use the
-    # DreamBooth window with the stricter Textual Inversion threshold (tuned on the tiny world).
+    # LoRA has no published DVAR setting: it borrows Textual Inversion's window and threshold
+    # (310 steps, 0.15) as an SD 1.5 starting point. They were not tuned, on the tiny world or
+    # elsewhere; `replay` tunes them on recorded runs (docs/criteria.md).
     Method.lora: MethodDefaults(
         max_steps=1000, learning_rate=1e-4, window=310, threshold=0.15, prior_preservation=False
     ),
