@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from personalize.spec import Method, parse_job
+from pj_operator import validation
+from pj_operator.settings import Settings
 from ship_helpers import CRD_FILE, EXAMPLES
 
 FILES = sorted(EXAMPLES.glob("*.yaml"))
@@ -53,9 +55,6 @@ def test_example_is_accepted_by_the_crd_schema(path):
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_example_passes_the_operators_checks(path):
     """What the operator checks beyond the schema (Kubernetes names, method sections, Kueue)."""
-    validation = pytest.importorskip("pj_operator.validation")
-    from pj_operator.settings import Settings
-
     manifest = _load(path)
     manifest["metadata"]["uid"] = "0000-example"
     checked = validation.validate_job(manifest, Settings(kueue_enabled=True))

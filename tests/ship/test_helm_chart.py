@@ -16,6 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
+from pj_operator import children, kube
+from pj_operator import settings as settings_mod
 from ship_helpers import ALL_ON, CHART, CRD_FILE, NAMESPACE, RELEASE, by_kind, load_chart, manifests, one, render
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
@@ -203,7 +205,6 @@ def _env(deploy: dict) -> dict[str, str]:
 
 
 def test_operator_settings_parse_the_rendered_environment(all_on_objects):
-    settings_mod = pytest.importorskip("pj_operator.settings")
     env = _env(one(all_on_objects, "Deployment"))
     settings = settings_mod.Settings.from_env(env)
     assert settings.trainer_image == "ghcr.io/dvar-dev/personalization-trainer:1.2.3-cuda"
@@ -219,7 +220,6 @@ def test_operator_settings_parse_the_rendered_environment(all_on_objects):
 
 
 def test_defaults_give_the_operator_a_cap_and_no_kueue(default_objects):
-    settings_mod = pytest.importorskip("pj_operator.settings")
     settings = settings_mod.Settings.from_env(_env(one(default_objects, "Deployment")))
     assert settings.kueue_enabled is False
     assert settings.max_concurrent_jobs == 4
@@ -238,13 +238,11 @@ def test_a_metrics_linger_beyond_the_grace_period_is_refused_at_render():
 
 
 def test_the_hub_cache_claim_reaches_the_operator_settings(default_objects, all_on_objects):
-    settings_mod = pytest.importorskip("pj_operator.settings")
     assert settings_mod.Settings.from_env(_env(one(default_objects, "Deployment"))).hub_cache_claim == ""
     assert settings_mod.Settings.from_env(_env(one(all_on_objects, "Deployment"))).hub_cache_claim == "hf-cache"
 
 
 def test_every_pj_variable_is_one_the_operator_reads(all_on_objects):
-    settings_mod = pytest.importorskip("pj_operator.settings")
     source = inspect.getsource(settings_mod.Settings.from_env)
     names = [n for n in _env(one(all_on_objects, "Deployment")) if n.startswith("PJ_") and n != "PJ_EXTRA"]
     unread = [n for n in names if f'"{n.removeprefix("PJ_")}"' not in source]
@@ -280,7 +278,6 @@ def test_cluster_role_has_no_wildcards_and_no_secrets(values, default_objects, a
 
 
 def test_cluster_role_covers_the_role_the_operator_grants_trainers(default_objects):
-    children = pytest.importorskip("pj_operator.children")
     grants = _grants(one(default_objects, "ClusterRole"))
     trainer_role = children.role("demo", "team-a")
     wanted = _grants(trainer_role)
@@ -289,7 +286,6 @@ def test_cluster_role_covers_the_role_the_operator_grants_trainers(default_objec
 
 
 def test_cluster_role_lets_the_operator_create_and_watch_its_children(default_objects):
-    kube = pytest.importorskip("pj_operator.kube")
     grants = _grants(one(default_objects, "ClusterRole"))
     for api_version, kind in [("v1", "ConfigMap"), ("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
                               ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("batch/v1", "Job")]:
@@ -322,7 +318,6 @@ def test_a_namespace_list_gets_roles_per_namespace_and_a_cluster_role_for_cluste
 
 def test_pull_secrets_reach_trainer_pods_and_the_admission_policy_reaches_the_operator(
         default_objects, all_on_objects):
-    settings_mod = pytest.importorskip("pj_operator.settings")
     settings = settings_mod.Settings.from_env(_env(one(all_on_objects, "Deployment")))
     assert settings.trainer_image_pull_secrets == ("registry-credentials", "trainer-registry")
     assert settings.allowed_image_prefixes == ("registry.example.com/ml/",)
@@ -354,8 +349,6 @@ def test_binding_binds_the_role_to_the_operator_account(all_on_objects):
 
 
 def test_pod_monitor_selects_the_trainer_pods_the_operator_creates(all_on_objects):
-    children = pytest.importorskip("pj_operator.children")
-    settings_mod = pytest.importorskip("pj_operator.settings")
     from personalize.spec import parse_job
 
     monitor = one(all_on_objects, "PodMonitor")
