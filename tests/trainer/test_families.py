@@ -390,3 +390,23 @@ def test_sdxl_time_ids_follow_each_image(family_dirs, tmp_path, monkeypatch):
         reference.deterministic_loss(models.denoiser, models.text_encoder)
         slots = [by_file[examples.files[i].name] for i in reference.indices]
         assert seen[-1].tolist() == [[float(v) for v in g] + [32.0, 32.0] for g in slots]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_timestep_losses_come_with_the_deterministic_loss_to_the_bit(family, family_dirs, concept_dir):
+    from personalize.spec import parse_spec
+
+    folder = family_dirs[family]()
+    spec = parse_spec(job(folder, concept_dir, family)["spec"])
+    models = models_of(load_base_pipeline(BaseModelSource(path=str(folder)), spec), spec)
+    concept = Concept.model_validate({"images": {"path": str(concept_dir)}})
+    examples = load_concept_examples(concept, "lun", tiny_families.RESOLUTION[family])
+    reference = ReferenceBatch(examples, size=3, sub_batches=2, seed=0, models=models, text_encoder_trained=False)
+    evaluation = reference.evaluate(models.denoiser, models.text_encoder)
+    assert evaluation.loss == reference.deterministic_loss(models.denoiser, models.text_encoder)
+    assert sorted(evaluation.timestep_losses.values()) == sorted(reference.slot_losses(models.denoiser, models.text_encoder))
+    if family == "sdxl":  # DDPM: the timestep index
+        names = {f"t={int(t):04d}" for t in reference.timesteps}
+    else:  # flow matching: the slot's noise level
+        names = {f"sigma={float(models.noise_scheduler.sigmas[int(t)]):.4f}" for t in reference.timesteps}
+    assert set(evaluation.timestep_losses) == names

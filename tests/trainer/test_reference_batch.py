@@ -253,3 +253,30 @@ def test_the_mode_switch_falls_back_to_train_for_modules_that_override_it():
         switch.set(True)
         assert all(m.training for m in module.modules())
         assert Counting.calls == ([False, True] if overridden else [])
+
+
+@pytest.mark.parametrize("sub_batches", [1, 3])
+def test_evaluate_gives_the_deterministic_loss_to_the_bit_and_each_slot_by_its_timestep(models, examples, sub_batches):
+    ref = make(models, examples, size=2, sub_batches=sub_batches)
+    evaluation = ref.evaluate(models.unet, models.text_encoder)
+    assert evaluation.loss == ref.deterministic_loss(models.unet, models.text_encoder)  # ==, not approx
+    # one entry per slot, named by the slot's own timestep, ascending
+    timesteps = ref.timesteps.tolist()
+    assert list(evaluation.timestep_losses) == [f"t={t:04d}" for t in sorted(timesteps)]
+    # the same numbers as each slot evaluated alone
+    alone = dict(zip((f"t={t:04d}" for t in timesteps), ref.slot_losses(models.unet, models.text_encoder)))
+    assert evaluation.timestep_losses == alone
+    assert sum(alone.values()) / len(alone) == pytest.approx(evaluation.loss, rel=1e-6)
+
+
+def test_slots_are_named_by_index_when_their_timesteps_are_redrawn(models, examples):
+    ref = make(models, examples, size=3, fixed=FixedComponents(timesteps=False))
+    first, second = (ref.evaluate(models.unet, models.text_encoder).timestep_losses for _ in range(2))
+    assert list(first) == list(second) == ["slot=0", "slot=1", "slot=2"]
+    assert first != second  # the slots' timesteps moved
+
+
+def test_a_timestep_two_slots_share_gets_a_distinct_name(models, examples):
+    ref = make(models, examples, size=3)
+    ref.timesteps = torch.tensor([5, 900, 5])
+    assert ref.slot_labels == ["t=0005", "t=0900", "t=0005#2"]

@@ -14,6 +14,9 @@ Any subset may instead be re-sampled at every evaluation (the paper's 5-bit code
 reference generator is separate from the training generator, so evaluating (or not) never
 changes the training trajectory.
 
+`evaluate` also gives each slot's own loss, named by its timestep (or sigma): L_det is a mean over
+timesteps, and practitioners read each timestep on its own.
+
 Everything that does not depend on trained weights is computed once: the latents (the VAE is
 always frozen), and the caption embeddings when the text encoder's input is frozen. An evaluation
 runs under `torch.inference_mode` and switches the models to eval mode through a flat list of
@@ -23,6 +26,7 @@ their modules (`ModeSwitch`) rather than `Module.eval()`/`train()`, whose recurs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -66,6 +70,16 @@ class ModeSwitch:
             return
         for m in modules:
             m.__dict__["training"] = training  # where nn.Module keeps the flag (set in its __init__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the reference batch."""
+
+    loss: float  # L_det: the value `deterministic_loss` returns, to the bit
+    # each slot's own loss keyed by its label (`ReferenceBatch.slot_labels`), in ascending
+    # timestep: L_det is a mean over timesteps, and some dominate it
+    timestep_losses: dict[str, float]
 
 
 class ReferenceBatch:
@@ -227,6 +241,30 @@ class ReferenceBatch:
         for studies of the batch itself, e.g. what a smaller batch or other timesteps would give."""
         return self._evaluated(self._per_slot, denoiser, text_encoder)
 
+    def evaluate(self, denoiser, text_encoder) -> Evaluation:
+        """L_det and each slot's loss from one pass over the reference batch (no extra forward):
+        the per-timestep view of the same numbers."""
+        loss, slots = self._evaluated(self._loss_and_slots, denoiser, text_encoder)
+        labels = self.slot_labels
+        order = range(self.n_slots)
+        if self.fixed.timesteps:
+            order = sorted(order, key=lambda i: (int(self.timesteps[i]), i))
+        return Evaluation(loss, {labels[i]: slots[i] for i in order})
+
+    @property
+    def slot_labels(self) -> list[str]:
+        """A stable name per slot, in slot order: its timestep ("t=0999"; flow matching: its
+        sigma), or "slot=3" when the timesteps are re-sampled at each evaluation (then a slot has
+        no timestep of its own). A timestep that two slots share gets "#2" on its second slot."""
+        if not self.fixed.timesteps:
+            return [f"slot={i}" for i in range(self.n_slots)]
+        family, labels, seen = self.models.family, [], {}
+        for t in self.timesteps.tolist():
+            label = family.timestep_label(self.models, int(t))
+            seen[label] = seen.get(label, 0) + 1
+            labels.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+        return labels
+
     def _evaluated(self, compute, denoiser, text_encoder):
         # the text encoder runs only while its embeddings are not cached
         models = [denoiser] if self.captions_cached else [denoiser, text_encoder]
@@ -242,7 +280,7 @@ class ReferenceBatch:
         self.evaluations += 1
         return result
 
-    def _sub_batch_losses(self, denoiser, text_encoder, reduction: str) -> list[torch.Tensor]:
+    def _sub_batch_losses(self, denoiser, text_encoder, reduction: str) -> list:
         latents, noise, timesteps, embeddings = self.components(text_encoder)
         # fp32 inputs (under mixed precision the caller's autocast runs the denoiser in the half
         # dtype); the squared error and the mean over slots and sub-batches stay fp32.
@@ -264,6 +302,11 @@ class ReferenceBatch:
     def _loss(self, denoiser, text_encoder) -> float:
         parts = self._sub_batch_losses(denoiser, text_encoder, "mean")
         return sum(float(loss) for loss in parts) / self.sub_batches
+
+    def _loss_and_slots(self, denoiser, text_encoder) -> tuple[float, list[float]]:
+        parts = self._sub_batch_losses(denoiser, text_encoder, "both")  # (mean, [size]) each
+        loss = sum(float(mean) for mean, _ in parts) / self.sub_batches  # as `_loss` reduces
+        return loss, torch.cat([per_slot for _, per_slot in parts]).float().cpu().tolist()
 
     def _per_slot(self, denoiser, text_encoder) -> list[float]:
         parts = self._sub_batch_losses(denoiser, text_encoder, "none")  # [size] each

@@ -141,9 +141,14 @@ class ModelFamily:
         """Training timesteps [n] as integer indices into the training schedule."""
         return torch.randint(0, self.num_timesteps(models), (n,), generator=generator)
 
+    def timestep_label(self, models: Models, index: int) -> str:
+        """How a timestep index is named in reports (losses.csv columns, metric labels): "t=0999"."""
+        return f"t={index:0{len(str(self.num_timesteps(models)))}d}"
+
     def loss(self, denoiser, models: Models, latents, noise, timesteps, conditioning: Conditioning,
              reduction: str = "mean") -> torch.Tensor:
-        """The training loss; reduction "none" gives one value per example [B]."""
+        """The training loss; reduction "none" gives one value per example [B], "both" the pair
+        (the "mean" value to the bit, the "none" values) from one forward pass."""
         raise NotImplementedError
 
     # ---- artifacts -------------------------------------------------------------------------------
@@ -168,9 +173,12 @@ class ModelFamily:
 
 def per_example_mse(prediction: torch.Tensor, target: torch.Tensor, weighting: Optional[torch.Tensor] = None,
                     reduction: str = "mean") -> torch.Tensor:
-    """(weighted) squared error, averaged per example [B] ("none") or over everything ("mean")."""
+    """(weighted) squared error, averaged per example [B] ("none"), over everything ("mean"), or
+    both as a pair ("both")."""
     error = (prediction.float() - target.float()) ** 2
     if weighting is not None:
         error = weighting.float() * error
     per_example = error.reshape(error.shape[0], -1).mean(dim=1)
+    if reduction == "both":
+        return per_example.mean(), per_example
     return per_example if reduction == "none" else per_example.mean()

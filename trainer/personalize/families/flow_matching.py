@@ -82,6 +82,10 @@ class FlowMatching(ModelFamily):
             u = torch.rand(n, generator=generator)
         return (u * self.num_timesteps(models)).long().clamp(0, self.num_timesteps(models) - 1)
 
+    def timestep_label(self, models, index: int) -> str:
+        """Flow matching is parametrised by the noise level: "sigma=0.7312"."""
+        return f"sigma={float(models.noise_scheduler.sigmas[index]):.4f}"
+
     def loss_weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
         scheme = self.option("weighting_scheme")
         if scheme == "sigma_sqrt":

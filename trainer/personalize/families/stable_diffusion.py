@@ -81,6 +81,9 @@ class StableDiffusion(ModelFamily):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = ddpm_target(scheduler, latents, noise, timesteps)
         prediction = denoiser(noisy, timesteps, **self.denoiser_kwargs(models, conditioning, latents)).sample
-        if reduction == "none":  # per example [B]
-            return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if reduction in ("none", "both"):  # per example [B]
+            error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            per_example = error.mean(dim=(1, 2, 3))
+            # mse_loss's "mean" is the mean of this same elementwise error: the same value, to the bit
+            return (error.mean(), per_example) if reduction == "both" else per_example
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
