@@ -200,3 +200,65 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+DEMO_JOB = Path(__file__).resolve().parents[2] / "demo" / "job.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """demo/job.yaml (demo.sh's run) at a smaller scale: the same concept, model and criterion,
+    a shorter window and budget, evaluation every 2 steps and a minSteps, so that each setting
+    replay must take from result.json differs from replay's defaults."""
+    import yaml
+
+    from personalize.run import main
+    from personalize.world.shapes import concept_by_name, write_concept_images
+
+    folder = tmp_path_factory.mktemp("demo")
+    manifest = yaml.safe_load(DEMO_JOB.read_text())
+    spec = manifest["spec"]
+    spec["concept"]["images"] = {"path": str(write_concept_images(
+        concept_by_name("red_striped_triangle"), 8, folder / "concept-images", seed=0)[0].parent)}
+    spec["training"].update(maxSteps=150, minSteps=12)
+    spec["earlyStopping"].update(window=16, evalEvery=2)
+    spec["validation"] = {"numImagesPerPrompt": 1, "inferenceSteps": 1}
+    config = folder / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest))
+    out = folder / "demo-output"
+    assert main(["--config", str(config), "--output", str(out)]) == 0
+    return out, json.loads((out / "result.json").read_text())
+
+
+def test_a_runs_own_csv_replays_to_its_stop_step(demo_run, capsys):
+    out, result = demo_run
+    early_stop = result["earlyStop"]
+    assert early_stop["reason"] == "ConvergenceThreshold"  # the run stopped early: there is a step to find
+    code, [replayed], err = replay(capsys, out / "losses.csv")
+    assert code == 0, err
+    assert replayed["stop_step"] == early_stop["step"]
+    assert replayed["defaults_from"] == str(out / "result.json")
+    assert (replayed["criterion"], replayed["window"], replayed["threshold"], replayed["eval_every"],
+            replayed["min_steps"]) == ("dvar", 16, 0.15, 2, 12)
+
+
+def test_flags_override_the_runs_settings_and_no_result_ignores_them(demo_run, capsys):
+    out, result = demo_run
+    _, [wider], _ = replay(capsys, "--window", 400, out / "losses.csv")
+    assert (wider["window"], wider["min_steps"], wider["defaults_from"]) == (400, 12, str(out / "result.json"))
+    assert wider["stop_step"] is None  # 400 steps of window never fill in the run's series
+    _, [held], _ = replay(capsys, "--min-steps", result["earlyStop"]["step"] + 5, out / "losses.csv")
+    assert held["min_steps"] == result["earlyStop"]["step"] + 5 and held["window"] == 16
+    assert held["stop_step"] is None or held["stop_step"] >= result["earlyStop"]["step"] + 5
+    _, plain, _ = replay(capsys, "--no-result", out / "losses.csv")
+    assert [r["criterion"] for r in plain] == list(DEFAULT_SET)
+    assert all(r["window"] == 310 and r["min_steps"] == 0 and r["defaults_from"] is None for r in plain)
+    assert plain[0]["stop_step"] is None  # the method's 310-step window is longer than the whole run
+
+
+def test_an_unreadable_result_json_beside_the_csv_is_named(tmp_path, capsys):
+    write_losses_csv(tmp_path / "losses.csv", crafted_series())
+    (tmp_path / "result.json").write_text("{not json")
+    code = cli.main(["replay", str(tmp_path / "losses.csv")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "result.json" in err and "--no-result" in err

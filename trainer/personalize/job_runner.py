@@ -114,8 +114,10 @@ def make_job_accelerator(job: PersonalizationJob) -> Accelerator:
     return make_accelerator(training.mixed_precision.value, training.gradient_accumulation_steps)
 
 
-def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
-    """The decision of the last stage; steps saved summed over all stages (tiDreambooth has two)."""
+def early_stop_summary(outcomes: list[StageOutcome], window_steps: Optional[int] = None,
+                       min_steps: Optional[int] = None) -> EarlyStop:
+    """The decision of the last stage (with its window in steps and the run's minSteps, which
+    `replay` reads back); steps saved summed over all stages (tiDreambooth has two)."""
     last = outcomes[-1]
     saved = sum(o.max_steps - o.stop_step for o in outcomes)
     budget = sum(o.max_steps for o in outcomes)
@@ -126,6 +128,8 @@ def early_stop_summary(outcomes: list[StageOutcome]) -> EarlyStop:
         value=last.convergence_value,
         threshold=last.threshold,
         window=last.window_evaluations,
+        window_steps=window_steps,
+        min_steps=min(min_steps, last.max_steps) if min_steps is not None else None,
         step=last.stop_step,
         steps_saved=saved,
         fraction_saved=saved / budget if budget else 0.0,
@@ -361,7 +365,7 @@ class JobRunner:
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return 0
-        early_stop = early_stop_summary(self.outcomes)
+        early_stop = early_stop_summary(self.outcomes, self.stages[-1].window_steps, spec.training.min_steps)
         self.metrics.set_early_stopped(early_stop.stopped)
         write_losses_csv(self.rows, output / LOSSES_FILE)
         plot_convergence(

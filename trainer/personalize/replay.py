@@ -19,6 +19,11 @@ training step, interpolated between the evaluations exactly as the loop does
 The stop step assumes the loop checks the criterion after every
 step: a criterion that is satisfied before `--min-steps` stops the run at `min_steps` if it is
 still satisfied then.
+
+When the run's `result.json` lies beside the file (a run's output folder), its criterion,
+threshold, window, evalEvery and minSteps are the defaults, so that a plain replay answers where
+that run's own criterion stopped; each flag overrides its one setting, `--no-result` ignores the
+file. The output names the file it took them from (`defaults_from`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from personalize.criteria import (
     window_in_evaluations,
 )
 from personalize.eval_schedule import InterpolatedSeries
+from personalize.run_files import RESULT_FILE
 from personalize.spec import METHOD_DEFAULTS, EvalSchedule, Method
 
 PROG = "personalize-train replay"
@@ -74,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the run evaluated: fixed (one criterion value per evaluation) or adaptive (one per step, "
         "interpolated between evaluations); default: adaptive when the gaps between evaluated steps differ",
     )
-    p.add_argument("--min-steps", type=int, default=0, help="no stop before this step (default 0)")
+    p.add_argument("--min-steps", type=int, help="no stop before this step (default 0)")
     p.add_argument(
         "--method",
         default=Method.textual_inversion.value,
         choices=[m.value for m in Method],
         help="whose default window/threshold to use (default textualInversion)",
     )
+    p.add_argument("--no-result", action="store_true",
+                   help=f"ignore the {RESULT_FILE} beside FILE (by default the run's own settings are the defaults)")
     return p
 
 
@@ -161,6 +169,39 @@ def read_series(path: Path) -> tuple[list[tuple[int, float]], int]:
     if not points:
         raise ReplayError(f"{path}: no deterministic-loss values in the file")
     return points, rows[-1][0]
+
+
+def recorded_settings(series_file: Path) -> tuple[Optional[Path], dict[str, Any]]:
+    """The stop settings of the run whose result.json lies beside `series_file`: criterion,
+    threshold, window (steps), eval_every and min_steps, each where the file says it, and the
+    file's path; (None, {}) when there is none.
+
+    The window in steps is `earlyStop.windowSteps`; a result.json without it (older runs) gives
+    `earlyStop.window` evaluations x `reference.evalEvery`, which the criterion turns back into the
+    same number of evaluations. For tiDreambooth they are the last stage's settings."""
+    path = series_file.parent / RESULT_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReplayError(f"{path} (the run's result, beside {series_file.name}) cannot be read: {err}; "
+                          "pass --no-result to ignore it") from None
+    early_stop = result.get("earlyStop") if isinstance(result, dict) else None
+    if not isinstance(early_stop, dict):
+        return path, {}
+    reference = result.get("reference") or {}
+    eval_every = reference.get("evalEvery")
+    settings: dict[str, Any] = {
+        "criterion": early_stop.get("criterion"),
+        "threshold": early_stop.get("threshold"),
+        "window": early_stop.get("windowSteps"),
+        "eval_every": eval_every,
+        "min_steps": early_stop.get("minSteps"),
+    }
+    if settings["window"] is None and early_stop.get("window") and eval_every:
+        settings["window"] = int(early_stop["window"]) * int(eval_every)
+    return path, {k: v for k, v in settings.items() if v is not None}
 
 
 # ---- replaying ---------------------------------------------------------------------------------
@@ -257,35 +298,52 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ReplayError(f"--threshold must be a positive number, got {args.threshold}")
     if args.eval_every is not None and args.eval_every < 1:
         raise ReplayError(f"--eval-every must be >= 1, got {args.eval_every}")
-    if args.min_steps < 0:
+    if args.min_steps is not None and args.min_steps < 0:
         raise ReplayError(f"--min-steps must be >= 0, got {args.min_steps}")
 
     points, last_step = read_series(Path(args.file))
+    source, recorded = (None, {}) if getattr(args, "no_result", False) else recorded_settings(Path(args.file))
     spacing = recorded_spacing(points)
     chosen = getattr(args, "schedule", None)
     schedule = EvalSchedule(chosen) if chosen else recorded_schedule(points)
     if args.eval_every is not None and schedule == EvalSchedule.adaptive:
         raise ReplayError("--eval-every subsamples a fixed schedule; it cannot be combined with an adaptive one")
-    if args.eval_every is not None:
-        points = subsample(points, args.eval_every, spacing)
-        spacing = args.eval_every
+    eval_every = args.eval_every
+    run_eval_every = recorded.get("eval_every", spacing)
+    if eval_every is None and schedule == EvalSchedule.fixed and run_eval_every > spacing and run_eval_every % spacing == 0:
+        eval_every = run_eval_every  # a series denser than the run's schedule: replay what the run saw
+    if eval_every is not None:
+        points = subsample(points, eval_every, spacing)
+        spacing = eval_every
     method = Method(args.method)
-    window_steps = args.window if args.window is not None else METHOD_DEFAULTS[method].window
-    names = [args.criterion] if args.criterion else list(DEFAULT_SET)
-    return [
-        replay_one(
+    window_steps = next(w for w in (args.window, recorded.get("window"), METHOD_DEFAULTS[method].window) if w is not None)
+    min_steps = next(m for m in (args.min_steps, recorded.get("min_steps"), 0) if m is not None)
+    run_criterion = recorded.get("criterion")
+    if args.criterion:
+        names = [args.criterion]
+    elif run_criterion in REPLAYABLE:
+        names = [run_criterion]
+    else:  # the run's criterion needs samples (clip) or none was recorded: compare those that can stop
+        names = list(DEFAULT_SET)
+    results = []
+    for name in names:
+        # the run's threshold belongs to its own criterion; another one keeps its default
+        threshold = args.threshold if args.threshold is not None else (
+            recorded.get("threshold") if name == run_criterion else None)
+        result = replay_one(
             name,
             points,
             window_steps=window_steps,
-            threshold=args.threshold,
+            threshold=threshold,
             eval_every=spacing,
-            min_steps=args.min_steps,
+            min_steps=min_steps,
             method=method,
             last_step=last_step,
             schedule=schedule,
         )
-        for name in names
-    ]
+        result["defaults_from"] = str(source) if source is not None else None
+        results.append(result)
+    return results
 
 
 def main(argv: Optional[list[str]] = None) -> int:

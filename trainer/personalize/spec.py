@@ -685,7 +685,9 @@ class EarlyStop(ApiModel):
     criterion: Optional[CriterionName] = None
     value: Optional[float] = None
     threshold: Optional[float] = None
-    window: Optional[int] = None
+    window: Optional[int] = Field(None, description="The criterion's window in evaluations.")
+    window_steps: Optional[int] = Field(None, description="The same window in training steps (the spec's).")
+    min_steps: Optional[int] = Field(None, description="No stop was allowed before this step.")
     step: Optional[int] = None
     steps_saved: Optional[int] = None
     fraction_saved: Optional[float] = None
