@@ -1,5 +1,7 @@
 """The adaptive schedule in the training loop, per method: it evaluates fewer steps, stops within
-5 steps of where evaluating at every step stops, and replay names the step the loop stopped at."""
+5 steps of where evaluating at every step stops (or, past a one-step L_det spike it did not
+evaluate, between 5 steps before that spike and the every-step stop), and replay names the step
+the loop stopped at."""
 
 from __future__ import annotations
 
@@ -76,10 +78,15 @@ def test_adaptive_stops_near_every_step_and_replays_exactly(method, tiny_pipelin
     for (rows_1, out_1), (rows_a, out_a) in zip(every, adaptive):
         assert out_1.reason.value == "ConvergenceThreshold"  # the comparison is about an early stop
         evaluated = [r["step"] for r in rows_a if r["deterministic_loss"] is not None]
+        spikes = skipped_spikes(rows_1, rows_a, out_1.stop_step)
         print(f"{method}: stop every step {out_1.stop_step}, adaptive {out_a.stop_step}, "
-              f"evaluated {len(evaluated)}/{len(rows_a)}")
-        if skipped_spikes(rows_1, rows_a, out_1.stop_step):  # the known blind spot: the adaptive run stops first
-            assert out_a.stop_step < out_1.stop_step, (out_a.stop_step, out_1.stop_step)
+              f"evaluated {len(evaluated)}/{len(rows_a)}, skipped spikes {spikes}")
+        if spikes:
+            # The known blind spot: the every-step run waits for the spike to leave its window,
+            # the adaptive run does not. Up to the first spike both saw the same losses, and the
+            # every-step run had not stopped there, so the adaptive run stops at most 5 steps
+            # before that spike (the usual tolerance) and before the every-step run.
+            assert spikes[0] - 5 <= out_a.stop_step < out_1.stop_step, (spikes, out_a.stop_step, out_1.stop_step)
         else:
             assert abs(out_a.stop_step - out_1.stop_step) <= 5, (out_a.stop_step, out_1.stop_step)
         # the same training: identical losses at the steps both runs evaluated
