@@ -109,10 +109,12 @@ def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
         dvar_gain = entry["dvar"]["per_concept"][concept]["clip_i"] - base[concept]["clip_i"]
         if baseline_gain >= bench.MIN_JUDGED_GAIN:  # smaller gains are CLIP-I noise: not judged
             kept.append(dvar_gain / baseline_gain)
+    # The headline numbers are only computed over judged concepts; the smoke run's red striped
+    # triangle gains about 0.09 CLIP-I in its 10 steps, three times MIN_JUDGED_GAIN.
+    assert kept, f"the smoke run judged no concept (baseline gains under {bench.MIN_JUDGED_GAIN})"
     vs = entry["dvar"]["vs_baseline"]
-    if kept:
-        assert vs["median_gain_kept"] == pytest.approx(statistics.median(kept))
-        assert vs["min_gain_kept"] == pytest.approx(min(kept))
+    assert vs["median_gain_kept"] == pytest.approx(statistics.median(kept))
+    assert vs["min_gain_kept"] == pytest.approx(min(kept))
     assert vs["concepts_without_baseline_gain"] == len(report["concepts"]) - len(kept)
     plateau_kept = []  # the second reading: against the mean of the baseline's last curve scores
     for concept in report["concepts"]:
@@ -121,10 +123,8 @@ def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
         if baseline_gain >= bench.MIN_JUDGED_GAIN:
             plateau = statistics.fmean(run["series"]["curve_clip_i"][-bench.PLATEAU_POINTS:]) - base[concept]["clip_i"]
             plateau_kept.append((entry["dvar"]["per_concept"][concept]["clip_i"] - base[concept]["clip_i"]) / plateau)
-    if plateau_kept:
-        assert vs["median_gain_kept_vs_plateau"] == pytest.approx(statistics.median(plateau_kept))
-    else:
-        assert vs["median_gain_kept_vs_plateau"] is None
+    assert len(plateau_kept) == len(kept)
+    assert vs["median_gain_kept_vs_plateau"] == pytest.approx(statistics.median(plateau_kept))
     target = report["target"]["textualInversion"]
     assert target["met"] == (
         target["gain_kept_at_least_90pct"] and target["no_concept_under_70pct"] and target["steps_at_most_one_third"]
