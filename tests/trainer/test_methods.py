@@ -142,9 +142,11 @@ def test_custom_diffusion(tiny_pipeline_dir, concept_dir, base_pipe, tmp_path):
     assert changed_names(before, after) == {EMBEDDING}  # the UNet's own weights stay untouched
     assert_only_identifier_rows_changed(before, after, ident)
     kv = {n: p for n, p in models.unet.named_parameters() if "_custom_diffusion" in n}
-    assert kv and all(".attn2.processor.to_" in n and n.endswith(("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight")) for n in kv)
+    # each cross-attention layer's routed processor holds this concept's processor (routing.py)
+    routed = ".attn2.processor.by_route.default.to_"
+    assert kv and all(routed in n and n.endswith(("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight")) for n in kv)
     for name, p in kv.items():  # they started as copies of attn2.to_k / to_v and were trained
-        original = before["unet." + name.replace(".processor.", ".").replace("_custom_diffusion", "")]
+        original = before["unet." + name.replace(".processor.by_route.default.", ".").replace("_custom_diffusion", "")]
         assert not torch.equal(p, original)
 
     files = methods[-1].save(tmp_path)

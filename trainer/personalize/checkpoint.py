@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 # Raised whenever the layout changes: a trainer then refuses a checkpoint it cannot read, with
 # both versions in the message, instead of misreading it.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 TRAINABLE_FILE = "trainable.safetensors"
 RNG_FILE = "rng.safetensors"

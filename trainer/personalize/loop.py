@@ -1,82 +1,53 @@
-"""The training loop of one stage, top to bottom.
+"""The training loop, top to bottom: one loop for one concept or a pack of many.
 
-    setup method -> reference batch + criterion -> for each step: sample a batch, diffusion loss
-    (+ prior loss), backward, optimizer step -> L_det when the evaluation schedule says so
-    (eval_schedule.py) and the criterion -> stop at convergence (after minSteps) or maxSteps.
+    for each step, while any slot trains:
+        every slot draws its rows (images, class images, latent noise, noise, timesteps)
+        one VAE encode, one text-encoder pass for the slots that train it, one denoiser forward
+        loss = sum over slots of each slot's own mean -> one backward: each slot's gradient is
+               its solo gradient (its rows reach only its own weights, routing.py)
+        each slot clips and steps its own optimizer
+        L_det of the slots whose evaluation is due, in one forward over their reference batches
+        each slot's criterion -> a slot that stops leaves (its outputs are written by the caller)
+        `between_steps`: new slots may join here, at their own step 0
 
-Randomness: the training batches come from their own generator; the reference batch has its own
-(see reference_batch.py), so how often L_det is evaluated never changes the training itself.
-With several processes (accelerate, one per GPU), the reference batch and the criterion live
-on the main process, which broadcasts the stop decision so that all processes stop together.
+A solo run is a pack of one slot (`train_stage`). A slot's state is its own (slot.py).
 
-Preemption: `checkpoints` (resume.py) restores a stage from its checkpoint before the
-first step and, after each step, saves one every checkpointEvery steps or on SIGTERM.
+Randomness: each slot's training rows come from its own generator and its reference batch from
+another, so how often L_det is evaluated, and which other slots share the batch, never change a
+slot's training. With several processes (accelerate, one per GPU; solo runs only), the
+reference batch and the criterion live on the main process, which broadcasts the stop decision.
+
+Preemption: each slot's `checkpoints` (resume.py) restore it before its first step and, after
+each step, save one every checkpointEvery steps or on SIGTERM (all slots save, then the loop
+raises TrainingInterrupted).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
-from diffusers.optimization import get_scheduler
+from accelerate.utils import broadcast_object_list
 
-from personalize.clip_check import ClipCheck
-from personalize.criteria import StopPolicy, from_spec, window_in_evaluations
 from personalize.data import ConceptExamples
-from personalize.diffusion import diffusion_loss, encode_captions, sample_latents
-from personalize.eval_schedule import schedule_from_spec
+from personalize.diffusion import diffusion_loss, encode_captions, latent_distribution
+from personalize.families.base import Conditioning
 from personalize.identifier import Identifier
 from personalize.methods import Method, Stage
+from personalize.methods.base import freeze
 from personalize.pipeline_io import Models, load_base_pipeline, models_of
 from personalize.precision import cast_for_training, is_full_precision, restore_full_precision, weight_dtype
-from personalize.prompt_cache import PromptCache
-from personalize.reference_batch import ReferenceBatch
-from personalize.resume import StageCheckpoints, TrainState
+from personalize.reference_batch import ModeSwitch
+from personalize.resume import StageCheckpoints
+from personalize.routing import DENOISER, TEXT, BatchRouting
+from personalize.shutdown import TrainingInterrupted
+from personalize.slot import Rows, Slot, StepCallback, StepRecord, TrainingDiverged, process_seed
+from personalize.spec import PersonalizationJobSpec
 from personalize.stage_outcome import StageOutcome
-from personalize.spec import CriterionName, PersonalizationJobSpec
 
-WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What the loop reports after each optimizer step. None: not measured at this step."""
-
-    step: int
-    train_loss: float
-    deterministic_loss: Optional[float]
-    convergence_value: Optional[float]
-    seconds: float  # wall time of the whole step, evaluation included
-    # The part of `seconds` spent on the stop signal (L_det, or the CLIP check): what tracking
-    # costs, observable on the user's own hardware (personalization_evaluation_duration_seconds).
-    evaluation_seconds: Optional[float]
-    # L_det of each reference example at this evaluation, keyed by its timestep (or sigma for
-    # flow-matching families), e.g. {"t=0999": 0.041, ...}; None where L_det was not evaluated.
-    timestep_losses: Optional[dict[str, float]] = None
-    # Cheap per-step training statistics of the concept's own parameters (training_stats.py):
-    # lr, grad_norm, update_ratio, update_cosine, adam_snr; None where not measured.
-    stats: Optional[dict[str, float]] = None
-
-
-StepCallback = Callable[[StepRecord], None]
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def process_seed(seed: int, process_index: int, stage_index: int) -> int:
-    """The seed of one process's random streams in one stage.
-
-    Distinct large primes keep the (process, stage) streams apart for any small user seed, so
-    two processes never draw the same batches and stage 2 does not replay stage 1's draws.
-    """
-    return seed + 7919 * process_index + 104729 * stage_index
+__all__ = ["Pack", "StepRecord", "StepCallback", "TrainingDiverged", "process_seed", "train", "train_stage"]
 
 
 def enable_gradient_checkpointing(models: Models, text_encoder_trained: bool) -> None:
@@ -95,6 +66,219 @@ def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Acceler
             p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
+class Pack:
+    """The shared part of a packed stage: the models (frozen, shared by every slot), the routing
+    that tells their layers which rows are whose, and the slots training now."""
+
+    def __init__(self, models: Models, accelerator: Accelerator, gradient_checkpointing: bool = False):
+        self.models, self.accelerator = models, accelerator
+        self.routing = BatchRouting()
+        self.gradient_checkpointing = gradient_checkpointing
+        self.slots: list[Slot] = []
+        self.prepared: list[torch.nn.Module] = []  # modules that went through accelerator.prepare
+        self.denoiser, self.text_encoder = models.denoiser, models.text_encoder  # wrapped, once prepared
+        self._synced: set[int] = set()  # parameters whose gradients DDP averages
+        self._modes: dict[int, ModeSwitch] = {}
+        freeze(models)
+
+    def add(self, slot: Slot) -> None:
+        """A slot joins (before the loop starts, or between steps). Its trained weights are fp32,
+        the frozen ones in the half dtype; peft re-marks adapters on every injection, so every
+        slot's parameters are marked trainable again."""
+        self.slots.append(slot)
+        for s in self.slots:
+            for p in s.method.parameters:
+                p.requires_grad_(True)
+            s.method.attach()  # another slot's new token may have replaced an embedding table
+        cast_for_training(self.models.modules(), slot.method.parameters, weight_dtype(self.accelerator))
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.models, slot.method.text_encoder_trained)
+        modules = [m for m in slot.method.train_modules() if any(p.requires_grad for p in m.parameters())]
+        new = [m for m in modules if all(m is not p for p in self.prepared)]
+        if new and not self.prepared:  # once, before training: DDP wraps modules with trained weights
+            wrapped = self.accelerator.prepare(*new)
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            by_id = {id(m): w for m, w in zip(new, wrapped)}
+            self.denoiser = by_id.get(id(self.models.denoiser), self.denoiser)
+            self.text_encoder = by_id.get(id(self.models.text_encoder), self.text_encoder)
+            self.prepared = list(wrapped)
+            # DDP averages the gradients of a wrapped module only when its forward runs through
+            # the wrapper; other trained parameters (SDXL's second text encoder, token rows) are
+            # averaged by hand at the moments DDP syncs.
+            self._synced = {id(p) for m in (self.models.denoiser, self.models.text_encoder)
+                            if id(m) in by_id for p in m.parameters()}
+        slot.optimizer = self.accelerator.prepare(slot.optimizer)
+        slot.state.optimizer = slot.optimizer
+        for module in slot.method.train_modules():
+            module.train()
+
+    def leave(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+
+    def average_unsynced(self, parameters: list[torch.nn.Parameter]) -> None:
+        average_gradients([p for p in parameters if id(p) not in self._synced], self.accelerator)
+
+    def _mode(self, module: torch.nn.Module) -> ModeSwitch:
+        switch = self._modes.get(id(module))
+        if switch is None or switch.module is not module:
+            switch = self._modes[id(module)] = ModeSwitch(module)
+        return switch
+
+    # ---- the batch ---------------------------------------------------------------------------
+
+    def conditioning(self, slots: list[Slot], batches: list[Rows], device) -> Conditioning:
+        """Every slot's caption conditioning in slot order: cached for frozen text encoders, and
+        one routed text-encoder pass for the slots that train it."""
+        cached = [s.cached_conditioning(b.captions, device) for s, b in zip(slots, batches)]
+        live = [i for i, c in enumerate(cached) if c is None]
+        if live:  # rows routed by the caller (text_routes)
+            captions = [c for i in live for c in batches[i].captions]
+            encoded = encode_captions(self.models, self.text_encoder, captions, device)
+            start = 0
+            for i in live:
+                cached[i] = encoded[start:start + len(batches[i])]
+                start += len(batches[i])
+        geometry = torch.cat([b.geometry for b in batches]).to(device)
+        return Conditioning.cat(cached).with_image_geometry(geometry)
+
+    @staticmethod
+    def text_routes(slots: list[Slot], batches: list[Rows]) -> list[str]:
+        """The route of each caption the text encoder encodes live (slots whose text encoder trains)."""
+        return [s.route for s, b in zip(slots, batches) if s.prompts is None for _ in b.captions]
+
+    def encode_latents(self, slots: list[Slot], batches: list[Rows], device) -> None:
+        """One VAE pass for every slot's images; each slot draws its own latent noise."""
+        with torch.no_grad():
+            mean, std = latent_distribution(self.models.vae, torch.cat([b.images for b in batches]).to(device))
+        start = 0
+        for slot, rows in zip(slots, batches):
+            part = slice(start, start + len(rows))
+            slot.draw_noise(rows, self.models, mean[part], std[part], device)
+            start += len(rows)
+
+    # ---- L_det of several slots in one forward -----------------------------------------------
+
+    def evaluate(self, slots: list[Slot]) -> dict[int, tuple[float, dict[str, float], float]]:
+        """L_det, its per-timestep values and the evaluation's seconds (shared by rows) per slot id."""
+        if not slots:
+            return {}
+        started = time.monotonic()
+        device = self.accelerator.device
+        denoiser, text_encoder = self.models.denoiser, self.models.text_encoder  # unwrapped: no DDP hooks
+        models = [denoiser, text_encoder]
+        was_training = [m.training for m in models]
+        for m in models:
+            self._mode(m).set(False)
+        try:
+            with torch.inference_mode(), self.accelerator.autocast():
+                parts = []
+                for slot in slots:
+                    with self.routing.uniform(slot.route):  # a LoRA-trained text encoder: the slot's adapter
+                        parts.append(slot.reference.components(text_encoder))
+                per_example = {id(s): [] for s in slots}
+                for sub in range(max(s.reference.sub_batches for s in slots)):
+                    members = [(s, p) for s, p in zip(slots, parts) if sub < s.reference.sub_batches]
+                    rows = [slice(sub * s.reference.size, (sub + 1) * s.reference.size) for s, _ in members]
+                    latents = torch.cat([p[0][r] for (_, p), r in zip(members, rows)]).to(device, torch.float32)
+                    noise = torch.cat([p[1][r] for (_, p), r in zip(members, rows)]).to(device, torch.float32)
+                    timesteps = torch.cat([p[2][r] for (_, p), r in zip(members, rows)]).to(device)
+                    conditioning = Conditioning.cat([p[3][r] for (_, p), r in zip(members, rows)]).to(device, torch.float32)
+                    routes = [s.route for s, _ in members for _ in range(s.reference.size)]
+                    with self.routing.rows(DENOISER, routes):
+                        losses = diffusion_loss(denoiser, self.models, latents, noise, timesteps, conditioning,
+                                                reduction="none").float()
+                    start = 0
+                    for s, _ in members:
+                        per_example[id(s)].append(losses[start:start + s.reference.size])
+                        start += s.reference.size
+        finally:
+            for m, training in zip(models, was_training):
+                self._mode(m).set(training)
+        seconds = time.monotonic() - started
+        total_rows = sum(s.reference.n_slots for s in slots)
+        out = {}
+        for slot in slots:
+            reference, parts_ = slot.reference, per_example[id(slot)]
+            reference.evaluations += 1
+            det = sum(float(p.mean()) for p in parts_) / reference.sub_batches
+            values = torch.cat(parts_).cpu().tolist()
+            labels = reference.slot_labels
+            order = sorted(range(len(values)), key=lambda i: (int(reference.timesteps[i]), i)) \
+                if reference.fixed.timesteps else range(len(values))
+            out[id(slot)] = (det, {labels[i]: values[i] for i in order}, seconds * reference.n_slots / total_rows)
+        return out
+
+
+def train(pack: Pack, between_steps: Optional[Callable[[Pack, list[Slot]], None]] = None) -> None:
+    """Train every slot of `pack` until each has stopped. `between_steps(pack, left)` runs after
+    every step with the slots that left at it (write their outputs; new slots may join)."""
+    accelerator, models = pack.accelerator, pack.models
+    device = accelerator.device
+    while pack.slots:
+        step_started = time.monotonic()
+        slots = list(pack.slots)
+        losses: dict[int, list[float]] = {id(s): [] for s in slots}
+        for slot in slots:
+            slot.step += 1
+        for _ in range(accelerator.gradient_accumulation_steps):
+            with accelerator.accumulate(*pack.prepared):
+                # each slot's rows: images [n,3,H,W] -> latents [n,C,h,w], noise, timesteps [n]
+                batches = [slot.draw_images() for slot in slots]
+                pack.encode_latents(slots, batches, device)
+                routes = [slot.route for slot, rows in zip(slots, batches) for _ in range(len(rows))]
+                # routed through the backward too: gradient checkpointing re-runs the forward there
+                with pack.routing.rows(DENOISER, routes), pack.routing.rows(TEXT, pack.text_routes(slots, batches)):
+                    with accelerator.autocast():
+                        conditioning = pack.conditioning(slots, batches, device)
+                        per_example = diffusion_loss(
+                            pack.denoiser, models,
+                            torch.cat([b.latents for b in batches]), torch.cat([b.noise for b in batches]),
+                            torch.cat([b.timesteps for b in batches]), conditioning, reduction="none",
+                        )  # [sum of n]
+                    slot_losses = [slot.loss(part, rows) for slot, part, rows
+                                   in zip(slots, per_example.split([len(b) for b in batches]), batches)]
+                    # the sum of each slot's own mean: each slot's gradient is its solo gradient
+                    accelerator.backward(torch.stack(slot_losses).sum())
+                for slot, loss in zip(slots, slot_losses):
+                    slot.step_optimizer(accelerator, pack.average_unsynced)
+                    losses[id(slot)].append(float(loss.detach()))
+        for slot in slots:
+            slot.finish_step(losses[id(slot)], accelerator)
+
+        # ---- the stop decision of each slot --------------------------------------------------
+        evaluations = pack.evaluate([slot for slot in slots if slot.evaluation_due()])
+        interrupted = None
+        for slot in slots:
+            if slot.failure is not None:  # diverged: it leaves now, the caller reports why
+                continue
+            det, timestep_losses, eval_seconds = evaluations.get(id(slot), (None, None, None))
+            eval_started = time.monotonic()
+
+            def clip_score(slot=slot) -> float:
+                with accelerator.autocast(), pack.routing.uniform(slot.route):  # the frozen weights are half here
+                    return slot.clip_check.score(models)
+
+            conv = slot.observe(det, eval_seconds, clip_score)
+            if slot.clip_check is not None and slot.step % slot.spec.early_stopping.clip.every_steps == 0:
+                eval_seconds = (eval_seconds or 0.0) + time.monotonic() - eval_started
+            if accelerator.num_processes > 1:
+                slot.reason = broadcast_object_list([slot.reason])[0]  # every process stops together
+            slot.tracking_seconds += eval_seconds or 0.0
+            slot.on_step(StepRecord(slot.step, slot.train_loss, det, conv, time.monotonic() - step_started,
+                                    eval_seconds, timestep_losses))
+            try:
+                slot.after_step()  # checkpoint when due
+            except TrainingInterrupted as stop:  # SIGTERM: every slot saves first
+                interrupted = interrupted or stop
+        if interrupted is not None:
+            raise interrupted
+        left = [slot for slot in slots if slot.reason is not None]
+        for slot in left:
+            pack.leave(slot)
+        if between_steps is not None:
+            between_steps(pack, left)
+
+
 def train_stage(
     stage: Stage,
     spec: PersonalizationJobSpec,
@@ -107,182 +291,21 @@ def train_stage(
     stage_index: int = 0,
     checkpoints: Optional[StageCheckpoints] = None,
 ) -> tuple[StageOutcome, Method]:
-    started = time.monotonic()
-    es, training = spec.early_stopping, spec.training
-    device = accelerator.device
-
-    # ---- method: what is trained -------------------------------------------------------------
-    # Adapter initialisation (LoRA's A matrices) and dropout draw from the global RNGs: seed them,
-    # or two runs of the same seed (or a run and its resumption) train different weights.
-    seed = process_seed(training.seed, accelerator.process_index, stage_index)
-    set_seed(seed)
-    method = stage.method_class(models, spec, identifier)
-    modules = method.train_modules()
-    # frozen weights in the half dtype, trained ones in fp32 (precision.py states the rule)
-    cast_for_training(models.modules(), method.parameters, weight_dtype(accelerator))
-    if training.gradient_checkpointing:
-        enable_gradient_checkpointing(models, method.text_encoder_trained)
-    optimizer = torch.optim.AdamW(method.parameters, lr=stage.learning_rate, weight_decay=WEIGHT_DECAY)
-    # One schedule step per training step (not per micro-batch or process), over the stage's budget.
-    lr_schedule = get_scheduler(training.lr_scheduler.value, optimizer,
-                                num_warmup_steps=training.lr_warmup_steps, num_training_steps=stage.max_steps)
-    *prepared, optimizer = accelerator.prepare(*modules, optimizer)
-    wrapped = {id(m): p for m, p in zip(modules, prepared)}
-    denoiser = wrapped.get(id(models.denoiser), models.denoiser)
-    text_encoder = wrapped.get(id(models.text_encoder), models.text_encoder)
-    for module in modules:
-        module.train()
-    # DDP averages the gradients of a wrapped module only when its forward runs through the
-    # wrapper: here the denoiser's and the first text encoder's. Other trained parameters (SDXL's
-    # second text encoder) get their gradients averaged by hand, at the moments DDP syncs.
-    synced = {id(p) for m in (models.denoiser, models.text_encoder) if id(m) in wrapped for p in m.parameters()}
-    unsynced_trained = [p for p in method.parameters if id(p) not in synced]
-
-    # ---- reference batch and criterion (main process only) -----------------------------------
-    n_slots = es.reference_batch_size * es.reference_sub_batches
-    reference: Optional[ReferenceBatch] = None
-    if accelerator.is_main_process:
-        reference = ReferenceBatch(
-            examples,
-            size=es.reference_batch_size,
-            sub_batches=es.reference_sub_batches,
-            fixed=es.fixed,
-            holdout=es.holdout,
-            seed=training.seed,
-            models=models,
-            text_encoder_trained=method.text_encoder_trained,
-            eval_every=es.eval_every,
-        )
-        train_examples = reference.training_examples
-    else:
-        indices = ReferenceBatch.select_indices(len(examples), n_slots, training.seed)
-        train_examples = ReferenceBatch.training_split(examples, indices, es.holdout)
-    window = window_in_evaluations(stage.window_steps, es.criterion_spacing)
-    criterion = from_spec(spec, stage.window_steps, stage.threshold)
-    schedule = schedule_from_spec(es, stage.threshold, stage.window_steps)  # when L_det is evaluated
-    clip_check = None
-    if es.criterion == CriterionName.clip and accelerator.is_main_process:
-        # the paper's baseline: the criterion consumes CLIP-I of samples, not L_det
-        clip_check = ClipCheck(spec, identifier.token, examples.files, examples.images.shape[-1])
-    policy = StopPolicy(criterion, stage.max_steps, min(training.min_steps, stage.max_steps))
-
-    # ---- the loop ----------------------------------------------------------------------------
-    generator = torch.Generator().manual_seed(seed)
-    prior_weight = spec.prior_preservation.prior_loss_weight
-    use_prior = stage.prior_preservation and class_examples is not None
-    prompts = None
-    if not method.text_encoder_trained:  # frozen: each caption is encoded once
-        prompts = PromptCache(models)
-        with accelerator.autocast():  # encoded as the uncached path would be (half weights here)
-            prompts.warm(train_examples.captions + (class_examples.captions if use_prior else []))
-        if training.offload_text_encoders:
-            prompts.offload_text_encoders()
-    step, reason = 0, None
-    train_loss = det_loss = conv_value = None
-
-    # ---- resume: continue from a checkpoint of this stage, if there is one ------------------
-    generators = {"data": generator} | ({"reference": reference.generator} if reference is not None else {})
-    keepers = method.keepers  # embedding tables of which only the identifier's rows train
-    state = TrainState({"unet": models.denoiser, "text_encoder": models.text_encoder, **models.extra_text_encoders},
-                       optimizer, generators, policy, reference,
-                       trained_rows=[(k.embeddings.weight, k.rows) for k in keepers],
-                       lr_schedule=lr_schedule, schedule=schedule)
-    if checkpoints is not None:
-        step = checkpoints.restore(state)  # restores the random streams last: nothing draws before the loop
-        last = checkpoints.last
-        train_loss, det_loss, conv_value = last["train_loss"], last["deterministic_loss"], last["convergence_value"]
-        checkpoints.after_step(step, reason, state, checkpoints.last)  # SIGTERM during setup: exit now
-
-    tracking_seconds = 0.0  # what evaluating the stop signal cost this stage (since a resume, like `started`)
-    while reason is None:
-        step_started = time.monotonic()
-        step += 1
-        losses = []
-        for _ in range(training.gradient_accumulation_steps):
-            with accelerator.accumulate(*prepared):
-                # images [B,3,H,W], their original size and crop corner [B,4]
-                images, captions, geometry = train_examples.draw(training.batch_size, generator)
-                if use_prior:
-                    class_images, class_captions, class_geometry = class_examples.draw(training.batch_size, generator)
-                    images, captions = torch.cat([images, class_images]), captions + class_captions
-                    geometry = torch.cat([geometry, class_geometry])
-                with torch.no_grad():
-                    latents = sample_latents(models.vae, images.to(device), generator).float()  # [B',4,h,w] fp32
-                noise = torch.randn(latents.shape, generator=generator).to(latents)
-                timesteps = models.family.draw_timesteps(models, latents.shape[0], generator).to(device)
-                with accelerator.autocast():
-                    if prompts is not None:
-                        embeddings = prompts(captions, device)
-                    else:
-                        embeddings = encode_captions(models, text_encoder, captions, device)
-                    embeddings = embeddings.with_image_geometry(geometry.to(device))
-                    per_example = diffusion_loss(
-                        denoiser, models, latents, noise, timesteps, embeddings, reduction="none"
-                    )  # [B']
-                if use_prior:
-                    instance, prior = per_example.chunk(2)
-                    loss = instance.mean() + prior_weight * prior.mean()
-                else:
-                    loss = per_example.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and accelerator.num_processes > 1:
-                    average_gradients(unsynced_trained, accelerator)
-                if accelerator.sync_gradients and training.max_grad_norm > 0:
-                    for keeper in keepers:
-                        keeper.drop_frozen_gradients()  # the norm of what trains, not of rows reset anyway
-                    accelerator.clip_grad_norm_(method.parameters, training.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-        lr_schedule.step()
-        method.after_optimizer_step()
-        train_loss = sum(losses) / len(losses)
-        if accelerator.num_processes > 1:  # the reported loss is the mean over every process's batch
-            train_loss = float(accelerator.reduce(torch.tensor([train_loss], device=device), reduction="mean")[0])
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss became {train_loss} at step {step} of stage {stage.name}")
-
-        det_step = conv_step = eval_seconds = None
-        if reference is not None:
-            loss_policy = policy if clip_check is None else None  # the policy the L_det series feeds
-            if schedule.due(step, loss_policy):
-                eval_started = time.monotonic()
-                with accelerator.autocast():  # returns a float: on a GPU the time includes the kernels
-                    det_step = reference.deterministic_loss(models.denoiser, models.text_encoder)
-                det_loss, eval_seconds = det_step, time.monotonic() - eval_started
-            conv_step = schedule.observe(step, det_step, loss_policy)
-            if clip_check is not None and step % es.clip.every_steps == 0:
-                eval_started = time.monotonic()
-                with accelerator.autocast():  # the frozen weights are in the half dtype here
-                    conv_step = policy.update(clip_check.score(models))
-                eval_seconds = (eval_seconds or 0.0) + time.monotonic() - eval_started
-            conv_value = conv_step if conv_step is not None else conv_value
-            reason = policy.check(step)
-        if accelerator.num_processes > 1:
-            reason = broadcast_object_list([reason])[0]  # every process stops together
-        tracking_seconds += eval_seconds or 0.0
-        on_step(StepRecord(step, train_loss, det_step, conv_step, time.monotonic() - step_started, eval_seconds))
-        if checkpoints is not None:  # every checkpointEvery steps, and on SIGTERM (then raises TrainingInterrupted)
-            last = {"train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
-            checkpoints.after_step(step, reason, state, last)
-
-    seconds = time.monotonic() - started
+    """One stage of a solo run: a pack of one slot."""
+    pack = Pack(models, accelerator, spec.training.gradient_checkpointing)
+    slot = Slot(stage.name, stage, spec, models, identifier, examples, class_examples, accelerator,
+                pack.routing, on_step, stage_index=stage_index)
+    if spec.training.offload_text_encoders and slot.prompts is not None:
+        slot.prompts.offload_text_encoders()
+    pack.add(slot)
+    slot.restore(checkpoints)
+    train(pack)
+    if slot.failure is not None:
+        raise slot.failure
+    outcome = slot.outcome()
+    slot.method.finish()
     full_precision(models, spec)
-    return StageOutcome(
-        name=stage.name,
-        max_steps=stage.max_steps,
-        stop_step=step,
-        reason=reason,
-        criterion=es.criterion.value,
-        window_evaluations=window,
-        threshold=stage.threshold,
-        train_loss=train_loss,
-        deterministic_loss=det_loss,
-        convergence_value=conv_value,
-        reference=reference.info() if reference is not None else None,
-        seconds=seconds,
-        tracking_seconds=tracking_seconds,
-    ), method
+    return outcome, slot.method
 
 
 def full_precision(models: Models, spec: PersonalizationJobSpec) -> None:

@@ -18,7 +18,7 @@ the random streams LAST (nothing may draw a random number after them).
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,30 +38,25 @@ from personalize.rng_state import capture_rng, restore_rng
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.spec import PersonalizationJobSpec, StopReason
 from personalize.stage_outcome import StageOutcome
-from personalize.trainable import TrainedRows, load_trainable_state, trainable_state
+from personalize.trainable import load_named
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
 class TrainState:
-    """What one stage trains and draws from, as the loop built it (unwrapped models)."""
+    """What one slot of a stage trains and draws from, as the loop built it."""
 
-    modules: dict[str, torch.nn.Module]  # {"unet": ..., "text_encoder": ...}
+    # the trained tensors by names independent of wrappers, routes and other slots
+    # (`Method.named_parameters`): token rows, adapters, Custom Diffusion weights, the UNet ...
+    trainable: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     generators: dict[str, torch.Generator]  # {"data": ..., "reference": ...}
     policy: StopPolicy
     reference: Optional[ReferenceBatch]
-    # Embedding tables of which only some rows train (Textual Inversion, Custom Diffusion: the
-    # identifier's rows, in each text encoder; the others are reset after every step). Only those
-    # rows and their optimizer moments are saved: a few KB instead of three copies of each table.
-    trained_rows: list[tuple[torch.nn.Parameter, list[int]]] = field(default_factory=list)
     lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # where the learning rate is in its schedule
     # When L_det is evaluated next (eval_schedule.py); its state rides with the criterion's.
     schedule: Optional[Schedule] = None
-
-    def rows_views(self) -> list[TrainedRows]:
-        return [TrainedRows(param, rows, self.modules, self.optimizer) for param, rows in self.trained_rows]
 
 
 class RunCheckpoints:
@@ -131,11 +126,8 @@ class StageCheckpoints:
         ckpt = self.resume
         if ckpt is None:
             return 0
-        trainable, optimizer = ckpt.trainable, ckpt.optimizer
-        for view in state.rows_views():
-            trainable, optimizer = view.expand(trainable, optimizer)
-        load_trainable_state(state.modules, trainable)
-        state.optimizer.load_state_dict(optimizer)
+        load_named(state.trainable, {k: t for k, t in ckpt.trainable.items() if not k.startswith("stage")})
+        state.optimizer.load_state_dict(ckpt.optimizer)
         if state.lr_schedule is not None and "lr_schedule" in ckpt.extra:
             state.lr_schedule.load_state_dict(ckpt.extra["lr_schedule"])
         if state.reference is not None:  # the main process
@@ -176,9 +168,8 @@ class StageCheckpoints:
         path = None
         if accelerator.is_main_process:
             reference = state.reference
-            trainable, optimizer = trainable_state(state.modules), state.optimizer.state_dict()
-            for view in state.rows_views():
-                trainable, optimizer = view.slim(trainable, optimizer)
+            trainable = {name: p.detach() for name, p in state.trainable.items()}
+            optimizer = state.optimizer.state_dict()
             path = save_checkpoint(run.directory, TrainingCheckpoint(
                 step=step,
                 stage=self.name,

@@ -153,11 +153,11 @@ class ModelFamily:
 
     # ---- artifacts -------------------------------------------------------------------------------
 
-    def lora_layers(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The adapter weights of a module in the form the pipeline's `save_lora_weights` takes."""
+    def lora_layers(self, module: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """One adapter's weights of a module in the form the pipeline's `save_lora_weights` takes."""
         from peft.utils import get_peft_model_state_dict  # noqa: PLC0415 (peft only for LoRA)
 
-        return get_peft_model_state_dict(module)
+        return get_peft_model_state_dict(module, adapter_name=adapter_name)
 
     def save_lora(self, output_dir: Path, weight_name: str, adapters: dict[str, tuple[dict, Optional[dict]]]) -> None:
         """The adapter file that the stock pipeline's `load_lora_weights` reads. `adapters` maps a

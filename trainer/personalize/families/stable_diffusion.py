@@ -61,12 +61,12 @@ class StableDiffusion(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def lora_layers(self, module):
+    def lora_layers(self, module, adapter_name: str = "default"):
         """Adapter weights in diffusers' naming, as train_dreambooth_lora(_sdxl).py saves them."""
         from diffusers.utils import convert_state_dict_to_diffusers  # noqa: PLC0415
         from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module, adapter_name=adapter_name))
 
     def encode_prompts(self, models, text_encoder, captions, device) -> Conditioning:
         """The last hidden state [B, 77, D], what SD's UNet attends to."""

@@ -1,7 +1,8 @@
 """What every method shares: the small interface the loop calls, and the stages a method runs.
 
-A method freezes everything, then unfreezes exactly what `trainable_parameters()` lists: that
-function is the one place to read what a method trains. `plan_stages` says how the run is cut
+The models start frozen (`freeze`); a method unfreezes exactly what `trainable_parameters()`
+lists: that function is the one place to read what a method trains. Methods that train only
+weights of their own (`packable`) can share the models with other concepts in a pack. `plan_stages` says how the run is cut
 into training stages (one, unless the method overrides it).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -17,9 +18,16 @@ from safetensors.torch import save_file
 from personalize.criteria import stop_threshold
 from personalize.identifier import Identifier
 from personalize.pipeline_io import Models
+from personalize.routing import BatchRouting, IdentifierRows
 from personalize.spec import PersonalizationJobSpec
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
+
+
+def freeze(models: Models) -> None:
+    """Every weight frozen; each method then unfreezes exactly its own (`trainable_parameters`)."""
+    for module in models.modules():
+        module.requires_grad_(False)
 
 
 @dataclass
@@ -34,17 +42,21 @@ class Stage:
 
 
 class Method:
+    """What one concept trains. In a pack several methods share the models: each adds its own
+    weights under its `route` (routing.py), and `parameters` lists only its own."""
+
     name: ClassVar[str] = ""  # the spec's `method` value it implements
     learns_embedding: bool = False  # needs new token rows (decided before the models are touched)
-    # Set by methods that train embedding tables of which only the identifier's rows may change
-    # (`trainable_parameters` creates them, one per text encoder); checkpoints save only those rows.
-    keepers: Sequence["EmbeddingRowsKeeper"] = ()
+    packable: ClassVar[bool] = False  # trains only weights of its own (not the shared ones): may join a pack
 
-    def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier):
+    def __init__(self, models: Models, spec: PersonalizationJobSpec, identifier: Identifier,
+                 routing: Optional[BatchRouting] = None, route: str = "default"):
+        """The models are frozen already (`freeze`); this adds and unfreezes what the method trains."""
         self.models, self.spec, self.identifier = models, spec, identifier
+        self.routing, self.route = routing if routing is not None else BatchRouting(), route
+        # the identifier's rows of each text encoder, as parameters of their own (routing.IdentifierRows)
+        self.identifier_rows: list[IdentifierRows] = []
         self.prepare()
-        for module in models.modules():
-            module.requires_grad_(False)
         self.parameters = self.trainable_parameters()
         for p in self.parameters:
             p.requires_grad_(True)
@@ -80,9 +92,44 @@ class Method:
         return [self.models.denoiser, self.models.text_encoder] if self.text_encoder_trained else [self.models.denoiser]
 
     def after_optimizer_step(self) -> None:
-        """Undo what the optimizer must not change (e.g. embedding rows of other tokens)."""
-        for keeper in self.keepers:
-            keeper.restore()
+        """The trained token rows back into their tables (samples and saves read the tables)."""
+        for rows in self.identifier_rows:
+            rows.write_back()
+
+    def attach(self) -> None:
+        """Re-hook the token rows after another concept's new token replaced an embedding table."""
+        for rows in self.identifier_rows:
+            rows.attach()
+
+    def finish(self) -> None:
+        """The stage is over: the tables hold the final token rows, which stop being substituted."""
+        for rows in self.identifier_rows:
+            rows.detach()
+
+    def release(self) -> None:
+        """Remove what this concept added to the shared models (it left a pack that goes on)."""
+        self.finish()
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trained tensors by a name that does not depend on the route or on other concepts
+        (checkpoints save and restore them by it): `<component>.<parameter name>`."""
+        mine = {id(p) for p in self.parameters}
+        components = {"unet": self.models.denoiser, "text_encoder": self.models.text_encoder,
+                      **self.models.extra_text_encoders}
+        named = {}
+        for component, module in components.items():
+            for name, p in module.named_parameters():
+                if id(p) in mine:
+                    named[f"{component}.{name}".replace(f".{self.route}.", ".default.")] = p
+        encoders = self.models.family.identifier_encoders(self.models)
+        for encoder, rows in zip(encoders, self.identifier_rows):
+            named[f"{encoder.name}.identifier_rows"] = rows.weight
+        return named
+
+    def add_identifier_rows(self, encoders) -> list[torch.nn.Parameter]:
+        """The identifier's rows of each of `encoders` (family TextEncoders) as trained parameters."""
+        self.identifier_rows = [IdentifierRows(e.module, self.identifier.ids_in(e.name)) for e in encoders]
+        return [rows.weight for rows in self.identifier_rows]
 
     def save(self, output_dir: Path) -> list[str]:
         """Write the artifact(s); return their file names relative to output_dir."""
@@ -118,33 +165,3 @@ def learned_embeds_file(encoder_name: str) -> str:
     `text_encoder_2` (the names diffusers' textual_inversion_sdxl.py writes)."""
     suffix = encoder_name.removeprefix("text_encoder")
     return LEARNED_EMBEDS.replace(".safetensors", f"{suffix}.safetensors")
-
-
-class EmbeddingRowsKeeper:
-    """Keeps every embedding row except the identifier's bit-identical across optimizer steps.
-
-    The optimizer sees the whole table (an nn.Parameter cannot be sliced), so after each step the
-    rows of all other tokens are copied back from the original (AdamW weight decay and the
-    gradients of the other caption words would otherwise move them).
-    """
-
-    def __init__(self, embeddings: torch.nn.Embedding, trained_ids: list[int]):
-        self.embeddings = embeddings
-        self.rows = list(trained_ids)
-        self.original = embeddings.weight.detach().clone()
-        self.frozen = torch.ones(self.original.shape[0], dtype=torch.bool)
-        self.frozen[trained_ids] = False
-
-    @torch.no_grad()
-    def drop_frozen_gradients(self) -> None:
-        """Zero the gradient of the rows `restore` resets, so that it does not count in a clipped norm."""
-        grad = self.embeddings.weight.grad
-        if grad is not None:
-            grad[self.frozen.to(grad.device)] = 0
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        weight = self.embeddings.weight
-        frozen = self.frozen.to(weight.device)
-        weight[frozen] = self.original.to(weight.device, weight.dtype)[frozen]
-

@@ -3,7 +3,9 @@
 As diffusers' own Custom Diffusion training does, every cross-attention layer (attn2) gets a
 `CustomDiffusionAttnProcessor2_0` whose `to_k_custom_diffusion` / `to_v_custom_diffusion` start as
 copies of the layer's to_k / to_v; those copies are trained, so the UNet's own weights stay
-untouched and `unet.save_attn_procs` writes the standard Custom Diffusion weight file.
+untouched and `unet.save_attn_procs` writes the standard Custom Diffusion weight file. The
+processor sits inside a `RoutedAttnProcessor` (routing.py), so that concepts packed in one batch
+each use their own.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from diffusers.models.attention_processor import CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0
+from diffusers.models.attention_processor import (
+    AttnProcessor2_0,
+    CustomDiffusionAttnProcessor,
+    CustomDiffusionAttnProcessor2_0,
+)
 
-from personalize.methods.base import EmbeddingRowsKeeper, Method
+from personalize.methods.base import Method
+from personalize.routing import RoutedAttnProcessor
 
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -22,15 +29,20 @@ CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 class CustomDiffusion(Method):
     name = "customDiffusion"
     learns_embedding = True
+    packable = True
+
+    def cross_attention(self) -> dict[str, torch.nn.Module]:
+        """The cross-attention layers (attn2) by their processor's name."""
+        unet = self.models.unet
+        return {name: unet.get_submodule(name.removesuffix(".processor"))
+                for name in unet.attn_processors if name.endswith("attn2.processor")}
 
     def prepare(self) -> None:
-        unet = self.models.unet
-        processors = {}
-        for name in unet.attn_processors:
-            attn = unet.get_submodule(name.removesuffix(".processor"))
-            if not name.endswith("attn2.processor"):  # self-attention: unchanged behaviour, no weights
-                processors[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
-                continue
+        # every cross-attention layer gets a routed processor (once per pack), and in it this
+        # concept's own Custom Diffusion processor; self-attention is unchanged
+        for attn in self.cross_attention().values():
+            if not isinstance(attn.processor, RoutedAttnProcessor):
+                attn.set_processor(RoutedAttnProcessor(self.routing, AttnProcessor2_0()))
             processor = CustomDiffusionAttnProcessor2_0(
                 train_kv=True,
                 train_q_out=False,
@@ -40,14 +52,12 @@ class CustomDiffusion(Method):
             with torch.no_grad():
                 processor.to_k_custom_diffusion.weight.copy_(attn.to_k.weight)
                 processor.to_v_custom_diffusion.weight.copy_(attn.to_v.weight)
-            processors[name] = processor.to(attn.to_k.weight.device)
-        unet.set_attn_processor(processors)
+            attn.processor.by_route[self.route] = processor.to(attn.to_k.weight.device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        kv = [p for name, p in self.models.unet.named_parameters() if "_custom_diffusion" in name]
-        embeddings = self.models.text_encoder.get_input_embeddings()
-        self.keepers = [EmbeddingRowsKeeper(embeddings, self.identifier.token_ids)]
-        return kv + [embeddings.weight]  # of the table only the identifier's rows change
+        kv = [p for attn in self.cross_attention().values()
+              for p in attn.processor.by_route[self.route].parameters()]
+        return kv + self.add_identifier_rows([self.models.family.identifier_encoders(self.models)[0]])
 
     @property
     def text_encoder_trained(self) -> bool:
@@ -57,8 +67,22 @@ class CustomDiffusion(Method):
         return [self.models.unet, self.models.text_encoder]
 
     def save(self, output_dir: Path) -> list[str]:
-        self.models.unet.save_attn_procs(output_dir, weight_name=CUSTOM_DIFFUSION_WEIGHTS, safe_serialization=True)
+        # diffusers' own writer saves the unet's current processors: this concept's, for a moment
+        unet = self.models.unet
+        current, cross = dict(unet.attn_processors), self.cross_attention()
+        mine = {name: cross[name].processor.by_route[self.route] if name in cross
+                else CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False) for name in current}
+        unet.set_attn_processor(mine)
+        try:
+            unet.save_attn_procs(output_dir, weight_name=CUSTOM_DIFFUSION_WEIGHTS, safe_serialization=True)
+        finally:
+            unet.set_attn_processor(current)
         return [CUSTOM_DIFFUSION_WEIGHTS, self.save_learned_embeds(output_dir)]
+
+    def release(self) -> None:
+        super().release()
+        for attn in self.cross_attention().values():
+            attn.processor.by_route.pop(self.route, None)
 
 
 def load_custom_diffusion(pipe, output_dir: str | Path, token: str) -> None:

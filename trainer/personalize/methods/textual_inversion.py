@@ -7,19 +7,17 @@ from pathlib import Path
 
 import torch
 
-from personalize.methods.base import EmbeddingRowsKeeper, Method
+from personalize.methods.base import Method
 
 
 class TextualInversion(Method):
     name = "textualInversion"
     learns_embedding = True
+    packable = True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        encoders = self.models.family.identifier_encoders(self.models)
-        self.keepers = [EmbeddingRowsKeeper(e.module.get_input_embeddings(), self.identifier.ids_in(e.name))
-                        for e in encoders]
-        # only the identifier's rows survive each step (see EmbeddingRowsKeeper)
-        return [keeper.embeddings.weight for keeper in self.keepers]
+        # the identifier's rows of each encoder, as parameters of their own (routing.IdentifierRows)
+        return self.add_identifier_rows(self.models.family.identifier_encoders(self.models))
 
     @property
     def text_encoder_trained(self) -> bool:
