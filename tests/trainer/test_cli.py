@@ -119,10 +119,13 @@ def test_ti_dreambooth_reports_both_stages(tiny_pipeline_dir, concept_dir, tmp_p
 
 
 def test_clip_baseline_criterion_stops_when_clip_i_stops_improving(tiny_pipeline_dir, concept_dir, tmp_path):
+    from transformers import CLIPImageProcessor
+
     from personalize.world.tiny_models import TinyConfig, build_clip
 
     clip_dir = tmp_path / "clip"
     build_clip(TinyConfig.test(), seed=0).save_pretrained(clip_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
     spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
     spec["training"] = {"maxSteps": 10, "batchSize": 1}
     # epsilon 1.0: no check can improve by that much, so the second check is already stale.

@@ -143,6 +143,14 @@ def model_folder(files: dict[str, str]) -> Prepare:
     return prepare
 
 
+def clip_folder_without_processor(ws: Workspace) -> None:
+    """criterion clip with a CLIPModel folder that holds no image processor."""
+    folder = ws.dir / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "clip"}')
+    ws.spec["earlyStopping"].update(criterion="clip", clip={"modelPath": str(folder)})
+
+
 def volume_not_mounted(ws: Workspace) -> None:
     ws.env["PJ_VOLUMES_ROOT"] = str(ws.dir / "volumes")  # where the pod would mount claims; empty here
     ws.spec["concept"]["images"] = {"claimName": "concept-images", "path": "cat"}
@@ -414,6 +422,11 @@ CASES: list[Case] = [
     Case("status-interval-not-a-number", "resources", "`PJ_NAMESPACE`/`PJ_NAME` set, `PJ_STATUS_INTERVAL=soon`",
          "PJ_STATUS_INTERVAL='soon' is not a number of seconds",
          named_resource(PJ_STATUS_INTERVAL="soon")),
+    Case("clip-without-processor", "model",
+         "`earlyStopping.criterion: clip`, `clip.modelPath: {dir}/clip` a `CLIPModel` folder without `preprocessor_config.json`",
+         "earlyStopping.clip.modelPath '{dir}/clip' has no preprocessor_config.json: save the model's image processor "
+         "with it (CLIPProcessor or CLIPImageProcessor save_pretrained into the same folder)",
+         clip_folder_without_processor),
 ]
 
 
