@@ -2,7 +2,9 @@
 
 Recomputed from a fresh listing of all PersonalizationJobs every time a job asks, so nothing
 about the queue lives in the operator's memory. A job holds a slot from the moment the operator
-admits it (phase Pending) until it is Succeeded or Failed. Jobs with a Kueue queue name are
+admits it (phase Pending) until it is Succeeded or Failed; the members of a pack hold one slot
+together (one Job, one GPU), from its first member's admission to its last member's end. A job
+that joins an open pack needs no slot of its own. Jobs with a Kueue queue name are
 Kueue's business: they neither hold a slot nor wait here.
 """
 
@@ -69,12 +71,18 @@ def holds_slot(pj: dict) -> bool:
     return (pj.get("status") or {}).get("phase") in _HOLDING
 
 
+def slots_held(pjs: list[dict]) -> int:
+    """How many slots the jobs hold: one per Job, so a pack's members hold one together."""
+    return len({(pj["metadata"].get("namespace"), (pj.get("status") or {}).get("jobName") or pj["metadata"].get("name"))
+                for pj in pjs if holds_slot(pj)})
+
+
 def decide(me: dict, everyone: list[dict], cap: int, priorities: dict[str, int],
            default_priority: int = 0) -> Decision:
     """May `me` start now? `everyone` is the current listing (it may or may not include `me`)."""
     uid = me.get("metadata", {}).get("uid")
     others = [pj for pj in everyone if pj.get("metadata", {}).get("uid") != uid]
-    running = sum(1 for pj in others if holds_slot(pj))
+    running = slots_held(others)
     waiting = sorted([pj for pj in others if is_waiting(pj)] + [me],
                      key=lambda pj: queue_key(pj, priorities, default_priority))
     index = next(i for i, pj in enumerate(waiting) if pj.get("metadata", {}).get("uid") == uid)

@@ -175,6 +175,8 @@ PRINTER_COLUMNS = [
     {"name": "Convergence", "type": "number", "jsonPath": ".status.convergenceValue",
      "description": "Last value of the convergence criterion (stops below the threshold)."},
     {"name": "Stop Reason", "type": "string", "jsonPath": ".status.earlyStop.reason"},
+    {"name": "Pack", "type": "string", "jsonPath": ".status.pack.job",
+     "description": "The pack (shared Job and pod) the job trains in; empty for a pod of its own."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
     {"name": "Threshold", "type": "number", "jsonPath": ".status.earlyStop.threshold", "priority": 1},

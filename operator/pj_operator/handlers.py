@@ -14,7 +14,8 @@ import kopf
 
 from personalize import spec as api
 
-from . import lifecycle, metrics, names, reconcile, status
+from . import lifecycle, metrics, names, pack_handlers, reconcile, status  # noqa: F401 (pack_handlers: registers)
+from .pack_book import BOOK
 from .kube import Kube
 from .pump import Pump
 from .settings import OPERATOR_NAME, Settings
@@ -48,6 +49,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.kube = Kube.from_environment(retries=memo.config.api_retries, backoff=memo.config.api_backoff,
                                       timeout=memo.config.api_timeout)
     memo.pump = Pump(memo.kube, memo.config)
+    BOOK.clear()  # refilled by the watches' initial listings (pack_handlers)
     logger.info("serving %s with %s", ", ".join(memo.config.namespaces) or "all namespaces", memo.config)
 
 

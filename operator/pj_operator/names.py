@@ -13,6 +13,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_JOB = f"{api.API_GROUP}/job"
 LABEL_METHOD = f"{api.API_GROUP}/method"
+LABEL_PACK = f"{api.API_GROUP}/pack"  # on a pack's objects and pod: the pack's name
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 TRAINER_APP = "personalization-trainer"

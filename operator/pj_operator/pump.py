@@ -22,7 +22,7 @@ from typing import Optional
 
 from personalize import spec as api
 
-from . import capacity, lifecycle, metrics, names, reconcile
+from . import capacity, lifecycle, metrics, names, pack_reconcile, reconcile
 from .kube import Kube
 from .settings import OPERATOR_NAME, Settings
 from .validation import validate_job
@@ -43,26 +43,38 @@ def admit_waiting(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
         return
     values, default = reconcile.priorities(kube)
     waiting.sort(key=lambda pj: capacity.queue_key(pj, values, default))
-    running = sum(1 for pj in pjs if capacity.holds_slot(pj))
-    free = max(settings.max_concurrent_jobs - running, 0)
-    queued = [pj for pj in waiting[free:] if (pj.get("status") or {}).get("phase")]
-    for pj in waiting[:free]:
+    free = max(settings.max_concurrent_jobs - capacity.slots_held(pjs), 0)
+    queued = []
+    for pj in waiting:
         if not (pj.get("status") or {}).get("phase"):
             # Brand new: its own create handler is deciding right now. It keeps its place (so we
             # do not give its slot away) but we leave the admission to that handler.
+            free = max(free - 1, 0)
             continue
         checked = validate_job(pj, settings)
-        if checked.ok:
-            reconcile.admit(kube, pj, checked.job, settings)
+        if checked.ok and _joins_open_pack(kube, pj, checked.job, settings):
+            continue  # a slot in a pack that runs already: none of the cap's
+        if not free:
+            queued.append(pj)
+        elif checked.ok:
+            free -= 1
+            reconcile.admit_any(kube, pj, checked.job, settings)
         else:
+            free -= 1
             reconcile.mark_invalid(kube, pj, checked.problems)
     for index, pj in enumerate(queued):
         decision = capacity.Decision(admit=False, position=index + 1, waiting=len(queued),
-                                     running=min(running + free, settings.max_concurrent_jobs),
+                                     running=settings.max_concurrent_jobs - free,
                                      cap=settings.max_concurrent_jobs)
         cond = lifecycle.get_condition(pj.get("status") or {}, lifecycle.QUEUED) or {}
         if cond.get("message") != decision.message:
             reconcile.mark_queued(kube, pj, "WaitingForCapacity", decision.message)
+
+
+def _joins_open_pack(kube: Kube, pj: dict, parsed: api.PersonalizationJob, settings: Settings) -> bool:
+    if pack_reconcile.unpackable(parsed, pj["metadata"]["name"], settings) is not None:
+        return False
+    return pack_reconcile.admit(kube, pj, parsed, settings, may_found=False)
 
 
 def _admitted_unfinished(pj: dict) -> bool:
@@ -87,11 +99,11 @@ def resync(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
         waiting = any((pj.get("status") or {}).get("phase") == api.Phase.pending.value for pj in here)
         events = kube.list("v1", "Event", namespace, field_selector={"type": "Warning"}) if waiting else []
         for pj in here:
-            _resync_one(kube, pj, jobs, pods, events, limits)
+            _resync_one(kube, pj, jobs, pods, events, limits, settings)
 
 
 def _resync_one(kube: Kube, pj: dict, jobs: dict[str, dict], pods: list[dict], events: list[dict],
-                limits: lifecycle.StartLimits) -> None:
+                limits: lifecycle.StartLimits, settings: Settings) -> None:
     namespace, name, uid = pj["metadata"]["namespace"], pj["metadata"]["name"], pj["metadata"].get("uid", "")
     st = pj.get("status") or {}
     job = jobs.get(st["jobName"])
@@ -102,9 +114,25 @@ def _resync_one(kube: Kube, pj: dict, jobs: dict[str, dict], pods: list[dict], e
         return  # an earlier resource's Job, waiting for the garbage collector
     job_uid = (job or {}).get("metadata", {}).get("uid")
     own_pods = [p for p in pods if any(ref.get("uid") == job_uid for ref in p["metadata"].get("ownerReferences", []))]
+    if pack_reconcile.is_packed(pj):
+        _resync_member(kube, pj, job, own_pods, events, limits, settings)
+        return
     if lifecycle.lifecycle_patch(st, lifecycle.observe_job(job, own_pods, st, events, limits)) is None:
         return
     reconcile.sync_lifecycle(kube, namespace, name, job, own_pods, owner_uid=uid, events=events, limits=limits)
+
+
+def _resync_member(kube: Kube, pj: dict, job: Optional[dict], pods: list[dict], events: list[dict],
+                   limits: lifecycle.StartLimits, settings: Settings) -> None:
+    """A pack's member: the same look, its pack's rules (pack_lifecycle); a member released by a
+    pack that ended without it is admitted again."""
+    namespace, name = pj["metadata"]["namespace"], pj["metadata"]["name"]
+    pack = pj["status"]["pack"]["job"]
+    if job is None and not pack_reconcile.BOOK.pack(namespace, pack):
+        return
+    released = pack_reconcile.sync_member(kube, namespace, name, pack, job, pods, settings, events, limits)
+    if released is not None:
+        reconcile.reconcile(kube, released, settings)
 
 
 class Pump:

@@ -17,7 +17,7 @@ import yaml
 
 from personalize import spec as api
 
-from . import capacity, children, lifecycle, metrics, names, status
+from . import capacity, children, lifecycle, metrics, names, pack_metrics, pack_reconcile, packing, status
 from .kube import ApiError, Kube
 from .lifecycle import TERMINAL
 from .names import PJ_API_VERSION
@@ -224,6 +224,9 @@ def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
         mark_invalid(kube, body, checked.problems)
         return
     namespace, name, uid = _meta(body)
+    if st.get("jobName") and pack_reconcile.is_packed(body):
+        pack_reconcile.resume_member(kube, body, checked.job, settings)
+        return
     if st.get("jobName"):
         # Admitted earlier (maybe by a previous operator run): finish what is missing, never re-run.
         job = kube.get("batch/v1", "Job", namespace, st["jobName"])
@@ -235,15 +238,27 @@ def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
         else:
             create_children(kube, body, checked.job, settings)
         return
+    packable = pack_reconcile.unpackable(checked.job, name, settings) is None
+    if packable and pack_reconcile.admit(kube, body, checked.job, settings, may_found=False):
+        return  # joined an open pack: it needs no slot of its own
     cap = settings.max_concurrent_jobs
     if checked.job.spec.queue_name or cap <= 0:
-        admit(kube, body, checked.job, settings)
+        admit_any(kube, body, checked.job, settings)
         return
     decision = decide(kube, body, settings)
     if decision.admit:
-        admit(kube, body, checked.job, settings)
+        admit_any(kube, body, checked.job, settings)
     else:
         mark_queued(kube, body, "WaitingForCapacity", decision.message)
+
+
+def admit_any(kube: Kube, body: dict, parsed: api.PersonalizationJob, settings: Settings) -> None:
+    """Admit a job that has a slot: into a pack when it may share one, else into a Job of its own."""
+    name = body["metadata"]["name"]
+    if pack_reconcile.unpackable(parsed, name, settings) is None:
+        pack_reconcile.admit(kube, body, parsed, settings, may_found=True)
+    else:
+        admit(kube, body, parsed, settings)
 
 
 def list_pjs(kube: Kube, settings: Settings) -> list[dict]:
@@ -271,9 +286,13 @@ def decide(kube: Kube, body: dict, settings: Settings) -> capacity.Decision:
 def runs_started_spec(kube: Kube, body: dict) -> bool:
     """Whether the resource's spec is again the one its Job runs (the ConfigMap is its snapshot)."""
     namespace, name, _ = _meta(body)
+    pack = ((body.get("status") or {}).get("pack") or {}).get("job")
+    # A pack's ConfigMap holds each member's manifest under <member>.yaml.
+    config_name, key = (names.config_map_name(pack), packing.config_key(name)) if pack else \
+        (names.config_map_name(name), names.CONFIG_KEY)
     try:
-        config = kube.get("v1", "ConfigMap", namespace, names.config_map_name(name))
-        started = yaml.safe_load(((config or {}).get("data") or {})[names.CONFIG_KEY])
+        config = kube.get("v1", "ConfigMap", namespace, config_name)
+        started = yaml.safe_load(((config or {}).get("data") or {})[key])
         current = parse_body(body)
     except (ApiError, KeyError, TypeError, yaml.YAMLError, api.SpecError):
         return False  # cannot tell: keep refusing
@@ -348,6 +367,8 @@ def sync_lifecycle(kube: Kube, namespace: str, name: str, job: Optional[dict], p
         gpus = int((spec.get("resources") or {}).get("gpus", 1))
         final_status = {**(before.get("status") or {}), **obs.recovered}
         metrics.record_completion(patch["phase"], obs.reason, spec.get("method", ""), final_status, gpus)
+        if patch["phase"] == Phase.succeeded.value:
+            pack_metrics.record_solo(job, final_status, gpus)
         if obs.recovered:
             status.event(before, warning=False, reason="DecisionRecovered",
                          message="the trainer's final status was missing; recovered "

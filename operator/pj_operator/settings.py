@@ -96,6 +96,16 @@ class Settings:
     # A SIGTERM during that linger (a pod deleted right after it finished) does not cut it short,
     # so it must stay below the grace period above. An interrupted run does not linger.
     trainer_metrics_linger_seconds: float = 30.0
+    # Packing (docs/operator.md, "Packing"): compatible jobs of one namespace train in one pod, up to
+    # packing_max_slots at once; a new pack collects members for packing_wait_seconds before its Job
+    # is created. The pack's trainer exits packing_idle_exit_seconds after its last member finished
+    # with no new one: longer than the kubelet takes to show a ConfigMap change in a running pod
+    # (its sync period, 1 minute by default), so a member that joins as the last one finishes is
+    # still seen; and longer than a scrape interval, so the last member's final metrics are scraped.
+    packing_enabled: bool = True
+    packing_max_slots: int = 8
+    packing_wait_seconds: float = 30.0
+    packing_idle_exit_seconds: float = 120.0
     metrics_port: int = 8080
     health_port: int = 8081
     # Standalone: no kopf peering (one replica; the Deployment uses the Recreate strategy).
@@ -145,6 +155,12 @@ class Settings:
                                                      d.termination_grace_period_seconds)),
             trainer_metrics_linger_seconds=float(get("TRAINER_METRICS_LINGER_SECONDS",
                                                      d.trainer_metrics_linger_seconds)),
+            packing_enabled=_bool(get("PACKING_ENABLED", str(d.packing_enabled))),
+            packing_max_slots=int(get("PACKING_MAX_SLOTS", d.packing_max_slots)),
+            packing_wait_seconds=_seconds("PACKING_WAIT_SECONDS",
+                                          get("PACKING_WAIT_SECONDS", str(d.packing_wait_seconds))),
+            packing_idle_exit_seconds=_seconds("PACKING_IDLE_EXIT_SECONDS", get(
+                "PACKING_IDLE_EXIT_SECONDS", str(d.packing_idle_exit_seconds))),
             metrics_port=int(get("METRICS_PORT", d.metrics_port)),
             health_port=int(get("HEALTH_PORT", d.health_port)),
             standalone=_bool(get("STANDALONE", str(d.standalone))),
@@ -166,6 +182,8 @@ class Settings:
             )
         if settings.api_timeout <= 0 or settings.watch_timeout < 1:
             raise ValueError("PJ_API_TIMEOUT must be > 0 and PJ_WATCH_TIMEOUT >= 1")
+        if not 1 <= settings.packing_max_slots <= 64:
+            raise ValueError("PJ_PACKING_MAX_SLOTS must be between 1 and 64")
         if settings.poll_interval <= 0:
             raise ValueError("PJ_POLL_INTERVAL must be > 0")
         return settings

@@ -60,6 +60,11 @@ def _cached(namespace: str, name: str) -> Optional[dict]:
         return copy.deepcopy(obj) if obj is not None else None
 
 
+def latest(namespace: str, name: str) -> Optional[dict]:
+    """The latest copy of the resource the operator has seen (None: none yet)."""
+    return _cached(namespace, name)
+
+
 def get_pj(kube: Kube, namespace: str, name: str) -> Optional[dict]:
     return kube.get(PJ_API_VERSION, api.KIND, namespace, name)
 

@@ -17,6 +17,8 @@ os.environ.setdefault("PJ_POLL_INTERVAL", "0.3")
 os.environ.setdefault("PJ_RETRY_DELAY", "0.5")
 # Our API client's back-off for 429/5xx (0.5 s doubling in production): short, same logic.
 os.environ.setdefault("PJ_API_BACKOFF", "0.01")
+# Most tests follow one job through its own Job; the packing tests turn packing on (its default).
+os.environ.setdefault("PJ_PACKING_ENABLED", "false")
 
 
 @pytest.fixture()

@@ -330,6 +330,38 @@ class FakeCluster:
     def trainer_reports(self, name: str, report: dict, namespace: str = "default") -> dict:
         return self.patch_status(*PJ, namespace, name, report)
 
+    # ---- the pack trainer (`personalize-train pack`): reads the pack's ConfigMap as its --jobs
+    # folder and patches each member's own status, as a solo trainer patches its job's -----------
+
+    def pack_of(self, name: str, namespace: str = "default") -> Optional[str]:
+        return ((status_of(self, name, namespace).get("pack")) or {}).get("job")
+
+    def pack_files(self, pack: str, namespace: str = "default") -> list[str]:
+        """The members the pack's trainer sees: its --jobs folder, one `<member>.yaml` each."""
+        config = self.get("v1", "ConfigMap", namespace, f"{pack}-config") or {}
+        return sorted(key[:-len(".yaml")] for key in config.get("data") or {})
+
+    def member_trains(self, name: str, step: int, namespace: str = "default", max_steps: int = 400) -> dict:
+        return self.trainer_reports(name, {"progress": {"step": step, "maxSteps": max_steps,
+                                                         "percent": round(100.0 * step / max_steps, 2)}}, namespace)
+
+    def member_finishes(self, name: str, step: int = 180, namespace: str = "default", max_steps: int = 400,
+                        converged: bool = True) -> dict:
+        """The slot's criterion fired (or it reached maxSteps): its final report, as a solo run's."""
+        early = ({"stopped": True, "reason": "ConvergenceThreshold", "criterion": "dvar", "value": 0.12,
+                  "threshold": 0.15, "window": 60, "step": step, "stepsSaved": max_steps - step,
+                  "fractionSaved": round((max_steps - step) / max_steps, 3)}
+                 if converged else {"stopped": False, "reason": "MaxSteps", "step": max_steps, "stepsSaved": 0})
+        step = step if converged else max_steps
+        return self.trainer_reports(name, {"progress": {"step": step, "maxSteps": max_steps,
+                                                         "percent": round(100.0 * step / max_steps, 2)},
+                                           "earlyStop": early, "wallSeconds": 60.0}, namespace)
+
+    def member_fails(self, name: str, message: str, namespace: str = "default") -> dict:
+        """The trainer failed this slot alone (bad input): its final report says why."""
+        return self.trainer_reports(name, {"earlyStop": {"stopped": False, "reason": "Failed"},
+                                           "message": message}, namespace)
+
     # ---- helpers ---------------------------------------------------------------------------------
 
     def events_for(self, name: str, namespace: str = "default") -> list[dict]:

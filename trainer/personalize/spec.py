@@ -111,6 +111,13 @@ class StopReason(str, Enum):
     failed = "Failed"
 
 
+class Packing(str, Enum):
+    """Whether the operator may train the job in one pod with compatible jobs (docs/operator.md)."""
+
+    auto = "auto"
+    never = "never"
+
+
 class Phase(str, Enum):
     pending = "Pending"
     queued = "Queued"
@@ -569,6 +576,10 @@ class PersonalizationJobSpec(ApiModel):
         default_factory=list, description="Secrets to pull the trainer image with, besides the operator's own.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the trainer pod.")
     queue_name: Optional[str] = Field(None, description="Kueue LocalQueue; the Job then starts suspended.")
+    packing: Packing = Field(Packing.auto, description=(
+        "auto: the operator may train this job in one pod with compatible jobs of its namespace (same base "
+        "model, image, precision, resolution and placement), each still its own resource; never: always a pod "
+        "of its own."))
     active_deadline_seconds: Optional[int] = Field(None, ge=1)
     backoff_limit: int = Field(2, ge=0, le=100)
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0)
@@ -731,6 +742,15 @@ class RunResult(TrainerReport):
     processes: Optional[int] = Field(None, ge=1, description="Data-parallel processes that trained.")
 
 
+class PackRef(ApiModel):
+    """The pack a job trains in: one Job and pod shared with compatible jobs (written by the operator)."""
+
+    job: str = Field(description="The pack's Job (also status.jobName).")
+    slot: int = Field(ge=0, description="This job's place in the pack, 0 to the pack's size - 1.")
+    members: list[str] = Field(default_factory=list, description=(
+        "The pack's members as of this job's last phase change (its own name included)."))
+
+
 class PersonalizationJobStatus(TrainerReport):
     # `extra=allow`: kopf keeps its own bookkeeping under status too.
     model_config = ConfigDict(extra="allow")
@@ -741,6 +761,7 @@ class PersonalizationJobStatus(TrainerReport):
     completion_time: Optional[str] = None
     job_name: Optional[str] = None
     attempts: Optional[int] = None
+    pack: Optional[PackRef] = None
 
 
 class PersonalizationJob(ApiModel):

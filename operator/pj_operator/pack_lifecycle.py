@@ -1,0 +1,70 @@
+"""From a pack's Job (and pods) and one member's own status to that member's phase. Pure.
+
+A member's run ends before its pack's does: the trainer reports it in the member's status
+(earlyStop, as a solo run's final report) and the pod trains on. So a member's end is read from
+its own report first, and from the Job only when the whole pack ended; while the pack runs, its
+Job says what a solo Job would say (Pending, Running, Queued by Kueue, a pod that cannot start).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from personalize.spec import Phase, StopReason
+
+from . import lifecycle
+from .lifecycle import Observation, StartLimits
+
+FINISHED = (StopReason.convergence_threshold.value, StopReason.max_steps.value)
+
+# A member the pack's trainer never took up (the pack ended first): it waits for another pack.
+PACK_ENDED = "PackEnded"
+# Reason of a member that joined a pack whose pod already runs.
+JOINED = "JoinedPack"
+COLLECTING = "CollectingMembers"
+
+
+def report_reason(status: dict) -> Optional[str]:
+    return (status.get("earlyStop") or {}).get("reason")
+
+
+def never_trained(status: dict) -> bool:
+    return not status.get("progress") and not status.get("earlyStop")
+
+
+def failed_alone(status: dict, job: dict) -> Observation:
+    """The trainer failed this member only (bad input, a manifest that cannot join)."""
+    message = status.get("message") or "the trainer failed this member"
+    return Observation(Phase.failed.value, lifecycle.BAD_INPUT,
+                       f"pack {job['metadata']['name']}: the trainer rejected this job: {message}",
+                       completion_time=lifecycle.now_iso())
+
+
+def observe_member(job: Optional[dict], pods: list[dict], status: dict, events: Optional[list[dict]] = None,
+                   limits: Optional[StartLimits] = None, failure_confirmed: bool = False) -> Optional[Observation]:
+    """The member's phase, or None when it should leave the pack unharmed (the pack's trainer
+    exited 0 before it took the member up: it is released and packed again).
+
+    `failure_confirmed`: the member's report says Failed and its pack's pod kept running since
+    (a crash of the whole pod also leaves Failed reports, but its retry resumes every member)."""
+    reason = report_reason(status)
+    if reason in FINISHED:
+        name, message = lifecycle.succeeded_reason(status)
+        return Observation(Phase.succeeded.value, name, message, completion_time=lifecycle.now_iso())
+    if job is None:
+        return lifecycle.observe_job(None, pods, status)  # Job deleted: JobLost, as solo
+    if lifecycle.job_condition(job, "Complete"):
+        if never_trained(status):
+            return None  # the trainer exited before it took this member up
+        if reason == StopReason.failed.value:
+            return failed_alone(status, job)
+        return lifecycle.observe_job(job, [], status)  # no decision reported: Completed, as solo
+    if lifecycle.job_condition(job, "Failed"):
+        return lifecycle.observe_job(job, pods, status)  # the pack's failure is every running member's
+    if reason == StopReason.failed.value and failure_confirmed:
+        return failed_alone(status, job)
+    return lifecycle.observe_job(job, pods, status, events, limits)
+
+
+def slots_message(pack: str, slot: int, members: list[str]) -> str:
+    return f"pack {pack}, slot {slot} ({len(members)} members)"
