@@ -37,6 +37,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 
+from personalize.artifacts import Snapshots, save_artifacts, snapshot_files
 from personalize.data import examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, add_to_more_encoders, setup_identifier
@@ -350,6 +351,7 @@ class JobRunner:
                 stage, spec, models, identifier, examples, class_examples, accelerator,
                 self._on_step(stage, offset, printer, models, resolution), stage_index=index,
                 checkpoints=checkpoints.for_stage(index, stage.name),
+                snapshots=Snapshots.for_stage(spec, output, offset, accelerator.is_main_process),
             )
             if accelerator.is_main_process:
                 printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value}); "
@@ -358,7 +360,7 @@ class JobRunner:
             self.outcomes.append(outcome)
             self.report.reference = outcome.reference
             if accelerator.is_main_process:
-                self.files += [f for f in method.save(output) if f not in self.files]
+                self.files += [f for f in save_artifacts(method, output, outcome) if f not in self.files]
             if index + 1 < len(self.stages) and method.learns_embedding:
                 checkpoints.carry[f"stage{index + 1}.identifier_rows"] = method.learned_rows()
 
@@ -381,6 +383,6 @@ class JobRunner:
 
         report = self.report
         report.early_stop = early_stop
-        report.artifact = Artifact(location=str(output), files=self.files)
+        report.artifact = Artifact(location=str(output), files=self.files, snapshots=snapshot_files(output))
         report.stages = [o.to_report() for o in self.outcomes]
         return self._write_final_report(checkpoints, OutputUpload.for_job(spec, output), sync)

@@ -290,11 +290,13 @@ def train_stage(
     on_step: StepCallback,
     stage_index: int = 0,
     checkpoints: Optional[StageCheckpoints] = None,
+    snapshots=None,
 ) -> tuple[StageOutcome, Method]:
-    """One stage of a solo run: a pack of one slot."""
+    """One stage of a solo run: a pack of one slot. `snapshots`: artifacts.Snapshots, or None."""
     pack = Pack(models, accelerator, spec.training.gradient_checkpointing)
     slot = Slot(stage.name, stage, spec, models, identifier, examples, class_examples, accelerator,
                 pack.routing, on_step, stage_index=stage_index)
+    slot.snapshots = snapshots
     if spec.training.offload_text_encoders and slot.prompts is not None:
         slot.prompts.offload_text_encoders()
     pack.add(slot)

@@ -115,6 +115,7 @@ class Slot:
     ):
         self.name, self.stage, self.spec, self.route = name, stage, spec, route
         self.on_step = on_step
+        self.snapshots = None  # artifacts.Snapshots: loadable artifacts every output.snapshotEvery steps
         self.identifier = identifier
         es, training = spec.early_stopping, spec.training
         self.started = time.monotonic()
@@ -265,10 +266,12 @@ class Slot:
         return conv
 
     def after_step(self) -> None:
-        """Checkpoint when due (and on SIGTERM, which raises TrainingInterrupted)."""
+        """Checkpoint when due (and on SIGTERM, which raises TrainingInterrupted); a snapshot when due."""
         if self.checkpoints is not None:
             last = {"train_loss": self.train_loss, "deterministic_loss": self.det_loss, "convergence_value": self.conv_value}
             self.checkpoints.after_step(self.step, self.reason, self.state, last)
+        if self.snapshots is not None:
+            self.snapshots.after_step(self.step, self.reason is not None, self.method)
 
     def outcome(self) -> StageOutcome:
         return StageOutcome(

@@ -91,6 +91,11 @@ class Crop(str, Enum):
     random = "random"
 
 
+class ArtifactFormat(str, Enum):
+    diffusers = "diffusers"  # what the family's stock diffusers loaders read
+    kohya = "kohya"  # LoRA only: kohya-ss sd-scripts' layout (A1111, Forge, ComfyUI)
+
+
 class EvalSchedule(str, Enum):
     """When the deterministic loss is evaluated (see docs/criteria.md)."""
 
@@ -522,10 +527,30 @@ class Output(ApiModel):
         "last; checkpoints are mirrored there too.",
     )
     secret_ref: Optional[SecretRef] = Field(None, description="Credentials for uri.")
+    name: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Names the artifact files: a LoRA becomes <name>.safetensors, every other artifact "
+        "<name>_<its usual name> (docs/trainer.md, \"Artifact names\"). Default: the usual names.",
+    )
+    formats: list[ArtifactFormat] = Field(
+        default_factory=lambda: [ArtifactFormat.diffusers], min_length=1,
+        description="Artifact formats: diffusers, and for lora on SD 1.x/2.x and SDXL also kohya "
+        "(<lora name>_kohya.safetensors with sd-scripts' ss_* metadata).",
+    )
+    snapshot_every: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Also keep loadable artifacts every N steps, the step in their names "
+        "(e.g. pytorch_lora_weights-step00100.safetensors); kept and uploaded with the rest (0: off).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Output":
+        if self.name and self.name.lower().endswith((".safetensors", ".ckpt", ".bin")):
+            raise ValueError("name is a file stem: leave out the suffix (e.g. name: mydog gives mydog.safetensors)")
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats: each format at most once")
         if self.uri:
+
             _check_uri(self.uri)
             if self.uri.startswith("https://"):
                 raise ValueError("uri: https:// is read-only; upload to s3:// or gs://")
@@ -605,6 +630,9 @@ class PersonalizationJobSpec(ApiModel):
                 f"concept.initializerToken: method {self.method.value} needs an initializer token "
                 "(or concept.classNoun)"
             )
+        if ArtifactFormat.kohya in self.output.formats and self.method != Method.lora:
+            raise ValueError(f"output.formats: kohya is a LoRA format; method {self.method.value} "
+                             "writes diffusers artifacts only")
         if any("{class_noun}" in t for t in self.caption_templates) and not self.concept.class_noun:
             raise ValueError("concept.captionTemplate uses {class_noun} but concept.classNoun is not set")
         return self
@@ -715,7 +743,9 @@ class ReferenceInfo(ApiModel):
 
 class Artifact(ApiModel):
     location: str
-    files: list[str] = Field(default_factory=list)
+    files: list[str] = Field(default_factory=list, description="The final artifacts, relative to location.")
+    snapshots: list[str] = Field(
+        default_factory=list, description="Artifacts kept every output.snapshotEvery steps, relative to location.")
 
 
 class TrainerReport(ApiModel):

@@ -22,14 +22,16 @@ class FamilyInfo:
     pipeline_class: str  # model_index.json `_class_name`
     methods: tuple[str, ...]  # supported spec `method` values
     text_encoder_lora: bool = False  # lora.trainTextEncoder is supported
+    kohya_lora: bool = False  # output.formats kohya: a kohya LoRA layout exists (kohya_format.py)
 
 
 ALL_SD_METHODS = ("textualInversion", "dreambooth", "lora", "customDiffusion", "tiDreambooth")
 
 FAMILIES: tuple[FamilyInfo, ...] = (
-    FamilyInfo("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline", ALL_SD_METHODS, text_encoder_lora=True),
+    FamilyInfo("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline", ALL_SD_METHODS, text_encoder_lora=True,
+               kohya_lora=True),
     FamilyInfo("sdxl", "SDXL", "StableDiffusionXLPipeline", ("textualInversion", "lora", "dreambooth"),
-               text_encoder_lora=True),
+               text_encoder_lora=True, kohya_lora=True),
     FamilyInfo("sd3", "SD3", "StableDiffusion3Pipeline", ("lora",)),
     FamilyInfo("flux", "FLUX.1", "FluxPipeline", ("lora",)),
 )
@@ -76,6 +78,12 @@ def check_method(family: FamilyInfo, spec: PersonalizationJobSpec) -> None:
         raise TrainerInputError(
             f"lora.trainTextEncoder is not supported on {family.label} ({family.pipeline_class}); "
             f"supported on: {supported}"
+        )
+    if "kohya" in {f.value for f in spec.output.formats} and not family.kohya_lora:
+        supported = ", ".join(f.label for f in FAMILIES if f.kohya_lora)
+        raise TrainerInputError(
+            f"output.formats: kohya is not available on {family.label} ({family.pipeline_class}); "
+            f"available on: {supported}"
         )
 
 

@@ -32,7 +32,8 @@ log = logging.getLogger("personalize.storage")
 FIELD = "output.uri"
 RESULT_FILE = "result.json"
 STATE_FILE = ".upload-state.json"
-LOCAL_ONLY = ("checkpoints", STATE_FILE, ".write-test")
+# ".saving": the scratch folder a method saves into before its files get their names (artifacts.py)
+LOCAL_ONLY = ("checkpoints", STATE_FILE, ".write-test", ".saving")
 PARALLEL_UPLOADS = 4
 
 
