@@ -73,6 +73,6 @@ RUN groupadd --gid 10001 pj-trainer \
     && mkdir -p /output && chown 10001:10001 /output
 USER 10001:10001
 WORKDIR /home/trainer
-# 9400: /metrics while training
-EXPOSE 9400
+# 8000: /metrics while training (the operator's PJ_TRAINER_METRICS_PORT)
+EXPOSE 8000
 ENTRYPOINT ["personalize-train"]

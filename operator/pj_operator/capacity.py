@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from personalize.spec import Phase
 
+from .names import KUEUE_QUEUE_LABEL
+
 _HOLDING = (Phase.pending.value, Phase.running.value)
 
 
@@ -40,7 +42,9 @@ def priority_values(priority_classes: list[dict[str, Any]]) -> tuple[dict[str, i
 
 
 def _uses_kueue(pj: dict) -> bool:
-    return bool((pj.get("spec") or {}).get("queueName"))
+    """spec.queueName or the kueue.x-k8s.io/queue-name label (validation.parse_body)."""
+    labels = (pj.get("metadata") or {}).get("labels") or {}
+    return bool((pj.get("spec") or {}).get("queueName") or labels.get(KUEUE_QUEUE_LABEL))
 
 
 def _priority_class(pj: dict) -> Optional[str]:

@@ -16,7 +16,7 @@ pod mounts them, so the trainer never needs to know about volumes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -63,12 +63,19 @@ def config_map(job: api.PersonalizationJob, name: str, namespace: str) -> Manife
     }
 
 
-def service_account(name: str, namespace: str) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(names.trainer_account_name(name), namespace, names.child_labels(name)),
-    }
+def trainer_account(spec: api.PersonalizationJobSpec, name: str) -> str:
+    """The ServiceAccount the trainer pod runs as: the job's own (spec.serviceAccountName, for a
+    cloud workload identity bound to it) or the one made for the job."""
+    return spec.service_account_name or names.trainer_account_name(name)
+
+
+def service_account(name: str, namespace: str, annotations: Optional[Mapping[str, str]] = None) -> Manifest:
+    """The per-job ServiceAccount; `annotations` (PJ_TRAINER_SERVICE_ACCOUNT_ANNOTATIONS) bind a
+    cloud identity to every such account, e.g. eks.amazonaws.com/role-arn for IRSA."""
+    meta = _meta(names.trainer_account_name(name), namespace, names.child_labels(name))
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
 
 
 def role(name: str, namespace: str) -> Manifest:
@@ -94,14 +101,15 @@ def role(name: str, namespace: str) -> Manifest:
     }
 
 
-def role_binding(name: str, namespace: str) -> Manifest:
-    account = names.trainer_account_name(name)
+def role_binding(name: str, namespace: str, account: Optional[str] = None) -> Manifest:
+    """Binds the job's Role to `account` (default: the per-job ServiceAccount)."""
+    role_name = names.trainer_account_name(name)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(account, namespace, names.child_labels(name)),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        "metadata": _meta(role_name, namespace, names.child_labels(name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": account or role_name, "namespace": namespace}],
     }
 
 
@@ -241,7 +249,7 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             "personalize-train",
             "--config", f"{names.CONFIG_DIR}/{names.CONFIG_KEY}",
             "--output", output_dir(spec),
-            "--metrics-port", str(names.METRICS_PORT),
+            "--metrics-port", str(settings.trainer_metrics_port),
             # Keep /metrics up after the final values so a scrape sees the early-stop decision.
             "--metrics-linger", _seconds(settings.trainer_metrics_linger_seconds),
             # one data-parallel process per GPU of the pod
@@ -258,7 +266,8 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
             {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
-        "ports": [{"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": names.METRICS_PORT_NAME, "containerPort": settings.trainer_metrics_port,
+                   "protocol": "TCP"}],
         "resources": _resources(spec, settings),
         "volumeMounts": mounts,
         # The trainer writes its final result (compact JSON, < 4096 bytes) here, so the operator
@@ -283,7 +292,10 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
         "restartPolicy": "Never",
         # SIGTERM -> SIGKILL: time for the trainer's SIGTERM checkpoint.
         "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
-        "serviceAccountName": names.trainer_account_name(name),
+        "serviceAccountName": trainer_account(spec, name),
+        # The trainer patches its status with this token: mounted even when the job's own
+        # ServiceAccount turns automounting off.
+        "automountServiceAccountToken": True,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": settings.trainer_uid,
@@ -330,12 +342,14 @@ def job(job: api.PersonalizationJob, name: str, namespace: str, settings: Settin
 
 
 def all_children(parsed: api.PersonalizationJob, name: str, namespace: str, settings: Settings) -> list[Manifest]:
-    """In creation order: everything the pod needs exists before the Job that starts it."""
+    """In creation order: everything the pod needs exists before the Job that starts it. A job
+    with spec.serviceAccountName gets no ServiceAccount: its Role is bound to that one."""
+    own_account = parsed.spec.service_account_name
     return [
         config_map(parsed, name, namespace),
-        service_account(name, namespace),
+        *([] if own_account else [service_account(name, namespace, settings.trainer_service_account_annotations)]),
         role(name, namespace),
-        role_binding(name, namespace),
+        role_binding(name, namespace, own_account),
         job(parsed, name, namespace, settings),
     ]
 

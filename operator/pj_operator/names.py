@@ -17,8 +17,7 @@ LABEL_PACK = f"{api.API_GROUP}/pack"  # on a pack's objects and pod: the pack's 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 TRAINER_APP = "personalization-trainer"
-METRICS_PORT = 9400
-METRICS_PORT_NAME = "metrics"
+METRICS_PORT_NAME = "metrics"  # the number is a setting (PJ_TRAINER_METRICS_PORT)
 
 # The trainer's container and its exit codes (personalize.run / personalize.shutdown).
 TRAINER_CONTAINER = "trainer"
@@ -48,7 +47,8 @@ def config_map_name(pj_name: str) -> str:
 
 
 def trainer_account_name(pj_name: str) -> str:
-    """ServiceAccount, Role and RoleBinding share this name."""
+    """ServiceAccount, Role and RoleBinding share this name (the Role and RoleBinding keep it when
+    the job runs as its own spec.serviceAccountName)."""
     return f"{pj_name}-trainer"
 
 

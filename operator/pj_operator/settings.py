@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 OPERATOR_NAME = "personalization-operator"
@@ -24,6 +25,34 @@ def _seconds(name: str, value: str) -> float:
     return seconds
 
 
+def _annotations(value: str) -> dict[str, str]:
+    """A JSON object of string values (what the chart renders from a map), empty for blank."""
+    if not value.strip():
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+        raise ValueError(f"PJ_TRAINER_SERVICE_ACCOUNT_ANNOTATIONS must be a JSON object of strings, not {value!r}")
+    return parsed
+
+
+def image_repository(image: str) -> str:
+    """`registry/path/name:tag` or `...@sha256:...` -> `registry/path/name`."""
+    name = image.split("@", 1)[0]
+    head, _, tail = name.rpartition("/")
+    return f"{head}/{tail.split(':', 1)[0]}" if head else tail.split(":", 1)[0]
+
+
+def _image_prefixes(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """Unset: None (the trainer image's repository); "" or "*": any image (empty tuple)."""
+    if value is None:
+        return None
+    prefixes = _names(value)
+    return () if "*" in prefixes else prefixes
+
+
 def _bool(value: str) -> bool:
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -40,15 +69,18 @@ class Settings:
     # Secrets every trainer pod pulls its image with (a private registry); jobs may add their own.
     trainer_image_pull_secrets: tuple[str, ...] = ()
     # Admission policy. spec.image must start with one of these prefixes (empty: any image).
-    allowed_image_prefixes: tuple[str, ...] = ()
+    # None: only the trainer image's own repository (any tag), as the chart's default;
+    # PJ_ALLOWED_IMAGE_PREFIXES "" or "*" allows any image.
+    allowed_image_prefixes: Optional[tuple[str, ...]] = None
     # spec.resources.priorityClassName must be one of these (empty: any but the system-* classes,
     # which would let a training job preempt cluster-critical pods).
     allowed_priority_classes: tuple[str, ...] = ()
     # At most this many jobs hold a Job at once (0: no cap). Jobs with a Kueue queue are not counted:
-    # Kueue admits those.
-    max_concurrent_jobs: int = 0
-    # Honour spec.queueName (Kueue installed). When off, a queueName is an invalid spec.
-    kueue_enabled: bool = True
+    # Kueue admits those. (Every default here equals the chart's default value.)
+    max_concurrent_jobs: int = 4
+    # Honour spec.queueName and the kueue.x-k8s.io/queue-name label (Kueue installed). When off,
+    # a job naming a queue is an invalid spec.
+    kueue_enabled: bool = False
     # Used when the job does not set spec.resources.cpu / memory itself.
     default_cpu: str = "4"
     default_memory: str = "16Gi"
@@ -96,6 +128,12 @@ class Settings:
     # A SIGTERM during that linger (a pod deleted right after it finished) does not cut it short,
     # so it must stay below the grace period above. An interrupted run does not linger.
     trainer_metrics_linger_seconds: float = 30.0
+    # The trainer's /metrics port (the pod's port named `metrics`). Outside 9100-9999, the range
+    # of exporters' default ports: GPU nodes often run DCGM exporter on 9400.
+    trainer_metrics_port: int = 8000
+    # Annotations of every per-job trainer ServiceAccount, e.g. eks.amazonaws.com/role-arn for
+    # IRSA (jobs with spec.serviceAccountName use their own ServiceAccount untouched).
+    trainer_service_account_annotations: Mapping[str, str] = field(default_factory=dict)
     # Packing (docs/operator.md, "Packing"): compatible jobs of one namespace train in one pod, up to
     # packing_max_slots at once; a new pack collects members for packing_wait_seconds before its Job
     # is created. The pack's trainer exits packing_idle_exit_seconds after its last member finished
@@ -111,6 +149,10 @@ class Settings:
     # Standalone: no kopf peering (one replica; the Deployment uses the Recreate strategy).
     standalone: bool = True
 
+    def __post_init__(self) -> None:
+        if self.allowed_image_prefixes is None:
+            object.__setattr__(self, "allowed_image_prefixes", (image_repository(self.trainer_image),))
+
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
         env = os.environ if env is None else env
@@ -124,7 +166,7 @@ class Settings:
             trainer_image=get("TRAINER_IMAGE", d.trainer_image),
             image_pull_policy=get("IMAGE_PULL_POLICY", d.image_pull_policy),
             trainer_image_pull_secrets=_names(get("TRAINER_IMAGE_PULL_SECRETS", "")),
-            allowed_image_prefixes=_names(get("ALLOWED_IMAGE_PREFIXES", "")),
+            allowed_image_prefixes=_image_prefixes(get("ALLOWED_IMAGE_PREFIXES", None)),
             allowed_priority_classes=_names(get("ALLOWED_PRIORITY_CLASSES", "")),
             max_concurrent_jobs=int(get("MAX_CONCURRENT_JOBS", d.max_concurrent_jobs)),
             kueue_enabled=_bool(get("KUEUE_ENABLED", str(d.kueue_enabled))),
@@ -155,6 +197,8 @@ class Settings:
                                                      d.termination_grace_period_seconds)),
             trainer_metrics_linger_seconds=float(get("TRAINER_METRICS_LINGER_SECONDS",
                                                      d.trainer_metrics_linger_seconds)),
+            trainer_metrics_port=int(get("TRAINER_METRICS_PORT", d.trainer_metrics_port)),
+            trainer_service_account_annotations=_annotations(get("TRAINER_SERVICE_ACCOUNT_ANNOTATIONS", "")),
             packing_enabled=_bool(get("PACKING_ENABLED", str(d.packing_enabled))),
             packing_max_slots=int(get("PACKING_MAX_SLOTS", d.packing_max_slots)),
             packing_wait_seconds=_seconds("PACKING_WAIT_SECONDS",
@@ -165,6 +209,8 @@ class Settings:
             health_port=int(get("HEALTH_PORT", d.health_port)),
             standalone=_bool(get("STANDALONE", str(d.standalone))),
         )
+        if not 0 < settings.trainer_metrics_port < 65536:
+            raise ValueError("PJ_TRAINER_METRICS_PORT must be a TCP port number (1-65535)")
         if settings.max_concurrent_jobs < 0:
             raise ValueError("PJ_MAX_CONCURRENT_JOBS must be >= 0")
         if settings.api_retries < 0 or settings.api_backoff < 0:

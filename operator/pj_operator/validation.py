@@ -15,6 +15,7 @@ from typing import Any, Optional
 from personalize import spec as api
 
 from .crdgen import MAX_NAME_LENGTH
+from .names import KUEUE_QUEUE_LABEL
 from .settings import Settings
 
 # Kubernetes naming rules (apimachinery validation).
@@ -92,6 +93,8 @@ def _check_kubernetes_fields(spec: api.PersonalizationJobSpec) -> list[str]:
             problems.append(f"{where}.secretRef.name: {source.secret_ref.name!r} is not a valid Secret name")
     if spec.queue_name and not _is_label_value(spec.queue_name):
         problems.append(f"spec.queueName: {spec.queue_name!r} is not a valid label value")
+    if spec.service_account_name and not _is_dns_subdomain(spec.service_account_name):
+        problems.append(f"spec.serviceAccountName: {spec.service_account_name!r} is not a valid ServiceAccount name")
     for i, secret in enumerate(spec.image_pull_secrets):
         if not _is_dns_subdomain(secret):
             problems.append(f"spec.imagePullSecrets[{i}]: {secret!r} is not a valid Secret name")
@@ -160,10 +163,21 @@ def _check_method_sections(raw_spec: dict[str, Any], spec: api.PersonalizationJo
     return problems
 
 
+def queue_label(body: dict[str, Any]) -> Optional[str]:
+    """The Kueue queue named by the resource's kueue.x-k8s.io/queue-name label, if any."""
+    return ((body.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL) or None
+
+
 def parse_body(body: dict[str, Any]) -> api.PersonalizationJob:
     """The API model of a body as the API server sends it (status and server fields left out);
-    raises api.SpecError."""
-    return api.parse_job({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    raises api.SpecError. A kueue.x-k8s.io/queue-name label on the resource is its queueName, as
+    Kueue users label the objects they queue (the spec's own queueName wins; validate_job reports
+    a disagreement)."""
+    job = api.parse_job({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    label = queue_label(body)
+    if label and not job.spec.queue_name:
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"queue_name": label})})
+    return job
 
 
 def validate_job(body: dict[str, Any], settings: Settings) -> Validated:
@@ -181,6 +195,12 @@ def validate_job(body: dict[str, Any], settings: Settings) -> Validated:
     problems += _check_training(job.spec)
     problems += _check_method_sections(raw_spec, job.spec)
     problems += _check_policy(job.spec, settings)
+    label, own = queue_label(body), raw_spec.get("queueName")
+    queue_field = "spec.queueName" if own else f"metadata.labels[{KUEUE_QUEUE_LABEL!r}]"
+    if label and own and label != own:
+        problems.append(f"{queue_field}: {own!r} differs from the label {KUEUE_QUEUE_LABEL}={label!r}; "
+                        "name one queue")
     if job.spec.queue_name and not settings.kueue_enabled:
-        problems.append("spec.queueName: Kueue integration is disabled in this operator (PJ_KUEUE_ENABLED)")
+        problems.append(f"{queue_field}: Kueue integration is disabled in this operator (PJ_KUEUE_ENABLED); "
+                        "the chart value operator.kueue.enabled turns it on")
     return Validated(job=job, problems=problems)

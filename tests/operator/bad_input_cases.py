@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ each through the running operator.
 PREFIX = "O"  # the operator's rows are numbered O1, O2, ...
 
 CONCEPT_PVC = {"path": "concept", "claimName": "concept-images"}
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue is off by default (as the chart's operator.kueue.enabled).
+KUEUE_OFF = ("{}: Kueue integration is disabled in this operator (PJ_KUEUE_ENABLED); "
+             "the chart value operator.kueue.enabled turns it on")
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,20 @@ class Case:
     spec: dict[str, Any]  # overrides of fake_cluster.pj_manifest's spec
     message: str  # the exact condition message
     name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # metadata.labels of the resource
 
     @property
     def resource_name(self) -> str:
         return self.name or self.key
+
+    def manifest(self) -> dict[str, Any]:
+        """The resource as the test creates it."""
+        from fake_cluster import pj_manifest
+
+        manifest = pj_manifest(self.resource_name, **self.spec)
+        if self.labels:
+            manifest["metadata"]["labels"] = dict(self.labels)
+        return manifest
 
 
 CASES: list[Case] = [
@@ -118,21 +132,31 @@ CASES: list[Case] = [
     Case("priority-class-name", "resources", {"resources": {"priorityClassName": "Urgent!"}},
          "spec.resources.priorityClassName: 'Urgent!' is not a valid name"),
     Case("queue-name-label", "resources", {"queueName": "gpu queue"},
-         "spec.queueName: 'gpu queue' is not a valid label value"),
+         "spec.queueName: 'gpu queue' is not a valid label value; " + KUEUE_OFF.format("spec.queueName")),
     Case("pull-secret-name", "resources", {"imagePullSecrets": ["Registry_Creds"]},
          "spec.imagePullSecrets[0]: 'Registry_Creds' is not a valid Secret name"),
     Case("pod-annotation-key", "resources", {"podAnnotations": {"safe to evict": "false"}},
          "spec.podAnnotations: 'safe to evict' is not a valid annotation key"),
     Case("system-priority-class", "policy", {"resources": {"priorityClassName": "system-cluster-critical"}},
          "spec.resources.priorityClassName: 'system-cluster-critical' is reserved for cluster-critical pods"),
+    Case("queue-label-kueue-off", "resources", {}, KUEUE_OFF.format(f"metadata.labels[{KUEUE_LABEL!r}]"),
+         labels={KUEUE_LABEL: "gpu-queue"}),
+    Case("queue-label-disagrees", "resources", {"queueName": "gpu-a"},
+         f"spec.queueName: 'gpu-a' differs from the label {KUEUE_LABEL}='gpu-b'; name one queue; "
+         + KUEUE_OFF.format("spec.queueName"), labels={KUEUE_LABEL: "gpu-b"}),
+    Case("service-account-name", "resources", {"serviceAccountName": "Trainer_SA"},
+         "spec.serviceAccountName: 'Trainer_SA' is not a valid ServiceAccount name"),
 ]
 
 
 def describe_input(case: Case) -> str:
-    """The input column: the spec fields the case sets (or the name), as compact JSON."""
+    """The input column: the spec fields the case sets (or the name, or the labels), as compact JSON."""
     if case.name:
         return f"`metadata.name: {case.name}`"
-    return f"`{json.dumps(case.spec, separators=(', ', ': '))}`"
+    given = [f"`metadata.labels: {json.dumps(case.labels)}`"] if case.labels else []
+    if case.spec or not given:
+        given.append(f"`{json.dumps(case.spec, separators=(', ', ': '))}`")
+    return " and ".join(given)
 
 
 def render_rows() -> str:

@@ -12,7 +12,7 @@ import kubernetes
 import pytest
 
 from bad_input_cases import CASES, DOC, documented_rows, render_rows
-from fake_cluster import FakeCluster, pj_manifest, wait_for
+from fake_cluster import FakeCluster, wait_for
 from pj_operator.settings import Settings
 from pj_operator.validation import validate_job
 
@@ -30,7 +30,7 @@ def outcomes(tmp_path_factory):
             with kopf.testing.KopfRunner(args, timeout=60) as runner:
                 wait_for(lambda: cluster.watching("personalizationjobs"), what="kopf's watch")
                 for case in CASES:
-                    cluster.create(pj_manifest(case.resource_name, **case.spec))
+                    cluster.create(case.manifest())
 
                 def settled(name):
                     status = (cluster.pj(name) or {}).get("status") or {}
@@ -50,7 +50,7 @@ def outcomes(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])
 def test_bad_input_is_rejected_with_its_documented_message(case, outcomes):
     # The same message straight from the validator, without a cluster.
-    checked = validate_job(pj_manifest(case.resource_name, **case.spec), Settings())
+    checked = validate_job(case.manifest(), Settings())
     assert not checked.ok and "; ".join(checked.problems) == case.message
 
     status, warnings, jobs = outcomes[case.resource_name]

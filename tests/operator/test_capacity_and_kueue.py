@@ -52,7 +52,7 @@ def test_cap_queues_by_priority_then_age_and_admits_as_slots_free(cluster, run_o
 
 
 def test_kueue_job_starts_suspended_and_follows_kueue_admission(cluster, run_operator):
-    with run_operator(PJ_MAX_CONCURRENT_JOBS="1"):
+    with run_operator(PJ_MAX_CONCURRENT_JOBS="1", PJ_KUEUE_ENABLED="true"):
         cluster.create(pj_manifest("busy"))
         wait_for(lambda: cluster.job("busy"))
         # The cap is full, but a Kueue job is Kueue's to admit: its Job is created at once, suspended.
@@ -69,6 +69,29 @@ def test_kueue_job_starts_suspended_and_follows_kueue_admission(cluster, run_ope
         cluster.pod_running("kq")
         status = wait_for(lambda: status_of(cluster, "kq").get("phase") == "Running" and status_of(cluster, "kq"))
         assert next(c for c in status["conditions"] if c["type"] == "Queued")["status"] == "False"
+
+
+def test_the_kueue_label_on_the_resource_queues_it_as_spec_queue_name_does(cluster, run_operator):
+    with run_operator(PJ_MAX_CONCURRENT_JOBS="1", PJ_KUEUE_ENABLED="true"):
+        cluster.create(pj_manifest("busy"))
+        wait_for(lambda: cluster.job("busy"))
+        labelled = pj_manifest("kl")
+        labelled["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue", "team": "vision"}
+        cluster.create(labelled)
+        # Kueue's, not the cap's: created at once although the cap is full, suspended, with the label.
+        job = wait_for(lambda: cluster.job("kl"))
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        status = wait_for(lambda: status_of(cluster, "kl").get("phase") == "Queued" and status_of(cluster, "kl"))
+        queued = condition(status, "Queued")
+        assert queued["reason"] == "WaitingForKueue" and "gpu-queue" in queued["message"]
+        # It holds no slot of the cap either: the next plain job still waits for "busy" only.
+        cluster.create(pj_manifest("plain"))
+        assert wait_for(lambda: "(1/1 jobs running)" in (queued_message(cluster, "plain") or ""))
+        cluster.kueue_admits("kl")
+        cluster.start_pod("kl")
+        cluster.pod_running("kl")
+        wait_for(lambda: status_of(cluster, "kl").get("phase") == "Running")
 
 
 def test_queue_name_is_invalid_when_kueue_is_disabled(cluster, run_operator):

@@ -10,7 +10,8 @@ from pj_operator import children, names
 from pj_operator.settings import Settings
 from pj_operator.validation import validate_job
 
-SETTINGS = Settings(trainer_image="example.org/trainer:1")
+# Kueue on and any image: these tests build children, the admission policy has its own tests.
+SETTINGS = Settings(trainer_image="example.org/trainer:1", kueue_enabled=True, allowed_image_prefixes=())
 
 
 def parsed(**overrides):
@@ -34,11 +35,11 @@ def test_job_runs_the_trainer_contract():
     (container,) = pod["containers"]
     assert container["image"] == "example.org/trainer:1"
     assert container["command"] == ["personalize-train", "--config", "/etc/personalization/job.yaml",
-                                    "--output", "/output/runs/cat", "--metrics-port", "9400",
+                                    "--output", "/output/runs/cat", "--metrics-port", "8000",
                                     "--metrics-linger", "30"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["PJ_NAMESPACE"] == "team-a" and env["PJ_NAME"] == "cat"
-    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8000, "protocol": "TCP"}]
     assert pod["serviceAccountName"] == "cat-trainer"
     assert pod["restartPolicy"] == "Never"
 

@@ -71,7 +71,7 @@ def test_deadline_exceeded(cluster, run_operator):
 
 
 def test_image_pull_backoff_fails_the_job_and_frees_the_node(cluster, run_operator):
-    with run_operator(PJ_IMAGE_PULL_GRACE_SECONDS="0"):
+    with run_operator(PJ_IMAGE_PULL_GRACE_SECONDS="0", PJ_ALLOWED_IMAGE_PREFIXES="*"):
         cluster.create(pj_manifest("typo", image="registry.invalid/trainer:nope"))
         wait_for(lambda: cluster.job("typo"))
         cluster.start_pod("typo")

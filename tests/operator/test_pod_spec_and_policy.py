@@ -103,7 +103,19 @@ def test_only_allowed_image_prefixes_may_be_chosen():
     assert problem.startswith("spec.image:") and "registry.example.com/ml/" in problem
     # A prefix is a prefix of the repository, not of any string: no "registry.example.com/ml.evil".
     assert problems(settings, image="registry.example.com/ml.evil/x:1")
-    assert problems(Settings(), image="docker.io/anything:1") == []  # no list: any image
+    for any_image in ("", "*"):
+        assert problems(Settings.from_env({"PJ_ALLOWED_IMAGE_PREFIXES": any_image}), image="docker.io/anything:1") == []
+
+
+def test_by_default_only_the_trainer_repository_may_be_chosen():
+    """As the chart's default (admission.allowedImagePrefixes: []): any tag of the trainer image."""
+    settings = Settings.from_env({"PJ_TRAINER_IMAGE": "registry.example.com/ml/trainer:1.0"})
+    assert settings.allowed_image_prefixes == ("registry.example.com/ml/trainer",)
+    assert problems(settings, image="registry.example.com/ml/trainer:1.1-cuda") == []
+    assert problems(settings, image="registry.example.com/ml/trainer@sha256:" + "0" * 64) == []
+    assert problems(settings, image="registry.example.com/ml/other:1")
+    assert problems(Settings(), image="docker.io/anything:1")
+    assert Settings(trainer_image="localhost:5000/trainer@sha256:abc").allowed_image_prefixes == ("localhost:5000/trainer",)
 
 
 def test_only_allowed_priority_classes_may_be_chosen_and_system_classes_never():

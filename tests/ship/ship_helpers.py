@@ -4,6 +4,7 @@ on' means, and the PromQL the chart ships (dashboard panels and alert rules)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +34,7 @@ ALL_ON: dict[str, Any] = {
         "hubCache": {"claimName": "hf-cache"},
         "trainerImagePullSecrets": ["trainer-registry"],
         "pendingDeadlineSeconds": 1800,
+        "trainerServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/trainer"},
     },
     "admission": {
         "allowedImagePrefixes": ["registry.example.com/ml/"],
@@ -92,6 +94,29 @@ def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
             if doc is not None:
                 objects.append(doc)
     return objects
+
+
+def operator_env(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """The PJ_* environment the chart's Deployment gives the operator (what Settings.from_env reads)."""
+    (container,) = one(manifests(render(values)), "Deployment")["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e and e["name"].startswith("PJ_")}
+
+
+# An example's first line names any chart value it needs beyond the defaults, as
+# "chart value operator.kueue.enabled=true".
+_CHART_VALUE = re.compile(r"chart value ([A-Za-z][A-Za-z0-9_.]*)=([^\s;,)]+)")
+
+
+def example_chart_values(first_line: str) -> dict[str, Any]:
+    """The chart values an example's first line names, as a values dict ({} for none)."""
+    values: dict[str, Any] = {}
+    for key, raw in _CHART_VALUE.findall(first_line):
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return values
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

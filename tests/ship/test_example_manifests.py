@@ -11,7 +11,7 @@ import yaml
 from personalize.spec import Method, parse_job
 from pj_operator import validation
 from pj_operator.settings import Settings
-from ship_helpers import CRD_FILE, EXAMPLES
+from ship_helpers import CRD_FILE, EXAMPLES, example_chart_values, operator_env
 
 FILES = sorted(EXAMPLES.glob("*.yaml"))
 
@@ -52,10 +52,36 @@ def test_example_is_accepted_by_the_crd_schema(path):
     jsonschema.Draft4Validator(version["schema"]["openAPIV3Schema"]).validate(manifest)
 
 
+def _first_line(path):
+    return path.read_text().splitlines()[0]
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_example_passes_the_operators_checks(path):
-    """What the operator checks beyond the schema (Kubernetes names, method sections, Kueue)."""
+def test_example_passes_the_operators_checks_with_the_charts_defaults(path):
+    """What the operator checks beyond the schema (Kubernetes names, method sections, Kueue, the
+    admission policy), with the settings the chart's default values give it plus any chart value
+    the example's first line names."""
     manifest = _load(path)
     manifest["metadata"]["uid"] = "0000-example"
-    checked = validation.validate_job(manifest, Settings(kueue_enabled=True))
+    settings = Settings.from_env(operator_env(example_chart_values(_first_line(path)) or None))
+    checked = validation.validate_job(manifest, settings)
     assert checked.problems == [], checked.problems
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_examples_first_line_names_the_namespace_volumes_and_secrets_it_needs(path):
+    manifest = _load(path)
+    line = _first_line(path)
+    assert line.startswith(f"# Needs in namespace {manifest['metadata']['namespace']}: ")
+    spec = manifest["spec"]
+    sources = [spec["baseModel"], spec["concept"]["images"], spec.get("output", {})]
+    for claim in {s["claimName"] for s in sources if s.get("claimName")}:
+        assert f" {claim}" in line, claim
+    for secret in {s["secretRef"]["name"] for s in sources if s.get("secretRef")}:
+        assert f"Secret {secret}" in line, secret
+
+
+def test_a_chart_value_named_on_the_first_line_is_read_as_a_values_dict():
+    line = "# Needs in namespace team-a: PVC outputs; chart value operator.kueue.enabled=true, chart value x.y=3"
+    assert example_chart_values(line) == {"operator": {"kueue": {"enabled": True}}, "x": {"y": 3}}
+    assert example_chart_values("# Needs in namespace team-a: PVCs models, datasets and outputs.") == {}

@@ -229,6 +229,44 @@ def test_defaults_give_the_operator_a_cap_and_no_kueue(default_objects):
     assert settings.termination_grace_period_seconds > settings.trainer_metrics_linger_seconds
 
 
+def test_the_operators_own_defaults_are_the_charts_defaults(default_objects):
+    """An operator started without the chart's environment behaves as the chart installs it."""
+    from_chart = settings_mod.Settings.from_env(_env(one(default_objects, "Deployment")))
+    assert from_chart == settings_mod.Settings.from_env({})
+    assert settings_mod.Settings() == settings_mod.Settings.from_env({})
+
+
+def test_trainer_pods_serve_metrics_off_the_exporters_port_range(default_objects):
+    settings = settings_mod.Settings.from_env(_env(one(default_objects, "Deployment")))
+    # 9100-9999 are exporters' default ports; GPU nodes often run DCGM exporter on 9400.
+    assert not 9100 <= settings.trainer_metrics_port <= 9999
+
+
+def test_the_trainer_port_and_service_account_annotations_reach_what_the_operator_creates():
+    from personalize.spec import parse_job
+
+    irsa = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/trainer"}
+    values = {"operator": {"trainerMetricsPort": 8123, "trainerServiceAccountAnnotations": irsa}}
+    settings = settings_mod.Settings.from_env(_env(one(manifests(render(values)), "Deployment")))
+    job = parse_job({"spec": {"method": "lora", "baseModel": {"builtin": "tiny-world"},
+                              "concept": {"images": {"path": "images"}, "classNoun": "dog"}}})
+    made = {m["kind"]: m for m in children.all_children(job, "demo", "team-a", settings)}
+    (container,) = made["Job"]["spec"]["template"]["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8123, "protocol": "TCP"}]
+    assert container["command"][container["command"].index("--metrics-port") + 1] == "8123"
+    assert made["ServiceAccount"]["metadata"]["annotations"] == irsa
+
+
+def test_notes_watch_and_follow_the_example_they_apply(default_objects):
+    notes = render()[f"{CHART.name}/templates/NOTES.txt"]
+    applied = next(line.split()[-1] for line in notes.splitlines() if "kubectl apply -f" in line)
+    example = yaml.safe_load((CHART.parents[1] / applied).read_text())["metadata"]
+    namespace, name = example["namespace"], example["name"]
+    assert f"kubectl get pj -n {namespace} -w" in notes
+    assert f"kubectl describe pj -n {namespace} {name}" in notes
+    assert f"kubectl logs -n {namespace} -f job/{name}" in notes  # the Job has the resource's name
+
+
 def test_a_metrics_linger_beyond_the_grace_period_is_refused_at_render():
     # The operator would refuse these settings at start; the chart says so at install instead.
     with pytest.raises(helm_python.HelmError, match="trainerMetricsLingerSeconds must be below"):

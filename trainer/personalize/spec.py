@@ -600,7 +600,13 @@ class PersonalizationJobSpec(ApiModel):
     image_pull_secrets: list[str] = Field(
         default_factory=list, description="Secrets to pull the trainer image with, besides the operator's own.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the trainer pod.")
-    queue_name: Optional[str] = Field(None, description="Kueue LocalQueue; the Job then starts suspended.")
+    queue_name: Optional[str] = Field(None, description=(
+        "Kueue LocalQueue; the Job then starts suspended. The label kueue.x-k8s.io/queue-name on the "
+        "PersonalizationJob does the same."))
+    service_account_name: Optional[str] = Field(None, description=(
+        "An existing ServiceAccount the trainer pod runs as (cloud workload identity: IRSA, EKS Pod Identity, "
+        "GKE Workload Identity). The operator then creates no ServiceAccount and binds the trainer's Role to "
+        "this one. Unset: a ServiceAccount <name>-trainer made for the job."))
     packing: Packing = Field(Packing.auto, description=(
         "auto: the operator may train this job in one pod with compatible jobs of its namespace (same base "
         "model, image, precision, resolution and placement), each still its own resource; never: always a pod "

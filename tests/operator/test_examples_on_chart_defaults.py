@@ -1,0 +1,57 @@
+"""Every manifest in examples/, applied to the operator as the Helm chart installs it: its
+settings come from the environment the chart's Deployment renders with the default values (plus
+any chart value an example's first line names), not from a list kept here. Each example must be
+accepted (Valid, then Pending with its Job or Queued for capacity), never refused."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
+from ship_helpers import EXAMPLES, example_chart_values, operator_env  # noqa: E402
+
+from fake_cluster import PJ, condition, wait_for  # noqa: E402
+from pj_operator.settings import Settings  # noqa: E402
+
+FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def settled(cluster, namespace: str, name: str):
+    status = ((cluster.get(*PJ, namespace, name) or {}).get("status")) or {}
+    valid = condition(status, "Valid")
+    return status.get("phase") in ("Pending", "Queued", "Failed") and valid and status
+
+
+def test_every_example_is_accepted_by_the_operator_the_chart_installs(cluster, run_operator):
+    by_values: dict[str, list[Path]] = defaultdict(list)
+    for path in FILES:
+        by_values[yaml.safe_dump(example_chart_values(path.read_text().splitlines()[0]))].append(path)
+    for values_text, paths in by_values.items():
+        values = yaml.safe_load(values_text) or None
+        env = operator_env(values)
+        settings = Settings.from_env(env)
+        manifests = [yaml.safe_load(p.read_text()) for p in paths]
+        cluster.server.namespaces |= {m["metadata"]["namespace"] for m in manifests}
+        jobs_before = len(cluster.creations("jobs"))
+        with run_operator(**env):
+            for manifest in manifests:
+                cluster.create(manifest)
+            outcomes = {m["metadata"]["name"]: wait_for(lambda: settled(cluster, m["metadata"]["namespace"],
+                                                                         m["metadata"]["name"]),
+                                                        what=m["metadata"]["name"])
+                        for m in manifests}
+        for name, status in outcomes.items():
+            valid = condition(status, "Valid")
+            assert (valid["status"], status["phase"]) != ("False", "Failed"), f"{name}: {valid['message']}"
+            assert valid["status"] == "True", name
+            if status["phase"] == "Queued":
+                assert condition(status, "Queued")["reason"] in ("WaitingForCapacity", "WaitingForKueue"), name
+        # As many started as the chart's cap lets in (every example is a plain job of one GPU).
+        started = len(cluster.creations("jobs")) - jobs_before
+        cap = settings.max_concurrent_jobs or len(manifests)
+        assert started == min(cap, len(manifests)), (started, cap)
+        assert sum(s["phase"] == "Pending" for s in outcomes.values()) == started
