@@ -173,3 +173,17 @@ def test_named_textual_inversion_snapshots_load_with_the_stock_loader(concept_di
     pipe = load("sd", base)
     pipe.load_textual_inversion(str(out / "tri_learned_embeds.safetensors"), token=token)
     assert not np.array_equal(generate(pipe, f"a photo of {token}"), generate(load("sd", base), f"a photo of {token}"))
+
+
+def test_named_custom_diffusion_loads_with_its_names(concept_dir, tmp_path):
+    from personalize.methods import load_custom_diffusion
+
+    base = builtin_tiny_world_folder()
+    out, result = run_job(tmp_path, base, concept_dir, method="customDiffusion", output={"name": "tri"},
+                          training={"maxSteps": 2, "batchSize": 2, "learningRate": 5e-2, "resolution": 32})
+    files = result["artifact"]["files"]
+    assert files == ["tri_pytorch_custom_diffusion_weights.safetensors", "tri_learned_embeds.safetensors"]
+    token = result["identifier"]
+    pipe = load("sd", base)
+    load_custom_diffusion(pipe, out, token, weight_name=files[0], embeds_name=files[1])
+    assert not np.array_equal(generate(pipe, f"a photo of {token}"), generate(load("sd", base), f"a photo of {token}"))

@@ -427,6 +427,18 @@ CASES: list[Case] = [
          "earlyStopping.clip.modelPath '{dir}/clip' has no preprocessor_config.json: save the model's image processor "
          "with it (CLIPProcessor or CLIPImageProcessor save_pretrained into the same folder)",
          clip_folder_without_processor),
+    # ---- artifact options (output.name, output.formats) ----
+    Case("output-name-with-suffix", "output", "`output.name: mydog.safetensors`",
+         "spec.output: name is a file stem: leave out the suffix (e.g. name: mydog gives mydog.safetensors)",
+         spec_sets("", output={"name": "mydog.safetensors"})),
+    Case("kohya-format-not-lora", "output", "`output.formats: [diffusers, kohya]` (textualInversion)",
+         "spec: output.formats: kohya is a LoRA format; method textualInversion writes diffusers artifacts only",
+         spec_sets("", output={"formats": ["diffusers", "kohya"]})),
+    Case("kohya-format-not-on-family", "output", "`method: lora`, `output.formats: [diffusers, kohya]` on a FLUX.1 folder",
+         "output.formats: kohya is not available on FLUX.1 (FluxPipeline); available on: Stable Diffusion 1.x/2.x, SDXL",
+         lambda ws: (model_folder({"model_index.json": FLUX_INDEX})(ws),
+                     spec_sets("", method="lora", output={"formats": ["diffusers", "kohya"]},
+                               priorPreservation={"enabled": False})(ws))),
 ]
 
 

@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import (
     CustomDiffusionAttnProcessor2_0,
 )
 
-from personalize.methods.base import Method
+from personalize.methods.base import LEARNED_EMBEDS, Method
 from personalize.routing import RoutedAttnProcessor
 
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
@@ -85,8 +85,10 @@ class CustomDiffusion(Method):
             attn.processor.by_route.pop(self.route, None)
 
 
-def load_custom_diffusion(pipe, output_dir: str | Path, token: str) -> None:
-    """Load a Custom Diffusion artifact into a StableDiffusionPipeline.
+def load_custom_diffusion(pipe, output_dir: str | Path, token: str, weight_name: str = CUSTOM_DIFFUSION_WEIGHTS,
+                          embeds_name: str = LEARNED_EMBEDS) -> None:
+    """Load a Custom Diffusion artifact into a StableDiffusionPipeline (`weight_name`, `embeds_name`:
+    the files' names when output.name renamed them).
 
     Equivalent to `pipe.unet.load_attn_procs(dir, weight_name=...)` +
     `pipe.load_textual_inversion(...)`, which is what diffusers documents; in diffusers <= 0.42
@@ -95,7 +97,7 @@ def load_custom_diffusion(pipe, output_dir: str | Path, token: str) -> None:
     install the processors ourselves from the same file.
     """
     output_dir = Path(output_dir)
-    state = safetensors.torch.load_file(str(output_dir / CUSTOM_DIFFUSION_WEIGHTS))
+    state = safetensors.torch.load_file(str(output_dir / weight_name))
     processors = dict(pipe.unet.attn_processors)
     for name in processors:
         k = state.get(f"{name}.to_k_custom_diffusion.weight")
@@ -107,4 +109,4 @@ def load_custom_diffusion(pipe, output_dir: str | Path, token: str) -> None:
         processor.load_state_dict({key.removeprefix(f"{name}."): v for key, v in state.items() if key.startswith(f"{name}.")})
         processors[name] = processor.to(pipe.unet.device, pipe.unet.dtype)
     pipe.unet.set_attn_processor(processors)
-    pipe.load_textual_inversion(str(output_dir / "learned_embeds.safetensors"), token=token)
+    pipe.load_textual_inversion(str(output_dir / embeds_name), token=token)
