@@ -10,6 +10,9 @@ OTHER_MODES = f"""
 other modes:
   {PROG} replay FILE [...]   where each criterion would have stopped on a recorded loss series
                                  (`{PROG} replay --help`)
+  {PROG} pack --jobs DIR --output OUT
+                                 train every manifest in DIR in one process and one batch
+                                 (`{PROG} pack --help`)
   {PROG} --version           print the version"""
 
 
@@ -20,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"{PROG} {personalize.version()}")
         return 0
+    if argv and argv[0] == "pack":
+        from personalize import pack_runner
+
+        return pack_runner.main(argv[1:])
     if argv and argv[0] == "replay":
         from personalize import replay
 

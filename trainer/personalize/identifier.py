@@ -73,7 +73,7 @@ def pick_rare_tokens(tokenizer, count: int, exclude: Iterable[str] = ()) -> list
         if not PLAIN_WORD.fullmatch(entry):
             continue
         text = entry[: -len("</w>")]
-        if text in excluded or entry in excluded:
+        if text in excluded or entry in excluded or f"<{text}>" in excluded:  # <text>: another concept's placeholder
             continue
         if token_ids_of(tokenizer, text) != [token_id]:
             continue

@@ -25,6 +25,7 @@ skips samples_before.png and samples.png.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ import transformers
 from accelerate import Accelerator
 
 from personalize.artifacts import Snapshots, save_artifacts, snapshot_files
-from personalize.data import examples_of
+from personalize.data import ConceptExamples, caption_file_words, examples_of
 from personalize.errors import TrainerInputError
 from personalize.identifier import Identifier, add_to_more_encoders, setup_identifier
 from personalize.loop import StepRecord, train_stage
@@ -50,6 +51,7 @@ from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter, tracking_cost
 from personalize.resume import RunCheckpoints
+from personalize.routing import BASE, BatchRouting
 from personalize.run_files import LOSSES_FILE, PLOT_FILE, RESULT_FILE, write_json, write_losses_csv
 from personalize.samples import SAMPLES_BEFORE_FILE, SAMPLES_FILE, write_samples
 from personalize.spec import (
@@ -283,14 +285,54 @@ class JobRunner:
         write_json(result.to_api(), self.output / RESULT_FILE)
 
     def _train_and_save(self) -> int:
-        spec, output = self.spec, self.output
-        accelerator = self.accelerator
-        device = accelerator.device
+        models, resolution = self.load_models()
+        setup = self.prepare_concept(models, resolution)
+        accelerator, spec = self.accelerator, self.spec
+        offset = 0
+        for index, stage in enumerate(self.stages):
+            if index < len(self.outcomes):  # finished before the restart; its artifacts are saved
+                offset += self.outcomes[index].stop_step
+                self.report.reference = self.outcomes[index].reference
+                continue
+            setup.checkpoints.apply_carry(models, setup.identifier)  # e.g. tiDreambooth's stage-1 embedding
+            printer = self.printer(stage)
+            outcome, method = train_stage(
+                stage, spec, models, setup.identifier, setup.examples, setup.class_examples, accelerator,
+                self._on_step(stage, offset, printer, models, resolution), stage_index=index,
+                checkpoints=setup.checkpoints.for_stage(index, stage.name),
+                snapshots=Snapshots.for_stage(spec, self.output, offset, accelerator.is_main_process),
+            )
+            offset += outcome.stop_step
+            self.stage_done(stage, outcome, method, printer)
+            if index + 1 < len(self.stages) and method.learns_embedding:
+                setup.checkpoints.carry[f"stage{index + 1}.identifier_rows"] = method.learned_rows()
+
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return 0
+        return self.finish_concept(models, resolution, offset, setup)
+
+    # ---- the phases of one concept's run (a pack runs them for each of its members) ------------
+
+    def load_models(self) -> tuple[Models, int]:
+        """The base pipeline's models on the accelerator's device, and the training resolution."""
+        spec, device = self.spec, self.accelerator.device
         pipe = load_base_pipeline(spec.base_model, spec)
         models = models_of(pipe, spec)
         for module in models.modules():
             module.to(device)
-        resolution = spec.training.resolution or default_resolution(pipe)
+        return models, spec.training.resolution or default_resolution(pipe)
+
+    def prepare_concept(self, models: Models, resolution: int, routing: Optional[BatchRouting] = None,
+                        taken: tuple[str, ...] = ()) -> "ConceptSetup":
+        """Everything before the first step: the identifier (new tokens in the shared tokenizer
+        and text encoders), class images, the checkpoint to resume from, the concept's examples
+        and the grid before training. `routing`: the pack's, whose other concepts' weights the
+        class images and the first grid must not see, and `taken` their identifiers (an auto
+        token avoids them)."""
+        spec, output, accelerator = self.spec, self.output, self.accelerator
+        device = accelerator.device
+        base_only = routing.uniform(BASE) if routing is not None else contextlib.nullcontext()
         self.stages = plan_stages(spec)
 
         # The identifier first: a token the method cannot use fails before any class image is made.
@@ -303,14 +345,15 @@ class JobRunner:
             num_identifier_tokens=concept.num_identifier_tokens,
             num_vectors=spec.textual_inversion.num_vectors,
             initializer=spec.initializer_token,
-            exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or ""],
+            exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or "",
+                           *caption_file_words(concept), *taken],
             method=spec.method.value,
         )
         # a new token gets a row in every text encoder that reads the identifier (SDXL: two)
         add_to_more_encoders(identifier, models.family.identifier_encoders(models)[1:], spec.initializer_token)
         class_examples = None
         if any(stage.prior_preservation for stage in self.stages):
-            with accelerator.main_process_first():
+            with accelerator.main_process_first(), base_only:
                 class_examples = prepare_class_images(spec, models, output, resolution, device)
 
         self.report.identifier = identifier.token
@@ -337,36 +380,31 @@ class JobRunner:
 
         before = output / SAMPLES_BEFORE_FILE
         if self.sample_grids and accelerator.is_main_process and not before.exists():  # kept across a resume
-            write_samples(spec, models, identifier.token, resolution, device, before)
+            with base_only:
+                write_samples(spec, models, identifier.token, resolution, device, before)
+        return ConceptSetup(identifier, examples, class_examples, checkpoints, sync)
 
-        offset = 0
-        for index, stage in enumerate(self.stages):
-            if index < len(self.outcomes):  # finished before the restart; its artifacts are saved
-                offset += self.outcomes[index].stop_step
-                self.report.reference = self.outcomes[index].reference
-                continue
-            checkpoints.apply_carry(models, identifier)  # e.g. tiDreambooth's stage-1 embedding
-            printer = ProgressPrinter(stage.max_steps, stage.threshold, spec.early_stopping.criterion.value)
-            outcome, method = train_stage(
-                stage, spec, models, identifier, examples, class_examples, accelerator,
-                self._on_step(stage, offset, printer, models, resolution), stage_index=index,
-                checkpoints=checkpoints.for_stage(index, stage.name),
-                snapshots=Snapshots.for_stage(spec, output, offset, accelerator.is_main_process),
-            )
-            if accelerator.is_main_process:
-                printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value}); "
-                              + tracking_cost(outcome.tracking_seconds, outcome.seconds))
-            offset += outcome.stop_step
-            self.outcomes.append(outcome)
-            self.report.reference = outcome.reference
-            if accelerator.is_main_process:
-                self.files += [f for f in save_artifacts(method, output, outcome) if f not in self.files]
-            if index + 1 < len(self.stages) and method.learns_embedding:
-                checkpoints.carry[f"stage{index + 1}.identifier_rows"] = method.learned_rows()
+    def printer(self, stage: Stage) -> ProgressPrinter:
+        return ProgressPrinter(stage.max_steps, stage.threshold, self.spec.early_stopping.criterion.value)
 
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return 0
+    def stage_done(self, stage: Stage, outcome: StageOutcome, method, printer: ProgressPrinter) -> None:
+        """A stage ended: its closing line, its outcome and its artifacts."""
+        if self.accelerator.is_main_process:
+            printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value}); "
+                          + tracking_cost(outcome.tracking_seconds, outcome.seconds))
+        self.outcomes.append(outcome)
+        self.report.reference = outcome.reference
+        if self.accelerator.is_main_process:
+            self.files += [f for f in save_artifacts(method, self.output, outcome) if f not in self.files]
+
+    def finish_concept(self, models: Models, resolution: int, offset: int, setup: "ConceptSetup",
+                       routing: Optional[BatchRouting] = None, route: str = "default") -> int:
+        """After the last stage (main process): losses.csv, the plot, the grid after training,
+        result.json, the status and the upload. `routing`/`route`: the pack's, so that the grid
+        shows this concept's own weights."""
+        spec, output, device = self.spec, self.output, self.accelerator.device
+        identifier = setup.identifier
+        mine = routing.uniform(route) if routing is not None else contextlib.nullcontext()
         early_stop = early_stop_summary(self.outcomes, self.stages[-1].window_steps, spec.training.min_steps)
         self.metrics.set_early_stopped(early_stop.stopped)
         write_losses_csv(self.rows, output / LOSSES_FILE)
@@ -374,15 +412,31 @@ class JobRunner:
             self.rows, early_stop.threshold, early_stop.step if len(self.stages) == 1 else offset, output / PLOT_FILE,
             title=f"{spec.method.value} / {early_stop.criterion.value}",
         )
+        training = [m.training for m in models.modules()]
         for module in models.modules():
             module.eval()
-        if self.after_training is not None:
-            self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
-        if self.sample_grids:
-            write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
+        with mine:
+            if self.after_training is not None:
+                self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
+            if self.sample_grids:
+                write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
+        if routing is not None:  # the pack goes on training
+            for module, was in zip(models.modules(), training):
+                module.train(was)
 
         report = self.report
         report.early_stop = early_stop
         report.artifact = Artifact(location=str(output), files=self.files, snapshots=snapshot_files(output))
         report.stages = [o.to_report() for o in self.outcomes]
-        return self._write_final_report(checkpoints, OutputUpload.for_job(spec, output), sync)
+        return self._write_final_report(setup.checkpoints, OutputUpload.for_job(spec, output), setup.sync)
+
+
+@dataclass
+class ConceptSetup:
+    """What `JobRunner.prepare_concept` made ready for training one concept."""
+
+    identifier: Identifier
+    examples: ConceptExamples
+    class_examples: Optional[ConceptExamples]
+    checkpoints: RunCheckpoints
+    sync: Optional[CheckpointSync]

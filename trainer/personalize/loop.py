@@ -86,9 +86,8 @@ class Pack:
         the frozen ones in the half dtype; peft re-marks adapters on every injection, so every
         slot's parameters are marked trainable again."""
         self.slots.append(slot)
+        self.refresh_trainable()
         for s in self.slots:
-            for p in s.method.parameters:
-                p.requires_grad_(True)
             s.method.attach()  # another slot's new token may have replaced an embedding table
         cast_for_training(self.models.modules(), slot.method.parameters, weight_dtype(self.accelerator))
         if self.gradient_checkpointing:
@@ -113,7 +112,15 @@ class Pack:
             module.train()
 
     def leave(self, slot: Slot) -> None:
-        self.slots.remove(slot)
+        if slot in self.slots:
+            self.slots.remove(slot)
+
+    def refresh_trainable(self) -> None:
+        """After a slot's weights were removed: peft re-marks the remaining adapters, so every
+        training slot's parameters are marked trainable again."""
+        for s in self.slots:
+            for p in s.method.parameters:
+                p.requires_grad_(True)
 
     def average_unsynced(self, parameters: list[torch.nn.Parameter]) -> None:
         average_gradients([p for p in parameters if id(p) not in self._synced], self.accelerator)

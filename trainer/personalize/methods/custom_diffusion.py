@@ -82,7 +82,8 @@ class CustomDiffusion(Method):
     def release(self) -> None:
         super().release()
         for attn in self.cross_attention().values():
-            attn.processor.by_route.pop(self.route, None)
+            if self.route in attn.processor.by_route:
+                del attn.processor.by_route[self.route]
 
 
 def load_custom_diffusion(pipe, output_dir: str | Path, token: str, weight_name: str = CUSTOM_DIFFUSION_WEIGHTS,

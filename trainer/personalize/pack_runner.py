@@ -1,0 +1,135 @@
+"""`personalize-train pack --jobs DIR --output OUT`: train many concepts in one process and one batch.
+
+DIR holds PersonalizationJob manifests (`*.yaml`, `*.yml`, `*.json`; a mounted ConfigMap works: its
+`..data` symlink swap is read like any other change). Each manifest is one member, named by its
+`metadata.name`, and writes into OUT/NAME/ exactly what `personalize-train --config` writes.
+
+    start         every manifest in DIR tries to join (up to --max-slots); the first one that can
+                  fixes the pack's base model, family, precision and resolution
+    each step     the slots train together (loop.py); a slot that stops leaves at that step and its
+                  outputs are written as a solo run writes them; DIR is read again: a new manifest
+                  joins when a slot is free, at its own step 0; a removed one leaves as Cancelled
+    end           no slot trains and no new manifest came for --idle-exit seconds: exit 0
+
+OUT/pack.json records each member (the pack step it joined and left at, its own steps, its stop
+reason) and the pack's concept-steps, wall seconds and concept-steps per second. A manifest that
+cannot join (another base model, family, precision or resolution, or a method that changes the
+shared weights) gets OUT/NAME/result.json with phase Failed and a reason naming the difference;
+bad input fails that member alone, with the error a solo run gives.
+
+Resume: after SIGTERM or SIGKILL the same command continues every member from its own checkpoint
+(OUT/NAME/checkpoints); a member whose result.json is final is not trained again.
+
+Status: in a cluster (PJ_NAMESPACE set for the pod) each member's own resource is patched, and a
+member of another namespace is refused: one tenant's pod never serves another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("personalize")
+
+PACK_FILE = "pack.json"
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+POLL_SECONDS = 0.5  # how often an idle pack looks for new manifests
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="personalize-train pack",
+                                     description="Train every PersonalizationJob manifest in a folder in one process and one batch.")
+    parser.add_argument("--jobs", required=True, metavar="DIR", help="folder of PersonalizationJob manifests (read between steps)")
+    parser.add_argument("--output", required=True, metavar="OUT", help="OUT/NAME/ per member, OUT/pack.json")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics for the whole pack")
+    parser.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
+                        help="exit 0 once no slot trains and no new manifest came for this long (default 0)")
+    parser.add_argument("--max-slots", type=int, default=8, metavar="N", help="concepts training at once (default 8)")
+    args = parser.parse_args(argv)
+    if args.max_slots < 1:
+        parser.error("--max-slots must be at least 1")
+    if args.idle_exit < 0:
+        parser.error("--idle-exit must be >= 0")
+    return args
+
+
+def read_manifests(folder: Path) -> dict[str, Path]:
+    """The manifests in `folder` by file stem (hidden entries, e.g. a ConfigMap's `..data`, skipped)."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--jobs {folder}: not a readable folder")
+    return {p.stem: p for p in sorted(folder.iterdir())
+            if not p.name.startswith(".") and p.suffix in MANIFEST_SUFFIXES and p.is_file()}
+
+
+@dataclass
+class MemberRecord:
+    """One member's line in pack.json."""
+
+    name: str
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Cancelled
+    joined_at: Optional[int] = None  # pack step after which it joined
+    left_at: Optional[int] = None
+    steps: int = 0
+    stop_reason: Optional[str] = None
+    message: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "phase": self.phase, "joinedAt": self.joined_at, "leftAt": self.left_at,
+                "steps": self.steps, "stopReason": self.stop_reason, "message": self.message}
+
+
+@dataclass
+class PackRecord:
+    members: dict[str, MemberRecord] = field(default_factory=dict)
+    step: int = 0  # pack steps (each trains every active slot once)
+    concept_steps: int = 0
+    wall_seconds: float = 0.0
+    max_slots: int = 8
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "conceptSteps": self.concept_steps, "wallSeconds": round(self.wall_seconds, 3),
+                "conceptStepsPerSecond": round(self.concept_steps / self.wall_seconds, 4) if self.wall_seconds else None,
+                "maxSlots": self.max_slots, "slots": [m.to_json() for m in self.members.values()]}
+
+    @classmethod
+    def load(cls, path: Path) -> "PackRecord":
+        import json  # noqa: PLC0415
+
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        members = {}
+        for m in data.get("slots", []):
+            members[m["name"]] = MemberRecord(m["name"], m.get("phase", "Pending"), m.get("joinedAt"), m.get("leftAt"),
+                                              m.get("steps", 0), m.get("stopReason"), m.get("message"))
+        return cls(members, data.get("step", 0), data.get("conceptSteps", 0), data.get("wallSeconds", 0.0))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from personalize.shutdown import INTERRUPTED_EXIT_CODE, GracefulShutdown, TrainingInterrupted  # noqa: PLC0415
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    folder = Path(args.jobs)
+    try:
+        read_manifests(folder)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from personalize.packing import PackRunner  # noqa: PLC0415 (heavy imports past the input checks)
+
+    with GracefulShutdown() as shutdown:
+        runner = PackRunner(folder, Path(args.output), max_slots=args.max_slots, idle_exit=args.idle_exit,
+                            metrics_port=args.metrics_port, shutdown=shutdown)
+        try:
+            return runner.run()
+        except TrainingInterrupted as stop:
+            log.warning("%s", stop)
+            return INTERRUPTED_EXIT_CODE
