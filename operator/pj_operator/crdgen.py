@@ -167,19 +167,28 @@ def open_api_schema() -> dict[str, Any]:
     }
 
 
+# `kubectl get pj` fits 120 columns for names up to 16 characters (a 9-character token, 6-digit
+# steps); priority 1 columns are `-o wide` only. "Conv" is the criterion's value, read against
+# the threshold beside it.
 PRINTER_COLUMNS = [
-    {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
-    {"name": "Max Steps", "type": "integer", "jsonPath": ".status.progress.maxSteps"},
-    {"name": "Convergence", "type": "number", "jsonPath": ".status.convergenceValue",
+    {"name": "Conv", "type": "number", "jsonPath": ".status.convergenceValue",
      "description": "Last value of the convergence criterion (stops below the threshold)."},
+    {"name": "Threshold", "type": "number", "jsonPath": ".status.convergenceThreshold"},
+    {"name": "Token", "type": "string", "jsonPath": ".status.identifier",
+     "description": "The identifier to put in every prompt."},
+    {"name": "Elapsed", "type": "string", "jsonPath": ".status.progress.elapsed"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta",
+     "description": "To maxSteps at the pace so far (the criterion may stop earlier); empty once ended."},
     {"name": "Stop Reason", "type": "string", "jsonPath": ".status.earlyStop.reason"},
-    {"name": "Pack", "type": "string", "jsonPath": ".status.pack.job",
-     "description": "The pack (shared Job and pod) the job trains in; empty for a pod of its own."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Pack", "type": "string", "jsonPath": ".status.pack.job", "priority": 1,
+     "description": "The pack (shared Job and pod) the job trains in; empty for a pod of its own."},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1},
+    {"name": "Max Steps", "type": "integer", "jsonPath": ".status.progress.maxSteps", "priority": 1},
+    {"name": "Samples", "type": "string", "jsonPath": ".status.samples", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
-    {"name": "Threshold", "type": "number", "jsonPath": ".status.earlyStop.threshold", "priority": 1},
 ]
 
 

@@ -50,9 +50,10 @@ BAD_INPUT = "BadInput"  # the trainer exited 2: podFailurePolicy failed the Job 
 POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job's own reason for a FailJob rule
 # Pending reasons.
 JOB_CREATED = "JobCreated"
-# Succeeded reasons.
-EARLY_STOPPED = "EarlyStopped"
-MAX_STEPS = "MaxSteps"
+# Succeeded reasons: the trainer's own stop reasons, so that a condition, the STOP REASON column,
+# the completions metric and the dashboards name an ending the same way.
+EARLY_STOPPED = StopReason.convergence_threshold.value
+MAX_STEPS = StopReason.max_steps.value
 COMPLETED = "Completed"
 
 SUCCESS_REASONS = (EARLY_STOPPED, MAX_STEPS, COMPLETED)

@@ -67,7 +67,7 @@ def test_schema_carries_types_enums_ranges_and_status_preservation():
     assert crdgen.build_crd()["spec"]["names"]["shortNames"] == ["pj"]
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Phase"] == ".status.phase" and columns["Stop Reason"] == ".status.earlyStop.reason"
-    assert {"Method", "Step", "Max Steps", "Convergence", "Age"} <= set(columns)
+    assert {"Method", "Step", "Max Steps", "Conv", "Threshold", "Token", "Elapsed", "ETA", "Age"} <= set(columns)
 
 
 def test_schema_accepts_the_example_and_rejects_what_it_can():

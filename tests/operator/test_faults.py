@@ -102,7 +102,7 @@ def test_conflicts_on_status_patches_and_child_creation(cluster, run_operator):
     with run_operator():
         cluster.create(pj_manifest("contested"))
         status = run_to_success(cluster, "contested")
-    assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+    assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
     assert status["earlyStop"] == FINAL["earlyStop"]
     fired = collections.Counter(cluster.server.fired)
     assert fired == {"patch personalizationjobs/status -> 409": 3, "create configmaps -> 409": 1,
@@ -123,7 +123,7 @@ def test_throttling_and_server_errors_are_retried_by_both_clients(cluster, run_o
     with run_operator():
         cluster.create(pj_manifest("throttled"))
         status = run_to_success(cluster, "throttled")
-    assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+    assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
     assert all(f.hits == f.times for f in cluster.server.faults), cluster.server.fired
     assert owned_kinds(cluster, "throttled") == CHILD_KINDS
     assert len([r for r in cluster.creations("jobs") if r.headers.get("User-Agent", "").startswith("OpenAPI")]) == 3
@@ -149,7 +149,7 @@ def test_watch_streams_ending_with_410_gone_are_relisted(cluster, run_operator):
         cluster.create(pj_manifest("after-gone"))
 
         status = wait_for(lambda: status_of(cluster, "gone").get("phase") == "Succeeded" and status_of(cluster, "gone"))
-        assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+        assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
         wait_for(lambda: cluster.job("after-gone"), what="a resource created after the 410")
         assert cluster.server.expired_streams.get("jobs", 0) >= 1
         assert cluster.server.expired_streams.get("personalizationjobs", 0) >= 1
@@ -172,7 +172,7 @@ def test_job_deleted_by_hand_after_the_trainers_decision_keeps_the_decision(clus
         cluster.trainer_reports("tidy", FINAL)
         cluster.delete("batch/v1", "Job", "default", "tidy")
         status = wait_for(lambda: status_of(cluster, "tidy").get("phase") == "Succeeded" and status_of(cluster, "tidy"))
-        assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+        assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
     assert len(cluster.creations("jobs")) == 1
 
 
@@ -191,7 +191,7 @@ def test_restart_between_the_configmap_and_the_job(cluster, run_operator):
     outage.times = outage.hits  # the API server is healthy again
     with run_operator():
         status = run_to_success(cluster, "interrupted")
-    assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+    assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
     assert owned_kinds(cluster, "interrupted") == CHILD_KINDS
     uid = cluster.pj("interrupted")["metadata"]["uid"]
     kinds_created = collections.Counter(o["kind"] for o in cluster.owned_by(uid))

@@ -58,7 +58,7 @@ def test_full_lifecycle_ends_succeeded_with_the_trainers_early_stop_intact(clust
 
         pj = wait_for(lambda: phase(cluster, "concept-a") == "Succeeded" and cluster.pj("concept-a"))
         status = pj["status"]
-        assert condition(pj["status"], "Succeeded")["reason"] == "EarlyStopped"
+        assert condition(pj["status"], "Succeeded")["reason"] == "ConvergenceThreshold"
         assert condition(pj["status"], "Running")["status"] == "False"
         assert status["completionTime"]
         # What the trainer wrote is exactly what is there.
@@ -66,7 +66,7 @@ def test_full_lifecycle_ends_succeeded_with_the_trainers_early_stop_intact(clust
             assert status[key] == value, key
         reasons = wait_for(lambda: [e["reason"] for e in cluster.events_for("concept-a")], what="the final event")
         # One Event for the outcome; Pending and Running are told by the Job's and pod's own events.
-        assert reasons == ["Succeeded/EarlyStopped"]
+        assert reasons == ["Succeeded/ConvergenceThreshold"]
         # The jobs-by-phase gauge follows the watch.
         assert wait_for(lambda: metrics.PHASES.counts()["Succeeded"] >= 1)
     assert metrics.STEPS_SAVED.labels(method="textualInversion")._value.get() - saved_before == 220

@@ -119,7 +119,7 @@ def test_only_the_last_failed_pod_decides_oom():
 
 
 @pytest.mark.parametrize("early,reason", [
-    ({"reason": "ConvergenceThreshold", "stepsSaved": 10}, "EarlyStopped"),
+    ({"reason": "ConvergenceThreshold", "stepsSaved": 10}, "ConvergenceThreshold"),
     ({"reason": "MaxSteps"}, "MaxSteps"),
     (None, "Completed"),
 ])
@@ -145,14 +145,14 @@ def test_patch_names_only_operator_fields_and_keeps_transition_times():
                               "lastTransitionTime": "T0"}]}
     same = lifecycle.Observation("Running", "PodRunning", "m", attempts=None)
     assert lifecycle.lifecycle_patch(status, same, now="T1") is None
-    done = lifecycle.Observation("Succeeded", "EarlyStopped", "done", completion_time="T2", attempts=1)
+    done = lifecycle.Observation("Succeeded", "ConvergenceThreshold", "done", completion_time="T2", attempts=1)
     patch = lifecycle.lifecycle_patch(status, done, now="T3")
     assert set(patch) == {"phase", "conditions", "completionTime", "attempts"}
     conds = {c["type"]: c for c in patch["conditions"]}
     assert conds["Running"]["status"] == "False" and conds["Running"]["lastTransitionTime"] == "T3"
-    assert conds["Succeeded"]["reason"] == "EarlyStopped"
+    assert conds["Succeeded"]["reason"] == "ConvergenceThreshold"
     # A message change without a status flip keeps the transition time.
-    again = lifecycle.set_condition(patch["conditions"], "Succeeded", "True", "EarlyStopped", "other", "T9")
+    again = lifecycle.set_condition(patch["conditions"], "Succeeded", "True", "ConvergenceThreshold", "other", "T9")
     assert next(c for c in again if c["type"] == "Succeeded")["lastTransitionTime"] == "T3"
 
 

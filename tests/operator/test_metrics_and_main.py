@@ -22,7 +22,7 @@ def sample(name, labels):
 
 def test_metric_names_and_early_stopping_savings():
     def counters():
-        return (sample("personalization_job_completions_total", {"reason": "EarlyStopped"}),
+        return (sample("personalization_job_completions_total", {"reason": "ConvergenceThreshold"}),
                 sample("personalization_steps_saved_total", {"method": "lora"}),
                 sample("personalization_gpu_seconds_saved_total", {"method": "lora"}),
                 sample("personalization_tracking_gpu_seconds_total", {"method": "lora"}))
@@ -31,13 +31,13 @@ def test_metric_names_and_early_stopping_savings():
     status = {"progress": {"step": 100}, "wallSeconds": 50.0,
               "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "step": 100, "stepsSaved": 300},
               "stages": [{"name": "lora", "stopStep": 100, "seconds": 40.0, "trackingSeconds": 10.0}]}
-    metrics.record_completion("Succeeded", "EarlyStopped", "lora", status, gpus=2)
+    metrics.record_completion("Succeeded", "ConvergenceThreshold", "lora", status, gpus=2)
     after = counters()
     # 300 steps saved at 0.4 s/step (the stage's 40 s, not the run's 50 s of wall time with loading
     # and samples) on 2 GPUs = 240 GPU-seconds; tracking cost 10 s on 2 GPUs.
     assert [a - b for a, b in zip(after, before)] == [1, 300, 240, 20]
     # Without stage times in the status, the run's wall time prices the step.
-    metrics.record_completion("Succeeded", "EarlyStopped", "lora", {**status, "stages": []}, gpus=2)
+    metrics.record_completion("Succeeded", "ConvergenceThreshold", "lora", {**status, "stages": []}, gpus=2)
     assert sample("personalization_gpu_seconds_saved_total", {"method": "lora"}) == after[2] + 300
     after = counters()
     # A run to maxSteps saved nothing, and still paid for its tracking (two stages here).

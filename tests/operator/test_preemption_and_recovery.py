@@ -106,7 +106,7 @@ def test_preemption_does_not_use_up_the_backoff_limit(cluster, run_operator):
         cluster.job_succeeded("preempted", attempt=1)
         status = wait_for(lambda: status_of(cluster, "preempted").get("phase") == "Succeeded"
                           and status_of(cluster, "preempted"))
-        assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+        assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
 
 
 def test_sigterm_without_preemption_is_a_counted_retry(cluster, run_operator):
@@ -153,7 +153,7 @@ def test_missing_final_status_is_recovered_from_the_termination_message(cluster,
         cluster.job_succeeded("mute", termination_message=compact(REPORT))
         status = wait_for(lambda: status_of(cluster, "mute").get("phase") == "Succeeded" and status_of(cluster, "mute"))
         succeeded = condition(status, "Succeeded")
-        assert succeeded["reason"] == "EarlyStopped"
+        assert succeeded["reason"] == "ConvergenceThreshold"
         assert "recovered from the trainer pod's termination message" in succeeded["message"]
         assert status["earlyStop"] == REPORT["earlyStop"]
         assert status["identifier"] == "<sks>" and status["artifact"] == REPORT["artifact"]
@@ -201,7 +201,7 @@ def test_the_trainers_own_status_wins_over_the_termination_message():
     assert (obs.reason, obs.recovered) == ("MaxSteps", {})
     # Without the trainer's decision the message decides, and only missing fields are recovered.
     obs = lifecycle.observe_job(job, [pod], {"progress": {"step": 1}})
-    assert obs.reason == "EarlyStopped" and "progress" not in obs.recovered
+    assert obs.reason == "ConvergenceThreshold" and "progress" not in obs.recovered
     assert obs.recovered["earlyStop"] == REPORT["earlyStop"]
 
 

@@ -154,7 +154,7 @@ def test_a_completion_missed_while_the_api_was_down_is_picked_up_by_the_resync(c
         wait_for(lambda: fault.hits >= 2, what="the lost status write")
         status = wait_for(lambda: phase(cluster, "missed") == "Succeeded" and status_of(cluster, "missed"),
                           what="the resync")
-        assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+        assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
 
 
 def test_watches_and_requests_have_timeouts(cluster, run_operator):
@@ -197,7 +197,7 @@ def test_a_trainer_whose_final_patch_failed_exits_3_and_the_job_succeeds_from_it
         action = cluster.pod_failed("unreported", exit_code=names.EXIT_STATUS_UNREPORTED, message=message)
         assert action == "FailJob"  # never retried: the run is done
         status = wait_for(lambda: phase(cluster, "unreported") == "Succeeded" and status_of(cluster, "unreported"))
-        assert condition(status, "Succeeded")["reason"] == "EarlyStopped"
+        assert condition(status, "Succeeded")["reason"] == "ConvergenceThreshold"
         assert status["earlyStop"]["stepsSaved"] == 220
         assert status["artifact"]["location"] == "/output/runs/x"
         assert "deterministicLoss" not in status  # NaN is not JSON: null, never sent as NaN

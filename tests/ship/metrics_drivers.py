@@ -41,7 +41,7 @@ def run_operator(port: int) -> None:
     time.sleep(2)  # let Prometheus see the counters' absence first, as after an operator start
     for round_ in range(10_000):
         metrics.PHASES.observe(f"done-{round_}", "Succeeded")
-        metrics.record_completion("Succeeded", "EarlyStopped", "textualInversion", finished, gpus=1)
+        metrics.record_completion("Succeeded", "ConvergenceThreshold", "textualInversion", finished, gpus=1)
         if round_ == 0:
             metrics.PHASES.observe("f", "Failed")
             metrics.record_completion("Failed", "OOMKilled", "dreambooth", {}, gpus=1)

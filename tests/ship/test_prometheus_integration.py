@@ -230,7 +230,7 @@ def test_unit_tests_catch_a_broken_rule(tmp_path):
     groups = rendered_rule_groups()
     for rule in alert_rules(groups):
         if rule["alert"] == "PersonalizationJobsFailing":
-            rule["expr"] = 'sum by (namespace, reason) (increase(personalization_job_completions_total{reason!~"EarlyStopped|MaxSteps|Completed"}[30m])) > 0'
+            rule["expr"] = 'sum by (namespace, reason) (increase(personalization_job_completions_total{reason!~"ConvergenceThreshold|MaxSteps|Completed"}[30m])) > 0'
     (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(groups, sort_keys=False))
     shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
     assert promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path).returncode != 0

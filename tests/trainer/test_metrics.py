@@ -142,3 +142,23 @@ def test_promtool_lint_is_clean():
     m.observe(1, 10, 0.5, 0.4, 0.3, 0.15, 0.1)
     result = subprocess.run(["promtool", "check", "metrics"], input=m.exposition(), capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_per_timestep_loss_statistics_and_sample_cost_are_exposed():
+    m = make()
+    before = families(m.exposition().decode())
+    assert math.isnan(sample_value(before, "personalization_gradient_norm"))  # unknown until the first step
+    stats = {"lr": 1e-4, "grad_norm": 0.8, "update_ratio": 2e-3, "update_cosine": math.nan, "adam_snr": 0.3}
+    m.observe(1, 100, 0.3, 0.2, None, 0.15, 0.1, timestep_losses={"t=0017": 0.4, "t=0911": 0.05}, stats=stats)
+    m.observe(2, 100, 0.3, None, None, 0.15, 0.1, stats={**stats, "update_cosine": -0.2})  # no evaluation here
+    m.observe_samples(2.5)
+    fams = families(m.exposition().decode())
+    assert sample_value(fams, "personalization_timestep_deterministic_loss", timestep="t=0017") == pytest.approx(0.4)
+    assert sample_value(fams, "personalization_timestep_deterministic_loss", timestep="t=0911") == pytest.approx(0.05)
+    assert sample_value(fams, "personalization_learning_rate") == pytest.approx(1e-4)
+    assert sample_value(fams, "personalization_gradient_norm") == pytest.approx(0.8)
+    assert sample_value(fams, "personalization_update_ratio") == pytest.approx(2e-3)
+    assert sample_value(fams, "personalization_update_cosine") == pytest.approx(-0.2)
+    assert sample_value(fams, "personalization_adam_snr") == pytest.approx(0.3)
+    samples = "personalization_sample_duration_seconds"
+    assert sample_value(fams, samples, f"{samples}_count") == 1 and sample_value(fams, samples, f"{samples}_sum") == 2.5

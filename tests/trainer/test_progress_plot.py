@@ -20,9 +20,10 @@ class Clock:
         return self.now
 
 
-def test_log_mode_prints_one_line_per_report_with_eta():
+def test_log_mode_prints_a_line_with_eta_when_one_is_due():
     out, clock = io.StringIO(), Clock()
-    p = ProgressPrinter(max_steps=1000, threshold=0.15, criterion="dvar", stream=out, is_tty=False, clock=clock)
+    p = ProgressPrinter(max_steps=1000, threshold=0.15, criterion="dvar", stream=out, is_tty=False, clock=clock,
+                        every_steps=1)
     p.update(1, train_loss=0.5)
     clock.now = 10.0  # 10 s for 10 steps -> 1 s per step
     line = p.update(11, train_loss=0.4, deterministic_loss=0.25, convergence_value=0.3)
@@ -37,16 +38,31 @@ def test_log_mode_prints_one_line_per_report_with_eta():
     assert lines[2] == "stopped"
 
 
-def test_tty_mode_rewrites_the_line_in_place():
+def test_log_mode_prints_every_n_steps_or_every_s_seconds_whichever_comes_first_and_the_last_step():
+    out, clock = io.StringIO(), Clock()
+    p = ProgressPrinter(max_steps=1000, stream=out, is_tty=False, clock=clock, every_steps=100, every_seconds=30)
+    for step in range(1, 251):  # 0.1 s per step: 100 steps come before 30 s
+        clock.now = 0.1 * step
+        p.update(step, train_loss=0.5)
+    for step in range(251, 261):  # then 11 s per step: 30 s come before 100 steps
+        clock.now += 11.0
+        p.update(step, train_loss=0.5)
+    p.close("stopped at step 260/1000")
+    printed = [int(line.split("/")[0].split()[-1]) for line in out.getvalue().splitlines()[:-1]]
+    assert printed == [1, 101, 201, 253, 256, 259, 260]  # 260: the last step, printed at the close
+    assert out.getvalue().splitlines()[-1] == "stopped at step 260/1000"
+
+
+def test_a_terminal_gets_a_live_tqdm_bar_with_the_numbers_and_no_log_lines():
     out = io.StringIO()
-    p = ProgressPrinter(max_steps=50, stream=out, is_tty=True, clock=Clock())
-    long = p.update(1, train_loss=0.123456, deterministic_loss=0.5, convergence_value=float("nan"))
-    short = p.update(2, train_loss=0.1)
-    p.close()
+    p = ProgressPrinter(max_steps=50, threshold=0.15, criterion="dvar", stream=out, is_tty=True, clock=Clock())
+    for step in range(1, 21):
+        p.update(step, train_loss=0.123, deterministic_loss=0.05, convergence_value=0.3)
+    p.close("stopped")
     text = out.getvalue()
-    assert text.count("\r") == 2 and text.count("\n") == 1 and text.endswith("\n")
-    second = text.split("\r")[2]
-    assert second.startswith(short) and len(second.rstrip("\n")) >= len(long)  # old text erased
+    assert "\r" in text and "20/50" in text  # redrawn in place, tqdm's counter
+    assert "dvar 0.3 (stop < 0.15)" in text and "step 20/50" not in text  # the numbers, not the log line
+    assert text.endswith("stopped\n")
 
 
 def test_the_tracking_cost_note():

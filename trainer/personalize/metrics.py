@@ -27,6 +27,16 @@ LABELS = ("namespace", "personalizationjob", "method", "criterion")
 PUSH_JOB = "personalization-trainer"
 # Step times of the tiny CPU world (~0.1 s) up to large models on one GPU (seconds to a minute).
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A sample grid: a tiny world's second up to a few minutes of a large model's sampling.
+SAMPLE_SECONDS_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# The per-step training statistics (training_stats.py) by their StepRecord key.
+STAT_GAUGES = {
+    "lr": ("personalization_learning_rate", "Learning rate of the last optimizer step."),
+    "grad_norm": ("personalization_gradient_norm", "L2 norm of the last step's gradient, before clipping."),
+    "update_ratio": ("personalization_update_ratio", "Norm of the last update over the norm of the trained weights."),
+    "update_cosine": ("personalization_update_cosine", "Cosine between the last two updates (near 0: steps cancel out)."),
+    "adam_snr": ("personalization_adam_snr", "Mean of AdamW's m_hat^2/v_hat over the last steps (1: steady gradient)."),
+}
 
 
 class TrainerMetrics:
@@ -78,7 +88,20 @@ class TrainerMetrics:
             "personalization_evaluation_duration_seconds",
             "Wall time one step spent evaluating the stop signal (deterministic loss or CLIP check).",
         )
-        for unknown in (self.deterministic_loss, self.training_loss, self.convergence_value, self.convergence_threshold):
+        # One series per reference slot, named by its timestep (bounded by the reference batch size).
+        self.timestep_loss = Gauge(
+            "personalization_timestep_deterministic_loss",
+            "Loss of one reference slot at the last evaluation, by its timestep (flow matching: sigma).",
+            (*LABELS, "timestep"), registry=self.registry,
+        )
+        self.stats = {key: gauge(metric, doc) for key, (metric, doc) in STAT_GAUGES.items()}
+        self.sample_duration = Histogram(
+            "personalization_sample_duration_seconds",
+            "Wall time of drawing one validation grid while training (validation.everySteps).",
+            LABELS, buckets=SAMPLE_SECONDS_BUCKETS, registry=self.registry,
+        ).labels(**self.labels)
+        for unknown in (self.deterministic_loss, self.training_loss, self.convergence_value, self.convergence_threshold,
+                        *self.stats.values()):
             unknown.set(math.nan)
         self._server = None
         self._thread = None
@@ -93,8 +116,15 @@ class TrainerMetrics:
         threshold: Optional[float],
         step_seconds: Optional[float],
         evaluation_seconds: Optional[float] = None,
+        timestep_losses: Optional[dict[str, float]] = None,
+        stats: Optional[dict[str, float]] = None,
     ) -> None:
         """Record one step. None means "not measured at this step": the gauge keeps its value."""
+        for label, value in (timestep_losses or {}).items():
+            self.timestep_loss.labels(**self.labels, timestep=label).set(value)
+        for key, value in (stats or {}).items():
+            if key in self.stats:
+                self.stats[key].set(value)  # NaN where undefined at this step (a gap)
         self.step.set(step)
         self.max_steps.set(max_steps)
         for gauge, value in (
@@ -109,6 +139,10 @@ class TrainerMetrics:
             self.step_duration.observe(step_seconds)
         if evaluation_seconds is not None:
             self.evaluation_duration.observe(evaluation_seconds)
+
+    def observe_samples(self, seconds: float) -> None:
+        """One validation grid drawn while training, and what it took."""
+        self.sample_duration.observe(seconds)
 
     def set_early_stopped(self, stopped: bool) -> None:
         self.early_stopped.set(1 if stopped else 0)

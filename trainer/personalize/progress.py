@@ -1,9 +1,11 @@
-"""The terminal progress line of a training run.
+"""The progress of a training run in the log, or as a live bar on a terminal.
 
     step   120/6100   2.0% | loss 0.1234 | det 0.05678 | dvar 0.412 (stop < 0.15) | ETA 0:03:21
 
-On a terminal the line is rewritten in place (carriage return); in a pod's log, a CI job or a
-pipe (stdout not a TTY) every report is its own line, so logs stay readable and greppable.
+In a pod's log, a CI job or a pipe (stdout not a TTY) a line is printed every `every_steps` steps
+or every `every_seconds` seconds, whichever comes first, and always at the first and the last
+step: a 6,100-step run leaves a readable `kubectl logs`, not 6,100 lines (reporting.logEverySteps
+and logEverySeconds). On a terminal, tqdm draws a live bar with the same numbers beside it.
 The ETA is to maxSteps at the mean pace so far: an upper bound, since the criterion may stop
 the run earlier.
 """
@@ -14,6 +16,8 @@ import math
 import sys
 import time
 from typing import Callable, Optional, TextIO
+
+from tqdm import tqdm
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -44,15 +48,20 @@ class ProgressPrinter:
         stream: Optional[TextIO] = None,
         is_tty: Optional[bool] = None,
         clock: Callable[[], float] = time.monotonic,
+        every_steps: int = 100,
+        every_seconds: float = 30.0,
     ):
         self.max_steps = max_steps
         self.threshold = threshold
         self.criterion = criterion
         self.stream = stream if stream is not None else sys.stdout
         self.is_tty = self.stream.isatty() if is_tty is None else is_tty
+        self.every_steps, self.every_seconds = every_steps, every_seconds
         self._clock = clock
         self._start: Optional[tuple[int, float]] = None  # (step, time) of the first report
-        self._last_len = 0
+        self._printed: Optional[tuple[int, float]] = None  # (step, time) of the last printed line
+        self._pending: Optional[str] = None  # the last line, when it was not printed
+        self._bar: Optional[tqdm] = None
 
     def eta_seconds(self, step: int) -> Optional[float]:
         if self._start is None:
@@ -63,6 +72,12 @@ class ProgressPrinter:
         per_step = (self._clock() - t0) / (step - step0)
         return per_step * max(self.max_steps - step, 0)
 
+    def _numbers(self, train_loss, deterministic_loss, convergence_value) -> str:
+        conv = f"{self.criterion} {_num(convergence_value)}"
+        if self.threshold is not None:
+            conv += f" (stop < {self.threshold:g})"
+        return f"loss {_num(train_loss)} | det {_num(deterministic_loss)} | {conv}"
+
     def format(
         self,
         step: int,
@@ -72,13 +87,17 @@ class ProgressPrinter:
     ) -> str:
         width = len(str(self.max_steps))
         percent = 100.0 * step / self.max_steps if self.max_steps else 0.0
-        conv = f"{self.criterion} {_num(convergence_value)}"
-        if self.threshold is not None:
-            conv += f" (stop < {self.threshold:g})"
         return (
-            f"step {step:>{width}}/{self.max_steps} {percent:5.1f}% | loss {_num(train_loss)} | "
-            f"det {_num(deterministic_loss)} | {conv} | ETA {format_duration(self.eta_seconds(step))}"
+            f"step {step:>{width}}/{self.max_steps} {percent:5.1f}% | "
+            f"{self._numbers(train_loss, deterministic_loss, convergence_value)} | "
+            f"ETA {format_duration(self.eta_seconds(step))}"
         )
+
+    def _due(self, step: int, now: float) -> bool:
+        if self._printed is None:
+            return True
+        last_step, last_time = self._printed
+        return step - last_step >= self.every_steps or now - last_time >= self.every_seconds
 
     def update(
         self,
@@ -87,25 +106,37 @@ class ProgressPrinter:
         deterministic_loss: Optional[float] = None,
         convergence_value: Optional[float] = None,
     ) -> str:
-        """Print the progress after `step`; returns the line (without control characters)."""
+        """Report the progress after `step`; returns the line (printed when due, or drawn as the bar)."""
+        now = self._clock()
         if self._start is None:
             # The pace is measured from the first report, so setup time does not inflate the ETA.
-            self._start = (step, self._clock())
+            self._start = (step, now)
         line = self.format(step, train_loss, deterministic_loss, convergence_value)
         if self.is_tty:
-            pad = " " * max(self._last_len - len(line), 0)  # erase leftovers of a longer line
-            self.stream.write("\r" + line + pad)
-            self._last_len = len(line)
+            if self._bar is None:  # a resumed run's bar starts where the run resumed
+                self._bar = tqdm(total=self.max_steps, initial=step - 1, file=self.stream, unit="step",
+                                 dynamic_ncols=True, leave=True)
+            self._bar.set_postfix_str(self._numbers(train_loss, deterministic_loss, convergence_value), refresh=False)
+            self._bar.update(step - self._bar.n)
+        elif self._due(step, now):
+            self._emit(line)
+            self._printed, self._pending = (step, now), None
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self._pending = line
         return line
 
+    def _emit(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
     def close(self, message: Optional[str] = None) -> None:
-        """End the in-place line (TTY) and print an optional closing message."""
-        if self.is_tty and self._last_len:
-            self.stream.write("\n")
-            self._last_len = 0
+        """Print the last step's line if it was skipped (or end the bar), then an optional message."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._pending is not None:
+            self._emit(self._pending)
+            self._pending = None
         if message:
-            self.stream.write(message + "\n")
+            self._emit(message)
         self.stream.flush()

@@ -8,19 +8,24 @@ import json
 import os
 from pathlib import Path
 
+from personalize.reporting.rows import BASE_COLUMNS, columns
+
 RESULT_FILE = "result.json"
 LOSSES_FILE = "losses.csv"
 PLOT_FILE = "convergence.png"
-LOSSES_HEADER = ("step", "train_loss", "deterministic_loss", "convergence_value")
+LOSSES_HEADER = BASE_COLUMNS
 
 
 def write_losses_csv(rows: list[dict], path: Path) -> None:
-    """One row per training step; an empty cell where the value was not computed at that step."""
+    """One row per training step; an empty cell where the value was not computed at that step.
+    The columns: LOSSES_HEADER, then what the rows add (reporting/rows.py: L_det per timestep,
+    the training statistics)."""
+    header = columns(rows)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(LOSSES_HEADER)
+        writer.writerow(header)
         for row in rows:
-            writer.writerow(["" if row.get(k) is None else row[k] for k in LOSSES_HEADER])
+            writer.writerow(["" if row.get(k) is None else row[k] for k in header])
 
 
 def write_json(data: dict, path: Path) -> None:

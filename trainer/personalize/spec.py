@@ -123,6 +123,14 @@ class Packing(str, Enum):
     never = "never"
 
 
+class Tracker(str, Enum):
+    """Experiment trackers, reached through accelerate's tracker API (each needs its extra)."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
 class Phase(str, Enum):
     pending = "Pending"
     queued = "Queued"
@@ -514,6 +522,35 @@ class Validation(ApiModel):
     num_images_per_prompt: int = Field(2, ge=1, le=64)
     inference_steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
+    every_steps: int = Field(
+        0, ge=0, le=1_000_000, description="Also draw the grid while training: samples/step-NNNNN.png every N "
+        "steps and at the stop (0: only samples_before.png and samples.png). Its cost is reported like tracking's.",
+    )
+
+
+class Reporting(ApiModel):
+    """Where progress goes besides the status, the metrics and the output folder."""
+
+    trackers: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers that get the losses, L_det per timestep, the "
+        "training statistics, the convergence value, the stop decision and the sample grids (accelerate's "
+        "trackers; install the trainer's extra of each). Their files go under <output>/trackers/.",
+    )
+    project: Optional[str] = Field(
+        None, min_length=1, max_length=128, description="Tracker project (W&B) or experiment (MLflow). "
+        "Default: personalization.",
+    )
+    log_every_steps: int = Field(
+        100, ge=1, le=1_000_000, description="A progress line in the log every N steps, or every logEverySeconds, "
+        "whichever comes first (and always at the first and the last step). A terminal gets a live bar instead.",
+    )
+    log_every_seconds: float = Field(30.0, gt=0.0, le=86_400.0)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Reporting":
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError("trackers: each tracker at most once")
+        return self
 
 
 class Output(ApiModel):
@@ -594,6 +631,7 @@ class PersonalizationJobSpec(ApiModel):
     flow_matching: FlowMatchingOptions = Field(default_factory=FlowMatchingOptions)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     validation: Validation = Field(default_factory=Validation)
+    reporting: Reporting = Field(default_factory=Reporting)
     output: Output = Field(default_factory=Output)
     resources: Resources = Field(default_factory=Resources)
     image: Optional[str] = Field(None, description="Trainer image override (default: the operator's setting).")
@@ -720,7 +758,11 @@ class Progress(ApiModel):
     step: int = Field(0, ge=0)
     max_steps: int = Field(0, ge=0)
     percent: float = Field(0.0, ge=0.0, le=100.0)
-    eta_seconds: Optional[float] = Field(None, ge=0.0)
+    eta_seconds: Optional[float] = Field(None, ge=0.0, description="To maxSteps at the pace so far; none once the "
+                                         "run has ended (step then says where it stopped).")
+    elapsed_seconds: Optional[float] = Field(None, ge=0.0, description="Since the trainer started.")
+    elapsed: Optional[str] = Field(None, description="elapsedSeconds as H:MM:SS (a kubectl column).")
+    eta: Optional[str] = Field(None, description="etaSeconds as H:MM:SS (a kubectl column).")
     stage: Optional[str] = Field(None, description="For tiDreambooth: textualInversion or dreambooth.")
 
 
@@ -761,9 +803,14 @@ class TrainerReport(ApiModel):
     progress: Optional[Progress] = None
     deterministic_loss: Optional[float] = None
     train_loss: Optional[float] = None
-    convergence_value: Optional[float] = None
+    convergence_value: Optional[float] = Field(None, description="The criterion's last value (4 significant "
+                                               "digits; earlyStop.value and losses.csv keep them all).")
+    convergence_threshold: Optional[float] = Field(None, description="The current stage's threshold.")
+    timestep_losses: Optional[dict[str, float]] = Field(
+        None, description="The last L_det of each reference slot, by its timestep (flow matching: sigma).")
     early_stop: Optional[EarlyStop] = None
     identifier: Optional[str] = None
+    samples: Optional[str] = Field(None, description="The latest sample grid, relative to the output folder.")
     reference: Optional[ReferenceInfo] = None
     artifact: Optional[Artifact] = None
     stages: list[dict[str, Any]] = Field(default_factory=list)
