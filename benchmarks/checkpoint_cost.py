@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from personalize.world.provenance import installed_world
 from personalize.world.shapes import concept_by_name, write_concept_images
 
 METHODS = ["textualInversion", "dreambooth", "lora", "customDiffusion", "tiDreambooth"]
@@ -153,7 +154,8 @@ def main() -> None:
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
             "interrupt_at": args.interrupt_at, "max_steps": args.max_steps}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpoint_cost.json").write_text(json.dumps({"meta": meta, "methods": rows}, indent=2) + "\n")
+    report = {"world": installed_world(), "meta": meta, "methods": rows}
+    (RESULTS / "checkpoint_cost.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "checkpoint_cost.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 

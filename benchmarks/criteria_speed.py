@@ -59,6 +59,7 @@ def main() -> None:
 
     values = loss_series(args.updates)
     result: dict = {
+        "world": None,  # no tiny world: a synthetic loss series
         "updates": args.updates,
         "window": args.window,
         "python": platform.python_version(),

@@ -215,6 +215,7 @@ def main() -> int:
     import transformers
 
     report = {
+        "world": None,  # no tiny world: random-weight tiny SDXL, FLUX.1 and SD3 pipelines
         "settings": {"steps": args.steps, "timed_steps": f"{args.skip + 1}-{args.steps}", "reps": args.reps,
                      "batch_size": BATCH, "lora_rank": RANK, "learning_rate": LR, "torch_threads": THREADS,
                      "resolution": {f: tiny_families.RESOLUTION[f] for f in families},

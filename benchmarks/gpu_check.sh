@@ -75,6 +75,8 @@ run() {  # run METHOD PRECISION PROCESSES DEVICE -> WORK/<name>.summary.json
   fi
 }
 
+# The world the runs train on: results name it (personalize/world/provenance.py).
+echo "world: $("$PYTHON" -c 'from personalize.world.provenance import installed_world; print(installed_world())' 2>/dev/null)"
 printf '%-40s %8s %9s %10s %s\n' run stop s/step peak_MiB "stop vs fp32 CPU"
 for method in $METHODS; do
   run "$method" no 1 cpu || continue

@@ -98,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not report:
         print(f"error: no baseline runs with L_det series and curves in {args.runs}", file=sys.stderr)
         return 2
-    write_study(args.out, f"guard_study_{args.set}", report, parts)
+    write_study(args.out, f"guard_study_{args.set}", report, parts, args.runs)
     return 0
 
 

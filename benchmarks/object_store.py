@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "trainer"))
 from storage_servers import MotoS3  # noqa: E402
 
+from personalize.world.provenance import installed_world  # noqa: E402
 from personalize.world.shapes import concept_by_name, write_concept_images  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -162,7 +163,7 @@ def main() -> None:
     finally:
         moto.close()
 
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    result = {"world": installed_world(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "store": "moto[server] S3 on 127.0.0.1", "upload": upload, "resume": resume}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "object_store.json").write_text(json.dumps(result, indent=2) + "\n")

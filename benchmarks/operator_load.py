@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.stop()
 
     result = {
+        "world": None,  # no tiny world: the operator alone
         "what": "personalization-operator against the strict fake API server (kmock 0.8 + schema validation)",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},

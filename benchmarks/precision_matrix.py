@@ -193,6 +193,7 @@ def main() -> int:
     import transformers
 
     from personalize.world import concept_by_name, write_concept_images
+    from personalize.world.provenance import installed_world
 
     torch.set_num_threads(1)  # the round-trip sampling here; the runs themselves get OMP_NUM_THREADS=1
     diffusers.utils.logging.disable_progress_bar()
@@ -208,7 +209,7 @@ def main() -> int:
     commit = git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
     script = Path(sys.argv[0])
     script = script.relative_to(ROOT) if script.is_absolute() else script
-    meta = {"command": " ".join(["python", str(script), *sys.argv[1:]]),
+    meta = {"world": installed_world(), "command": " ".join(["python", str(script), *sys.argv[1:]]),
             "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "max_steps": args.max_steps, "concept": CONCEPT, "work": str(work)}
     cells = []

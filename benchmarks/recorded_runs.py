@@ -72,9 +72,20 @@ def relative_to_repo(path: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
-def write_study(out: Path, stem: str, report: dict, sections: list[str]) -> None:
-    """A replay study's results: <stem>.json (the numbers) and <stem>.md (the sections), printed too."""
+def runs_world(runs_dir: Path) -> Optional[str]:
+    """The tiny world (provenance.world_fingerprint) the run files in runs_dir trained on: a
+    replay's numbers belong to that world, whichever world is installed when it is replayed."""
+    worlds = {json.loads(path.read_text()).get("world") for path in runs_dir.glob("*.json")}
+    if len(worlds) > 1:
+        raise SystemExit(f"error: {runs_dir} holds runs of several worlds ({', '.join(sorted(map(str, worlds)))})")
+    return worlds.pop() if worlds else None
+
+
+def write_study(out: Path, stem: str, report: dict, sections: list[str], runs_dir: Path) -> None:
+    """A replay study's results: <stem>.json (the numbers, with the world of the runs replayed)
+    and <stem>.md (the sections), printed too."""
     out.mkdir(parents=True, exist_ok=True)
+    report = {"world": runs_world(runs_dir), **report}
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{stem}.md").write_text("\n".join(sections))
     print("\n".join(sections))

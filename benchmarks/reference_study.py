@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not report:
         print(f"error: no slot-study runs matching recorded baselines in {args.study}", file=sys.stderr)
         return 2
-    write_study(args.study, f"reference_study_{args.set}", report, parts)
+    write_study(args.study, f"reference_study_{args.set}", report, parts, args.study / "personalization_runs")
     return 0
 
 

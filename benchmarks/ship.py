@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--live-runs", type=int, default=3)
     args = parser.parse_args()
     result = {
+        "world": None,  # no tiny world: the chart and a live Prometheus
         "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
                     "helm_sdk": helm_python.helm_sdk_version()},
         "chart": chart_numbers(args.repeats),

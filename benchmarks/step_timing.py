@@ -45,6 +45,7 @@ from personalize.methods import learns_embedding, plan_stages
 from personalize.pipeline_io import builtin_tiny_world_folder, load_base_pipeline, models_of
 from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
+from personalize.world.provenance import installed_world
 from personalize.world.tiny_models import build_tiny_pipeline_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,13 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             model, model_name = {"builtin": "tiny-world"}, f"tiny world ({builtin_tiny_world_folder()})"
+            world = installed_world()
         except TrainerInputError:
             folder = build_tiny_pipeline_folder(Path(tmp) / "pipeline", seed=0)
             model, model_name = {"path": str(folder)}, "random-weight tiny test pipeline (tiny world not installed)"
+            world = None
         concept_dir = Path(tmp) / "concept"
         write_concept_images(concept_by_name("red_striped_triangle"), 12, concept_dir, seed=0)
         started = time.monotonic()
         report = {
+            "world": world,
             "model": model_name,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
             "torch_threads": args.threads,

@@ -154,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not report:
         print(f"error: no baseline runs with L_det series and curves in {args.runs}", file=sys.stderr)
         return 2
-    write_study(args.out, args.stem or f"stop_sweep_{args.set}", report, parts)
+    write_study(args.out, args.stem or f"stop_sweep_{args.set}", report, parts, args.runs)
     return 0
 
 

@@ -164,7 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              medians_table(medians), summary_table(traces)]
     if args.runs_named:
         parts += [markdown(t) for t in traces]
-    write_study(args.out or args.runs.parent, f"stop_trace_{args.set}", {"medians": medians, "traces": traces}, parts)
+    write_study(args.out or args.runs.parent, f"stop_trace_{args.set}", {"medians": medians, "traces": traces}, parts,
+                args.runs)
     return 0
 
 

@@ -48,10 +48,11 @@ from personalize.replay import run as replay_run
 from personalize.run_files import write_losses_csv
 from personalize.spec import parse_spec
 from personalize.world import concept_by_name, write_concept_images
+from personalize.world.provenance import installed_world
 from personalize.world.shapes import CONCEPT_SETS, concept_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import command_line, every_step_runs, every_step_stop, relative_to_repo  # noqa: E402  (a sibling script module)
+from recorded_runs import command_line, every_step_runs, every_step_stop, relative_to_repo, runs_world  # noqa: E402  (a sibling script module)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCEPT = "red_striped_triangle"
@@ -304,7 +305,8 @@ def recorded_markdown(summary: dict) -> str:
             "Per `personalize.eval_schedule.ScheduleKnobs` (the first row with all stops kept is the "
             "cheapest that keeps them): stops within 5 steps of every step, and the mean share of steps "
             "evaluated. A tracked run costs about 1 + fraction x (L_det's cost / a step's); at every step that "
-            "is the measured every-step ratio, 1.31-1.37.",
+            "is the every-step ratio `python benchmarks/tracking_cost.py` measures in the training loop "
+            "(1.31-1.37 on the first world: benchmarks/results/first_world/tracking_cost.md).",
             "",
             "| near | far | tolerance | measurements per window | within 5 steps | mean evaluated fraction |",
             "|---|---|---|---|---|---|",
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     concepts = {c.name for c in concept_set(args.set)}
     series = every_step_series(args.runs, concepts)  # read once: the frontier replays it 64 times
-    summary = {**recorded_series(series), "frontier": frontier(series),
+    summary = {"world": runs_world(args.runs), **recorded_series(series), "frontier": frontier(series),
                "fixed_every": fixed_every(series),
                "runs_dir": relative_to_repo(args.runs), "concept_set": args.set,
                "command": command_line("tracking_cost.py", argv)}
@@ -390,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         concept_dir = Path(tmp) / "concept"
         write_concept_images(concept_by_name(CONCEPT), IMAGES, concept_dir, seed=0)
         report = {
+            "world": installed_world(),
             "concept": CONCEPT,
             "window": args.window,
             "max_steps": args.max_steps,

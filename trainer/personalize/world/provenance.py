@@ -7,6 +7,7 @@ carry their own list and scoring code checks against it:
     write_record(world_dir)                        # pretraining: this world held out today's sets
     unseen = held_out_by(world_dir)                # names of the concepts it never saw
     world_fingerprint(world_dir)                   # which weights these are (results name it)
+    installed_world()                              # the fingerprint of the world the trainer ships
 """
 
 from __future__ import annotations
@@ -43,3 +44,10 @@ def world_fingerprint(world_dir: str | Path) -> str:
         digest.update(path.relative_to(world_dir).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def installed_world() -> str:
+    """The fingerprint of the tiny world installed with the trainer (`baseModel.builtin`)."""
+    from personalize.world.tiny_models import TINY_WORLD_DIR  # torch-heavy: only when asked
+
+    return world_fingerprint(TINY_WORLD_DIR)
