@@ -6,6 +6,7 @@ import io
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from personalize.plotting import build_convergence_figure, plot_convergence
@@ -89,25 +90,74 @@ def rows_like_losses_csv(steps: int = 200, eval_every: int = 5) -> list[dict]:
     return rows
 
 
-def test_convergence_figure_has_both_axes_threshold_and_stop_line():
+def with_timesteps(rows: list[dict]) -> list[dict]:
+    """Per-timestep columns as losses.csv has them: the high-noise slot moves least."""
+    for row in rows:
+        if row["deterministic_loss"] != "":
+            for label, k in (("t=0017", 0.6), ("t=0911", 0.05)):
+                row[f"deterministic_loss[{label}]"] = 2 * row["deterministic_loss"] * (1 + k * math.exp(-row["step"] / 20))
+    return rows
+
+
+def axis(fig, ylabel: str):
+    [found] = [ax for ax in fig.axes if ax.get_ylabel() == ylabel]
+    return found
+
+
+def test_l_det_has_an_axis_of_its_own_scaled_to_its_range():
     fig = build_convergence_figure(rows_like_losses_csv(), threshold=0.15, stop_step=120)
-    loss_ax, conv_ax = fig.axes
-    assert loss_ax.get_yscale() == "log" and conv_ax.get_yscale() == "log"
-    labels = [line.get_label() for line in loss_ax.lines + conv_ax.lines]
-    assert labels[:2] == ["training loss", "deterministic loss"]
-    assert "|convergence value|" in labels and "threshold 0.15" in labels and "stop at step 120" in labels
-    [stop] = [line for line in loss_ax.lines if line.get_label() == "stop at step 120"]
-    assert list(stop.get_xdata()) == [120, 120]
-    [det] = [line for line in loss_ax.lines if line.get_label() == "deterministic loss"]
+    loss_ax, det_ax = axis(fig, "training loss"), axis(fig, "L_det")
+    assert loss_ax.get_yscale() == "log" and det_ax.get_yscale() == "linear"
+    [det] = [line for line in det_ax.lines if line.get_label() == "deterministic loss L_det"]
     assert len(det.get_xdata()) == 40  # only evaluated steps
+    low, high = min(det.get_ydata()), max(det.get_ydata())
+    bottom, top = det_ax.get_ylim()
+    assert bottom < low and high < top and (high - low) / (top - bottom) > 0.8  # the curve fills its axis
     [train] = [line for line in loss_ax.lines if line.get_label() == "training loss"]
     assert len(train.get_xdata()) == 199  # the NaN step left out
 
 
+def test_the_threshold_is_on_the_convergence_axis_with_a_tick_and_a_label_of_its_own():
+    fig = build_convergence_figure(rows_like_losses_csv(), threshold=0.15, stop_step=120)
+    conv_ax = axis(fig, "convergence value")
+    assert conv_ax.get_yscale() == "log"
+    assert [line.get_ydata()[0] for line in conv_ax.lines if line.get_label() == "threshold 0.15"] == [0.15]
+    assert 0.15 in list(conv_ax.get_yticks())
+    fig.canvas.draw()
+    assert "0.15" in [t.get_text() for t in conv_ax.get_yticklabels()]
+    assert [t.get_text() for t in conv_ax.texts] == ["stop below 0.15"]
+
+
+def test_every_panel_marks_the_stop_and_no_legend_covers_a_panel():
+    fig = build_convergence_figure(with_timesteps(rows_like_losses_csv()), threshold=0.15, stop_step=120)
+    panels = [axis(fig, "training loss"), axis(fig, "convergence value"), axis(fig, "L_det / first value")]
+    for ax in panels:
+        [stop] = [line for line in ax.lines if line.get_label() == "stop at step 120"]
+        assert list(stop.get_xdata()) == [120, 120]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 3
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in panels)
+
+
+def test_the_timestep_panel_draws_each_slot_relative_to_its_first_value():
+    fig = build_convergence_figure(with_timesteps(rows_like_losses_csv()), threshold=0.15, stop_step=None)
+    ts_ax = axis(fig, "L_det / first value")
+    curves = {line.get_label(): line.get_ydata() for line in ts_ax.lines if line.get_label().startswith("t=")}
+    assert set(curves) == {"t=0017", "t=0911"}
+    assert all(values[0] == pytest.approx(1.0) for values in curves.values())
+    assert curves["t=0017"][-1] < curves["t=0911"][-1]  # the slot that moved most shows it
+    # without per-timestep columns there is no such panel
+    assert len(build_convergence_figure(rows_like_losses_csv(), 0.15, None).axes) == 3  # two panels + the L_det twin
+
+
 def test_plot_convergence_writes_a_png(tmp_path):
-    path = plot_convergence(rows_like_losses_csv(), 0.15, None, tmp_path / "convergence.png")
+    path = plot_convergence(with_timesteps(rows_like_losses_csv()), 0.15, None, tmp_path / "convergence.png")
     with Image.open(path) as img:
-        assert img.format == "PNG" and img.size == (900, 500)
+        assert img.format == "PNG" and img.size[1] > img.size[0] * 0.8  # three panels stacked
     # A run that never evaluated still gets a plot.
     plot_convergence([{"step": 1, "train_loss": 0.5}], None, None, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
