@@ -8,6 +8,7 @@ Job says what a solo Job would say (Pending, Running, Queued by Kueue, a pod tha
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from personalize.spec import Phase, StopReason
@@ -63,7 +64,17 @@ def observe_member(job: Optional[dict], pods: list[dict], status: dict, events: 
         return lifecycle.observe_job(job, pods, status)  # the pack's failure is every running member's
     if reason == StopReason.failed.value and failure_confirmed:
         return failed_alone(status, job)
-    return lifecycle.observe_job(job, pods, status, events, limits)
+    return _keep_pack_reason(lifecycle.observe_job(job, pods, status, events, limits), status)
+
+
+def _keep_pack_reason(obs: Observation, status: dict) -> Observation:
+    """A member that joined a pack already says where it waits or runs: the Job's own "created" or
+    "running" says nothing new, and rewriting it for every member would cost a request each."""
+    phase, current = lifecycle.phase_reason(status)
+    if phase == obs.phase and current in (JOINED, COLLECTING) and obs.reason in (lifecycle.JOB_CREATED, "PodRunning"):
+        cond = lifecycle.get_condition(status, lifecycle.RUNNING) or {}
+        return replace(obs, reason=current, message=cond.get("message", obs.message))
+    return obs
 
 
 def slots_message(pack: str, slot: int, members: list[str]) -> str:

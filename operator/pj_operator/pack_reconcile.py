@@ -156,6 +156,8 @@ def ensure_objects(kube: Kube, namespace: str, pack: str, add: dict[str, api.Per
     config_name = names.config_map_name(pack)
     for _ in range(CONFLICT_ATTEMPTS):
         config = BOOK.recall(namespace, pack, "ConfigMap") or kube.get("v1", "ConfigMap", namespace, config_name)
+        if config is None and not add:
+            return None  # gone with its last member: nothing to take out
         if config is None:
             manifest = pack_children.config_map(pack, namespace, files, pack_children.owner_references(owners))
             try:
@@ -187,7 +189,7 @@ def ensure_objects(kube: Kube, namespace: str, pack: str, add: dict[str, api.Per
             BOOK.forget_object(namespace, pack, "ConfigMap")
             continue  # changed or gone meanwhile: read it again
         BOOK.remember(namespace, pack, config)
-        _set_role(kube, namespace, pack, config, settings)
+        _set_role(kube, namespace, pack, config, settings, create=bool(add))
         return config
     raise kopf.TemporaryError(f"ConfigMap of pack {pack}: repeated conflicts", delay=settings.retry_delay)
 
@@ -220,8 +222,10 @@ def _ensure_support(kube: Kube, namespace: str, pack: str, config: dict, setting
             BOOK.remember(namespace, pack, created)
 
 
-def _set_role(kube: Kube, namespace: str, pack: str, config: dict, settings: Settings, force: bool = False) -> None:
-    """The Role names exactly the members in the ConfigMap (the trainer's own members)."""
+def _set_role(kube: Kube, namespace: str, pack: str, config: dict, settings: Settings, force: bool = False,
+              create: bool = True) -> None:
+    """The Role names exactly the members in the ConfigMap (the trainer's own members); a missing
+    Role is created (with the other objects owned by the ConfigMap) when `create`."""
     members = config_members(config)
     if not members:
         return  # the last member left: the garbage collector removes the pack
@@ -234,7 +238,8 @@ def _set_role(kube: Kube, namespace: str, pack: str, config: dict, settings: Set
     except ApiError as err:
         if err.status != 404:
             raise
-        _ensure_support(kube, namespace, pack, config, settings)
+        if create:
+            _ensure_support(kube, namespace, pack, config, settings)
         return
     BOOK.remember(namespace, pack, role)
 
@@ -328,7 +333,9 @@ def _release_patch(status_: dict, pack: str) -> dict:
     now = lifecycle.now_iso()
     conds = lifecycle.phase_conditions(list(status_.get("conditions") or []), Phase.queued.value,
                                        pack_lifecycle.PACK_ENDED, message, now)
-    return {"phase": Phase.queued.value, "jobName": None, "pack": None, "conditions": conds}
+    # Its time in the ended pack is no start of its own: the next pack's Job gives it a startTime.
+    return {"phase": Phase.queued.value, "jobName": None, "pack": None, "startTime": None, "attempts": None,
+            "conditions": conds}
 
 
 def sync_member(kube: Kube, namespace: str, name: str, pack: str, job: Optional[dict], pods: list[dict],

@@ -128,8 +128,9 @@ def _resync_member(kube: Kube, pj: dict, job: Optional[dict], pods: list[dict], 
     pack that ended without it is admitted again."""
     namespace, name = pj["metadata"]["namespace"], pj["metadata"]["name"]
     pack = pj["status"]["pack"]["job"]
-    if job is None and not pack_reconcile.BOOK.pack(namespace, pack):
-        return
+    view = pack_reconcile.BOOK.pack(namespace, pack)
+    if job is None and (view is None or not view.job_created):
+        return  # collecting members: its Job is not due yet
     released = pack_reconcile.sync_member(kube, namespace, name, pack, job, pods, settings, events, limits)
     if released is not None:
         reconcile.reconcile(kube, released, settings)
