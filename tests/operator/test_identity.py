@@ -64,7 +64,7 @@ def test_the_operators_annotations_reach_every_per_job_service_account(cluster, 
             assert job["spec"]["template"]["spec"]["serviceAccountName"] == f"{name}-trainer"
             binding = cluster.get("rbac.authorization.k8s.io/v1", "RoleBinding", "default", f"{name}-trainer")
             assert binding["subjects"][0]["name"] == f"{name}-trainer"
-    assert [a["metadata"]["name"] for a in operator_creations(cluster, "serviceaccounts")] == \
+    assert sorted(a["metadata"]["name"] for a in operator_creations(cluster, "serviceaccounts")) == \
         ["first-trainer", "second-trainer"]
 
 
