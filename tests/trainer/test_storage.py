@@ -382,3 +382,32 @@ def test_denied_credentials_give_one_line_that_names_no_credential(tiny_pipeline
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
         "error: output.uri 's3://results/cat': access denied (check the credentials in the job's secretRef)"]
     assert SECRET_KEY not in err + caplog.text and ACCESS_KEY not in err + caplog.text
+
+
+def test_caption_files_come_along_from_buckets_and_archives(https_site, concept_dir, moto, s3):
+    """`photo.txt` beside `photo.png` becomes the downloaded image's caption file (00000.txt
+    beside 00000.png); an image without one has none; other .txt objects are not captions."""
+    from personalize.storage.images import fetch_concept_images
+
+    images = sorted(concept_dir.iterdir())
+    captions = {images[0].name: b"a {token} on grass", images[3].name: b"red stripes"}
+    bucket, client = s3
+    put_concept(client, bucket, concept_dir)  # with notes.txt, a caption of no image
+    for name, text in captions.items():
+        client.put_object(Bucket=bucket, Key=f"cat/{name.rsplit('.', 1)[0]}.txt", Body=text)
+    root, url = https_site
+    with zipfile.ZipFile(root / "captioned.zip", "w") as archive:
+        for p in images:
+            archive.write(p, f"cat/{p.name}")
+        for name, text in captions.items():
+            archive.writestr(f"cat/{name.rsplit('.', 1)[0]}.txt", text)
+
+    for uri in (f"s3://{bucket}/cat/", f"{url}/captioned.zip"):
+        folder = fetch_concept_images(uri)
+        got = {}
+        for i, p in enumerate(images):
+            local = sorted(folder.glob("*.png"))[i]
+            assert local.read_bytes() == p.read_bytes()
+            if local.with_suffix(".txt").exists():
+                got[p.name] = local.with_suffix(".txt").read_bytes()
+        assert got == captions, uri

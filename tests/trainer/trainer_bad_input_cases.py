@@ -439,6 +439,16 @@ CASES: list[Case] = [
          lambda ws: (model_folder({"model_index.json": FLUX_INDEX})(ws),
                      spec_sets("", method="lora", output={"formats": ["diffusers", "kohya"]},
                                priorPreservation={"enabled": False})(ws))),
+    # ---- caption files ----
+    Case("caption-file-missing", "images", "`concept.captionSource: sidecar`, 3 images and no `.txt` beside them",
+         "concept.captionSource sidecar: image '{dir}/images/red_striped_triangle_000.png' has no caption file "
+         "'red_striped_triangle_000.txt' beside it (add one, or use captionSource: auto to train such images on "
+         "the templates)",
+         lambda ws: (images_at(folder_with({}, good_images=3))(ws),
+                     ws.spec["concept"].update(captionSource="sidecar"))),
+    Case("caption-file-empty", "images", "3 images, `red_striped_triangle_001.txt` beside one holds only blank lines",
+         "caption file '{dir}/images/red_striped_triangle_001.txt' is empty (its first line is the image's caption)",
+         images_at(folder_with({"red_striped_triangle_001.txt": b"\n  \n"}, good_images=3))),
 ]
 
 

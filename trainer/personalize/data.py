@@ -5,7 +5,8 @@ Images are turned upright (EXIF orientation), resized (shorter side to `resoluti
 reference batch uses, always the same. Training batches may be augmented as the method's diffusers
 script does (`Augment`: a random instead of the central square, a horizontal flip); those draws
 come from the training generator, so the reference batch never sees them. Captions come from the
-job's templates with `{token}` / `{class_noun}` substituted.
+job's templates with `{token}` / `{class_noun}` substituted, or, for an image with a caption file
+beside it (`photo.txt`), from that file (captions.py: which images, and how the identifier gets in).
 
 Each example also carries its geometry: the image's size before resizing and the top-left corner
 of the square cut from the resized image (original height, width, crop top, crop left), what
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from personalize.captions import fill_caption, image_captions, without_identifier
 from personalize.preflight import concept_folder, list_image_files, open_rgb
 from personalize.spec import DEFAULT_CAPTION_TEMPLATE, Concept, Crop, PersonalizationJobSpec
 
@@ -99,6 +101,9 @@ class ConceptExamples:
     # [N, 4] int64: original height, width, crop top, crop left of each central square; None:
     # images made at the resolution (class images), i.e. (H, W, 0, 0).
     geometry: Optional[torch.Tensor] = None
+    # Each image's own filled caption (from its caption file), or None where it draws from
+    # `captions`; None: no image has one.
+    image_captions: Optional[list[Optional[str]]] = None
 
     def __post_init__(self):
         if self.geometry is None:
@@ -108,10 +113,23 @@ class ConceptExamples:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def all_captions(self) -> list[str]:
+        """Every caption an example may get (to encode them once)."""
+        return [*self.captions, *(c for c in self.image_captions or () if c is not None)]
+
+    def captions_for(self, image_ids: list[int], caption_ids: list[int]) -> list[str]:
+        """The caption of each (image, drawn template) pair: the image's own caption when it has
+        one, else the drawn template. The template is drawn either way, so that a folder without
+        caption files draws exactly what it always did."""
+        own = self.image_captions or [None] * len(self)
+        return [own[i] if own[i] is not None else self.captions[c] for i, c in zip(image_ids, caption_ids)]
+
     def subset(self, indices: list[int]) -> "ConceptExamples":
         resized = [self.resized[i] for i in indices] if self.resized is not None else None
+        own = [self.image_captions[i] for i in indices] if self.image_captions is not None else None
         return ConceptExamples(self.images[indices], [self.files[i] for i in indices], self.captions, self.augment,
-                               resized, self.geometry[indices])
+                               resized, self.geometry[indices], own)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         """A random batch (with replacement across steps, without within a batch when possible),
@@ -135,7 +153,7 @@ class ConceptExamples:
         if self.augment.flip > 0:
             flip = torch.rand(batch_size, generator=generator) < self.augment.flip
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images, [self.captions[int(i)] for i in caption_idx], geometry
+        return images, self.captions_for(idx.tolist(), caption_idx.tolist()), geometry
 
     def _random_square(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
         image = self.resized[index]
@@ -152,8 +170,8 @@ def load_concept_examples(
     templates: Optional[list[str]] = None,
     augment: Augment = Augment(),
 ) -> ConceptExamples:
-    """Read the concept's images; fill the caption templates (default: the concept's own) with
-    the chosen identifier."""
+    """Read the concept's images and their caption files; fill the caption templates (default:
+    the concept's own) and the captions with the chosen identifier."""
     files = list_image_files(concept_folder(concept))
     loaded = [load_resized_with_size(p, resolution) for p in files]
     resized = [image for image, _ in loaded]
@@ -163,7 +181,17 @@ def load_concept_examples(
     room = any(r.shape[1:] != images.shape[2:] for r in resized)
     templates = templates if templates is not None else caption_templates(concept)
     captions = [fill_template(t, identifier, concept.class_noun) for t in templates]
-    return ConceptExamples(images, files, captions, augment, resized if augment.random_crop and room else None, geometry)
+    own = [fill_caption(text, identifier, concept) if text is not None else None
+           for text in image_captions(files, concept.caption_source)]
+    return ConceptExamples(images, files, captions, augment, resized if augment.random_crop and room else None, geometry,
+                           own if any(c is not None for c in own) else None)
+
+
+def caption_file_words(concept: Concept) -> list[str]:
+    """The concept's caption files' texts without the identifier's places: the words the
+    identifier must not be (setup_identifier's exclude_texts)."""
+    files = list_image_files(concept_folder(concept))
+    return [without_identifier(text, concept) for text in image_captions(files, concept.caption_source) if text]
 
 
 def examples_of(spec: PersonalizationJobSpec, identifier: str, resolution: int) -> ConceptExamples:

@@ -10,6 +10,7 @@ from typing import Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from personalize.captions import image_captions
 from personalize.errors import TrainerInputError
 from personalize.families.detection import detect_folder_family
 from personalize.spec import BaseModelSource, Concept, EarlyStopping, PersonalizationJob
@@ -121,5 +122,6 @@ def preflight(job: PersonalizationJob, output: str | Path) -> Path:
     files = list_image_files(concept_folder(spec.concept))
     for path in files:
         open_rgb(path)
+    image_captions(files, spec.concept.caption_source)  # missing (captionSource sidecar), empty or unreadable
     check_reference_fits(len(files), spec.early_stopping)
     return out

@@ -7,7 +7,8 @@ generator of their own, and each of the five random components of the diffusion 
     images      which training image each slot holds (and so its original size and crop corner)
     latents     the VAE posterior sample z_0 = mean(x) + std(x) * n  (n is fixed per slot)
     noise       eps
-    captions    which caption template each slot uses
+    captions    which caption template each slot uses (an image with a caption file: its own
+                caption, which goes with the image)
     timesteps   t; distinct across the slots (a random permutation of all timesteps)
 
 Any subset may instead be re-sampled at every evaluation (the paper's 5-bit code). The
@@ -205,11 +206,13 @@ class ReferenceBatch:
             mean, std = self._posterior_cache if self._posterior_cache is not None else self._posterior(indices)
             latents = scaled_latents(self.vae, mean, std, latent_noise)
 
-        cacheable = fixed.captions and not self.text_encoder_trained
+        # an image's own caption (a caption file) changes with the image when images are re-sampled
+        own_captions = self.examples.image_captions is not None
+        cacheable = fixed.captions and (fixed.images or not own_captions) and not self.text_encoder_trained
         if cacheable and self._caption_cache is not None:
             embeddings = self._caption_cache
         else:
-            captions = [self.examples.captions[i] for i in caption_ids]
+            captions = self.examples.captions_for(indices, caption_ids)
             device = next(text_encoder.parameters()).device
             embeddings = encode_captions(self.models, text_encoder, captions, device).detached_cpu()
             if cacheable:

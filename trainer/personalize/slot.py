@@ -163,7 +163,7 @@ class Slot:
             # encoded by the base text encoder (its adapters belong to other slots), as the
             # uncached path would encode them (half weights here)
             with accelerator.autocast(), routing.uniform(route):  # encoded as the uncached path would be (half weights here)
-                self.prompts.warm(self.train_examples.captions
+                self.prompts.warm(self.train_examples.all_captions
                                   + (self.class_examples.captions if self.class_examples is not None else []))
 
         self.step, self.reason = 0, None

@@ -91,6 +91,14 @@ class Crop(str, Enum):
     random = "random"
 
 
+class CaptionSource(str, Enum):
+    """Where an image's training caption comes from (docs/data.md, "Captions")."""
+
+    auto = "auto"  # its sidecar .txt file when it has one, else the templates
+    sidecar = "sidecar"  # every image must have its .txt file
+    template = "template"  # the templates only; .txt files are ignored
+
+
 class ArtifactFormat(str, Enum):
     diffusers = "diffusers"  # what the family's stock diffusers loaders read
     kohya = "kohya"  # LoRA only: kohya-ss sd-scripts' layout (A1111, Forge, ComfyUI)
@@ -329,6 +337,12 @@ class Concept(ApiModel):
     )
     captions: list[str] = Field(
         default_factory=list, description="Extra caption templates; one is drawn per example."
+    )
+    caption_source: CaptionSource = Field(
+        CaptionSource.auto,
+        description="auto: an image with a caption file beside it (photo.png + photo.txt) trains on that caption, "
+        "the others on the templates; sidecar: every image needs its .txt; template: .txt files are ignored. "
+        "A caption's {token} and {class_noun} are substituted; one without {token} gets the identifier in front.",
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,10 @@ Sources (`concept.images.uri`):
   manifest's own URL); blank lines and lines starting with `#` are ignored.
   (Web servers have no standard folder listing, so a bare https folder is refused.)
 
+Caption files come along: an object or archive member `photo.txt` beside `photo.png` (the same
+key but for the suffix) is written as the image's caption file (`00000.txt` beside `00000.png`;
+captions.py reads it). A manifest lists images only, so its images have no caption files.
+
 Object keys and archive member names are never used as local paths: the images are written as
 `00000.png`, `00001.jpg`, ... in the sorted order of their keys, so `..`, absolute keys or
 symlink members cannot reach outside the cache. Caps: at most `PJ_MAX_IMAGES` images (default
@@ -29,9 +33,10 @@ import tarfile
 import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Iterator, Optional
 from urllib.parse import urljoin
 
+from personalize.captions import CAPTION_SUFFIX
 from personalize.errors import TrainerInputError
 from personalize.storage.locations import Location, open_location, with_retries
 
@@ -45,6 +50,8 @@ MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES = "PJ_MAX_IMAGES", 1000
 MAX_BYTES_ENV, DEFAULT_MAX_BYTES = "PJ_MAX_IMAGE_BYTES", 50_000_000
 # An archive holds the images and little else; this bounds what a hostile one can make us read.
 ARCHIVE_OVERHEAD = 4
+# One downloaded image: where it came from (for messages), its suffix, its bytes, its caption file's bytes.
+Download = tuple[str, str, bytes, Optional[bytes]]
 
 
 def cache_root() -> Path:
@@ -132,14 +139,22 @@ def _check_decodes(data: bytes, where: str) -> None:
         raise TrainerInputError(f"{where} is not a readable image ({type(err).__name__})") from None
 
 
-def _write_all(dest: Path, images: Iterator[tuple[str, str, bytes]]) -> int:
-    """Write (source, suffix, bytes) as 00000<suffix>, 00001<suffix>, ...: names never come from keys."""
+def _write_all(dest: Path, images: Iterator[Download]) -> int:
+    """Write (source, suffix, bytes, caption bytes or None) as 00000<suffix> (+ 00000.txt), 00001<suffix>,
+    ...: names never come from keys."""
     count = 0
-    for where, suffix, data in images:
+    for where, suffix, data, caption in images:
         _check_decodes(data, where)
         (dest / f"{count:05d}{suffix}").write_bytes(data)
+        if caption is not None:
+            (dest / f"{count:05d}{CAPTION_SUFFIX}").write_bytes(caption)
         count += 1
     return count
+
+
+def caption_key(image_key: str) -> str:
+    """The key of an image's caption file: the same key with .txt instead of its suffix."""
+    return image_key[: len(image_key) - len(PurePosixPath(image_key).suffix)] + CAPTION_SUFFIX
 
 
 def _read_capped(location: Location, path: str, caps: Caps) -> bytes:
@@ -155,7 +170,7 @@ def _read_capped(location: Location, path: str, caps: Caps) -> bytes:
     return data
 
 
-def _listed_objects(location: Location, caps: Caps) -> Iterator[tuple[str, str, bytes]]:
+def _listed_objects(location: Location, caps: Caps) -> Iterator[Download]:
     fs = location.fs
     bucket = f"{location.scheme}://{location.bucket}"
     with_retries("open", lambda: fs.ls(location.bucket, detail=False), where=f"{FIELD} {location.uri!r}: bucket {bucket}")
@@ -167,35 +182,41 @@ def _listed_objects(location: Location, caps: Caps) -> Iterator[tuple[str, str, 
     caps.check_count(len(images), location.uri)
     for path, info in images:
         caps.check_size(info.get("size"), location.uri_of(path))
+    files = {path for path, info in found.items() if info.get("type", "file") == "file"}
     for path, _ in images:
-        yield location.uri_of(path), image_suffix(path), _read_capped(location, path, caps)
+        caption = caption_key(path)
+        yield (location.uri_of(path), image_suffix(path), _read_capped(location, path, caps),
+               _read_capped(location, caption, caps) if caption in files else None)
 
 
-def _archive_members(location: Location, caps: Caps) -> Iterator[tuple[str, str, bytes]]:
+def _archive_members(location: Location, caps: Caps) -> Iterator[Download]:
     limit = caps.max_bytes * ARCHIVE_OVERHEAD
     data = _read_capped_total(location, limit)
     name = location.root.lower()
-    members: list[tuple[str, str, bytes]] = []
+    members: list[Download] = []
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                infos = sorted((i for i in archive.infolist() if not i.is_dir() and image_suffix(i.filename)),
-                               key=lambda i: i.filename)
+                files = {i.filename: i for i in archive.infolist() if not i.is_dir()}
+                infos = sorted((i for i in files.values() if image_suffix(i.filename)), key=lambda i: i.filename)
                 caps.check_count(len(infos), location.uri)
                 for info in infos:
                     caps.check_size(info.file_size, f"{location.uri} member {info.filename!r}")
+                    caption = files.get(caption_key(info.filename))
                     members.append((f"{location.uri} member {info.filename!r}", image_suffix(info.filename),
-                                    archive.read(info)))
+                                    archive.read(info), archive.read(caption) if caption is not None else None))
         else:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
                 # Regular files only: symlinks, hard links and devices are never followed or made.
-                infos = sorted((m for m in archive.getmembers() if m.isfile() and image_suffix(m.name)),
-                               key=lambda m: m.name)
+                files = {m.name: m for m in archive.getmembers() if m.isfile()}
+                infos = sorted((m for m in files.values() if image_suffix(m.name)), key=lambda m: m.name)
                 caps.check_count(len(infos), location.uri)
                 for info in infos:
                     caps.check_size(info.size, f"{location.uri} member {info.name!r}")
+                    caption = files.get(caption_key(info.name))
                     members.append((f"{location.uri} member {info.name!r}", image_suffix(info.name),
-                                    archive.extractfile(info).read()))
+                                    archive.extractfile(info).read(),
+                                    archive.extractfile(caption).read() if caption is not None else None))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
         raise TrainerInputError(f"{FIELD} {location.uri!r} is not a readable archive ({type(err).__name__})") from None
     yield from members
@@ -212,7 +233,7 @@ def _read_capped_total(location: Location, limit: int) -> bytes:
     return data
 
 
-def _manifest_images(location: Location, caps: Caps) -> Iterator[tuple[str, str, bytes]]:
+def _manifest_images(location: Location, caps: Caps) -> Iterator[Download]:
     text = _read_capped_total(location, 1_000_000).decode("utf-8", errors="replace")
     urls = [urljoin(location.root, line.strip()) for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
@@ -223,4 +244,4 @@ def _manifest_images(location: Location, caps: Caps) -> Iterator[tuple[str, str,
             raise TrainerInputError(f"{FIELD} {location.uri!r}: manifest line {url!r} does not name an image file")
     caps.check_count(len(urls), location.uri)
     for url in urls:
-        yield url, image_suffix(url), _read_capped(location, url, caps)
+        yield url, image_suffix(url), _read_capped(location, url, caps), None
