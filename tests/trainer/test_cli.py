@@ -19,6 +19,7 @@ from personalize.run import main
 from personalize.spec import RunResult
 
 from job_specs import job_spec
+from personalize.samples import label_height
 
 OUTPUT_FILES = {"result.json", "losses.csv", "convergence.png", "samples_before.png", "samples.png"}
 
@@ -55,7 +56,8 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     assert re.search(r"evaluating the stop signal took [\d.]+ s of [\d.]+ s \(\d+%\)", closing), closing
 
     rows = read_losses(out / "losses.csv")
-    assert list(rows[0]) == ["step", "train_loss", "deterministic_loss", "convergence_value"]
+    assert list(rows[0])[:4] == ["step", "train_loss", "deterministic_loss", "convergence_value"]
+    assert sum(column.startswith("deterministic_loss[t=") for column in rows[0]) == 2  # one per reference slot
     assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
     assert [bool(r["deterministic_loss"]) for r in rows] == [False, True] * 3  # evalEvery 2
     assert all(r["train_loss"] for r in rows)
@@ -73,7 +75,7 @@ def test_cli_runs_textual_inversion_and_writes_every_output(tiny_pipeline_dir, c
     [stage] = result["stages"]  # its L_det evaluations are timed, and are part of the stage's time
     assert 0 < stage["trackingSeconds"] < stage["seconds"]
     assert result["deterministicLoss"] == pytest.approx(float(rows[-1]["deterministic_loss"]))
-    assert Image.open(out / "samples.png").size == (64, 64)  # 2 prompts x 2 images of 32 px
+    assert Image.open(out / "samples.png").size == (64, 2 * (label_height(64) + 32))  # 2 labelled prompts x 2 images
     before, after = (np.asarray(Image.open(out / f), dtype=np.float32) for f in ("samples_before.png", "samples.png"))
     assert before.shape == after.shape and np.abs(after - before).mean() > 0  # same noise, trained weights
 
@@ -308,3 +310,29 @@ def test_after_step_hook_sees_every_step_of_every_stage_with_the_models_as_they_
     assert [s[2] for s in steps] == [False, False, True, True, True]
     assert {(s[1], s[3]) for s in steps} == {(token, True)}
     assert all(models is final[-1] for models in final)
+
+
+def test_grids_while_training_trackers_and_a_log_line_every_n_steps(tiny_pipeline_dir, concept_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    spec = job_spec(tiny_pipeline_dir, concept_dir, "lora", reporting={"trackers": ["tensorboard"], "logEverySteps": 3})
+    spec["training"]["maxSteps"] = 7
+    spec["earlyStopping"] = {"criterion": "none", "referenceBatchSize": 2}
+    spec["validation"] = {"prompts": ["a photo of {token}"], "numImagesPerPrompt": 1, "inferenceSteps": 2,
+                          "everySteps": 3}
+    config, out = write_config(tmp_path, spec), tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PJ_NAME", None)
+    proc = subprocess.run([sys.executable, "-m", "personalize.cli", "--config", str(config), "--output", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = [int(line.split("/")[0].split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert logged == [1, 4, 7]  # every 3 steps from the first, and the last
+    assert re.search(r"samples while training took [\d.]+ s", proc.stdout)
+    # every 3 steps, and at the stop (step 7: the final grid)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00003.png", "step-00006.png", "step-00007.png"]
+    assert (out / "samples" / "step-00007.png").read_bytes() == (out / "samples.png").read_bytes()
+    result = json.loads((out / "result.json").read_text())
+    assert result["samples"] == "samples/step-00007.png" and result["sampleSeconds"] > 0
+    progress = result["progress"]
+    assert progress["step"] == 7 and "etaSeconds" not in progress and "eta" not in progress and progress["elapsed"]
+    assert list((out / "trackers" / "tensorboard").rglob("events.out.tfevents.*"))

@@ -50,6 +50,10 @@ from personalize.plotting import plot_convergence
 from personalize.precision import make_accelerator
 from personalize.prior import class_prompt, prepare_class_images
 from personalize.progress import ProgressPrinter, tracking_cost
+from personalize.reporting.rows import step_row
+from personalize.reporting.status_view import ended_progress, running_progress, shown
+from personalize.reporting.step_samples import StepSamples
+from personalize.reporting.trackers import Trackers
 from personalize.resume import RunCheckpoints
 from personalize.routing import BASE, BatchRouting
 from personalize.run_files import LOSSES_FILE, PLOT_FILE, RESULT_FILE, write_json, write_losses_csv
@@ -168,6 +172,8 @@ class JobRunner:
         self.files: list[str] = []
         self.identifier: Optional[Identifier] = None
         self.report = TrainerReport()
+        self.step_samples = StepSamples(job.spec, output)  # validation.everySteps
+        self.trackers = Trackers([])  # reporting.trackers, started in execute() on the main process
 
     # ---- status plumbing -----------------------------------------------------------------------
 
@@ -186,30 +192,39 @@ class JobRunner:
                 return
             step, train_loss, det_loss, conv_value = (
                 record.step, record.train_loss, record.deterministic_loss, record.convergence_value)
-            self.rows.append(
-                {"step": offset + step, "train_loss": train_loss, "deterministic_loss": det_loss, "convergence_value": conv_value}
-            )
+            self.rows.append(step_row(offset + step, record))
             printer.update(step, train_loss, det_loss, conv_value)
             self.metrics.observe(step, stage.max_steps, train_loss, det_loss, conv_value, stage.threshold,
-                                 record.seconds, record.evaluation_seconds)
+                                 record.seconds, record.evaluation_seconds, record.timestep_losses, record.stats)
+            self.trackers.log_step(offset + step, record, stage.threshold)
             report = self.report
-            report.progress = Progress(
-                step=step,
-                max_steps=stage.max_steps,
-                percent=round(100.0 * step / stage.max_steps, 2),
-                eta_seconds=printer.eta_seconds(step),
-                stage=stage.name if len(self.stages) > 1 else None,
-            )
+            report.progress = running_progress(step, stage.max_steps, printer.eta_seconds(step),
+                                               time.monotonic() - self.started,
+                                               stage.name if len(self.stages) > 1 else None)
             report.train_loss = train_loss
+            report.convergence_threshold = stage.threshold
             if det_loss is not None:
                 report.deterministic_loss = det_loss
             if conv_value is not None:
-                report.convergence_value = conv_value
+                report.convergence_value = shown(conv_value)
+            if record.timestep_losses is not None:
+                report.timestep_losses = record.timestep_losses
+            if self.step_samples.due(offset + step):
+                self._sample(offset + step, models, resolution)
             self._publish()
             if self.after_step is not None:
                 self.after_step(TrainedStep(offset + step, record.seconds, models, self.identifier.token, resolution))
 
         return on_step
+
+    def _sample(self, step: int, models: Models, resolution: int) -> None:
+        """validation.everySteps: this step's grid, its cost and its path in the status."""
+        seconds = self.step_samples.draw(step, models, self.identifier.token, resolution, self.accelerator.device,
+                                         scope=self.accelerator.autocast)  # frozen weights may be half here
+        self.metrics.observe_samples(seconds)
+        self.trackers.log_grid(step, self.output / self.step_samples.latest)
+        self.report.samples = self.step_samples.latest
+        self.report.sample_seconds = round(self.step_samples.seconds, 3)
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -227,6 +242,8 @@ class JobRunner:
             self.metrics.serve(self.metrics_port)
         linger = main_process and self.metrics_port is not None and self.metrics_linger > 0
         try:
+            if main_process:
+                self.trackers = Trackers.from_spec(spec, self.output, name or "local")
             return self._train_and_save()
         except TrainerInputError:
             linger = False  # nothing was trained: exit at once with the error line
@@ -249,6 +266,7 @@ class JobRunner:
                 # wait so that Prometheus sees the final values (the early-stop flag above all).
                 time.sleep(self.metrics_linger)
             self.metrics.close()
+            self.trackers.finish()
             if self.reporter is not None:
                 self.reporter.close()
 
@@ -261,6 +279,7 @@ class JobRunner:
         1 when the upload failed (the next attempt only uploads); EXIT_STATUS_UNREPORTED when the
         status patch failed (result.json and the termination message are written); else 0."""
         self.report.wall_seconds = round(time.monotonic() - self.started, 3)
+        self.report.progress = ended_progress(self.report.progress, time.monotonic() - self.started)  # no ETA left
         self._write_result()
         if checkpoints is not None:
             checkpoints.remove()  # a restart now would only redo finished work
@@ -385,13 +404,17 @@ class JobRunner:
         return ConceptSetup(identifier, examples, class_examples, checkpoints, sync)
 
     def printer(self, stage: Stage) -> ProgressPrinter:
-        return ProgressPrinter(stage.max_steps, stage.threshold, self.spec.early_stopping.criterion.value)
+        reporting = self.spec.reporting
+        return ProgressPrinter(stage.max_steps, stage.threshold, self.spec.early_stopping.criterion.value,
+                               every_steps=reporting.log_every_steps, every_seconds=reporting.log_every_seconds)
 
     def stage_done(self, stage: Stage, outcome: StageOutcome, method, printer: ProgressPrinter) -> None:
         """A stage ended: its closing line, its outcome and its artifacts."""
         if self.accelerator.is_main_process:
+            samples = self.step_samples.seconds
             printer.close(f"{stage.name}: stopped at step {outcome.stop_step}/{stage.max_steps} ({outcome.reason.value}); "
-                          + tracking_cost(outcome.tracking_seconds, outcome.seconds))
+                          + tracking_cost(outcome.tracking_seconds, outcome.seconds)
+                          + (f"; samples while training took {samples:.1f} s" if samples else ""))
         self.outcomes.append(outcome)
         self.report.reference = outcome.reference
         if self.accelerator.is_main_process:
@@ -420,12 +443,16 @@ class JobRunner:
                 self.after_training(TrainedRun(models, identifier.token, resolution, device, self.rows, self.outcomes))
             if self.sample_grids:
                 write_samples(spec, models, identifier.token, resolution, device, output / SAMPLES_FILE)
+                if self.step_samples.at_stop(offset, output / SAMPLES_FILE):  # validation.everySteps: the stop's grid
+                    self.report.samples = self.step_samples.latest
+                self.trackers.log_grid(offset, output / SAMPLES_FILE)
         if routing is not None:  # the pack goes on training
             for module, was in zip(models.modules(), training):
                 module.train(was)
 
         report = self.report
         report.early_stop = early_stop
+        self.trackers.log_decision(early_stop)
         report.artifact = Artifact(location=str(output), files=self.files, snapshots=snapshot_files(output))
         report.stages = [o.to_report() for o in self.outcomes]
         return self._write_final_report(setup.checkpoints, OutputUpload.for_job(spec, output), setup.sync)

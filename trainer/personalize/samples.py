@@ -1,14 +1,17 @@
-"""Sample grids: one row per validation prompt, `numImagesPerPrompt` columns.
+"""Sample grids: one row per validation prompt, `numImagesPerPrompt` columns, each row under a
+strip that names its prompt.
 
 `samples_before.png` is drawn before the first step and `samples.png` after the last one, with the
-same prompts and the same noise, so the two grids differ only by what training changed."""
+same prompts and the same noise, so the two grids differ only by what training changed
+(validation.everySteps adds grids while training: reporting/step_samples.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from personalize.data import fill_template
 from personalize.pipeline_io import Models, sampling_pipeline
@@ -18,19 +21,44 @@ SAMPLES_FILE = "samples.png"
 SAMPLES_BEFORE_FILE = "samples_before.png"
 
 
-def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+def label_height(width: int) -> int:
+    """The height of the strip above each row that names its prompt."""
+    return max(12, min(width // 24, 28))
+
+
+def image_grid(rows: list[list[Image.Image]], labels: Optional[list[str]] = None) -> Image.Image:
+    """The images row by row; with `labels`, each row under a strip that names it (its prompt)."""
     width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    columns = max(len(r) for r in rows)
+    strip = label_height(width * columns) if labels else 0
+    grid = Image.new("RGB", (width * columns, (strip + height) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=max(strip - 4, 8)) if labels else None
     for r, images in enumerate(rows):
+        top = r * (strip + height)
+        if labels:
+            draw.text((2, top + 1), _fit(draw, labels[r], font, grid.width - 4), fill="black", font=font)
         for c, image in enumerate(images):
-            grid.paste(image, (c * width, r * height))
+            grid.paste(image, (c * width, top + strip))
     return grid
 
 
-def grid_tiles(grid: Image.Image, tile: int) -> list[Image.Image]:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis where it is wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def grid_tiles(grid: Image.Image, tile: int, labelled: bool = True) -> list[Image.Image]:
     """The images of a grid written by `image_grid` (row by row), each `tile` pixels square."""
-    columns, rows = grid.width // tile, grid.height // tile
-    return [grid.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(columns)]
+    columns = grid.width // tile
+    strip = label_height(grid.width) if labelled else 0
+    rows = grid.height // (tile + strip)
+    return [grid.crop((c * tile, r * (tile + strip) + strip, (c + 1) * tile, r * (tile + strip) + strip + tile))
+            for r in range(rows) for c in range(columns)]
 
 
 @torch.no_grad()
@@ -58,5 +86,6 @@ def write_samples(
                 generator=generator,
             ).images
         )
-    image_grid(rows).save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, prompts).save(path)
     return prompts

@@ -825,6 +825,8 @@ class TrainerReport(ApiModel):
     early_stop: Optional[EarlyStop] = None
     identifier: Optional[str] = None
     samples: Optional[str] = Field(None, description="The latest sample grid, relative to the output folder.")
+    sample_seconds: Optional[float] = Field(None, ge=0.0, description="Time spent drawing grids while training "
+                                            "(validation.everySteps), like the stages' trackingSeconds.")
     reference: Optional[ReferenceInfo] = None
     artifact: Optional[Artifact] = None
     stages: list[dict[str, Any]] = Field(default_factory=list)

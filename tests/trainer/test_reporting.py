@@ -1,0 +1,143 @@
+"""What a user sees of a running job, fed with StepRecords whose per-timestep losses and training
+statistics are set: losses.csv, the status and result.json, the metrics, the trackers and the
+grids drawn while training."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from job_specs import job_spec
+from personalize.job_runner import JobRunner, make_job_accelerator
+from personalize.loop import StepRecord
+from personalize.methods import plan_stages
+from personalize.metrics import TrainerMetrics
+from personalize.reporting.status_view import ended_progress, running_progress
+from personalize.reporting.step_samples import StepSamples
+from personalize.reporting.trackers import Trackers
+from personalize.run_files import write_losses_csv
+from personalize.spec import CriterionName, EarlyStop, PersonalizationJob, StopReason, parse_spec
+
+STATS = {"lr": 5e-3, "grad_norm": 0.7, "update_ratio": 1e-3, "update_cosine": math.nan, "adam_snr": 0.2}
+
+
+def records() -> list[StepRecord]:
+    """Three steps; L_det (and its timesteps) evaluated at the first and the third."""
+    return [
+        StepRecord(1, 0.30, 0.050, None, 0.1, 0.02, {"t=0017": 0.09, "t=0911": 0.01}, STATS),
+        StepRecord(2, 0.25, None, None, 0.1, None, None, {**STATS, "update_cosine": 0.4}),
+        StepRecord(3, 0.20, 0.046, 0.41234567, 0.1, 0.02, {"t=0017": 0.082, "t=0911": 0.0101}, None),
+    ]
+
+
+@pytest.fixture
+def runner(tmp_path, tiny_pipeline_dir, concept_dir):
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "textualInversion"))
+    runner = JobRunner(PersonalizationJob(spec=spec), tmp_path)
+    runner.accelerator = make_job_accelerator(runner.job)
+    runner.metrics = TrainerMetrics("team-a", "cat", "textualInversion", "dvar")
+    runner.reporter = None
+    runner.stages = plan_stages(spec)
+    return runner
+
+
+def test_a_step_reaches_losses_csv_the_status_and_the_metrics(runner, tmp_path):
+    stage = runner.stages[0]
+    printer = runner.printer(stage)
+    on_step = runner._on_step(stage, 10, printer, None, 32)
+    for record in records():
+        on_step(record)
+    write_losses_csv(runner.rows, tmp_path / "losses.csv")
+    with (tmp_path / "losses.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "train_loss", "deterministic_loss", "convergence_value",
+                             "deterministic_loss[t=0017]", "deterministic_loss[t=0911]", *STATS]
+    assert [r["step"] for r in rows] == ["11", "12", "13"]  # after the earlier stages' 10 steps
+    assert [r["deterministic_loss[t=0017]"] for r in rows] == ["0.09", "", "0.082"]
+    assert [r["update_cosine"] for r in rows] == ["", "0.4", ""]  # NaN (undefined) and None (not measured): empty
+    assert [r["grad_norm"] for r in rows] == ["0.7", "0.7", ""]
+
+    report = runner.report.to_api()
+    assert report["timestepLosses"] == {"t=0017": 0.082, "t=0911": 0.0101}
+    assert report["convergenceValue"] == 0.4123 and report["convergenceThreshold"] == stage.threshold
+    progress = report["progress"]
+    assert progress["step"] == 3 and progress["elapsed"].count(":") == 2 and progress["eta"].count(":") == 2
+
+    text = runner.metrics.exposition().decode()
+    assert 'personalization_timestep_deterministic_loss{criterion="dvar",method="textualInversion",' \
+           'namespace="team-a",personalizationjob="cat",timestep="t=0911"} 0.0101' in text
+    assert "personalization_update_cosine{" in text and "personalization_learning_rate{" in text
+
+
+def test_the_status_of_an_ended_run_says_where_it_stopped_and_leaves_no_eta():
+    running = running_progress(850, 6100, 2900.0, 412.0)
+    assert running.eta == "0:48:20" and running.elapsed == "0:06:52" and running.percent == pytest.approx(13.93)
+    ended = ended_progress(running, 413.5)
+    assert ended.step == 850 and ended.percent == running.percent
+    assert ended.eta_seconds is None and ended.eta is None and ended.elapsed == "0:06:54"
+    assert "eta" not in ended.to_api() and "etaSeconds" not in ended.to_api()
+
+
+def test_grids_are_due_every_n_steps_of_the_run_and_the_stop_copies_the_final_grid(tmp_path, tiny_pipeline_dir, concept_dir):
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora", validation={"everySteps": 50}))
+    samples = StepSamples(spec, tmp_path)
+    assert [s for s in range(1, 201) if samples.due(s)] == [50, 100, 150, 200]
+    final = tmp_path / "samples.png"
+    Image.new("RGB", (8, 8), "red").save(final)
+    assert samples.at_stop(173, final) == "samples/step-00173.png"
+    assert (tmp_path / "samples" / "step-00173.png").read_bytes() == final.read_bytes()
+    off = StepSamples(parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora")), tmp_path)
+    assert not any(off.due(s) for s in range(1, 500)) and off.at_stop(3, final) is None
+
+
+def event_scalars(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str], list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run] = [p for p in folder.rglob("events.out.tfevents.*") if "hparams" not in str(p.parent.name)][:1]
+    events = EventAccumulator(str(run.parent), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    return scalars, tags["images"], tags["tensors"]
+
+
+def test_tensorboard_gets_losses_timesteps_statistics_the_decision_and_the_grids(tmp_path, tiny_pipeline_dir, concept_dir):
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora", reporting={"trackers": ["tensorboard"]}))
+    trackers = Trackers.from_spec(spec, tmp_path, "cat")
+    for record in records():
+        trackers.log_step(record.step, record, 0.15)
+    grid = tmp_path / "samples.png"
+    Image.new("RGB", (16, 24), "blue").save(grid)
+    trackers.log_grid(3, grid)
+    trackers.log_decision(EarlyStop(stopped=True, reason=StopReason.convergence_threshold,
+                                    criterion=CriterionName.dvar, step=3, steps_saved=97))
+    trackers.finish()
+    scalars, images, tensors = event_scalars(tmp_path / "trackers" / "tensorboard")
+    assert [s for s, _ in scalars["loss/train"]] == [1, 2, 3]
+    assert [s for s, _ in scalars["loss/deterministic"]] == [1, 3]  # only where L_det was evaluated
+    assert scalars["loss/deterministic/t=0911"] == [(1, pytest.approx(0.01)), (3, pytest.approx(0.0101))]
+    assert [s for s, _ in scalars["stats/update_cosine"]] == [2]  # NaN and None left out
+    assert scalars["convergence/value"] == [(3, pytest.approx(0.41234567))]
+    assert scalars["convergence/threshold"][0] == (1, pytest.approx(0.15))
+    assert scalars["stop/step"] == [(3, 3.0)] and scalars["stop/early"] == [(3, 1.0)]
+    assert images == ["samples"]
+    assert any(tag.startswith("stop/reason") for tag in tensors)  # text is stored as a tensor summary
+
+
+def test_a_tracker_that_is_not_installed_fails_before_training_with_what_to_install(tmp_path, tiny_pipeline_dir, concept_dir):
+    pytest.importorskip("tensorboard")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("wandb is installed here")
+    from personalize.errors import TrainerInputError
+
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora", reporting={"trackers": ["tensorboard", "wandb"]}))
+    with pytest.raises(TrainerInputError, match=r"reporting.trackers: wandb not installed.*pip install wandb"):
+        Trackers.from_spec(spec, tmp_path, "cat")
