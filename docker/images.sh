@@ -15,8 +15,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OPERATOR_IMAGE=localhost/personalization-operator:ci
 TRAINER_IMAGE=localhost/personalization-trainer:ci-cpu
 PYTHON_BASE=python:3.11.7-slim-bookworm  # the Dockerfile's default PYTHON_IMAGE
-# Size budget, the whole image including its base (docs/deploy.md). Measured on the 151 MB
-# stand-in base: operator 342 MB, CPU trainer 1640 MB.
+# Size budget, the whole image including its base (docs/deploy.md). Stage 3 writes the measured
+# sizes to benchmarks/results/image_sizes.{json,md} (IMAGE_SIZES_OUT: another folder).
 OPERATOR_BUDGET_MB=${OPERATOR_BUDGET_MB:-400}
 TRAINER_BUDGET_MB=${TRAINER_BUDGET_MB:-1800}
 
@@ -118,14 +118,41 @@ size_mb() {  # buildah's human-readable size ("151 MB", "1.76 GB": decimal units
   buildah images --format '{{.Size}}' "$1" | awk '{ u = ($2 == "GB") ? 1000 : ($2 == "MB") ? 1 : ($2 == "kB") ? 0.001 : 1e-6
                                                    printf "%d", $1 * u }'
 }
+site_mb() {  # site_mb MOUNT PATH...: MB these installed-package paths take in a mounted image
+  local mnt=$1 path found=(); shift
+  for path in "$@"; do
+    for candidate in "$mnt"/{usr/local/lib,usr/lib,opt/conda/lib}/python3*/*-packages/$path; do
+      [ -e "$candidate" ] && found+=("$candidate")
+    done
+  done
+  if [ "${#found[@]}" -gt 0 ]; then du -sc --apparent-size --block-size=1000000 "${found[@]}" | tail -1 | cut -f1; else echo 0; fi
+}
+parts_of() {  # parts_of NAME IMAGE WHAT=PATHS...: "--part NAME WHAT MB" per entry (PATHS comma-separated)
+  local name=$1 image=$2 ctr mnt entry paths; shift 2
+  ctr=$(buildah from -q "$image") && mnt=$(buildah mount "$ctr") || return 0
+  for entry in "$@"; do
+    IFS=, read -r -a paths <<<"${entry#*=}"
+    printf -- '--part\n%s\n%s\n%s\n' "$name" "${entry%%=*}" "$(site_mb "$mnt" "${paths[@]}")"
+  done
+  buildah umount "$ctr" >/dev/null; buildah rm "$ctr" >/dev/null
+}
 base_mb=$(size_mb "$BASE")
+sizes_out=${IMAGE_SIZES_OUT:-$ROOT/benchmarks/results}
+sizes=(--base "$BASE" "$base_mb" --out "$sizes_out")
 over=0
 for entry in "operator $OPERATOR_IMAGE $OPERATOR_BUDGET_MB" "trainer $TRAINER_IMAGE $TRAINER_BUDGET_MB"; do
   read -r name image budget <<<"$entry"
   mb=$(size_mb "$image")
   say "size of the $name image: $mb MB ($((mb - base_mb)) MB on the $base_mb MB base; budget $budget MB)"
+  sizes+=(--image "$name" "$mb" "$budget")
   [ "$mb" -le "$budget" ] || { say "the $name image is over its budget of $budget MB"; over=1; }
 done
+# Where the size goes: the operator's Kubernetes client; torch, and the folders its wheel ships
+# that nothing imports (tests, C++ headers, executables).
+mapfile -t parts < <(parts_of operator "$OPERATOR_IMAGE" kubernetes=kubernetes
+                     parts_of trainer "$TRAINER_IMAGE" torch=torch "torch test,include,bin=torch/test,torch/include,torch/bin")
+python3 "$ROOT/docker/image_sizes.py" "${sizes[@]}" "${parts[@]}" || fail "writing the image sizes"
+say "sizes written: $sizes_out/image_sizes.{json,md}"
 [ "$over" = 0 ] || fail "image size budget"
 
 # ---- 4. Run them as the cluster would ------------------------------------------------------
