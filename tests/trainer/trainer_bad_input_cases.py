@@ -143,6 +143,20 @@ def model_folder(files: dict[str, str]) -> Prepare:
     return prepare
 
 
+def single_file_model(name: str, config: dict[str, str] | None = None) -> Prepare:
+    """baseModel.path: one checkpoint file (its content is never read: the case fails before),
+    with baseModel.config a folder holding `config`'s files when given."""
+    def prepare(ws: Workspace) -> None:
+        (ws.dir / name).write_bytes(b"weights")
+        ws.spec["baseModel"] = {"path": str(ws.dir / name)}
+        if config is not None:
+            (ws.dir / "config").mkdir()
+            for file_name, text in config.items():
+                (ws.dir / "config" / file_name).write_text(text)
+            ws.spec["baseModel"]["config"] = str(ws.dir / "config")
+    return prepare
+
+
 def clip_folder_without_processor(ws: Workspace) -> None:
     """criterion clip with a CLIPModel folder that holds no image processor."""
     folder = ws.dir / "clip"
@@ -358,7 +372,8 @@ CASES: list[Case] = [
          "baseModel.path '{dir}/nomodel' does not exist",
          spec_sets("baseModel", path="{dir}/nomodel")),
     Case("model-not-a-pipeline", "model", "`baseModel.path`: a folder without `model_index.json`",
-         "baseModel.path '{dir}/model' is not a diffusers pipeline folder (no model_index.json)",
+         "baseModel.path '{dir}/model' is neither a diffusers pipeline folder (no model_index.json) nor a single "
+         "checkpoint file (.safetensors, .ckpt)",
          model_folder({})),
     Case("model-broken", "model", "`baseModel.path`: `model_index.json` names a `unet` that has no files",
          "baseModel.path '{dir}/model' cannot be loaded as a Stable Diffusion 1.x/2.x pipeline: "
@@ -449,6 +464,21 @@ CASES: list[Case] = [
     Case("caption-file-empty", "images", "3 images, `red_striped_triangle_001.txt` beside one holds only blank lines",
          "caption file '{dir}/images/red_striped_triangle_001.txt' is empty (its first line is the image's caption)",
          images_at(folder_with({"red_striped_triangle_001.txt": b"\n  \n"}, good_images=3))),
+    # ---- a base model as one checkpoint file ----
+    Case("single-file-without-config", "model", "`baseModel.path: {dir}/model.safetensors`, no `baseModel.config`",
+         "baseModel.path '{dir}/model.safetensors' is a single checkpoint file: set baseModel.config to a folder with "
+         "the pipeline's config files (model_index.json, each component's config, scheduler and tokenizer), e.g. "
+         "the base model's diffusers folder; nothing is downloaded",
+         single_file_model("model.safetensors")),
+    Case("single-file-ckpt-not-allowed", "model",
+         "`baseModel: {path: {dir}/model.ckpt, config: {dir}/config}`, no `allowPickleWeights`",
+         "baseModel.path '{dir}/model.ckpt' is a pickled checkpoint (.ckpt), which loads only with "
+         "baseModel.allowPickleWeights: true (unpickling can run code); or convert it to .safetensors",
+         single_file_model("model.ckpt", config={"model_index.json": TINY_INDEX})),
+    Case("single-file-config-not-a-folder", "model",
+         "`baseModel: {path: {dir}/model.safetensors, config: {dir}/config}`, `config` without `model_index.json`",
+         "baseModel.config '{dir}/config' is not a pipeline config folder (no model_index.json)",
+         single_file_model("model.safetensors", config={})),
 ]
 
 

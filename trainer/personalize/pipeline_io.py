@@ -1,7 +1,8 @@
 """Loading the base pipeline the job personalizes (and building pipelines for sampling).
 
 The model family (families/) is detected from `model_index.json`; each family loads with its
-stock diffusers pipeline class.
+stock diffusers pipeline class: `from_pretrained` for a folder, `from_single_file` for one
+checkpoint file in the original layout, with the configs of `baseModel.config` (offline).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from personalize.errors import TrainerInputError
 from personalize.families.base import Models
 from personalize.families.detection import check_method, family_of_index, read_model_index
 from personalize.families.registry import FAMILY_CLASSES, family_for_pipeline
-from personalize.preflight import check_base_model, resolve_volume_path
+from personalize.preflight import base_model_config_folder, check_base_model, is_single_file, resolve_volume_path
 from personalize.spec import BaseModelSource, PersonalizationJobSpec
 from personalize.storage.hub import resolve_snapshot
 
@@ -66,7 +67,25 @@ def load_base_pipeline(source: BaseModelSource, spec: Optional[PersonalizationJo
                                 use_safetensors=None if source.allow_pickle_weights else True)
     check_base_model(source)
     folder = resolve_volume_path(source.path or "", source.claim_name)
+    if is_single_file(folder):
+        return _from_single_file(folder, base_model_config_folder(source), spec)
     return _from_pretrained(folder, f"baseModel.path {str(folder)!r}", spec)
+
+
+def _from_single_file(checkpoint: Path, config: Path, spec: Optional[PersonalizationJobSpec]):
+    """A checkpoint file in the original layout, its pipeline's configs from `config` (offline)."""
+    info = family_of_index(read_model_index(config), f"baseModel.config {str(config)!r}")
+    if spec is not None:
+        check_method(info, spec)
+    family = FAMILY_CLASSES[info.name](spec)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError  # noqa: PLC0415 (single files only)
+
+    try:
+        return family.load_single_file(checkpoint, config)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SingleFileComponentError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainerInputError(f"baseModel.path {str(checkpoint)!r} cannot be loaded as a {info.label} checkpoint "
+                                f"with the configs of baseModel.config {str(config)!r}: {first_line}") from None
 
 
 def default_resolution(pipe) -> int:

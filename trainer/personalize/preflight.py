@@ -16,6 +16,8 @@ from personalize.families.detection import detect_folder_family
 from personalize.spec import BaseModelSource, Concept, EarlyStopping, PersonalizationJob
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# A base model as one checkpoint file in the original layout (baseModel.path + baseModel.config)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # Where PersonalizationJob volumes are mounted in the trainer pod: `<root>/<claimName>/<path>`.
 VOLUMES_ROOT_ENV = "PJ_VOLUMES_ROOT"
@@ -75,6 +77,25 @@ def check_reference_fits(n_images: int, early_stopping: EarlyStopping) -> None:
         )
 
 
+def is_single_file(path: Path) -> bool:
+    """A base model given as one checkpoint file (loaded with the pipeline's `from_single_file`)."""
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir()
+
+
+def base_model_config_folder(source: BaseModelSource) -> Path:
+    """The folder of a single-file base model's configs (baseModel.config), checked."""
+    checkpoint = resolve_volume_path(source.path or "", source.claim_name)
+    if not source.config:
+        raise TrainerInputError(
+            f"baseModel.path {str(checkpoint)!r} is a single checkpoint file: set baseModel.config to a folder with "
+            "the pipeline's config files (model_index.json, each component's config, scheduler and tokenizer), "
+            "e.g. the base model's diffusers folder; nothing is downloaded")
+    folder = resolve_volume_path(source.config, source.claim_name)
+    if not (folder / "model_index.json").is_file():
+        raise TrainerInputError(f"baseModel.config {str(folder)!r} is not a pipeline config folder (no model_index.json)")
+    return folder
+
+
 def check_base_model(source: BaseModelSource) -> None:
     if source.hub_id:  # resolved (downloaded once into the shared cache) and checked here
         from personalize.storage.hub import resolve_snapshot
@@ -83,11 +104,23 @@ def check_base_model(source: BaseModelSource) -> None:
         return
     if not source.path:
         return  # builtin: checked when loading
-    folder = resolve_volume_path(source.path, source.claim_name)
-    if not folder.exists():
-        raise TrainerInputError(f"baseModel.path {str(folder)!r} does not exist")
-    if not (folder / "model_index.json").is_file():
-        raise TrainerInputError(f"baseModel.path {str(folder)!r} is not a diffusers pipeline folder (no model_index.json)")
+    path = resolve_volume_path(source.path, source.claim_name)
+    if not path.exists():
+        raise TrainerInputError(f"baseModel.path {str(path)!r} does not exist")
+    if is_single_file(path):
+        if path.suffix.lower() == ".ckpt" and not source.allow_pickle_weights:
+            raise TrainerInputError(
+                f"baseModel.path {str(path)!r} is a pickled checkpoint (.ckpt), which loads only with "
+                "baseModel.allowPickleWeights: true (unpickling can run code); or convert it to .safetensors")
+        base_model_config_folder(source)
+        return
+    if source.config:
+        raise TrainerInputError(f"baseModel.config is for a single checkpoint file, but baseModel.path "
+                                f"{str(path)!r} is not a .safetensors or .ckpt file")
+    if not (path / "model_index.json").is_file():
+        raise TrainerInputError(
+            f"baseModel.path {str(path)!r} is neither a diffusers pipeline folder (no model_index.json) nor a "
+            "single checkpoint file (.safetensors, .ckpt)")
 
 
 def prepare_output_dir(path: str | Path) -> Path:
@@ -118,7 +151,11 @@ def preflight(job: PersonalizationJob, output: str | Path) -> Path:
     check_base_model(spec.base_model)
     if spec.base_model.path:  # the family and the method x family pair, before torch is imported
         folder = resolve_volume_path(spec.base_model.path, spec.base_model.claim_name)
-        detect_folder_family(folder, spec, f"baseModel.path {str(folder)!r}")
+        if is_single_file(folder):  # its family is its config folder's
+            folder = base_model_config_folder(spec.base_model)
+            detect_folder_family(folder, spec, f"baseModel.config {str(folder)!r}")
+        else:
+            detect_folder_family(folder, spec, f"baseModel.path {str(folder)!r}")
     files = list_image_files(concept_folder(spec.concept))
     for path in files:
         open_rgb(path)

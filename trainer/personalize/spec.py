@@ -258,7 +258,14 @@ class BaseModelSource(ApiModel):
     path: Optional[str] = Field(
         None,
         description="Folder of a diffusers pipeline (on a mounted volume). Its family, from model_index.json: "
-        "Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX.1 (docs/trainer.md: which methods run on which).",
+        "Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX.1 (docs/trainer.md: which methods run on which). Or one "
+        "checkpoint file in the original layout (.safetensors; .ckpt with allowPickleWeights), with `config`.",
+    )
+    config: Optional[str] = Field(
+        None,
+        description="For a single-file path: a folder with the pipeline's config files (model_index.json, each "
+        "component's config, the scheduler and the tokenizer; no weights needed), e.g. the base model's diffusers "
+        "folder. On the same volume as path (relative when claimName is set). Nothing is downloaded.",
     )
     claim_name: Optional[str] = Field(
         None, description="PVC holding `path` (then `path` is relative to the volume root)."
@@ -269,8 +276,8 @@ class BaseModelSource(ApiModel):
     revision: Optional[str] = Field(None, description="Branch, tag or commit of hubId to pin (default: main).")
     allow_pickle_weights: bool = Field(
         False,
-        description="Also load pickled weights (.bin) from hubId. Off: safetensors only, since unpickling "
-        "can run code.",
+        description="Also load pickled weights: .bin files from hubId, a .ckpt path. Off: safetensors only, since "
+        "unpickling can run code.",
     )
     builtin: Optional[Literal["tiny-world"]] = Field(
         None, description="A model shipped with the trainer: the tiny world (CPU demo and tests)."
@@ -282,10 +289,16 @@ class BaseModelSource(ApiModel):
         given = [n for n in ("path", "hub_id", "builtin") if getattr(self, n)]
         if len(given) != 1:
             raise ValueError("set exactly one of path, hubId, builtin")
-        if (self.revision or self.allow_pickle_weights) and not self.hub_id:
-            raise ValueError("revision and allowPickleWeights apply to hubId only")
+        if self.revision and not self.hub_id:
+            raise ValueError("revision applies to hubId only")
+        if self.allow_pickle_weights and not (self.hub_id or self.path):
+            raise ValueError("allowPickleWeights applies to hubId and path only")
+        if self.config and not self.path:
+            raise ValueError("config applies to a single-file path only")
         if self.claim_name and self.path:
             _check_relative_path(self.path)
+            if self.config:
+                _check_relative_path(self.config)
         return self
 
 

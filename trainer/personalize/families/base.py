@@ -116,6 +116,12 @@ class ModelFamily:
         # fp32 master weights; mixed precision later casts only the frozen parts.
         return self.pipeline_class.from_pretrained(source, dtype=torch.float32, **kwargs)
 
+    def load_single_file(self, checkpoint: Path, config: Path, **kwargs):
+        """One checkpoint file in the original layout, the pipeline's configs (and tokenizer) from the
+        local folder `config`: diffusers' `from_single_file`, never a download."""
+        return self.pipeline_class.from_single_file(str(checkpoint), config=str(config), local_files_only=True,
+                                                    dtype=torch.float32, **kwargs)
+
     def models_of(self, pipe) -> Models:
         raise NotImplementedError
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from personalize.families.base import IMAGE_GEOMETRY, Conditioning, Models, TextEncoder
+from personalize.families.base import IMAGE_GEOMETRY, Conditioning, ModelFamily, Models, TextEncoder
 from personalize.families.stable_diffusion import StableDiffusion, token_ids
 
 
@@ -23,6 +23,9 @@ class StableDiffusionXL(StableDiffusion):
 
     def load(self, source, **kwargs):
         return StableDiffusionXLPipeline.from_pretrained(source, dtype=torch.float32, **kwargs)
+
+    def load_single_file(self, checkpoint, config, **kwargs):
+        return ModelFamily.load_single_file(self, checkpoint, config, **kwargs)  # no safety checker to leave out
 
     def models_of(self, pipe) -> Models:
         # SD's models plus the second text encoder and its tokenizer

@@ -35,6 +35,9 @@ class StableDiffusion(ModelFamily):
     def load(self, source, **kwargs):
         return super().load(source, safety_checker=None, requires_safety_checker=False, **kwargs)
 
+    def load_single_file(self, checkpoint, config, **kwargs):
+        return super().load_single_file(checkpoint, config, safety_checker=None, requires_safety_checker=False, **kwargs)
+
     def models_of(self, pipe) -> Models:
         return Models(
             family=self,
