@@ -413,6 +413,7 @@ def member_reported(kube: Kube, body: dict, settings: Settings) -> None:
     pack = (st.get("pack") or {}).get("job")
     if not pack or st.get("phase") in lifecycle.TERMINAL:
         return
+    status.remember(body)  # the copy status writes start from: it holds the report
     job = BOOK.job(namespace, pack)
     reason = pack_lifecycle.report_reason(st)
     BOOK.note_report(namespace, name, reason, job)
