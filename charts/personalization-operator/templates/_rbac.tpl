@@ -16,17 +16,24 @@ namespace, in a Role per namespace when operator.watchNamespaces is set. */}}
     resources: ["personalizationjobs/finalizers"]
     verbs: ["update"]
   # Per-job children: the trainer Job, its config, and the trainer's identity and status grant.
-  # Children are created, and read back only when a create conflicts (adoption check); the
-  # operator never patches them. Jobs are also watched (kopf) and deleted when their pod can
+  # Children are created, and read back only when a create conflicts (adoption check). Only a
+  # pack's are patched: its ConfigMap and Role when a member joins or leaves, its Job's owner
+  # references when a member joins. Jobs are also watched (kopf) and deleted when their pod can
   # never start (it would hold a GPU).
   - apiGroups: ["batch"]
     resources: ["jobs"]
-    verbs: ["create", "get", "list", "watch", "delete"]
+    verbs: ["create", "get", "list", "watch", "delete", "patch"]
   - apiGroups: [""]
-    resources: ["configmaps", "serviceaccounts"]
+    resources: ["configmaps"]
+    verbs: ["create", "get", "patch"]
+  - apiGroups: [""]
+    resources: ["serviceaccounts"]
     verbs: ["create", "get"]
   - apiGroups: ["rbac.authorization.k8s.io"]
-    resources: ["roles", "rolebindings"]
+    resources: ["roles"]
+    verbs: ["create", "get", "patch"]
+  - apiGroups: ["rbac.authorization.k8s.io"]
+    resources: ["rolebindings"]
     verbs: ["create", "get"]
   # Trainer pods are listed to explain failures (image pull, OOM, a pod that cannot start).
   - apiGroups: [""]
