@@ -137,6 +137,10 @@ class PackView:
         return [m for m in self.members.values() if m.active]
 
     def free_slot(self, max_slots: int) -> Optional[int]:
+        """The lowest slot no active member holds, or None when the pack is full (also after the
+        operator restarted with a smaller PJ_PACKING_MAX_SLOTS)."""
+        if len(self.active) >= max_slots:
+            return None
         held = {m.slot for m in self.active}
         return next((slot for slot in range(max_slots) if slot not in held), None)
 
