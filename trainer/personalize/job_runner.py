@@ -365,7 +365,7 @@ class JobRunner:
             num_vectors=spec.textual_inversion.num_vectors,
             initializer=spec.initializer_token,
             exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or "",
-                           *caption_file_words(concept), *taken],
+                           *caption_file_words(concept), *(taken if concept.token == "auto" else ())],
             method=spec.method.value,
         )
         # a new token gets a row in every text encoder that reads the identifier (SDXL: two)

@@ -30,16 +30,12 @@ import argparse
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger("personalize")
+from personalize.pack_record import read_manifests
 
-PACK_FILE = "pack.json"
-MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-POLL_SECONDS = 0.5  # how often an idle pack looks for new manifests
+log = logging.getLogger("personalize")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,58 +53,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.idle_exit < 0:
         parser.error("--idle-exit must be >= 0")
     return args
-
-
-def read_manifests(folder: Path) -> dict[str, Path]:
-    """The manifests in `folder` by file stem (hidden entries, e.g. a ConfigMap's `..data`, skipped)."""
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--jobs {folder}: not a readable folder")
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if not p.name.startswith(".") and p.suffix in MANIFEST_SUFFIXES and p.is_file()}
-
-
-@dataclass
-class MemberRecord:
-    """One member's line in pack.json."""
-
-    name: str
-    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Cancelled
-    joined_at: Optional[int] = None  # pack step after which it joined
-    left_at: Optional[int] = None
-    steps: int = 0
-    stop_reason: Optional[str] = None
-    message: Optional[str] = None
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "phase": self.phase, "joinedAt": self.joined_at, "leftAt": self.left_at,
-                "steps": self.steps, "stopReason": self.stop_reason, "message": self.message}
-
-
-@dataclass
-class PackRecord:
-    members: dict[str, MemberRecord] = field(default_factory=dict)
-    step: int = 0  # pack steps (each trains every active slot once)
-    concept_steps: int = 0
-    wall_seconds: float = 0.0
-    max_slots: int = 8
-
-    def to_json(self) -> dict:
-        return {"step": self.step, "conceptSteps": self.concept_steps, "wallSeconds": round(self.wall_seconds, 3),
-                "conceptStepsPerSecond": round(self.concept_steps / self.wall_seconds, 4) if self.wall_seconds else None,
-                "maxSlots": self.max_slots, "slots": [m.to_json() for m in self.members.values()]}
-
-    @classmethod
-    def load(cls, path: Path) -> "PackRecord":
-        import json  # noqa: PLC0415
-
-        if not path.exists():
-            return cls()
-        data = json.loads(path.read_text())
-        members = {}
-        for m in data.get("slots", []):
-            members[m["name"]] = MemberRecord(m["name"], m.get("phase", "Pending"), m.get("joinedAt"), m.get("leftAt"),
-                                              m.get("steps", 0), m.get("stopReason"), m.get("message"))
-        return cls(members, data.get("step", 0), data.get("conceptSteps", 0), data.get("wallSeconds", 0.0))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

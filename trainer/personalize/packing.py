@@ -16,13 +16,15 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.metrics_core import Metric
 
+from personalize.artifacts import Snapshots
 from personalize.errors import TrainerInputError
 from personalize.job_runner import ConceptSetup, JobRunner, make_job_accelerator
 from personalize.loop import Pack, train
 from personalize.metrics import TrainerMetrics
 from personalize.methods import METHODS
-from personalize.pack_runner import PACK_FILE, POLL_SECONDS, MemberRecord, PackRecord, read_manifests
+from personalize.pack_record import PACK_FILE, POLL_SECONDS, MemberRecord, PackRecord, read_manifests
 from personalize.preflight import preflight
+from personalize.reporting.trackers import Trackers
 from personalize.run_files import RESULT_FILE, write_json
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.slot import Slot
@@ -241,6 +243,7 @@ class PackRunner:
                     route=f"slot{self.routes}")
         self.pack.add(slot)
         slot.restore(setup.checkpoints.for_stage(0, stage.name))
+        slot.snapshots = Snapshots.for_stage(job.spec, runner.output, 0, True)  # output.snapshotEvery
         self.active[name] = Member(name, runner, setup, slot, printer)
         record.phase = "Running"
         if record.joined_at is None:
@@ -270,6 +273,7 @@ class PackRunner:
         if self.pod_namespace:  # in a cluster: this member's own resource
             runner.reporter = StatusReporter.from_env({**os.environ, "PJ_NAMESPACE": namespace, "PJ_NAME": name})
         runner.metrics = TrainerMetrics(namespace, name, job.spec.method.value, job.spec.early_stopping.criterion.value)
+        runner.trackers = Trackers.from_spec(job.spec, output, name)
         self.metrics.registries.append(runner.metrics.registry)
         return runner
 
@@ -293,6 +297,7 @@ class PackRunner:
         except Exception as err:  # this member alone fails; the pack goes on
             self._fail_member(member, f"{type(err).__name__}: {err}", record)
         finally:
+            runner.trackers.finish()
             self._release(slot)
         log.info("pack: %s left at pack step %d after %d steps (%s)", member.name, self.record.step, slot.step,
                  record.stop_reason)

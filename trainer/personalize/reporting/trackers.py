@@ -88,7 +88,8 @@ class Trackers:
                 f"reporting.trackers: {', '.join(t.value for t in missing)} not installed in the trainer's image; "
                 f"install {' and '.join(INSTALL[t] for t in missing)}")
         folder = output / TRACKERS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
+        if wanted:  # no folder for a run that logs to no tracker
+            folder.mkdir(parents=True, exist_ok=True)
         project = spec.reporting.project or DEFAULT_PROJECT
         trackers = [_make(t, folder, project, run_name) for t in wanted]
         for tracker in trackers:
