@@ -20,7 +20,22 @@ same code as the `personalization-operator` console script) so its memory is its
     python benchmarks/operator_load.py [--count 200] [--cap 20] [--skip-start-failure]
 
 Writes benchmarks/results/operator_load.json. The machine is shared (2 cores, other jobs);
-the numbers are upper bounds for a quiet machine.
+the numbers are upper bounds for a quiet machine. These three measurements are of solo jobs
+(PJ_PACKING_ENABLED=false).
+
+4. With --placement: packed against solo placement (docs/operator.md, "Packing"). N compatible
+   Textual Inversion jobs (default 200) across several namespaces (default 4), created at once,
+   with the operator's defaults (packs of 8, 30 s collecting time, 10 s pump) and no cap. A fake
+   kubelet starts every Job's pod as soon as the Job exists; a fake trainer reports each member's
+   first step as soon as its pod runs and it is in the pod's --jobs folder (or its own Job), then
+   every member finishes and every Job completes. Reported: Jobs and pods created, seconds from
+   each resource's creation to its first step (what the operator adds: admission, the collecting
+   time, refills; no image pull or model load), and the operator's API requests per member, events
+   not counted, the pump's included.
+
+    python benchmarks/operator_load.py --placement [--count 200] [--namespaces 4]
+
+writes benchmarks/results/operator_packing.json and .md.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ sys.path.insert(0, str(ROOT / "tests" / "operator"))
 from fake_cluster import PJ, FakeCluster, pj_manifest, wait_for  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "operator_load.json"
+PACKING_RESULTS = ROOT / "benchmarks" / "results" / "operator_packing.json"
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -62,6 +78,7 @@ def start_operator(cluster: FakeCluster, workdir: Path, env_extra: dict[str, str
     env.update({
         "KUBECONFIG": str(cluster.write_kubeconfig(workdir / "kubeconfig")),
         "PJ_METRICS_PORT": "0", "PJ_HEALTH_PORT": "0", "PJ_POLL_INTERVAL": "3600",
+        "PJ_PACKING_ENABLED": "false",
         **env_extra,
     })
     env.pop("KUBERNETES_SERVICE_HOST", None)
@@ -194,6 +211,152 @@ def never_starting(cluster: FakeCluster, workdir: Path) -> dict:
         stop_operator(proc)
 
 
+# ---- 4. packed against solo placement -------------------------------------------------------------
+
+
+async def _create_spread(cluster: FakeCluster, manifests: list[dict]) -> None:
+    async def one(manifest: dict):
+        path = f"/apis/personalization.dvar.dev/v1alpha1/namespaces/{manifest['metadata']['namespace']}" \
+               "/personalizationjobs"
+        response = await cluster.server.post(path, json=manifest)
+        if response.status not in (200, 201):
+            raise RuntimeError(f"create failed: HTTP {response.status}: {await response.text()}")
+
+    await asyncio.gather(*(one(m) for m in manifests))
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    return {"median": round(statistics.median(values), 2), "p90": round(values[int(0.9 * (len(values) - 1))], 2),
+            "max": round(values[-1], 2), "min": round(values[0], 2)}
+
+
+class FakeNodes:
+    """The kubelet and the trainer, for every Job of the operator: a Job's pod starts and runs at
+    once; the trainer reports step 1 of each member it sees (its --jobs folder or its own job)."""
+
+    def __init__(self, cluster: FakeCluster, namespaces: list[str]):
+        self.cluster = cluster
+        self.namespaces = namespaces
+        self.running: dict[tuple[str, str], bool] = {}
+        self.first_step: dict[tuple[str, str], float] = {}
+
+    def members(self, namespace: str, job: dict) -> list[str]:
+        pack = job["metadata"]["labels"].get("personalization.dvar.dev/pack")
+        return self.cluster.pack_files(pack, namespace) if pack else [job["metadata"]["name"]]
+
+    def step(self) -> None:
+        for namespace in self.namespaces:
+            for job in self.cluster.list("batch/v1", "Job", namespace):
+                key = (namespace, job["metadata"]["name"])
+                if key not in self.running:
+                    self.cluster.start_pod(key[1], namespace)
+                    self.cluster.pod_running(key[1], namespace)
+                    self.running[key] = True
+                for member in self.members(namespace, job):
+                    if (namespace, member) not in self.first_step:
+                        self.cluster.member_trains(member, 1, namespace)
+                        self.first_step[(namespace, member)] = time.monotonic()
+
+    def finish_all(self) -> None:
+        for (namespace, member) in self.first_step:
+            self.cluster.member_finishes(member, step=180, namespace=namespace)
+        for namespace, job in self.running:
+            self.cluster.job_succeeded(job, namespace)
+
+
+def placement(cluster: FakeCluster, workdir: Path, count: int, namespaces: int, packing: bool) -> dict:
+    proc = start_operator(cluster, workdir, {"PJ_PACKING_ENABLED": str(packing).lower(),
+                                             "PJ_MAX_CONCURRENT_JOBS": "0", "PJ_POLL_INTERVAL": "10"})
+    spaces = [f"team-{i}" for i in range(namespaces)]
+    cluster.server.namespaces |= set(spaces)
+    nodes = FakeNodes(cluster, spaces)
+    try:
+        names = [(spaces[i % namespaces], f"concept-{i:03d}") for i in range(count)]
+        mark = len(cluster.requests)
+        started = time.monotonic()
+        future = asyncio.run_coroutine_threadsafe(_create_spread(cluster, [pj_manifest(n, ns) for ns, n in names]),
+                                                  cluster._loop)
+        future.result(timeout=300)
+
+        def all_stepped() -> bool:
+            nodes.step()
+            return len(nodes.first_step) >= count
+
+        wait_for(all_stepped, timeout=900, what="every member's first step")
+        created = cluster.server.created_at
+        to_first_step = [nodes.first_step[(ns, n)] - created[("personalizationjobs", ns, n)] for ns, n in names]
+        nodes.finish_all()
+        wait_for(lambda: all((cluster.pj(n, ns).get("status") or {}).get("phase") == "Succeeded" for ns, n in names),
+                 timeout=600, what="every member Succeeded")
+        time.sleep(2.0)  # the last watch events drain through the operator
+        ops = [r for r in cluster.operator_requests(mark) if r.resource is None or r.resource.plural != "events"]
+        by_verb = cluster.requests_by_verb(ops)
+        return {
+            "placement": "packed" if packing else "solo",
+            "jobs": len(cluster.creations("jobs")),
+            "pods": len(cluster.creations("pods")),
+            "seconds_to_first_step": _percentiles(to_first_step),
+            "operator_requests_per_member": round(sum(by_verb.values()) / count, 2),
+            "operator_requests": by_verb,
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "operator_peak_rss_mib": round(vm_hwm_kib(proc.pid) / 1024, 1),
+            "violations": cluster.violations,
+        }
+    finally:
+        stop_operator(proc)
+
+
+def placement_report(result: dict) -> str:
+    rows = ["| placement | Jobs | pods | s to first step: median | p90 | max | API requests per member |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        t = run["seconds_to_first_step"]
+        rows.append(f"| {run['placement']} | {run['jobs']} | {run['pods']} | {t['median']} | {t['p90']} | {t['max']} "
+                    f"| {run['operator_requests_per_member']} |")
+    return "\n".join([
+        "# Packed against solo placement (operator only)",
+        "",
+        f"{result['count']} compatible Textual Inversion PersonalizationJobs across {result['namespaces']} namespaces, "
+        "created at once, on the strict fake API server; the operator's defaults (packs of 8, 30 s collecting "
+        "time, 10 s pump), no concurrency cap. Pods start the moment their Job exists and the fake trainer "
+        "reports a member's first step as soon as it sees the member: the seconds below are what the "
+        "operator adds (admission, collecting, refill), not image pulls or model loads. Requests: the "
+        "operator's, from the first creation until every member Succeeded, events not counted, the pump's "
+        "listings included.",
+        "",
+        *rows,
+        "",
+        f"Command: `{result['command']}`. Machine: {result['machine']['cpus']} shared CPUs, load average "
+        f"{result['machine']['load_average_at_start'][0]:.1f} at the start.",
+        "",
+    ])
+
+
+def main_placement(args: argparse.Namespace) -> int:
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for packing in (True, False):
+            cluster = FakeCluster().start()
+            try:
+                runs.append(placement(cluster, Path(tmp), args.count, args.namespaces, packing))
+            finally:
+                cluster.stop()
+    result = {
+        "world": None,  # no tiny world: the operator alone
+        "what": "packed against solo placement, personalization-operator against the strict fake API server",
+        "command": f"python benchmarks/operator_load.py --placement --count {args.count} --namespaces {args.namespaces}",
+        "count": args.count, "namespaces": args.namespaces,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+        "runs": runs,
+    }
+    PACKING_RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    PACKING_RESULTS.with_suffix(".md").write_text(placement_report(result))
+    print(placement_report(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
@@ -201,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the burst with PJ_MAX_CONCURRENT_JOBS=cap (0: skip that run)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--skip-start-failure", action="store_true", help="skip measurement 3 (about 70 s)")
+    parser.add_argument("--placement", action="store_true",
+                        help="only measurement 4: packed against solo placement (operator_packing.json)")
+    parser.add_argument("--namespaces", type=int, default=4, help="namespaces of the --placement jobs")
     args = parser.parse_args(argv)
+    if args.placement:
+        return main_placement(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
