@@ -14,7 +14,7 @@ import kopf
 
 from personalize import spec as api
 
-from . import lifecycle, metrics, names, pack_handlers, reconcile, status  # noqa: F401 (pack_handlers: registers)
+from . import job_table, lifecycle, metrics, names, pack_handlers, reconcile, status  # noqa: F401 (pack_handlers: registers)
 from .pack_book import BOOK
 from .kube import Kube
 from .pump import Pump
@@ -88,9 +88,11 @@ def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     uid = body.get("metadata", {}).get("uid", "")
     if type == "DELETED":
         metrics.PHASES.forget(uid)
+        job_table.JOBS.forget(uid)
         status.forget(body["metadata"].get("namespace", ""), body["metadata"].get("name", ""))
     else:
         metrics.PHASES.observe(uid, (body.get("status") or {}).get("phase"))
+        job_table.JOBS.observe(body)  # the fleet dashboard's job table
         status.remember(body)  # the latest copy: status writes then need no read
 
 

@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from personalize.spec import Method, Phase
 
-from . import lifecycle
+from . import job_table, lifecycle
 
 COMPLETIONS = Counter(
     "personalization_job_completions", "PersonalizationJobs that finished, by reason.", ["reason"],
@@ -104,10 +104,9 @@ def record_completion(phase: str, reason: str, method: str, status: dict[str, An
     # Seconds per step from the trainer's own clock over the steps it actually ran: the stages'
     # training time where reported (the run's wall time also holds model loading, samples and
     # uploads, which a longer run would not have repeated), else the wall time.
-    steps_run = (status.get("progress") or {}).get("step") or early.get("step") or 0
-    trained = sum(stage.get("seconds") or 0.0 for stage in stages) or status.get("wallSeconds") or 0.0
-    if steps_run > 0 and trained > 0 and gpus > 0:
-        GPU_SECONDS_SAVED.labels(method=method).inc(saved * trained / steps_run * gpus)
+    gpu_seconds = job_table.gpu_seconds_saved(status, gpus)
+    if gpu_seconds > 0:
+        GPU_SECONDS_SAVED.labels(method=method).inc(gpu_seconds)
 
 
 def counting_errors(handler: str) -> Callable:

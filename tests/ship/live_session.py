@@ -27,6 +27,7 @@ from ship_helpers import rendered_rule_groups
 HERE = Path(__file__).resolve().parent
 JOB_NAMESPACE = "ship-test"
 JOB_NAME = "live-ti"
+TRAINER_POD = "live-ti-trainer-x7k2p"
 # Short windows so that the live data trips every alert within seconds.
 LIVE_RULE_VALUES = {"monitoring": {"prometheusRule": {"stuckFor": "3s", "window": "5m"}}}
 
@@ -62,7 +63,9 @@ def job_manifest(workdir: Path) -> dict:
             "concept": {"images": {"path": str(workdir / "images")}, "classNoun": "triangle", "token": "<concept>"},
             "training": {"maxSteps": 300, "minSteps": 120, "batchSize": 2, "learningRate": 0.01},
             "earlyStopping": {"criterion": "dvar", "window": 30, "threshold": 0.9},
-            "validation": {"prompts": ["a photo of {token}"], "numImagesPerPrompt": 1, "inferenceSteps": 2},
+            # grids while training: the samples' cost panel has data
+            "validation": {"prompts": ["a photo of {token}"], "numImagesPerPrompt": 1, "inferenceSteps": 2,
+                           "everySteps": 40},
         },
     }
 
@@ -128,16 +131,19 @@ def start(workdir: Path, trainer_timeout: float = 240.0) -> LiveSession:
     processes: list[subprocess.Popen] = []
     prom: Optional[Prometheus] = None
     try:
-        operator_port, hung_port, budget_port, trainer_port = (free_port() for _ in range(4))
+        operator_port, hung_port, budget_port, trainer_port, dcgm_port = (free_port() for _ in range(5))
         processes.append(_start_driver(["operator", str(operator_port)], workdir / "operator-driver.log"))
         processes.append(_start_driver(["trainers", str(hung_port), str(budget_port)], workdir / "trainers-driver.log"))
+        processes.append(_start_driver(["dcgm", str(dcgm_port), JOB_NAMESPACE, TRAINER_POD], workdir / "dcgm-driver.log"))
         prom = Prometheus(
             workdir / "prometheus",
             targets={
                 "trainer": [f"127.0.0.1:{trainer_port}"],
                 "operator": [f"127.0.0.1:{operator_port}"],
                 "scripted-trainers": [f"127.0.0.1:{hung_port}", f"127.0.0.1:{budget_port}"],
+                "dcgm": [f"127.0.0.1:{dcgm_port}"],
             },
+            labels={"trainer": {"pod": TRAINER_POD}},  # what a PodMonitor's target carries
             rule_files=[rules_file],
         )
         prom.start()

@@ -9,6 +9,10 @@
         live run cannot produce: `hung` stops advancing at step 5 of 100; `budget` runs all its
         steps with the convergence value above the threshold. They exist so every alert rule has
         something to find.
+    python metrics_drivers.py dcgm PORT NAMESPACE POD
+        A stand-in for DCGM exporter: its standard GPU series (DCGM_FI_DEV_GPU_UTIL,
+        DCGM_FI_DEV_FB_USED) for one GPU in use by POD, labelled exported_namespace/exported_pod as
+        a scrape that does not honour its labels leaves them.
 
 Each prints "ready" once serving, then keeps serving until terminated.
 """
@@ -23,8 +27,19 @@ import time
 def run_operator(port: int) -> None:
     from pj_operator import metrics
 
+    from pj_operator import job_table
+
     for uid, phase in [("a", "Running"), ("b", "Running"), ("c", "Queued"), ("d", "Pending"), ("e", "Succeeded")]:
         metrics.PHASES.observe(uid, phase)
+    for name, namespace in (("cat-ti", "team-a"), ("dog-lora", "team-b")):  # the job table's rows
+        job_table.JOBS.observe({
+            "metadata": {"uid": name, "namespace": namespace, "name": name, "creationTimestamp": "2025-01-01T10:00:00Z"},
+            "spec": {"method": "lora", "resources": {"gpus": 1}},
+            "status": {"phase": "Succeeded", "identifier": "sks", "startTime": "2025-01-01T10:00:40Z",
+                       "progress": {"step": 100, "maxSteps": 400},
+                       "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "step": 100, "stepsSaved": 300},
+                       "stages": [{"seconds": 40.0, "trackingSeconds": 4.0}]},
+        })
     metrics.serve(port)
     print("ready", flush=True)
 
@@ -82,11 +97,27 @@ def run_trainers(hung_port: int, budget_port: int) -> None:
     threading.Event().wait()
 
 
+def run_dcgm(port: int, namespace: str, pod: str) -> None:
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    registry = CollectorRegistry()
+    labels = {"gpu": "0", "UUID": "GPU-0f1e2d3c", "Hostname": "gpu-node-1", "exported_namespace": namespace,
+              "exported_pod": pod, "exported_container": "trainer"}
+    Gauge("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", list(labels), registry=registry).labels(**labels).set(87)
+    Gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", list(labels), registry=registry).labels(
+        **labels).set(10240)
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
 if __name__ == "__main__":
     mode, *ports = sys.argv[1:]
     if mode == "operator":
         run_operator(int(ports[0]))
     elif mode == "trainers":
         run_trainers(int(ports[0]), int(ports[1]))
+    elif mode == "dcgm":
+        run_dcgm(int(ports[0]), ports[1], ports[2])
     else:
         sys.exit(f"unknown mode {mode!r}")

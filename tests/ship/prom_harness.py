@@ -40,10 +40,12 @@ class Prometheus:
 
     targets: {scrape job name: ["host:port", ...]}. Every job scrapes every second with
     honor_labels (as the chart's PodMonitor does), so the exporters' own `namespace` label wins.
+    labels: {scrape job name: {label: value}} that the job's targets get, as a PodMonitor's
+    target gets its `pod`.
     """
 
     def __init__(self, workdir: Path, targets: dict[str, list[str]], rule_files: list[Path] = (),
-                 interval: str = "1s"):
+                 interval: str = "1s", labels: Optional[dict[str, dict[str, str]]] = None):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,7 +53,8 @@ class Prometheus:
             "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [
-                {"job_name": job, "honor_labels": True, "static_configs": [{"targets": list(addrs)}]}
+                {"job_name": job, "honor_labels": True,
+                 "static_configs": [{"targets": list(addrs), "labels": (labels or {}).get(job, {})}]}
                 for job, addrs in targets.items()
             ],
         }

@@ -160,6 +160,7 @@ GRAFANA_VARIABLES = {
     "$__interval": "15s",
     "$namespace": ".*",
     "$pj": ".*",
+    "$gpu_hour_price": "2.5",
 }
 
 
@@ -168,7 +169,8 @@ def grafana_substitute(expr: str, variables: dict[str, str] | None = None) -> st
     # Longest names first: $__range must not be cut by a shorter variable's name.
     for name in sorted(variables, key=len, reverse=True):
         expr = expr.replace(name, variables[name])
-    assert "$" not in expr, f"unsubstituted Grafana variable in {expr!r}"
+    # $1, $2 ... are label_replace's references to its regex groups, not Grafana variables
+    assert not re.search(r"\$(?!\d)", expr), f"unsubstituted Grafana variable in {expr!r}"
     return expr
 
 

@@ -151,9 +151,13 @@ def test_per_timestep_loss_statistics_and_sample_cost_are_exposed():
     stats = {"lr": 1e-4, "grad_norm": 0.8, "update_ratio": 2e-3, "update_cosine": math.nan, "adam_snr": 0.3}
     m.observe(1, 100, 0.3, 0.2, None, 0.15, 0.1, timestep_losses={"t=0017": 0.4, "t=0911": 0.05}, stats=stats)
     m.observe(2, 100, 0.3, None, None, 0.15, 0.1, stats={**stats, "update_cosine": -0.2})  # no evaluation here
+    m.observe(3, 100, 0.3, 0.19, None, 0.15, 0.1, timestep_losses={"t=0017": 0.3, "t=0911": 0.05})
     m.observe_samples(2.5)
     fams = families(m.exposition().decode())
-    assert sample_value(fams, "personalization_timestep_deterministic_loss", timestep="t=0017") == pytest.approx(0.4)
+    assert sample_value(fams, "personalization_timestep_deterministic_loss", timestep="t=0017") == pytest.approx(0.3)
+    ratio = "personalization_timestep_deterministic_loss_ratio"
+    assert sample_value(fams, ratio, timestep="t=0017") == pytest.approx(0.75)  # relative to its first value
+    assert sample_value(fams, ratio, timestep="t=0911") == pytest.approx(1.0)
     assert sample_value(fams, "personalization_timestep_deterministic_loss", timestep="t=0911") == pytest.approx(0.05)
     assert sample_value(fams, "personalization_learning_rate") == pytest.approx(1e-4)
     assert sample_value(fams, "personalization_gradient_norm") == pytest.approx(0.8)

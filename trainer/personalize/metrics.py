@@ -94,6 +94,13 @@ class TrainerMetrics:
             "Loss of one reference slot at the last evaluation, by its timestep (flow matching: sigma).",
             (*LABELS, "timestep"), registry=self.registry,
         )
+        # ... and each divided by its first value: which timestep moves, and when, on one scale
+        self.timestep_loss_ratio = Gauge(
+            "personalization_timestep_deterministic_loss_ratio",
+            "Loss of one reference slot at the last evaluation over its first evaluation's, by its timestep.",
+            (*LABELS, "timestep"), registry=self.registry,
+        )
+        self._first_timestep_loss: dict[str, float] = {}
         self.stats = {key: gauge(metric, doc) for key, (metric, doc) in STAT_GAUGES.items()}
         self.sample_duration = Histogram(
             "personalization_sample_duration_seconds",
@@ -122,6 +129,8 @@ class TrainerMetrics:
         """Record one step. None means "not measured at this step": the gauge keeps its value."""
         for label, value in (timestep_losses or {}).items():
             self.timestep_loss.labels(**self.labels, timestep=label).set(value)
+            first = self._first_timestep_loss.setdefault(label, value)
+            self.timestep_loss_ratio.labels(**self.labels, timestep=label).set(value / first if first else math.nan)
         for key, value in (stats or {}).items():
             if key in self.stats:
                 self.stats[key].set(value)  # NaN where undefined at this step (a gap)
