@@ -102,6 +102,16 @@ for method in $METHODS; do
     done
   done
 done
+# Packed training on the GPU: randomly initialised full-size SD 1.5 (512 px) and SDXL (1024 px) in
+# bf16, packs of 1 to 16 against solo runs (benchmarks/packing.py; results under benchmarks/results).
+# PACKING=0 skips it; without a GPU it is skipped (the suite runs the same path at tiny size on CPU).
+if [ "$device" = cuda ] && [ "${PACKING:-1}" != 0 ]; then
+  for model in sd15 sdxl; do
+    "$PYTHON" benchmarks/packing.py --model "$model" --precision bf16 --methods textualInversion,lora \
+      --sizes "${PACK_SIZES:-1,2,4,8,16}" --steps "${PACK_STEPS:-10}" --output "benchmarks/results/packing_gpu_$model" \
+      || { echo "FAIL packing $model"; failures=$((failures + 1)); }
+  done
+fi
 echo "work folder: $WORK"
 if [ "$failures" -gt 0 ]; then echo "$failures failure(s)"; exit 1; fi
 echo "all runs passed"

@@ -188,3 +188,58 @@ def test_pack_command_line_refuses_a_missing_folder(tmp_path, capsys):
 
     assert main(["pack", "--jobs", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+class StopRequest:
+    """What GracefulShutdown gives the checkpoints: a flag the test raises at a chosen step."""
+
+    requested = False
+    signal_name = "SIGTERM"
+
+
+def test_a_pack_stopped_mid_run_resumes_every_slot_where_it_would_have_stopped(tiny_pipeline_dir, concept_dirs, tmp_path):
+    from personalize.packing import PackRunner
+    from personalize.shutdown import TrainingInterrupted
+
+    manifests = member_specs(tiny_pipeline_dir, concept_dirs, "textualInversion", 3)
+    manifests["c0"]["spec"]["training"]["maxSteps"] = 3  # leaves before the interruption
+    straight = run_pack(write_jobs(tmp_path / "jobs-straight", manifests), tmp_path / "straight")
+    jobs = write_jobs(tmp_path / "jobs", manifests)
+    shutdown = StopRequest()
+
+    class StoppedAtStep5(PackRunner):
+        def between_steps(self, pack, left):
+            super().between_steps(pack, left)
+            shutdown.requested = self.record.step == 4  # seen by the checkpoints after step 5
+
+    with pytest.raises(TrainingInterrupted):
+        StoppedAtStep5(jobs, tmp_path / "pack", shutdown=shutdown).run()
+    interrupted = json.loads((tmp_path / "pack" / "pack.json").read_text())
+    assert {s["name"]: s["phase"] for s in interrupted["slots"]} == {"c0": "Succeeded", "c1": "Running", "c2": "Running"}
+    assert (tmp_path / "pack" / "c1" / "checkpoints").is_dir()
+    done_before = (tmp_path / "pack" / "c0" / "result.json").stat().st_mtime_ns
+
+    resumed = run_pack(jobs, tmp_path / "pack")  # the same command again
+    assert (tmp_path / "pack" / "c0" / "result.json").stat().st_mtime_ns == done_before  # not trained again
+    for slot, alone in zip(resumed["slots"], straight["slots"]):
+        assert (slot["name"], slot["phase"], slot["steps"], slot["stopReason"]) == \
+               (alone["name"], alone["phase"], alone["steps"], alone["stopReason"])
+        assert max_relative_error(det_series(tmp_path / "pack" / slot["name"]),
+                                  det_series(tmp_path / "straight" / slot["name"])) <= 1e-6
+
+
+def test_one_metrics_endpoint_carries_every_member_and_the_pack(tiny_pipeline_dir, concept_dirs, tmp_path):
+    from prometheus_client import generate_latest
+
+    from personalize.packing import PackRunner
+
+    manifests = member_specs(tiny_pipeline_dir, concept_dirs, "lora", 2)
+    runner = PackRunner(write_jobs(tmp_path / "jobs", manifests), tmp_path / "pack")
+    runner.run()
+    text = generate_latest(runner.metrics).decode()
+    for name in manifests:
+        assert f'personalization_step{{criterion="dvar",method="lora",namespace="",personalizationjob="{name}"}}' in text
+    assert text.count("# HELP personalization_step ") == 1  # one family, one series per member
+    assert 'personalization_pack_slots{state="free"} 8.0' in text
+    steps = sum(s["steps"] for s in json.loads((tmp_path / "pack" / "pack.json").read_text())["slots"])
+    assert f"personalization_pack_concept_steps_total {float(steps)}" in text

@@ -172,6 +172,8 @@ class JobRunner:
         self.files: list[str] = []
         self.identifier: Optional[Identifier] = None
         self.report = TrainerReport()
+        # the pod's one termination message: a pack's members report through their status instead
+        self.termination_message = True
         self.step_samples = StepSamples(job.spec, output)  # validation.everySteps
         self.trackers = Trackers([])  # reporting.trackers, started in execute() on the main process
 
@@ -287,7 +289,8 @@ class JobRunner:
         if upload is not None:
             uploaded = finish_upload(upload, self.report, self._write_result,
                                      after_success=sync.remove if sync is not None else None)
-        write_termination_message(self.report)
+        if self.termination_message:
+            write_termination_message(self.report)
         try:
             self._publish(final=True)
         except StatusReportError as err:

@@ -272,18 +272,18 @@ def train(pack: Pack, between_steps: Optional[Callable[[Pack, list[Slot]], None]
                 slot.reason = broadcast_object_list([slot.reason])[0]  # every process stops together
             slot.tracking_seconds += eval_seconds or 0.0
             slot.on_step(StepRecord(slot.step, slot.train_loss, det, conv, time.monotonic() - step_started,
-                                    eval_seconds, timestep_losses))
+                                    eval_seconds, timestep_losses, slot.stats))
             try:
                 slot.after_step()  # checkpoint when due
             except TrainingInterrupted as stop:  # SIGTERM: every slot saves first
                 interrupted = interrupted or stop
-        if interrupted is not None:
-            raise interrupted
         left = [slot for slot in slots if slot.reason is not None]
         for slot in left:
             pack.leave(slot)
-        if between_steps is not None:
+        if between_steps is not None:  # slots that stopped at this step write their outputs, even on SIGTERM
             between_steps(pack, left)
+        if interrupted is not None:
+            raise interrupted
 
 
 def train_stage(
@@ -312,8 +312,10 @@ def train_stage(
     if slot.failure is not None:
         raise slot.failure
     outcome = slot.outcome()
-    slot.method.finish()
+    # fp32 tables first: finish() writes the trained token rows (fp32) back into their tables,
+    # which in mixed precision are half until full_precision and would round the rows.
     full_precision(models, spec)
+    slot.method.finish()
     return outcome, slot.method
 
 

@@ -33,6 +33,8 @@ from personalize.status_reporter import StatusReporter, StatusReportError
 
 log = logging.getLogger("personalize")
 
+RECORD_SECONDS = 5.0  # pack.json is rewritten when a member comes or goes, and at least this often
+
 
 def solo_only(job: PersonalizationJob) -> Optional[str]:
     """Why this job cannot share a pack, or None."""
@@ -114,6 +116,8 @@ class PackRunner:
         self.pack: Optional[Pack] = None
         self.models = self.resolution = self.accelerator = None
         self.routes = 0
+        self._manifests: dict[Path, tuple[tuple, tuple]] = {}  # path -> (stat key, (job, error))
+        self._written = 0.0  # when pack.json was last written
         self.pod_namespace = os.environ.get("PJ_NAMESPACE")  # in a cluster: the only namespace served
         self.registry = CollectorRegistry()
         self.slots_gauge = Gauge("personalization_pack_slots", "Slots of the pack by state.", ["state"], registry=self.registry)
@@ -159,11 +163,13 @@ class PackRunner:
         self.concept_steps.inc(trained)
         for slot in left:
             self.leave(self.active[slot.name])
-        self.refresh()
-        self.write_record()
+        joined = self.refresh()
+        if left or joined or time.monotonic() - self._written >= RECORD_SECONDS:
+            self.write_record()
 
     def write_record(self) -> None:
-        self.record.wall_seconds = time.monotonic() - self.started
+        self._written = time.monotonic()
+        self.record.wall_seconds = self._written - self.started
         write_json(self.record.to_json(), self.output / PACK_FILE)
 
     def _update_slot_gauges(self) -> None:
@@ -173,24 +179,23 @@ class PackRunner:
 
     # ---- members come and go -----------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Cancel members whose manifest was removed; let new manifests join while slots are free."""
+    def refresh(self) -> bool:
+        """Cancel members whose manifest was removed; let new manifests join while slots are free.
+        Whether any member came or went."""
         try:
             manifests = read_manifests(self.folder)
         except OSError as err:  # e.g. a ConfigMap mid-swap: try again after the next step
             log.warning("pack: cannot read %s (%s); the pack goes on as it is", self.folder, err)
-            return
+            return False
+        before = set(self.active)
         jobs: dict[str, tuple[Path, Optional[PersonalizationJob], Optional[str]]] = {}
         for stem, path in manifests.items():
-            try:
-                job = load_job(path)
-                name = job.metadata.name if job.metadata is not None and job.metadata.name else stem
-                if name in jobs:  # the first file keeps the name; the second fails under its file's name
-                    jobs[stem] = (path, None, f"duplicate name {name!r}: {jobs[name][0].name} has it too")
-                else:
-                    jobs[name] = (path, job, None)
-            except (SpecError, OSError, ValueError) as err:
-                jobs[stem] = (path, None, str(err))
+            job, error = self._parsed(path)
+            name = job.metadata.name if job is not None and job.metadata is not None and job.metadata.name else stem
+            if job is not None and name in jobs:  # the first file keeps the name; the second fails under its own
+                jobs[stem] = (path, None, f"duplicate name {name!r}: {jobs[name][0].name} has it too")
+            else:
+                jobs[name] = (path, job, error)
         for name in [n for n in self.active if n not in jobs]:
             self.cancel(self.active[name])
         for name, (path, job, error) in jobs.items():
@@ -203,6 +208,24 @@ class PackRunner:
                 continue
             self.join(name, job)
         self._update_slot_gauges()
+        return set(self.active) != before
+
+    def _parsed(self, path: Path) -> tuple[Optional[PersonalizationJob], Optional[str]]:
+        """The manifest, parsed again only when its file changed (DIR is read after every step)."""
+        try:
+            stat = path.stat()
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError as err:
+            return None, str(err)
+        cached = self._manifests.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            parsed = (load_job(path), None)
+        except (SpecError, OSError, ValueError) as err:
+            parsed = (None, str(err))
+        self._manifests[path] = (key, parsed)
+        return parsed
 
     def _ended(self, name: str) -> bool:
         record = self.record.members.get(name)
@@ -268,6 +291,7 @@ class PackRunner:
     def _runner(self, name: str, job: PersonalizationJob, output: Path) -> JobRunner:
         runner = JobRunner(job, output, shutdown=self.shutdown)
         runner.accelerator = self.accelerator
+        runner.termination_message = False  # one pod, many members: each reports through its status
         namespace = (job.metadata.namespace if job.metadata is not None else None) or self.pod_namespace
         runner.reporter = None
         if self.pod_namespace:  # in a cluster: this member's own resource

@@ -40,6 +40,7 @@ from personalize.resume import StageCheckpoints, TrainState
 from personalize.routing import BatchRouting
 from personalize.spec import CriterionName, PersonalizationJobSpec, StopReason
 from personalize.stage_outcome import StageOutcome
+from personalize.training_stats import UpdateStatistics
 
 WEIGHT_DECAY = 1e-2  # AdamW default of the diffusers training scripts
 
@@ -166,6 +167,10 @@ class Slot:
                 self.prompts.warm(self.train_examples.all_captions
                                   + (self.class_examples.captions if self.class_examples is not None else []))
 
+        # lr, gradient norm, update size and direction, Adam's signal-to-noise: of this slot's own
+        # parameters, from what each step already holds (training_stats.py)
+        self.statistics = UpdateStatistics(self.method.parameters, self.optimizer)
+        self.stats: Optional[dict[str, float]] = None
         self.step, self.reason = 0, None
         self.failure: Optional[BaseException] = None
         self.train_loss = self.det_loss = self.conv_value = None
@@ -221,12 +226,17 @@ class Slot:
 
     def step_optimizer(self, accelerator: Accelerator, average: Callable[[list], None]) -> None:
         """Clip the slot's own gradients (never another slot's) and step its optimizer."""
-        max_norm = self.spec.training.max_grad_norm
-        if accelerator.sync_gradients and accelerator.num_processes > 1:
+        max_norm, sync = self.spec.training.max_grad_norm, accelerator.sync_gradients
+        if sync and accelerator.num_processes > 1:
             average(self.method.parameters)
-        if accelerator.sync_gradients and max_norm > 0:
+        if sync:  # the norm before clipping, of unscaled gradients (fp16: divided by the loss scale)
+            scaler = getattr(accelerator, "scaler", None)
+            self.statistics.observe_gradients(scaler.get_scale() if scaler is not None else 1.0)
+        if sync and max_norm > 0:
             accelerator.clip_grad_norm_(self.method.parameters, max_norm)
         self.optimizer.step()
+        if sync:
+            self.stats = self.statistics.after_step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def finish_step(self, losses: list[float], accelerator: Accelerator) -> None:
