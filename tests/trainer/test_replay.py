@@ -262,3 +262,16 @@ def test_an_unreadable_result_json_beside_the_csv_is_named(tmp_path, capsys):
     code = cli.main(["replay", str(tmp_path / "losses.csv")])
     _, err = capsys.readouterr()
     assert code == 2 and "result.json" in err and "--no-result" in err
+
+
+def test_an_older_result_json_gives_the_window_in_evaluations_times_eval_every(tmp_path, capsys):
+    """Before earlyStop.windowSteps, result.json had the window in evaluations and reference.evalEvery."""
+    losses = crafted_series(seed=7)
+    evaluated = write_losses_csv(tmp_path / "losses.csv", losses, eval_every=4)
+    (tmp_path / "result.json").write_text(json.dumps({
+        "earlyStop": {"criterion": "dvar", "threshold": 0.2, "window": 10}, "reference": {"evalEvery": 4}}))
+    code, [result], _ = replay(capsys, tmp_path / "losses.csv")
+    assert code == 0
+    assert (result["window"], result["window_evaluations"], result["threshold"], result["min_steps"]) == (40, 10, 0.2, 0)
+    want = reference_stop(evaluated, [losses[s - 1] for s in evaluated], "dvar", 40, 4, 0.2, last_step=400)
+    assert result["stop_step"] == want is not None
