@@ -200,6 +200,7 @@ def test_resume_after_sigterm_gives_the_same_run(family, method, sections, famil
         "seed": 0, "checkpointEvery": 5}, **sections)
     manifest["spec"]["earlyStopping"] = {"criterion": "dvar", "window": 6, "threshold": 0.5, "evalEvery": 1,
                                          "referenceBatchSize": 2, "fixed": {"timesteps": False}}
+    manifest["spec"]["reporting"] = {"logEverySteps": 1}  # the interrupt waits for the line of step 4
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(manifest))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -153,10 +153,15 @@ def test_frozen_weights_are_half_while_training_and_fp32_from_the_base_after(met
                 seen.append((p.requires_grad, id(p) in norms, p.dtype))
 
     (stage,) = plan_stages(spec)
-    train_stage(stage, spec, models, identifier, examples, None, make_accelerator("bf16"), on_step)
-    trained = {dtype for grad, _, dtype in seen if grad}
+    _, method = train_stage(stage, spec, models, identifier, examples, None, make_accelerator("bf16"), on_step)
+    # Textual Inversion trains the token rows as parameters of their own, outside the modules
+    trained = {dtype for grad, _, dtype in seen if grad} | {p.dtype for p in method.parameters}
     frozen = {dtype for grad, norm, dtype in seen if not grad and not norm}
     assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    if learns_embedding(spec):  # the token's rows in the table are the trained fp32 rows, not rounded to bf16
+        table = models.text_encoder.get_input_embeddings().weight
+        assert table.dtype == torch.float32
+        assert torch.equal(table[identifier.token_ids], method.identifier_rows[0].weight.detach())
 
     # after the stage: fp32 everywhere, frozen weights bit-identical to the base model's
     base_weights = {f"{part}.{n}": p for part in ("unet", "vae") for n, p in getattr(base, part).named_parameters()}

@@ -40,6 +40,8 @@ def write_config(path: Path, concept_dir: Path, method: str, **training) -> Path
                      "learningRate": 0.02 if method == "textualInversion" else 0.001, **training},
         "earlyStopping": {"criterion": "dvar", "window": 8, "threshold": 0.3, "evalEvery": 1, "referenceBatchSize": 2},
         "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2},
+        # A progress line every step: the interrupt waits for the line of a given step.
+        "reporting": {"logEverySteps": 1},
     }
     if method != "textualInversion":
         spec["priorPreservation"] = {"enabled": False}

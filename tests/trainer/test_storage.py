@@ -187,6 +187,7 @@ def test_a_checkpoint_mirrored_to_the_store_resumes_in_an_empty_output_folder(mo
         "earlyStopping": {"criterion": "none", "referenceBatchSize": 2},
         "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2},
         "output": {"uri": f"s3://{bucket}/runs/resume"},
+        "reporting": {"logEverySteps": 1},  # the interrupt waits for the line of step 4
     }
     config = write_job(tmp_path, spec)
     env = {**trainer_env(tmp_path / "termination"), **moto.env(), "PJ_CACHE_DIR": str(tmp_path / "cache")}
