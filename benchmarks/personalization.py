@@ -107,6 +107,9 @@ MIN_JUDGED_GAIN = stop_quality.MIN_JUDGED_GAIN  # smaller baseline gains are not
 # scored steps of its CLIP-I curve (the final score alone carries one draw of its step-to-step wobble).
 PLATEAU_POINTS = 4
 TRAIN_LOSS_STRIDE = 5  # per-run series keep every 5th training loss (it is noise-dominated anyway)
+# Textual Inversion runs keep the learned embedding every this many steps: whether its direction
+# has stopped turning is a candidate stop signal (its norm keeps growing after convergence).
+EMBEDDING_STRIDE = 5
 
 EVAL_TEMPLATES = (
     "a photo of {token} {class_noun}",
@@ -328,6 +331,11 @@ def observe_steps(task: Task, work: Path, step_seconds: list, curve: dict, runne
             scores = score_now()  # the DVAR stop's scores if it stopped at this very step
             curve["steps"].append(trained.step)
             curve["clip_i"].append(scores["clip_i"])
+        if task.method == "textualInversion" and trained.step % EMBEDDING_STRIDE == 0:
+            table = trained.models.text_encoder.get_input_embeddings().weight
+            rows = table[runner.identifier.token_ids].detach().float().cpu()
+            slots.setdefault("embedding_steps", []).append(trained.step)
+            slots.setdefault("embedding", []).append(_round(rows.flatten().tolist(), 5))
         if task.slot_study and task.variant == "baseline":
             batch = study_batch(trained)
             slots["losses"].append(_round(batch.slot_losses(trained.models.denoiser, trained.models.text_encoder), 5))
@@ -354,8 +362,13 @@ def _round(values: list, digits: int = 4) -> list:
 
 
 def loss_series(rows: list[dict], tracked: bool) -> dict[str, Any]:
-    """Compact per-run series: train loss every TRAIN_LOSS_STRIDE steps, L_det and convergence
-    values at every evaluation (what a replay of the criterion needs)."""
+    """Compact per-run series: train loss every TRAIN_LOSS_STRIDE steps, L_det (the mean and each
+    reference slot's, keyed by its timestep label) and convergence values at every evaluation
+    (what a replay of the criterion needs), and the training statistics of every step (one value
+    per step from step 1, None where undefined: `stats`, keyed by training_stats.STAT_NAMES)."""
+    from personalize.reporting.rows import timestep_label
+    from personalize.training_stats import STAT_NAMES
+
     series: dict[str, Any] = {
         "train_loss_stride": TRAIN_LOSS_STRIDE,
         "train_loss": _round([r["train_loss"] for r in rows[TRAIN_LOSS_STRIDE - 1 :: TRAIN_LOSS_STRIDE]]),
@@ -364,6 +377,12 @@ def loss_series(rows: list[dict], tracked: bool) -> dict[str, Any]:
     if evaluated:
         series["eval_steps"] = [r["step"] for r in evaluated]
         series["deterministic_loss"] = _round([r["deterministic_loss"] for r in evaluated], 5)
+        labels = dict.fromkeys(timestep_label(k) for r in evaluated for k in r if timestep_label(k) is not None)
+        if labels:
+            series["timestep_losses"] = {
+                label: _round([r.get(f"deterministic_loss[{label}]") for r in evaluated], 5) for label in labels}
+    if rows and any(name in rows[0] for name in STAT_NAMES):
+        series["stats"] = {name: _round([r.get(name) for r in rows]) for name in STAT_NAMES}
     if tracked:
         converged = [r for r in rows if r["convergence_value"] is not None]
         series["convergence_steps"] = [r["step"] for r in converged]
@@ -426,6 +445,9 @@ def run_task(task: Task) -> dict:
         if task.curve_every:
             record["series"]["curve_steps"] = curve["steps"]
             record["series"]["curve_clip_i"] = _round(curve["clip_i"], 5)
+        if slots.get("embedding"):  # Textual Inversion: the learned rows, flattened, every EMBEDDING_STRIDE steps
+            record["series"]["embedding_steps"] = slots["embedding_steps"]
+            record["series"]["embedding"] = slots["embedding"]
         if slots["losses"]:  # one row per step (the study batch's slot losses); the slots' timesteps
             record["slots"] = {"timesteps": slots["timesteps"], "losses": slots["losses"]}
         if task.observe_dvar:  # never below the threshold: DVAR would have run the whole budget
@@ -492,10 +514,18 @@ def derived_dvar_record(baseline: dict) -> dict:
     series = baseline["series"]
     cut = dict(series)
     cut["train_loss"] = series["train_loss"][: stop["steps"] // series["train_loss_stride"]]
-    for steps_key, values_key in (("eval_steps", "deterministic_loss"), ("convergence_steps", "convergence_value")):
-        keep = [i for i, s in enumerate(series.get(steps_key, [])) if s <= stop["steps"]]
+    for steps_key, values_key in (("eval_steps", "deterministic_loss"), ("convergence_steps", "convergence_value"),
+                                  ("embedding_steps", "embedding")):
+        if steps_key not in series:
+            continue
+        keep = [i for i, s in enumerate(series[steps_key]) if s <= stop["steps"]]
         cut[steps_key] = [series[steps_key][i] for i in keep]
         cut[values_key] = [series[values_key][i] for i in keep]
+        if steps_key == "eval_steps" and "timestep_losses" in series:
+            cut["timestep_losses"] = {label: [values[i] for i in keep]
+                                      for label, values in series["timestep_losses"].items()}
+    if "stats" in series:  # one value per step from step 1
+        cut["stats"] = {name: values[: stop["steps"]] for name, values in series["stats"].items()}
     for key in ("curve_steps", "curve_clip_i"):
         cut.pop(key, None)
     # wall_seconds sums the loop's step times; a live run's loop_seconds (the trainer's stage timer)

@@ -135,6 +135,30 @@ def test_gain_kept_and_target_are_computed_from_the_runs(smoke):
         assert f"| textualInversion | {variant} |" in md
 
 
+def test_run_files_keep_each_timesteps_L_det_the_step_statistics_and_the_embedding(smoke):
+    """The stop-signal candidates replay from these: L_det per reference slot at every evaluation
+    (its mean is the run's L_det), each training statistic at every step, and Textual Inversion's
+    learned embedding every EMBEDDING_STRIDE steps."""
+    bench, out, report = smoke
+    runs = out / "personalization_runs"
+    baseline = json.loads((runs / "textualInversion_baseline_red_striped_triangle.json").read_text())
+    series, steps = baseline["series"], baseline["steps"]
+    per_slot = series["timestep_losses"]
+    assert len(per_slot) == 4 and all(label.startswith("t=") for label in per_slot)  # reference batch of 4
+    for i, mean in enumerate(series["deterministic_loss"]):
+        assert statistics.fmean(v[i] for v in per_slot.values()) == pytest.approx(mean, rel=1e-3)
+    assert set(series["stats"]) == {"lr", "grad_norm", "update_ratio", "update_cosine", "adam_snr"}
+    assert all(len(v) == steps for v in series["stats"].values())
+    assert series["stats"]["update_cosine"][0] is None  # no earlier update at step 1
+    assert all(v is not None and v > 0 for v in series["stats"]["grad_norm"])
+    assert series["embedding_steps"] == list(range(bench.EMBEDDING_STRIDE, steps + 1, bench.EMBEDDING_STRIDE))
+    assert len({len(e) for e in series["embedding"]}) == 1 and series["embedding"][0] != series["embedding"][-1]
+    # the DVAR run cut from it keeps the same series up to its stop
+    dvar = json.loads((runs / "textualInversion_dvar_red_striped_triangle.json").read_text())["series"]
+    assert all(len(v) == len(dvar["eval_steps"]) for v in dvar["timestep_losses"].values())
+    assert all(len(v) == baseline["dvar_stop"]["steps"] for v in dvar["stats"].values())
+
+
 def test_dvar_run_cut_from_the_baseline_is_the_real_dvar_run(smoke, tmp_path):
     """What licenses deriving DVAR from the baseline: a real DVAR run (criterion dvar, stopping)
     trains, tracks and scores exactly like the baseline up to its stop step."""
