@@ -74,7 +74,9 @@ class PackKey:
         for attr, name in names.items():
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:
-                return f"{name} {theirs} differs from the pack's {mine}"
+                def shown(value):
+                    return "unset (the model's default)" if value is None else value
+                return f"{name} {shown(theirs)} differs from the pack's {shown(mine)}"
         return None
 
 
