@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+from personalize.criteria import StopPolicy, build_criterion
+from personalize.eval_schedule import AdaptiveSchedule, ScheduleKnobs
 from personalize.replay import replay_one
 from personalize.spec import Method
 from personalize.world.shapes import CONCEPT_SETS
@@ -63,6 +65,24 @@ def every_step_stop(losses: list[float], window: int, threshold: float, method: 
     points = [(step, value) for step, value in enumerate(losses, start=1) if step % eval_every == 0]
     return replay_one("dvar", points, window_steps=window, threshold=threshold, eval_every=eval_every,
                       min_steps=min_steps, method=Method(method), last_step=len(losses))["stop_step"]
+
+
+def adaptive_stop(losses: list[float], window: int, threshold: float,
+                  knobs: ScheduleKnobs = ScheduleKnobs()) -> tuple[Optional[int], int]:
+    """(stop step or None, evaluations) of DVAR fed by the adaptive schedule on a recorded
+    every-step series. L_det at a step does not depend on which earlier steps were evaluated
+    (fixed reference batch, its own generator), so this is exactly what a live run of the same
+    training would have evaluated and decided."""
+    schedule = AdaptiveSchedule(threshold, window, knobs=knobs)
+    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
+    evaluations = 0
+    for step, value in enumerate(losses, start=1):
+        due = schedule.due(step, policy)
+        evaluations += due
+        schedule.observe(step, value if due else None, policy)
+        if due and policy.check(step) is not None:
+            return step, evaluations
+    return None, evaluations
 
 
 def relative_to_repo(path: Path) -> str:

@@ -37,9 +37,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from personalize.criteria import StopPolicy, build_criterion
 from personalize.data import load_concept_examples
-from personalize.eval_schedule import AdaptiveSchedule, ScheduleKnobs
+from personalize.eval_schedule import ScheduleKnobs
 from personalize.identifier import setup_identifier
 from personalize.loop import train_stage
 from personalize.methods import learns_embedding, plan_stages
@@ -52,7 +51,7 @@ from personalize.world.provenance import installed_world
 from personalize.world.shapes import CONCEPT_SETS, concept_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import command_line, every_step_runs, every_step_stop, relative_to_repo, runs_world  # noqa: E402  (a sibling script module)
+from recorded_runs import adaptive_stop, command_line, every_step_runs, every_step_stop, relative_to_repo, runs_world  # noqa: E402  (a sibling script module)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCEPT = "red_striped_triangle"
@@ -197,24 +196,6 @@ def every_step_series(runs_dir: Path, concepts: set[str] | None = None) -> dict[
                            "threshold": record["threshold"], "losses": losses,
                            "whole_budget": record["variant"] == "baseline"}
     return found
-
-
-def adaptive_stop(losses: list[float], window: int, threshold: float,
-                  knobs: ScheduleKnobs = ScheduleKnobs()) -> tuple[int | None, int]:
-    """(stop step or None, evaluations) of DVAR fed by the adaptive schedule on a recorded
-    every-step series. L_det at a step does not depend on which earlier steps were evaluated
-    (fixed reference batch, its own generator), so this is exactly what a live run of the same
-    training would have evaluated and decided."""
-    schedule = AdaptiveSchedule(threshold, window, knobs=knobs)
-    policy = StopPolicy(build_criterion("dvar", window, 1, threshold), max_steps=10**9)
-    evaluations = 0
-    for step, value in enumerate(losses, start=1):
-        due = schedule.due(step, policy)
-        evaluations += due
-        schedule.observe(step, value if due else None, policy)
-        if due and policy.check(step) is not None:
-            return step, evaluations
-    return None, evaluations
 
 
 def recorded_series(series: dict[str, dict], knobs: ScheduleKnobs = ScheduleKnobs()) -> dict:
