@@ -16,7 +16,6 @@ namespace's decisions never wait for another's.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -37,8 +36,6 @@ class PackBook:
         self._where: dict[Key, str] = {}  # (namespace, member) -> pack
         self._objects: dict[tuple[str, str, str], dict] = {}  # (namespace, pack, kind) -> latest copy
         self._jobs: dict[Key, dict] = {}  # (namespace, pack) -> the Job as last seen
-        self._reasons: dict[Key, Optional[str]] = {}  # (namespace, member) -> earlyStop.reason last seen
-        self._suspects: dict[Key, tuple[float, int]] = {}  # (namespace, member) -> (since, Job failures then)
         self._timers: dict[Key, threading.Timer] = {}
         self._founders: dict[Key, tuple[Any, str]] = {}  # (namespace, pack) -> (a member's parsed job, its name)
 
@@ -111,8 +108,6 @@ class PackBook:
     def forget_member(self, namespace: str, name: str) -> Optional[str]:
         """The member is gone (deleted) or released; returns the pack it was in."""
         with self._guard:
-            self._reasons.pop((namespace, name), None)
-            self._suspects.pop((namespace, name), None)
             return self._drop(namespace, name)
 
     def _drop(self, namespace: str, name: str) -> Optional[str]:
@@ -194,31 +189,6 @@ class PackBook:
         with self._guard:
             return self._objects.get((namespace, pack, kind))
 
-    # ---- a member reported Failed: alone, or the whole pod crashed? --------------------------------
-
-    def note_report(self, namespace: str, name: str, reason: Optional[str], job: Optional[dict]) -> None:
-        """A member's earlyStop.reason as its latest event shows it. A change to Failed while its
-        pack's pod runs is a suspected failure of that member alone (see `confirmed_failure`);
-        one already there when the operator started is decided when the pack ends."""
-        with self._guard:
-            before = self._reasons.get((namespace, name), "unseen")
-            self._reasons[(namespace, name)] = reason
-            if reason != "Failed":
-                self._suspects.pop((namespace, name), None)
-            elif before not in ("Failed", "unseen") and job is not None:
-                self._suspects.setdefault((namespace, name), (time.monotonic(), _failures(job)))
-
-    def confirmed_failure(self, namespace: str, name: str, job: Optional[dict], after: float) -> bool:
-        """The member's Failed report is its own: `after` seconds since it came, its pack's pod
-        still runs and the Job counted no failed pod meanwhile (a crash fails the pod)."""
-        with self._guard:
-            suspect = self._suspects.get((namespace, name))
-        if suspect is None or job is None:
-            return False
-        since, failures = suspect
-        running = int((job.get("status") or {}).get("ready") or 0) > 0
-        return running and _failures(job) == failures and time.monotonic() - since >= after
-
     # ---- a pack's Job starts when it is full or its collecting time is over ------------------------
 
     def schedule(self, namespace: str, pack: str, delay: float, start: Callable[[], Any]) -> None:
@@ -235,10 +205,6 @@ class PackBook:
             timer = self._timers.pop((namespace, pack), None)
         if timer is not None:
             timer.cancel()
-
-
-def _failures(job: dict) -> int:
-    return int((job.get("status") or {}).get("failed") or 0)
 
 
 BOOK = PackBook()

@@ -23,6 +23,10 @@ PACK_ENDED = "PackEnded"
 # Reason of a member that joined a pack whose pod already runs.
 JOINED = "JoinedPack"
 COLLECTING = "CollectingMembers"
+# Failed: the trainer reported this member Failed (earlyStop.reason Failed, its message).
+TRAINER_FAILED = "TrainerFailed"
+# Failed: a second pack also ended without its trainer taking the member up.
+NEVER_TRAINED = "NeverTrained"
 
 
 def report_reason(status: dict) -> Optional[str]:
@@ -33,37 +37,33 @@ def never_trained(status: dict) -> bool:
     return not status.get("progress") and not status.get("earlyStop")
 
 
-def failed_alone(status: dict, job: dict) -> Observation:
-    """The trainer failed this member only (bad input, a manifest that cannot join)."""
-    message = status.get("message") or "the trainer failed this member"
-    return Observation(Phase.failed.value, lifecycle.BAD_INPUT,
-                       f"pack {job['metadata']['name']}: the trainer rejected this job: {message}",
+def trainer_failed(status: dict, pack: str) -> Observation:
+    """The trainer failed this member: bad input, a manifest that cannot join, or an error in the
+    step it shared (which fails every member that trained in it). The trainer's decision is final:
+    a restarted pack does not train a member whose result says Failed."""
+    message = status.get("message") or "the trainer reported no reason"
+    return Observation(Phase.failed.value, TRAINER_FAILED, f"pack {pack}: the trainer failed this job: {message}",
                        completion_time=lifecycle.now_iso())
 
 
-def observe_member(job: Optional[dict], pods: list[dict], status: dict, events: Optional[list[dict]] = None,
-                   limits: Optional[StartLimits] = None, failure_confirmed: bool = False) -> Optional[Observation]:
+def observe_member(pack: str, job: Optional[dict], pods: list[dict], status: dict,
+                   events: Optional[list[dict]] = None, limits: Optional[StartLimits] = None) -> Optional[Observation]:
     """The member's phase, or None when it should leave the pack unharmed (the pack's trainer
-    exited 0 before it took the member up: it is released and packed again).
-
-    `failure_confirmed`: the member's report says Failed and its pack's pod kept running since
-    (a crash of the whole pod also leaves Failed reports, but its retry resumes every member)."""
+    exited 0 before it took the member up: it is released and packed again)."""
     reason = report_reason(status)
     if reason in FINISHED:
         name, message = lifecycle.succeeded_reason(status)
         return Observation(Phase.succeeded.value, name, message, completion_time=lifecycle.now_iso())
+    if reason == StopReason.failed.value:
+        return trainer_failed(status, pack)
     if job is None:
         return lifecycle.observe_job(None, pods, status)  # Job deleted: JobLost, as solo
     if lifecycle.job_condition(job, "Complete"):
         if never_trained(status):
             return None  # the trainer exited before it took this member up
-        if reason == StopReason.failed.value:
-            return failed_alone(status, job)
         return lifecycle.observe_job(job, [], status)  # no decision reported: Completed, as solo
     if lifecycle.job_condition(job, "Failed"):
         return lifecycle.observe_job(job, pods, status)  # the pack's failure is every running member's
-    if reason == StopReason.failed.value and failure_confirmed:
-        return failed_alone(status, job)
     return _keep_pack_reason(lifecycle.observe_job(job, pods, status, events, limits), status)
 
 
@@ -75,6 +75,11 @@ def _keep_pack_reason(obs: Observation, status: dict) -> Observation:
         cond = lifecycle.get_condition(status, lifecycle.RUNNING) or {}
         return replace(obs, reason=current, message=cond.get("message", obs.message))
     return obs
+
+
+def released_before(status: dict) -> bool:
+    """Whether an ended pack already released this member once (its PackEnded condition)."""
+    return lifecycle.get_condition(status, PACK_ENDED) is not None
 
 
 def slots_message(pack: str, slot: int, members: list[str]) -> str:

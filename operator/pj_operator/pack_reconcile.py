@@ -25,6 +25,7 @@ from personalize import spec as api
 
 from . import lifecycle, names, pack_children, pack_lifecycle, pack_metrics, packing, status
 from .kube import ApiError, Kube
+from .lifecycle import Observation
 from .pack_book import BOOK
 from .packing import Member, PackView
 from .settings import Settings
@@ -105,7 +106,7 @@ def _found(kube: Kube, body: dict, parsed: api.PersonalizationJob, settings: Set
         return  # deleted, or admitted meanwhile
     BOOK.put_member(namespace, pack, _member(before, 0))
     BOOK.set_founder(namespace, pack, parsed, name)
-    ensure_objects(kube, namespace, pack, {name: parsed}, [before], settings)
+    ensure_objects(kube, namespace, pack, {name: parsed}, [before], settings, new=True)
     status.event(before, warning=False, reason="Packed", message=f"founded pack {pack} (slot 0)")
     schedule_start(kube, namespace, pack, settings, wait)
 
@@ -148,14 +149,17 @@ def _join(kube: Kube, body: dict, parsed: api.PersonalizationJob, settings: Sett
 
 
 def ensure_objects(kube: Kube, namespace: str, pack: str, add: dict[str, api.PersonalizationJob],
-                   owners: list[dict], settings: Settings, remove: Iterable[str] = ()) -> Optional[dict]:
+                   owners: list[dict], settings: Settings, remove: Iterable[str] = (),
+                   new: bool = False) -> Optional[dict]:
     """The ConfigMap holds exactly the members it should (plus `add`, minus `remove`), each an
-    owner; the Role names them all. Creates the pack's objects on first use."""
+    owner; the Role names them all. Creates the pack's objects on first use (`new`: a pack just
+    founded, whose objects are created without looking first)."""
     files = {name: pack_children.member_file(parsed, name, namespace) for name, parsed in add.items()}
     remove = set(remove)
     config_name = names.config_map_name(pack)
-    for _ in range(CONFLICT_ATTEMPTS):
-        config = BOOK.recall(namespace, pack, "ConfigMap") or kube.get("v1", "ConfigMap", namespace, config_name)
+    for attempt in range(CONFLICT_ATTEMPTS):
+        config = None if new and not attempt else \
+            BOOK.recall(namespace, pack, "ConfigMap") or kube.get("v1", "ConfigMap", namespace, config_name)
         if config is None and not add:
             return None  # gone with its last member: nothing to take out
         if config is None:
@@ -333,6 +337,8 @@ def _release_patch(status_: dict, pack: str) -> dict:
     now = lifecycle.now_iso()
     conds = lifecycle.phase_conditions(list(status_.get("conditions") or []), Phase.queued.value,
                                        pack_lifecycle.PACK_ENDED, message, now)
+    # Kept through the next pack: a member released twice fails instead (sync_member).
+    conds = lifecycle.set_condition(conds, pack_lifecycle.PACK_ENDED, "True", pack_lifecycle.PACK_ENDED, message, now)
     # Its time in the ended pack is no start of its own: the next pack's Job gives it a startTime.
     return {"phase": Phase.queued.value, "jobName": None, "pack": None, "startTime": None, "attempts": None,
             "conditions": conds}
@@ -343,14 +349,20 @@ def sync_member(kube: Kube, namespace: str, name: str, pack: str, job: Optional[
                 limits: Optional[lifecycle.StartLimits] = None) -> Optional[dict]:
     """Bring one member's phase in line with its report and its pack's Job. Returns the member
     (with its new status) when it was released to be packed again, else None."""
-    confirmed = BOOK.confirmed_failure(namespace, name, job, after=settings.poll_interval)
     seen: dict[str, Any] = {}
 
     def compute(fresh: dict) -> Optional[dict]:
         st = fresh.get("status") or {}
         if st.get("phase") in lifecycle.TERMINAL or (st.get("pack") or {}).get("job") != pack:
             return None
-        obs = pack_lifecycle.observe_member(job, pods, st, events, limits, confirmed)
+        obs = pack_lifecycle.observe_member(pack, job, pods, st, events, limits)
+        if obs is None and pack_lifecycle.released_before(st):
+            # A second pack ended without its trainer taking the member up: the trainer refuses it
+            # without a word in its status (see <output>/<name>/result.json), so do not loop.
+            obs = Observation(Phase.failed.value, pack_lifecycle.NEVER_TRAINED,
+                              f"pack {pack} ended without its trainer taking this job up, as an earlier pack did; "
+                              "the trainer's reason is in the job's result.json and the pack's log",
+                              completion_time=lifecycle.now_iso())
         seen["obs"] = obs
         if obs is None:
             return _release_patch(st, pack)
@@ -414,11 +426,8 @@ def member_reported(kube: Kube, body: dict, settings: Settings) -> None:
     if not pack or st.get("phase") in lifecycle.TERMINAL:
         return
     status.remember(body)  # the copy status writes start from: it holds the report
-    job = BOOK.job(namespace, pack)
-    reason = pack_lifecycle.report_reason(st)
-    BOOK.note_report(namespace, name, reason, job)
-    if reason in pack_lifecycle.FINISHED:
-        sync_member(kube, namespace, name, pack, job, [], settings)
+    if pack_lifecycle.report_reason(st) in (*pack_lifecycle.FINISHED, api.StopReason.failed.value):
+        sync_member(kube, namespace, name, pack, BOOK.job(namespace, pack), [], settings)
 
 
 # ---- after a restart -----------------------------------------------------------------------------------

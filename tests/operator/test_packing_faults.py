@@ -4,7 +4,7 @@ restarts, bad members, spec changes. Each member stays a job of its own."""
 from __future__ import annotations
 
 from fake_cluster import PJ, condition, pj_manifest, status_of, wait_for
-from pj_operator import lifecycle
+from pj_operator import lifecycle, pack_lifecycle
 
 PACKING = dict(PJ_PACKING_ENABLED="true", PJ_MAX_CONCURRENT_JOBS="0")
 ROLE = ("rbac.authorization.k8s.io/v1", "Role")
@@ -115,28 +115,30 @@ def test_a_member_with_bad_input_fails_alone(cluster, run_operator):
         cluster.member_trains("c0", 20)
         cluster.member_fails("c1", "spec.concept.images: no images in /mnt/concept-images/concept")
         failed = wait_for(lambda: phase(cluster, "c1") == "Failed" and condition(status_of(cluster, "c1"), "Failed"))
-        assert failed["reason"] == lifecycle.BAD_INPUT and "no images in" in failed["message"]
+        assert failed["reason"] == pack_lifecycle.TRAINER_FAILED and "no images in" in failed["message"]
         assert phase(cluster, "c0") == "Running" and phase(cluster, "c2") == "Running"
         assert any(e["reason"].startswith("Failed/") for e in cluster.events_for("c1"))
         assert not any(e["reason"].startswith("Failed/") for e in cluster.events_for("c0"))
 
 
-def test_failed_reports_of_a_crashing_pod_do_not_fail_members_that_its_retry_resumes(cluster, run_operator):
-    with run_operator(**PACKING, PJ_PACKING_MAX_SLOTS="2", PJ_POLL_INTERVAL="1"):
-        pack, members = running_pack(cluster, 2)
-        cluster.member_trains("c0", 40)
-        cluster.member_trains("c1", 40)
-        # A crash: the trainer writes every slot's last state (Failed), then the pod fails.
-        for name in members:
+def test_an_error_in_the_shared_step_fails_the_members_that_trained_in_it_and_no_one_else(cluster, run_operator):
+    with run_operator(**PACKING, PJ_PACKING_MAX_SLOTS="3"):
+        pack, members = running_pack(cluster, 3)
+        cluster.member_finishes("c0")
+        wait_for(lambda: phase(cluster, "c0") == "Succeeded")
+        # The trainer fails every member that trained in the step (their result.json says Failed,
+        # so its retry does not train them again), then exits with the error.
+        for name in ("c1", "c2"):
             cluster.member_fails(name, "RuntimeError: CUDA error: an illegal memory access was encountered")
         assert cluster.pod_failed(pack, exit_code=1) == "Count"
+        for name in ("c1", "c2"):
+            failed = wait_for(lambda: phase(cluster, name) == "Failed" and condition(status_of(cluster, name), "Failed"))
+            assert failed["reason"] == pack_lifecycle.TRAINER_FAILED and "illegal memory access" in failed["message"]
         cluster.start_pod(pack, attempt=1)
         cluster.pod_running(pack, attempt=1)
-        wait_for(lambda: status_of(cluster, "c0").get("attempts") == 2 and phase(cluster, "c0") == "Running")
-        cluster.member_trains("c0", 60)
-        cluster.member_finishes("c0", step=180)
-        cluster.member_finishes("c1", step=200)
-        wait_for(lambda: phase(cluster, "c0") == "Succeeded" and phase(cluster, "c1") == "Succeeded")
+        cluster.job_succeeded(pack, attempt=1)  # nothing left to train: it exits idle
+        assert phase(cluster, "c0") == "Succeeded"
+        assert [phase(cluster, n) for n in ("c1", "c2")] == ["Failed", "Failed"]
 
 
 def test_a_member_the_trainer_never_took_up_joins_another_pack(cluster, run_operator):
@@ -154,6 +156,13 @@ def test_a_member_the_trainer_never_took_up_joins_another_pack(cluster, run_oper
         wait_for(lambda: cluster.job(again), what="its new pack's Job")
         assert phase(cluster, "c1") == "Succeeded"
         assert any(e["reason"] == "PackEnded" for e in cluster.events_for("late"))
+        # The second pack's trainer refuses it too (without a status report): it fails, not loops.
+        cluster.start_pod(again)
+        cluster.pod_running(again)
+        cluster.job_succeeded(again)
+        failed = wait_for(lambda: phase(cluster, "late") == "Failed" and condition(status_of(cluster, "late"), "Failed"))
+        assert failed["reason"] == pack_lifecycle.NEVER_TRAINED
+        assert len(cluster.creations("jobs")) == 2
 
 
 def test_operator_restart_adopts_its_packs_without_duplicates(cluster, run_operator):
