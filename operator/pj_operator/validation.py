@@ -147,7 +147,8 @@ def _check_training(spec: api.PersonalizationJobSpec) -> list[str]:
                 f"spec.earlyStopping.window: {spec.window} steps is not below maxSteps {spec.max_steps}, "
                 "so the criterion could never stop early (lower the window or use criterion: none)"
             )
-        if es.eval_every > spec.window:
+        # only a value the user gave: a window under the default evalEvery is not their mistake
+        if "eval_every" in es.model_fields_set and es.eval_every > spec.window:
             problems.append(
                 f"spec.earlyStopping.evalEvery: {es.eval_every} is larger than the window ({spec.window} steps)"
             )

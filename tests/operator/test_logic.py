@@ -204,6 +204,13 @@ def test_validation_beyond_the_schema(overrides, needle):
     assert any(needle in p for p in checked.problems), checked.problems
 
 
+def test_an_evaluation_spacing_beyond_the_window_is_refused_only_when_given():
+    given = validate_job(pj_manifest("x", earlyStopping={"window": 3, "evalEvery": 5}), Settings())
+    assert any("spec.earlyStopping.evalEvery: 5" in p for p in given.problems)
+    # the default evalEvery (4) is larger than this window; the user did not choose it
+    assert validate_job(pj_manifest("x", earlyStopping={"window": 3}), Settings()).ok
+
+
 def test_names_must_fit_in_labels():
     checked = validate_job(pj_manifest("x" * 64), Settings())
     assert any("metadata.name" in p for p in checked.problems)

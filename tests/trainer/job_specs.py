@@ -13,7 +13,8 @@ def job_spec(pipeline_dir: Path, concept_dir: Path, method: str, **overrides) ->
         "method": method,
         "concept": {"images": {"path": str(concept_dir)}, "classNoun": "triangle"},
         "training": {"maxSteps": 3, "batchSize": 2, "learningRate": 1e-2},
-        "earlyStopping": {"window": 4, "referenceBatchSize": 2},
+        # L_det at every step (not the spec's default evalEvery 4): the tests read each step's value
+        "earlyStopping": {"window": 4, "referenceBatchSize": 2, "evalEvery": 1},
         "priorPreservation": {"enabled": False},
         "validation": {"numImagesPerPrompt": 1, "inferenceSteps": 2},
     }

@@ -84,7 +84,7 @@ def test_early_stop_is_recorded_with_steps_saved(tiny_pipeline_dir, concept_dir,
     spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
     # A huge threshold: DVAR stops as soon as its window is full and minSteps is passed.
     spec["training"] = {"maxSteps": 20, "minSteps": 5, "batchSize": 1, "learningRate": 1e-3}
-    spec["earlyStopping"] = {"window": 3, "threshold": 1e6, "referenceBatchSize": 2}
+    spec["earlyStopping"] = {"window": 3, "threshold": 1e6, "referenceBatchSize": 2, "evalEvery": 1}
     out = tmp_path / "out"
     assert main(["--config", str(write_config(tmp_path, spec)), "--output", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
@@ -218,7 +218,7 @@ def test_two_processes_stop_together(tiny_pipeline_dir, concept_dir, tmp_path):
     step (a process that kept training would block in the next broadcast: the run would hang)."""
     spec = job_spec(tiny_pipeline_dir, concept_dir, "lora")
     spec["training"] = {"maxSteps": 30, "minSteps": 4, "batchSize": 1, "learningRate": 1e-3}
-    spec["earlyStopping"] = {"window": 3, "threshold": 1e6, "referenceBatchSize": 2, "holdout": True}
+    spec["earlyStopping"] = {"window": 3, "threshold": 1e6, "referenceBatchSize": 2, "holdout": True, "evalEvery": 1}
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
