@@ -479,6 +479,10 @@ CASES: list[Case] = [
          "`baseModel: {path: {dir}/model.safetensors, config: {dir}/config}`, `config` without `model_index.json`",
          "baseModel.config '{dir}/config' is not a pipeline config folder (no model_index.json)",
          single_file_model("model.safetensors", config={})),
+    # ---- reporting ----
+    Case("tracker-not-installed", "reporting", "`reporting.trackers: [wandb]` in an image without wandb",
+         "reporting.trackers: wandb not installed in the trainer's image; install wandb (pip install wandb)",
+         lambda ws: ws.spec.update(reporting={"trackers": ["wandb"]})),
 ]
 
 
