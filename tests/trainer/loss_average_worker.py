@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 import personalize.loop as loop
 from personalize.run import main
 
@@ -26,11 +28,13 @@ def record_local_losses(folder: Path) -> None:
 
     def diffusion_loss(*args, **kwargs):
         per_example = original(*args, **kwargs)
+        if torch.is_inference_mode_enabled():  # L_det: the loop evaluates it with the same loss
+            return per_example
         losses.append(float(per_example.detach().mean()))
         (folder / f"rank{rank}.json").write_text(json.dumps(losses))
         return per_example
 
-    loop.diffusion_loss = diffusion_loss  # the training step's loss only (L_det has its own import)
+    loop.diffusion_loss = diffusion_loss  # the training step's loss only
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def member_specs(pipeline: Path, concepts: list[Path], method: str, n: int) -> d
         spec["concept"]["token"] = f"<c{i}>" if method != "lora" else "sks"
         spec["training"] = {"maxSteps": 8 + 3 * i, "batchSize": 1 + i % 3, "learningRate": 2e-2 / (1 + i), "seed": i}
         spec["earlyStopping"] = {"criterion": "none" if i == 3 else "dvar", "window": 4 + i, "threshold": 0.3,
-                                 "referenceBatchSize": 2}
+                                 "referenceBatchSize": 2, "evalEvery": 1}  # every step: the series to compare
         specs[f"c{i}"] = manifest(f"c{i}", spec)
     return specs
 
@@ -88,7 +88,7 @@ def det_series(folder: Path) -> dict[int, float]:
 
 
 def max_relative_error(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a
     return max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for k in a)
 
 

@@ -174,6 +174,8 @@ class JobRunner:
         self.report = TrainerReport()
         # the pod's one termination message: a pack's members report through their status instead
         self.termination_message = True
+        # what grids drawn while training sample under: a pack routes them to this concept's weights
+        self.sampling_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.step_samples = StepSamples(job.spec, output)  # validation.everySteps
         self.trackers = Trackers([])  # reporting.trackers, started in execute() on the main process
 
@@ -221,8 +223,13 @@ class JobRunner:
 
     def _sample(self, step: int, models: Models, resolution: int) -> None:
         """validation.everySteps: this step's grid, its cost and its path in the status."""
+        @contextlib.contextmanager
+        def scope():  # frozen weights may be half here; in a pack, this concept's own weights only
+            with self.accelerator.autocast(), self.sampling_scope():
+                yield
+
         seconds = self.step_samples.draw(step, models, self.identifier.token, resolution, self.accelerator.device,
-                                         scope=self.accelerator.autocast)  # frozen weights may be half here
+                                         scope=scope)
         self.metrics.observe_samples(seconds)
         self.trackers.log_grid(step, self.output / self.step_samples.latest)
         self.report.samples = self.step_samples.latest

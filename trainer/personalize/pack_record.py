@@ -43,10 +43,12 @@ class PackRecord:
     step: int = 0  # pack steps (each trains every active slot once)
     concept_steps: int = 0
     wall_seconds: float = 0.0
+    training_seconds: float = 0.0  # of the wall time, in training steps (no loading, outputs or joins)
     max_slots: int = 8
 
     def to_json(self) -> dict:
         return {"step": self.step, "conceptSteps": self.concept_steps, "wallSeconds": round(self.wall_seconds, 3),
+                "trainingSeconds": round(self.training_seconds, 3),
                 "conceptStepsPerSecond": round(self.concept_steps / self.wall_seconds, 4) if self.wall_seconds else None,
                 "maxSlots": self.max_slots, "slots": [m.to_json() for m in self.members.values()]}
 
@@ -59,4 +61,5 @@ class PackRecord:
         for m in data.get("slots", []):
             members[m["name"]] = MemberRecord(m["name"], m.get("phase", "Pending"), m.get("joinedAt"), m.get("leftAt"),
                                               m.get("steps", 0), m.get("stopReason"), m.get("message"))
-        return cls(members, data.get("step", 0), data.get("conceptSteps", 0), data.get("wallSeconds", 0.0))
+        return cls(members, data.get("step", 0), data.get("conceptSteps", 0), data.get("wallSeconds", 0.0),
+                   data.get("trainingSeconds", 0.0))

@@ -120,6 +120,7 @@ class PackRunner:
         self.routes = 0
         self._manifests: dict[Path, tuple[tuple, tuple]] = {}  # path -> (stat key, (job, error))
         self._written = 0.0  # when pack.json was last written
+        self._between = 0.0  # seconds spent between steps (outputs, joins) in the current train()
         self.pod_namespace = os.environ.get("PJ_NAMESPACE")  # in a cluster: the only namespace served
         self.registry = CollectorRegistry()
         self.slots_gauge = Gauge("personalization_pack_slots", "Slots of the pack by state.", ["state"], registry=self.registry)
@@ -138,7 +139,10 @@ class PackRunner:
             while True:
                 self.refresh()
                 if self.pack is not None and self.pack.slots:
+                    started = time.monotonic()
+                    self._between = 0.0
                     train(self.pack, self.between_steps)
+                    self.record.training_seconds += time.monotonic() - started - self._between
                     idle_since = time.monotonic()
                     continue
                 if time.monotonic() - idle_since >= self.idle_exit:
@@ -159,6 +163,13 @@ class PackRunner:
 
     def between_steps(self, pack: Pack, left: list[Slot]) -> None:
         """After each pack step: count it, write what left, read DIR (cancel, join)."""
+        started = time.monotonic()
+        try:
+            self._after_step(pack, left)
+        finally:
+            self._between += time.monotonic() - started
+
+    def _after_step(self, pack: Pack, left: list[Slot]) -> None:
         self.record.step += 1
         trained = len(pack.slots) + len(left)
         self.record.concept_steps += trained
@@ -267,6 +278,7 @@ class PackRunner:
                     self.accelerator, self.pack.routing, runner._on_step(stage, 0, printer, self.models, self.resolution),
                     route=f"slot{self.routes}")
         self.pack.add(slot)
+        runner.sampling_scope = lambda: self.pack.routing.uniform(slot.route)  # its grids show its own weights
         slot.restore(setup.checkpoints.for_stage(0, stage.name))
         slot.snapshots = Snapshots.for_stage(job.spec, runner.output, 0, True)  # output.snapshotEvery
         self.active[name] = Member(name, runner, setup, slot, printer)

@@ -39,8 +39,10 @@ from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.spec import PersonalizationJobSpec, StopReason
 from personalize.stage_outcome import StageOutcome
 from personalize.trainable import load_named
+from personalize.training_stats import UpdateStatistics
 
 CHECKPOINT_DIR = "checkpoints"
+STATISTICS = "statistics."  # checkpoint tensors of the training statistics (the last update)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class TrainState:
     lr_schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # where the learning rate is in its schedule
     # When L_det is evaluated next (eval_schedule.py); its state rides with the criterion's.
     schedule: Optional[Schedule] = None
+    # The per-step training statistics (training_stats.py): their last update and window
+    statistics: Optional[UpdateStatistics] = None
 
 
 class RunCheckpoints:
@@ -126,8 +130,13 @@ class StageCheckpoints:
         ckpt = self.resume
         if ckpt is None:
             return 0
-        load_named(state.trainable, {k: t for k, t in ckpt.trainable.items() if not k.startswith("stage")})
+        load_named(state.trainable, {k: t for k, t in ckpt.trainable.items() if not k.startswith(("stage", STATISTICS))})
         state.optimizer.load_state_dict(ckpt.optimizer)
+        if state.statistics is not None:
+            state.statistics.load_state_dict({
+                "snr": ckpt.extra.get("statistics_snr", []),
+                "previous": {k.removeprefix(STATISTICS): t for k, t in ckpt.trainable.items() if k.startswith(STATISTICS)},
+            })
         if state.lr_schedule is not None and "lr_schedule" in ckpt.extra:
             state.lr_schedule.load_state_dict(ckpt.extra["lr_schedule"])
         if state.reference is not None:  # the main process
@@ -170,6 +179,8 @@ class StageCheckpoints:
             reference = state.reference
             trainable = {name: p.detach() for name, p in state.trainable.items()}
             optimizer = state.optimizer.state_dict()
+            statistics = state.statistics.state_dict() if state.statistics is not None else {"snr": [], "previous": {}}
+            trainable |= {STATISTICS + k: t for k, t in statistics["previous"].items()}
             path = save_checkpoint(run.directory, TrainingCheckpoint(
                 step=step,
                 stage=self.name,
@@ -188,6 +199,7 @@ class StageCheckpoints:
                     "completed_stages": [o.to_json() for o in run.completed],
                     "files": run.files,
                     "last": self.last,
+                    "statistics_snr": statistics["snr"],
                 } | ({"lr_schedule": state.lr_schedule.state_dict()} if state.lr_schedule is not None else {}),
             ))
             if run.on_saved is not None:

@@ -5,9 +5,9 @@ see only its own trained weights:
 
     Textual Inversion  the token's rows of the embedding table: routed by token id, so nothing
                        here (every slot has its own token; `IdentifierRows` swaps them in)
-    LoRA               peft adapters, one per slot on the same layers: routed by row, through
-                       peft's own mixed-batch forward (`adapter_names`), which we hand every
-                       adapted layer from a forward pre-hook
+    LoRA               peft adapters, one per slot on the same layers: routed by row (each
+                       slot's adapter added on its rows' slice; other layer kinds through
+                       peft's own mixed-batch forward, `adapter_names`)
     Custom Diffusion   cross-attention key/value copies, one set per slot: `RoutedAttnProcessor`
                        splits the batch by row ranges and runs each slot's processor on its rows
 
@@ -78,7 +78,7 @@ def spans(names: list[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-# ---- LoRA: peft's mixed-batch forward, fed from a pre-hook ----------------------------------------
+# ---- LoRA: one adapter per slot, each on its own rows ---------------------------------------------
 
 def _pass_adapter_names(routing: BatchRouting, component: str, module, args, kwargs):
     names = routing.names(component, len(args[0]))
@@ -87,14 +87,44 @@ def _pass_adapter_names(routing: BatchRouting, component: str, module, args, kwa
     return args, {**kwargs, "adapter_names": names}
 
 
+def _sliced_lora_forward(layer, routing: BatchRouting, component: str, peft_forward):
+    """A peft LoRA Linear's forward with each slot's adapter added on its own contiguous rows
+    (slices, no gathers: peft's mixed-batch forward indexes every row of every layer)."""
+
+    def forward(x, *args, **kwargs):
+        names = routing.names(component, len(x))
+        if names is None or layer.disable_adapters or layer.merged:
+            return peft_forward(x, *args, **kwargs)
+        runs = spans(names)
+        if any(name in layer.lora_variant for name, _, _ in runs):  # e.g. DoRA: peft's own routing
+            return peft_forward(x, *args, adapter_names=names, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
+        parts = []
+        for name, start, end in runs:
+            part = result[start:end]
+            if name in layer.lora_A:
+                lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+                rows = x[start:end].to(lora_A.weight.dtype)
+                part = part + (lora_B(lora_A(layer.lora_dropout[name](rows))) * layer.scaling[name]).to(part.dtype)
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    return forward
+
+
 def route_lora_layers(module: torch.nn.Module, routing: BatchRouting, component: str) -> None:
-    """Give every peft LoRA layer of `module` its rows' adapter names (once per layer)."""
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 (peft only for LoRA)
+    """Route every peft LoRA layer of `module` by rows (once per layer): plain LoRA Linear layers
+    through a sliced forward, any other kind through peft's own mixed-batch forward."""
+    from peft.tuners.lora import Linear, LoraLayer  # noqa: PLC0415 (peft only for LoRA)
 
     for layer in module.modules():
-        if isinstance(layer, LoraLayer) and not getattr(layer, "_pj_routed", False):
+        if not isinstance(layer, LoraLayer) or getattr(layer, "_pj_routed", False):
+            continue
+        if type(layer) is Linear:
+            layer.forward = _sliced_lora_forward(layer, routing, component, layer.forward)
+        else:
             layer.register_forward_pre_hook(partial(_pass_adapter_names, routing, component), with_kwargs=True)
-            layer._pj_routed = True
+        layer._pj_routed = True
 
 
 # ---- Custom Diffusion: one processor per slot, split by rows --------------------------------------

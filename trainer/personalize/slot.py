@@ -178,7 +178,8 @@ class Slot:
         self.checkpoints: Optional[StageCheckpoints] = None
         generators = {"data": self.generator} | ({"reference": self.reference.generator} if self.reference else {})
         self.state = TrainState(self.method.named_parameters(), self.optimizer, generators, self.policy,
-                                self.reference, lr_schedule=self.lr_schedule, schedule=self.schedule)
+                                self.reference, lr_schedule=self.lr_schedule, schedule=self.schedule,
+                                statistics=self.statistics)
 
     # ---- resume ------------------------------------------------------------------------------
 

@@ -57,6 +57,18 @@ class UpdateStatistics:
         self._previous: dict[int, torch.Tensor] = {}  # the last update, per parameter
         self._observed: Optional[dict] = None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on with the same numbers: the last update of each
+        parameter (by its position in `parameters`) and the signal-to-noise window."""
+        index = {id(p): i for i, p in enumerate(self.parameters)}
+        return {"snr": list(self._snr), "previous": {str(index[k]): t for k, t in self._previous.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._snr.clear()
+        self._snr.extend(state.get("snr", []))
+        self._previous = {id(self.parameters[int(i)]): t.to(self.parameters[int(i)].device)
+                          for i, t in state.get("previous", {}).items()}
+
     def _part(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """`t` (a tensor shaped like parameter `p`) restricted to what trains of `p`, in fp32."""
         rows = self.rows.get(id(p))

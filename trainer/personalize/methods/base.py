@@ -138,7 +138,10 @@ class Method:
     # ---- shared helpers ----------------------------------------------------------------------
 
     def learned_rows(self) -> torch.Tensor:
-        """The identifier's embedding rows [num_vectors, D]."""
+        """The identifier's embedding rows [num_vectors, D]: the trained fp32 parameter where the
+        method trains them (a half-precision table would round them), else the table's rows."""
+        if self.identifier_rows:
+            return self.identifier_rows[0].weight.detach().float().cpu().clone()
         table = self.models.text_encoder.get_input_embeddings().weight
         return table[self.identifier.token_ids].detach().float().cpu().clone()
 
@@ -151,9 +154,13 @@ class Method:
         """One embeddings file per text encoder holding the identifier (SDXL: two), each in the
         format `pipe.load_textual_inversion(path, token=..., text_encoder=..., tokenizer=...)` reads."""
         files = []
-        for encoder in self.models.family.identifier_encoders(self.models):
-            table = encoder.module.get_input_embeddings().weight
-            rows = table[self.identifier.ids_in(encoder.name)].detach().float().cpu().contiguous()
+        trained = self.identifier_rows or [None] * len(self.models.family.identifier_encoders(self.models))
+        for encoder, own in zip(self.models.family.identifier_encoders(self.models), trained):
+            if own is not None:  # the fp32 parameter (a half-precision table would round it)
+                rows = own.weight.detach().float().cpu().contiguous()
+            else:
+                rows = encoder.module.get_input_embeddings().weight[self.identifier.ids_in(encoder.name)]
+                rows = rows.detach().float().cpu().contiguous()
             name = learned_embeds_file(encoder.name)
             save_file({self.identifier.token: rows}, str(output_dir / name))
             files.append(name)
