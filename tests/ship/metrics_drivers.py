@@ -1,9 +1,10 @@
 """Exporters for the Prometheus integration test, each run as its own process:
 
     python metrics_drivers.py operator PORT
-        The operator's real metrics module (pj_operator.metrics), served on PORT and fed the
-        calls the operator makes during a lifecycle: phases observed, completions recorded
-        (an early stop with steps saved, an OOM kill), a handler raising.
+        The operator's real metrics modules (pj_operator.metrics, pack_metrics), served on PORT
+        and fed the calls the operator makes during a lifecycle: phases observed, completions
+        recorded (an early stop with steps saved, an OOM kill), concepts finished solo and in a
+        pack, a handler raising.
     python metrics_drivers.py trainers HUNG_PORT BUDGET_PORT
         Two trainers' real metrics (personalize.metrics.TrainerMetrics) in situations a short
         live run cannot produce: `hung` stops advancing at step 5 of 100; `budget` runs all its
@@ -25,7 +26,7 @@ import time
 
 
 def run_operator(port: int) -> None:
-    from pj_operator import metrics
+    from pj_operator import metrics, pack_metrics
 
     from pj_operator import job_table
 
@@ -57,6 +58,12 @@ def run_operator(port: int) -> None:
     for round_ in range(10_000):
         metrics.PHASES.observe(f"done-{round_}", "Succeeded")
         metrics.record_completion("Succeeded", "ConvergenceThreshold", "textualInversion", finished, gpus=1)
+        # A solo concept and two packed ones (a pack's 300 GPU-seconds split 100:200 by steps).
+        pack_metrics.CONCEPT_GPU_SECONDS.labels(packing="solo").observe(400.0)
+        pack_metrics.CONCEPT_STEPS.labels(packing="solo").inc(100)
+        for seconds, steps in ((100.0, 100), (200.0, 200)):
+            pack_metrics.CONCEPT_GPU_SECONDS.labels(packing="packed").observe(seconds)
+            pack_metrics.CONCEPT_STEPS.labels(packing="packed").inc(steps)
         if round_ == 0:
             metrics.PHASES.observe("f", "Failed")
             metrics.record_completion("Failed", "OOMKilled", "dreambooth", {}, gpus=1)
