@@ -284,6 +284,8 @@ def late_learner_trace(run: dict, method: str) -> dict:
                         "change_to_stop": round(values[stop - 1] / start - 1, 4),
                         "change_stop_to_appear": round(values[appear - 1] / values[stop - 1] - 1, 4)}
     trace = {"method": method, "dvar_stop": stop, "appears_at": appear, "kept_at_dvar_stop": outcome("dvar", {}, run)["kept"],
+             # appeared before the stop: the curve dipped at the stop (its wobble), not a late learner
+             "late": appear > stop,
              "slots": slots,
              "cosine40": {"at_stop": at(trailing_mean(run["stats"]["update_cosine"], 40), stop),
                           "at_appear": at(trailing_mean(run["stats"]["update_cosine"], 40), appear)},
@@ -335,8 +337,9 @@ def markdown(concept_set: str, runs: dict, rows: list[dict], best: list[dict], t
                           for label, s in t["slots"].items())
         extra = (f"; embedding angle over 25 steps {t['embedding_angle25']['at_stop']} deg at the stop, "
                  f"{t['embedding_angle25']['at_appear']} at the appearance" if "embedding_angle25" in t else "")
-        lines.append(f"- **{name}**: DVAR stops at {t['dvar_stop']} keeping {t['kept_at_dvar_stop']:.0%}; appears at "
-                     f"{t['appears_at']}. {slots}. Update cosine (40-step mean) {t['cosine40']['at_stop']} at the stop, "
+        kind = "late learner" if t["late"] else "appeared before the stop: a dip of the curve, not a late learner"
+        lines.append(f"- **{name}** ({kind}): DVAR stops at {t['dvar_stop']} keeping {t['kept_at_dvar_stop']:.0%}; "
+                     f"appears at {t['appears_at']}. {slots}. Update cosine (40-step mean) {t['cosine40']['at_stop']} at the stop, "
                      f"{t['cosine40']['at_appear']} at the appearance; Adam SNR {t['snr40']['at_stop']} -> "
                      f"{t['snr40']['at_appear']}{extra}.")
     return lines + [""]

@@ -109,7 +109,7 @@ def test_late_learners_are_the_concepts_dvar_cuts_short():
     runs = {"lora": {"late": late_slot_run(), "fine": _run({"t=0500": _falling(0, 1.0, 0.3, 0.002)})}}
     assert ls.late_learners(runs) == [("lora", "late")]
     trace = ls.late_learner_trace(runs["lora"]["late"], "lora")
-    assert trace["appears_at"] == 175  # half of the final gain: 25 steps after it starts rising at 150
+    assert trace["appears_at"] == 175 and trace["late"]  # half of the final gain: 25 steps after it starts rising at 150
     small, large = trace["slots"]["t=0100"], trace["slots"]["t=0900"]
     assert small["change_stop_to_appear"] < -0.2 and abs(large["change_stop_to_appear"]) < 0.02
 
