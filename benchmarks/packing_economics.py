@@ -9,8 +9,12 @@ A model, not a run: each case's recorded steps per concept times a measured cost
   (stop_sweep_dev_min_steps.json, guard_study_dev.json) record as keeping >= TARGET_MIN_KEPT of
   the worst judged concept's gain, its stops replayed on the recorded baselines (the studies' own
   code).
-- Cost per concept-step: 1 / concept-steps per second from packing.json's pack-of-PACK_SIZE row,
-  solo for (a) and (b), packed for (c) and (d): a pack that is refilled as slots leave stays full.
+- Cost per concept: setup and outputs + steps x cost per concept-step, from packing.json's
+  pack-of-PACK_SIZE row, solo for (a) and (b), packed for (c) and (d): a pack that is refilled as
+  slots leave stays full. Where the row splits off the time in training steps (solo/packTrainingSeconds),
+  the rest is setup and outputs, paid once per concept (a pack's load spread over its PACK_SIZE slots:
+  with refill it is spread wider, so this overstates (c) and (d) a little); otherwise the whole
+  time is spread over the benchmark's steps per concept and setup folds into the per-step cost.
   The packing benchmark trains with criterion none, so tracking is added as step_timing.json's
   evaluation share of a training step; in a pack it is assumed to pack as well as training (all
   slots' reference batches go through one forward) and is also reported at its solo cost.
@@ -39,12 +43,20 @@ from stop_sweep import load_baselines  # noqa: E402
 PACK_SIZE = 8
 
 
-def step_rates(packing: dict, method: str) -> tuple[float, float]:
-    """(solo, packed) seconds per concept-step from the pack-of-PACK_SIZE row, measured side by side."""
-    for row in packing["rows"]:
-        if row["method"] == method and row["slots"] == PACK_SIZE:
-            return 1 / row["soloConceptStepsPerSecond"], 1 / row["packConceptStepsPerSecond"]
-    raise SystemExit(f"error: the packing results have no {method} row with {PACK_SIZE} slots")
+def measured_costs(packing: dict, method: str) -> dict:
+    """Seconds per concept-step and per concept (setup and outputs), solo and packed, from the
+    pack-of-PACK_SIZE row (solo and packed measured side by side)."""
+    row = next((r for r in packing["rows"] if r["method"] == method and r["slots"] == PACK_SIZE), None)
+    if row is None:
+        raise SystemExit(f"error: the packing results have no {method} row with {PACK_SIZE} slots")
+    costs = {}
+    for mode in ("solo", "pack"):
+        training = row.get(f"{mode}TrainingSeconds")
+        if training is None:  # an older row: the whole time over the steps
+            costs[mode] = {"step": 1 / row[f"{mode}ConceptStepsPerSecond"], "setup": 0.0}
+        else:
+            costs[mode] = {"step": training / row["conceptSteps"], "setup": (row[f"{mode}Seconds"] - training) / row["slots"]}
+    return costs
 
 
 def clip_check_seconds(runs_dir: Path, concepts: list[str], templates: int) -> Optional[float]:
@@ -85,20 +97,21 @@ def _kept(row: dict) -> dict:
     return {"worst_kept": row["min_kept"], "median_kept": row["median_kept"]}
 
 
-def case(name: str, stop: str, steps: list[int], train_s: float, tracking_s: float, checks: float = 0.0,
+def case(name: str, stop: str, steps: list[int], cost: dict, tracking_s: float, checks: float = 0.0,
          check_s: Optional[float] = None) -> dict:
-    """One case's CPU-seconds per concept: mean steps x (training + tracking) + its CLIP checks."""
+    """One case's CPU-seconds per concept: setup + mean steps x (training + tracking) + its CLIP checks."""
     mean_steps = statistics.mean(steps)
     checks_s = checks * (check_s or 0.0)
-    return {"case": name, "stop": stop, "concepts": len(steps), "mean_steps": mean_steps, "train_seconds_per_step": train_s,
-            "tracking_seconds_per_step": tracking_s, "clip_checks_per_concept": checks,
-            "clip_check_seconds_per_concept": checks_s if checks else 0.0,
-            "cpu_seconds_per_concept": mean_steps * (train_s + tracking_s) + checks_s}
+    return {"case": name, "stop": stop, "concepts": len(steps), "mean_steps": mean_steps, "setup_seconds": cost["setup"],
+            "train_seconds_per_step": cost["step"], "tracking_seconds_per_step": tracking_s,
+            "clip_checks_per_concept": checks, "clip_check_seconds_per_concept": checks_s,
+            "cpu_seconds_per_concept": cost["setup"] + mean_steps * (cost["step"] + tracking_s) + checks_s}
 
 
 def economics(method: str, inputs: dict, baselines: dict, concepts: list[str], check_s: Optional[float]) -> dict:
     """Cases (a) to (d) for one method, and whether (d) <= (b)."""
-    solo_s, pack_s = step_rates(inputs["packing"], method)
+    costs = measured_costs(inputs["packing"], method)
+    solo, pack = costs["solo"], costs["pack"]
     timing = inputs["step_timing"]["step_timing"][method]
     share = timing["eval_seconds_over_train_step_seconds"]
     settings = inputs["personalization"]["settings"][method]
@@ -106,37 +119,36 @@ def economics(method: str, inputs: dict, baselines: dict, concepts: list[str], c
     dvar_steps = [per_concept[c]["steps"] for c in concepts if c in per_concept]
     dvar = f"DVAR window {settings['window']}, threshold {settings['threshold']}"
     budget = [settings["max_steps"]] * len(dvar_steps)
-    cases = [case("(a) solo, fixed budget", f"maxSteps {settings['max_steps']}", budget, solo_s, 0.0),
-             case("(b) solo DVAR", dvar, dvar_steps, solo_s, share * solo_s),
-             case("(c) packed DVAR, refilled", dvar, dvar_steps, pack_s, share * pack_s)]
-    result = {"method": method, "solo_seconds_per_step": solo_s, "pack_seconds_per_step": pack_s,
-              "untracked_step_seconds": timing["median_step_seconds"]["no_tracking"], "tracking_share": share,
-              "cases": cases, "floor": None, "d_at_most_b": None, "patience_only": None}
+    cases = [case("(a) solo, fixed budget", f"maxSteps {settings['max_steps']}", budget, solo, 0.0),
+             case("(b) solo DVAR", dvar, dvar_steps, solo, share * solo["step"]),
+             case("(c) packed DVAR, refilled", dvar, dvar_steps, pack, share * pack["step"])]
+    result = {"method": method, "costs": costs, "untracked_step_seconds": timing["median_step_seconds"]["no_tracking"],
+              "tracking_share": share, "cases": cases, "floor": None, "d_at_most_b": None, "patience_only": None}
 
-    def packed(candidate: dict, tracking_s: float) -> dict:
-        return case("(d) packed, per-concept floor", candidate["setting"], candidate["stops"], pack_s, tracking_s,
+    def floor_case(candidate: dict, cost: dict, tracking_s: float) -> dict:
+        return case("(d) packed, per-concept floor", candidate["setting"], candidate["stops"], cost, tracking_s,
                     statistics.mean(candidate["clip_checks"]), check_s)
 
     candidates = sorted(floor_settings(method, baselines, inputs["sweep"], inputs["guard"]),
-                        key=lambda c: packed(c, share * pack_s)["cpu_seconds_per_concept"])
+                        key=lambda c: floor_case(c, pack, share * pack["step"])["cpu_seconds_per_concept"])
     result["floor_settings_found"] = len(candidates)
     if not candidates:
         return result
     pick, b = candidates[0], cases[1]["cpu_seconds_per_concept"]
-    d = packed(pick, share * pack_s)
+    d = floor_case(pick, pack, share * pack["step"])
     cases.append(d)
-    unpacked_c = case("", "", dvar_steps, pack_s, share * solo_s)["cpu_seconds_per_concept"]
-    unpacked_d = packed(pick, share * solo_s)["cpu_seconds_per_concept"]
+    unpacked_c = case("", "", dvar_steps, pack, share * solo["step"])["cpu_seconds_per_concept"]
+    unpacked_d = floor_case(pick, pack, share * solo["step"])["cpu_seconds_per_concept"]
     result.update(floor={k: pick[k] for k in ("setting", "worst_kept", "median_kept", "stops", "clip_checks")},
                   d_at_most_b=d["cpu_seconds_per_concept"] <= b,
-                  d_solo=case("", "", pick["stops"], solo_s, share * solo_s, d["clip_checks_per_concept"], check_s)["cpu_seconds_per_concept"],
+                  d_solo=floor_case(pick, solo, share * solo["step"])["cpu_seconds_per_concept"],
                   tracking_unpacked={"c": unpacked_c, "d": unpacked_d, "d_at_most_b": unpacked_d <= b})
     # the cheapest that keeps (b)'s window and threshold: patience (minSteps or the guard) its only change
     patient = next((c for c in candidates if (c["window"], c["threshold"]) == (settings["window"], settings["threshold"])), None)
     if patient:
         result["patience_only"] = {"setting": patient["setting"], "worst_kept": patient["worst_kept"],
                                    "same_stops_as_c": sorted(patient["stops"]) == sorted(dvar_steps),
-                                   "cpu_seconds_per_concept": packed(patient, share * pack_s)["cpu_seconds_per_concept"]}
+                                   "cpu_seconds_per_concept": floor_case(patient, pack, share * pack["step"])["cpu_seconds_per_concept"]}
     return result
 
 
@@ -144,18 +156,20 @@ def markdown(r: dict) -> str:
     b = r["cases"][1]["cpu_seconds_per_concept"]
     a = r["cases"][0]["cpu_seconds_per_concept"]
     lines = [f"### {r['method']}", "",
-             f"Seconds per concept-step: solo {r['solo_seconds_per_step']:.4f}, packed ({PACK_SIZE} slots) "
-             f"{r['pack_seconds_per_step']:.4f}; tracking (L_det every step) adds {r['tracking_share']:.0%} of a step. "
+             f"Seconds per concept-step: solo {r['costs']['solo']['step']:.4f}, packed ({PACK_SIZE} slots) "
+             f"{r['costs']['pack']['step']:.4f}; tracking (L_det every step) adds {r['tracking_share']:.0%} of a step. "
              f"For scale, step_timing's untracked solo step, without setup: {r['untracked_step_seconds']:.4f} s.", "",
-             "| case | stop | steps per concept, mean (concepts) | training s / step | tracking s / step | CLIP checks s | CPU-s per concept | of (a) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | stop | steps per concept, mean (concepts) | setup and outputs s | training s / step | tracking s / step "
+             "| CLIP checks s | CPU-s per concept | of (a) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
-        lines.append(f"| {c['case']} | {c['stop']} | {c['mean_steps']:.1f} ({c['concepts']}) | {c['train_seconds_per_step']:.4f} | "
+        lines.append(f"| {c['case']} | {c['stop']} | {c['mean_steps']:.1f} ({c['concepts']}) | {c['setup_seconds']:.2f} | "
+                     f"{c['train_seconds_per_step']:.4f} | "
                      f"{c['tracking_seconds_per_step']:.4f} | {c['clip_check_seconds_per_concept']:.1f} | "
                      f"{c['cpu_seconds_per_concept']:.2f} | {c['cpu_seconds_per_concept'] / a:.0%} |")
     if r["floor"] is None:
         lines += ["| (d) packed, per-concept floor | no recorded setting keeps >= "
-                  f"{TARGET_MIN_KEPT:.0%} of the worst concept's gain | | | | | n/a | |", "",
+                  f"{TARGET_MIN_KEPT:.0%} of the worst concept's gain | | | | | | n/a | |", "",
                   "**(d) <= (b)?** Not answerable: the stop studies record no setting that meets the floor for this method."]
         return "\n".join(lines) + "\n"
     d = r["cases"][3]["cpu_seconds_per_concept"]
@@ -173,6 +187,15 @@ def markdown(r: dict) -> str:
         + (" (the same stops as (b): its setting already meets the floor)." if patient["same_stops_as_c"] else ".")
         if patient else "no recorded setting meets the floor.")]
     return "\n".join(lines) + "\n"
+
+
+def setup_note(packing: dict) -> str:
+    if all("soloTrainingSeconds" in r and "packTrainingSeconds" in r for r in packing["rows"]):
+        return ("Setup and outputs (loading the pipeline, writing each concept's files) are the rows' time outside "
+                "training steps, paid once per concept; the pack's is spread over its slots.")
+    return (f"These rates include each run's setup (loading the pipeline, writing outputs) spread over "
+            f"{packing.get('stepsPerConcept', '?')} steps per concept; a concept that trains longer pays it once, so "
+            "they overstate a long run's cost, the solo one's most.")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -208,9 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "**A model, not a run.** (c) and (d) are measured step rates times recorded step counts: no refilled pack "
         f"was run over the {args.set} set. Per-step costs come from `{named['packing']}` (`{packing.get('command', '?')}`, "
         f"{packing.get('device', '?')}; the {PACK_SIZE}-slot row, solo and packed measured side by side; a pack "
-        "with refill is taken to stay full). Those rates include each run's setup (loading the pipeline) spread over "
-        f"{packing.get('stepsPerConcept', '?')} steps per concept; a concept that trains longer pays it once, so the solo "
-        "rates overstate a long solo run's step cost. Tracking: L_det every step, "
+        f"with refill is taken to stay full). {setup_note(packing)} Tracking: L_det every step, "
         f"`{named['step_timing']}`'s evaluation share of a training step (criterion none in the packing benchmark). "
         f"Steps: (a) the budget, (b) and (c) the recorded DVAR runs in `{named['personalization']}`, (d) replayed "
         f"on the baselines in `{named['runs']}` for the cheapest setting in `{named['sweep']}` or `{named['guard']}` "

@@ -82,6 +82,21 @@ def test_solo_and_packed_costs_are_recorded_steps_times_the_eight_slot_rates(tmp
     assert result["tracking_unpacked"]["c"] == pytest.approx(mean_dvar * (1 / PACK_RATE + SHARE / SOLO_RATE))
 
 
+def test_time_outside_training_steps_is_paid_once_per_concept_when_the_row_splits_it_off(tmp_path):
+    argv = _inputs(tmp_path, [_sweep_row(0, 0.8)], [])
+    packing = json.loads((tmp_path / "packing.json").read_text())
+    packing["rows"][1].update(conceptSteps=480, soloSeconds=100.0, soloTrainingSeconds=36.0,
+                              packSeconds=30.0, packTrainingSeconds=14.0)
+    (tmp_path / "packing.json").write_text(json.dumps(packing))
+    assert economics.main(argv) == 0
+    a, b, c = json.loads((tmp_path / "out" / "packing_economics.json").read_text())["methods"]["lora"]["cases"][:3]
+    mean_dvar = statistics.mean(DVAR_STEPS.values())
+    solo_step, pack_step = 36.0 / 480, 14.0 / 480
+    assert a["cpu_seconds_per_concept"] == pytest.approx((100 - 36) / 8 + BUDGET * solo_step)
+    assert b["cpu_seconds_per_concept"] == pytest.approx((100 - 36) / 8 + mean_dvar * solo_step * (1 + SHARE))
+    assert c["cpu_seconds_per_concept"] == pytest.approx((30 - 14) / 8 + mean_dvar * pack_step * (1 + SHARE))
+
+
 def test_d_is_the_cheapest_recorded_setting_whose_worst_concept_meets_the_floor(tmp_path):
     too_weak, patient, more_patient = _sweep_row(0, 0.5), _sweep_row(100, 0.75), _sweep_row(150, 0.9)
     result, md = _report(tmp_path, [more_patient, too_weak, patient])
