@@ -20,7 +20,7 @@ from personalize.reporting.status_view import ended_progress, running_progress
 from personalize.reporting.step_samples import StepSamples
 from personalize.reporting.trackers import Trackers
 from personalize.run_files import write_losses_csv
-from personalize.spec import CriterionName, EarlyStop, PersonalizationJob, StopReason, parse_spec
+from personalize.spec import CriterionName, EarlyStop, PersonalizationJob, StopReason, Tracker, parse_spec
 
 STATS = {"lr": 5e-3, "grad_norm": 0.7, "update_ratio": 1e-3, "update_cosine": math.nan, "adam_snr": 0.2}
 
@@ -128,16 +128,15 @@ def test_tensorboard_gets_losses_timesteps_statistics_the_decision_and_the_grids
     assert any(tag.startswith("stop/reason") for tag in tensors)  # text is stored as a tensor summary
 
 
-def test_a_tracker_that_is_not_installed_fails_before_training_with_what_to_install(tmp_path, tiny_pipeline_dir, concept_dir):
-    pytest.importorskip("tensorboard")
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("wandb is installed here")
+def test_a_tracker_that_is_not_installed_fails_before_training_with_what_to_install(
+        tmp_path, tiny_pipeline_dir, concept_dir, monkeypatch):
     from personalize.errors import TrainerInputError
+    from personalize.reporting import trackers as trackers_module
 
+    real = trackers_module._available
+    monkeypatch.setattr(trackers_module, "_available", lambda tracker: tracker != Tracker.wandb and real(tracker))
     spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora", reporting={"trackers": ["tensorboard", "wandb"]}))
-    with pytest.raises(TrainerInputError, match=r"reporting.trackers: wandb not installed.*pip install wandb"):
+    with pytest.raises(TrainerInputError, match=r"^reporting.trackers: wandb not installed in the trainer's image; "
+                                                r"install the extra personalization-job\[wandb\]$"):
         Trackers.from_spec(spec, tmp_path, "cat")
+    assert not (tmp_path / "trackers").exists()  # refused before any tracker started

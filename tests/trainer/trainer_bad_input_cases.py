@@ -97,6 +97,17 @@ def spec_sets(section: str, **values) -> Prepare:
     return prepare
 
 
+def without_package(name: str, **sections) -> Prepare:
+    """Spec sections set, in a run where the package `name` cannot be found (as in an image without it):
+    a None entry in sys.modules makes importlib's find_spec and import both miss it."""
+    def prepare(ws: Workspace) -> None:
+        ws.spec.update(sections)
+        before = sys.modules.get(name)
+        sys.modules[name] = None  # type: ignore[assignment]
+        ws.closers.append(lambda: sys.modules.__setitem__(name, before) if before else sys.modules.pop(name, None))
+    return prepare
+
+
 def images_at(make_folder: Callable[[Workspace], Path]) -> Prepare:
     """Point concept.images.path at the folder `make_folder` builds in the workspace."""
     return lambda ws: ws.spec["concept"].update(images={"path": str(make_folder(ws))})
@@ -481,8 +492,8 @@ CASES: list[Case] = [
          single_file_model("model.safetensors", config={})),
     # ---- reporting ----
     Case("tracker-not-installed", "reporting", "`reporting.trackers: [wandb]` in an image without wandb",
-         "reporting.trackers: wandb not installed in the trainer's image; install wandb (pip install wandb)",
-         lambda ws: ws.spec.update(reporting={"trackers": ["wandb"]})),
+         "reporting.trackers: wandb not installed in the trainer's image; install the extra personalization-job[wandb]",
+         without_package("wandb", reporting={"trackers": ["wandb"]})),
 ]
 
 

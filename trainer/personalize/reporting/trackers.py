@@ -27,8 +27,7 @@ from personalize.errors import TrainerInputError
 from personalize.spec import EarlyStop, PersonalizationJobSpec, Tracker
 
 TRACKERS_DIR = "trackers"
-INSTALL = {Tracker.tensorboard: "the extra personalization-job[tensorboard]", Tracker.wandb: "wandb (pip install wandb)",
-           Tracker.mlflow: "mlflow (pip install mlflow)"}
+INSTALL = {tracker: f"the extra personalization-job[{tracker.value}]" for tracker in Tracker}
 DEFAULT_PROJECT = "personalization"
 
 
