@@ -19,7 +19,7 @@ import threading
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from . import lifecycle, names, packing
+from . import lifecycle, names
 from .packing import Member, PackView
 
 Key = tuple[str, str]  # (namespace, name)

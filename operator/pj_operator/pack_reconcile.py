@@ -42,11 +42,6 @@ def _meta(obj: dict) -> tuple[str, str, str]:
     return meta["namespace"], meta["name"], meta.get("uid", "")
 
 
-def _event(before: dict, patch: Optional[dict], reason: str, message: str) -> None:
-    from . import reconcile  # the solo rules for which transitions are Events
-    reconcile._transition_event(before, patch, reason, message)
-
-
 def unpackable(parsed: api.PersonalizationJob, name: str, settings: Settings) -> Optional[str]:
     return packing.unpackable_reason(parsed.spec, name, settings)
 
@@ -139,7 +134,7 @@ def _join(kube: Kube, body: dict, parsed: api.PersonalizationJob, settings: Sett
     ensure_objects(kube, namespace, view.name, {name: parsed}, [before], settings)
     if view.job_created:
         _own_job(kube, namespace, view.name, [before])
-    _event(before, patch, reason, message)
+    status.transition_event(before, patch, reason, message)
     status.event(before, warning=False, reason="Packed", message=f"joined pack {view.name} (slot {slot})")
     if not view.job_created and len(view.active) + 1 >= settings.packing_max_slots:
         start(kube, namespace, view.name, settings)  # full: no reason to wait
@@ -382,7 +377,7 @@ def sync_member(kube: Kube, namespace: str, name: str, pack: str, job: Optional[
         status.event(before, warning=False, reason=pack_lifecycle.PACK_ENDED,
                      message=f"pack {pack} ended before its trainer took this job up; it joins another pack")
         return {**before, "status": {**(before.get("status") or {}), **patch, "jobName": None, "pack": None}}
-    _event(before, patch, obs.reason, obs.message)
+    status.transition_event(before, patch, obs.reason, obs.message)
     if patch.get("phase") in lifecycle.TERMINAL:
         BOOK.finish_member(namespace, name)
         view = BOOK.pack(namespace, pack)

@@ -38,22 +38,8 @@ def _without(conditions: list[dict], *types: str) -> list[dict]:
     return [c for c in conditions if c.get("type") not in types]
 
 
-def _phase_changed(before: dict, patch: Optional[dict]) -> bool:
-    return bool(patch) and "phase" in patch and patch["phase"] != (before.get("status") or {}).get("phase")
-
-
-# Phases whose entry is an Event on the resource. Pending and Running are not: the Job and its
-# pod record their own (SuccessfulCreate, Scheduled, Pulled, Started), and the conditions keep
-# the transition times; two Events fewer per job is a fifth of its API requests.
-_EVENT_PHASES = (Phase.queued.value, Phase.succeeded.value, Phase.failed.value)
-
-
-def _transition_event(before: dict, patch: Optional[dict], reason: str, message: str) -> None:
-    """One Event per transition into an _EVENT_PHASES phase: `<Phase>/<Reason>`, a Warning when
-    it failed."""
-    if _phase_changed(before, patch) and patch["phase"] in _EVENT_PHASES:
-        failed = patch["phase"] == Phase.failed.value
-        status.event(before, warning=failed, reason=f"{patch['phase']}/{reason}", message=message)
+_phase_changed = status.phase_changed
+_transition_event = status.transition_event  # shared with packs' members (pack_reconcile)
 
 
 # ---- validation --------------------------------------------------------------------------------

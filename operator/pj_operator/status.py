@@ -106,6 +106,24 @@ def update(kube: Kube, namespace: str, name: str,
         raise AssertionError("unreachable")
 
 
+def phase_changed(before: dict, patch: Optional[dict]) -> bool:
+    return bool(patch) and "phase" in patch and patch["phase"] != (before.get("status") or {}).get("phase")
+
+
+# Phases whose entry is an Event on the resource. Pending and Running are not: the Job and its
+# pod record their own (SuccessfulCreate, Scheduled, Pulled, Started), and the conditions keep
+# the transition times; two Events fewer per job is a fifth of its API requests.
+EVENT_PHASES = (api.Phase.queued.value, api.Phase.succeeded.value, api.Phase.failed.value)
+
+
+def transition_event(before: dict, patch: Optional[dict], reason: str, message: str) -> None:
+    """One Event per transition into an EVENT_PHASES phase: `<Phase>/<Reason>`, a Warning when
+    it failed."""
+    if phase_changed(before, patch) and patch["phase"] in EVENT_PHASES:
+        failed = patch["phase"] == api.Phase.failed.value
+        event(before, warning=failed, reason=f"{patch['phase']}/{reason}", message=message)
+
+
 def event(obj: dict, *, warning: bool, reason: str, message: str) -> None:
     """A Kubernetes Event on the resource (kopf posts it in the background)."""
     kopf.event(obj, type="Warning" if warning else "Normal", reason=reason, message=message[:1024])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import yaml
 
-from fake_cluster import PJ, condition, pj_manifest, status_of, wait_for
-from pj_operator import lifecycle, names
+from fake_cluster import condition, pj_manifest, status_of, wait_for
+from pj_operator import lifecycle
 
 PACKING = dict(PJ_PACKING_ENABLED="true", PJ_MAX_CONCURRENT_JOBS="0")
 

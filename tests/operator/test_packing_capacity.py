@@ -8,7 +8,7 @@ import itertools
 
 from prometheus_client import REGISTRY
 
-from fake_cluster import PJ, condition, pj_manifest, status_of, wait_for
+from fake_cluster import condition, pj_manifest, status_of, wait_for
 from rbac_eval import Request, allows
 
 GROUP = "personalization.dvar.dev"
