@@ -445,7 +445,11 @@ def resume_member(kube: Kube, body: dict, parsed: api.PersonalizationJob, settin
         stale = [m for m in config_members(BOOK.recall(namespace, pack, "ConfigMap") or
                                            kube.get("v1", "ConfigMap", namespace, names.config_map_name(pack)) or {})
                  if m not in view.members]
-        ensure_objects(kube, namespace, pack, {name: parsed}, [body], settings, remove=stale)
+        config = ensure_objects(kube, namespace, pack, {name: parsed}, [body], settings, remove=stale)
+        if config is not None and BOOK.recall(namespace, pack, "Role") is None:
+            # A crash between the ConfigMap's patch and the Role's: read the Role once per pack.
+            BOOK.remember(namespace, pack, kube.get(*ROLE, namespace, names.trainer_account_name(pack)))
+            _set_role(kube, namespace, pack, config, settings)
         if view.job_created:
             _own_job(kube, namespace, pack, [body])
         else:

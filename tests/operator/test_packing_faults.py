@@ -202,3 +202,15 @@ def test_a_spec_change_to_a_running_member_is_refused_as_for_a_solo_job(cluster,
         wait_for(lambda: condition(status_of(cluster, "c1"), "SpecChangeRefused")["status"] == "False",
                  what="the refusal cleared when the spec is the pack's again")
         assert phase(cluster, "c1") == "Running" and cluster.pack_files(pack) == members
+
+
+def test_operator_restart_repairs_a_role_that_missed_a_member(cluster, run_operator):
+    """A crash between the ConfigMap's patch and the Role's: the trainer could not report on the
+    member until the restarted operator names it in the Role again."""
+    with run_operator(**PACKING, PJ_PACKING_MAX_SLOTS="2"):
+        pack, members = running_pack(cluster, 2)
+    cluster.kube.patch(*ROLE, "default", f"{pack}-trainer", {"rules": [
+        dict(rule, resourceNames=["c0"]) for rule in cluster.get(*ROLE, "default", f"{pack}-trainer")["rules"]]})
+    with run_operator(**PACKING, PJ_PACKING_MAX_SLOTS="2"):
+        wait_for(lambda: role_members(cluster, pack) == ["c0", "c1"], what="the Role names c1 again")
+        assert cluster.pack_files(pack) == members and len(cluster.creations("roles")) == 1
