@@ -94,14 +94,14 @@ def test_a_finished_slot_is_refilled_through_the_pack_config(cluster, run_operat
 
         cluster.create(pj_manifest("late"))
         wait_for(lambda: cluster.pack_of("late") == pack, what="the late job joins the running pack")
-        assert cluster.pack_files(pack) == ["c0", "c1", "late"]
+        wait_for(lambda: cluster.pack_files(pack) == ["c0", "c1", "late"], what="its file in the pack's folder")
         status = status_of(cluster, "late")
         assert status["phase"] == "Running" and status["pack"]["slot"] == 0  # c0's slot
         assert condition(status, "Running")["reason"] == "JoinedPack"
-        role = cluster.get("rbac.authorization.k8s.io/v1", "Role", "default", f"{pack}-trainer")
-        assert role["rules"][1]["resourceNames"] == ["c0", "c1", "late"]
-        job = cluster.job(pack)
-        assert cluster.pj("late")["metadata"]["uid"] in {r["uid"] for r in job["metadata"]["ownerReferences"]}
+        wait_for(lambda: cluster.get("rbac.authorization.k8s.io/v1", "Role", "default", f"{pack}-trainer")
+                 ["rules"][1]["resourceNames"] == ["c0", "c1", "late"], what="late named in the Role")
+        wait_for(lambda: cluster.pj("late")["metadata"]["uid"] in
+                 {r["uid"] for r in cluster.job(pack)["metadata"]["ownerReferences"]}, what="late owns the Job")
         assert jobs_created(cluster) == [pack]
 
 
