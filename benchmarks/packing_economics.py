@@ -53,7 +53,7 @@ def measured_costs(packing: dict, method: str) -> dict:
     for mode in ("solo", "pack"):
         training = row.get(f"{mode}TrainingSeconds")
         if training is None:  # an older row: the whole time over the steps
-            costs[mode] = {"step": 1 / row[f"{mode}ConceptStepsPerSecond"], "setup": 0.0}
+            costs[mode] = {"step": 1 / row[f"{mode}ConceptStepsPerSecond"], "setup": None}
         else:
             costs[mode] = {"step": training / row["conceptSteps"], "setup": (row[f"{mode}Seconds"] - training) / row["slots"]}
     return costs
@@ -105,7 +105,7 @@ def case(name: str, stop: str, steps: list[int], cost: dict, tracking_s: float, 
     return {"case": name, "stop": stop, "concepts": len(steps), "mean_steps": mean_steps, "setup_seconds": cost["setup"],
             "train_seconds_per_step": cost["step"], "tracking_seconds_per_step": tracking_s,
             "clip_checks_per_concept": checks, "clip_check_seconds_per_concept": checks_s,
-            "cpu_seconds_per_concept": cost["setup"] + mean_steps * (cost["step"] + tracking_s) + checks_s}
+            "cpu_seconds_per_concept": (cost["setup"] or 0.0) + mean_steps * (cost["step"] + tracking_s) + checks_s}
 
 
 def economics(method: str, inputs: dict, baselines: dict, concepts: list[str], check_s: Optional[float]) -> dict:
@@ -163,7 +163,8 @@ def markdown(r: dict) -> str:
              "| CLIP checks s | CPU-s per concept | of (a) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
-        lines.append(f"| {c['case']} | {c['stop']} | {c['mean_steps']:.1f} ({c['concepts']}) | {c['setup_seconds']:.2f} | "
+        setup = "in the step" if c["setup_seconds"] is None else f"{c['setup_seconds']:.2f}"
+        lines.append(f"| {c['case']} | {c['stop']} | {c['mean_steps']:.1f} ({c['concepts']}) | {setup} | "
                      f"{c['train_seconds_per_step']:.4f} | "
                      f"{c['tracking_seconds_per_step']:.4f} | {c['clip_check_seconds_per_concept']:.1f} | "
                      f"{c['cpu_seconds_per_concept']:.2f} | {c['cpu_seconds_per_concept'] / a:.0%} |")
@@ -238,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"whose worst judged concept keeps >= {TARGET_MIN_KEPT:.0%} of its gain (chosen and judged on the same "
         f"{len(concepts)} concepts). At one torch thread, wall seconds are CPU-seconds.", "",
         *([f"Not here: {', '.join(left_out)}. The packing benchmark measures no Custom Diffusion pack, and DreamBooth "
-           "trains the shared weights, so it cannot pack ((c) and (d) n/a)", ""] if left_out else []),
+           "trains the shared weights, so it cannot pack ((c) and (d) n/a).", ""] if left_out else []),
         ("CLIP guard checks: " + (f"{check_s:.2f} s each, scaled from the base-model evaluations in `{named['runs']}` "
                                   "(an upper bound: those include loading the pipeline); not packed."
                                   if check_s is not None else "excluded (no recorded timing).")
