@@ -119,7 +119,7 @@ def test_tensorboard_gets_losses_timesteps_statistics_the_decision_and_the_grids
     scalars, images, tensors = event_scalars(tmp_path / "trackers" / "tensorboard")
     assert [s for s, _ in scalars["loss/train"]] == [1, 2, 3]
     assert [s for s, _ in scalars["loss/deterministic"]] == [1, 3]  # only where L_det was evaluated
-    assert scalars["loss/deterministic/t=0911"] == [(1, pytest.approx(0.01)), (3, pytest.approx(0.0101))]
+    assert scalars["loss/deterministic_per_timestep/t_0911"] == [(1, pytest.approx(0.01)), (3, pytest.approx(0.0101))]
     assert [s for s, _ in scalars["stats/update_cosine"]] == [2]  # NaN and None left out
     assert scalars["convergence/value"] == [(3, pytest.approx(0.41234567))]
     assert scalars["convergence/threshold"][0] == (1, pytest.approx(0.15))
@@ -140,3 +140,66 @@ def test_a_tracker_that_is_not_installed_fails_before_training_with_what_to_inst
                                                 r"install the extra personalization-job\[wandb\]$"):
         Trackers.from_spec(spec, tmp_path, "cat")
     assert not (tmp_path / "trackers").exists()  # refused before any tracker started
+
+
+def log_a_short_run(trackers: Trackers, grid: Path) -> None:
+    """Two steps (L_det, its timesteps and the statistics at both), a grid and the stop decision."""
+    for record in records()[::2]:
+        trackers.log_step(record.step, record, 0.15)
+    Image.new("RGB", (16, 24), "blue").save(grid)
+    trackers.log_grid(3, grid)
+    trackers.log_decision(EarlyStop(stopped=True, reason=StopReason.convergence_threshold,
+                                    criterion=CriterionName.dvar, step=3, steps_saved=97))
+    trackers.finish()
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_run_left_active():
+    """A test that fails inside an MLflow run would leave it active for the next test's start."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].end_run()
+
+
+def test_mlflow_gets_losses_timesteps_statistics_the_decision_and_the_grid_as_an_artifact(
+        tmp_path, tiny_pipeline_dir, concept_dir, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora",
+                               reporting={"trackers": ["mlflow"], "project": "cats"}))
+    log_a_short_run(Trackers.from_spec(spec, tmp_path / "out", "cat"), tmp_path / "samples.png")
+
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("cats").experiment_id])
+    assert run.info.run_name == "cat" and run.info.status == "FINISHED"
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+    assert history("loss/train") == [(1, pytest.approx(0.30)), (3, pytest.approx(0.20))]
+    assert history("loss/deterministic") == [(1, pytest.approx(0.050)), (3, pytest.approx(0.046))]
+    assert history("loss/deterministic_per_timestep/t_0911") == [(1, pytest.approx(0.01)), (3, pytest.approx(0.0101))]
+    assert history("stats/grad_norm") == [(1, pytest.approx(0.7))]
+    assert history("convergence/value") == [(3, pytest.approx(0.41234567))]
+    assert history("stop/step") == [(3, 3.0)] and history("stop/early") == [(3, 1.0)]
+    assert history("stop/steps_saved") == [(3, 97.0)]
+    assert run.data.params["method"] == "lora"  # the spec, stored as the run's parameters
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/samples.png"]
+    assert not (tmp_path / "out" / "trackers" / "mlruns").exists()  # MLFLOW_TRACKING_URI chose the store
+
+
+def test_mlflow_without_a_tracking_uri_keeps_its_runs_in_the_output(tmp_path, tiny_pipeline_dir, concept_dir, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora", reporting={"trackers": ["mlflow"]}))
+    log_a_short_run(Trackers.from_spec(spec, tmp_path, "cat"), tmp_path / "samples.png")
+    client = MlflowClient((tmp_path / "trackers" / "mlruns").as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("personalization").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "stop/early")] == [1.0]

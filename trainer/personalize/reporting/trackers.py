@@ -4,11 +4,12 @@ Each step logs the losses, L_det per timestep, the training statistics and the c
 and threshold; the end logs the stop decision; each validation grid is logged as an image
 (MLflow: as an artifact). Keys, the same in every tracker:
 
-    loss/train  loss/deterministic  loss/deterministic/t=0999 ...  convergence/value
+    loss/train  loss/deterministic  loss/deterministic_per_timestep/t_0999 ...  convergence/value
     convergence/threshold  stats/lr  stats/grad_norm ...  stop/step  stop/early  stop/reason
 
 Files go under <output>/trackers/ (TensorBoard's event files, W&B's run folder, MLflow's file
-store unless MLFLOW_TRACKING_URI names another). W&B reads its usual environment (WANDB_MODE=
+store unless MLFLOW_TRACKING_URI names another; a file store named there needs
+MLFLOW_ALLOW_FILE_STORE=true, as MLflow 3 says). W&B reads its usual environment (WANDB_MODE=
 offline, WANDB_API_KEY). Nothing is imported unless a tracker is asked for, and a tracker whose
 package is missing fails before training with the extra to install.
 """
@@ -45,10 +46,16 @@ def _make(tracker: Tracker, folder: Path, project: str, run_name: str):
         return tracking.TensorBoardTracker(run_name, folder / "tensorboard")
     if tracker == Tracker.wandb:
         return tracking.WandBTracker(project, name=run_name, dir=str(folder))
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        import mlflow  # noqa: PLC0415
+    import mlflow  # noqa: PLC0415
 
-        mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
+    # Set on every start: mlflow keeps the URI process-wide, and it outranks the environment.
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = (folder / "mlruns").resolve().as_uri()
+        # MLflow 3 refuses a file store unless allowed; ours is the only store a run without a
+        # tracking server can have (a database store needs SQLAlchemy, not in mlflow-skinny).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(uri)
     return tracking.MLflowTracker(experiment_name=project, run_name=run_name)
 
 
@@ -68,7 +75,10 @@ def step_values(record: Any, threshold: Optional[float]) -> dict[str, float]:
     """What one StepRecord logs; a value not measured at this step is left out."""
     values = {"loss/train": record.train_loss, "loss/deterministic": record.deterministic_loss,
               "convergence/value": record.convergence_value, "convergence/threshold": threshold}
-    values.update({f"loss/deterministic/{label}": v for label, v in (record.timestep_losses or {}).items()})
+    # "t=0999" becomes "t_0999": MLflow refuses "=" in a metric name; and not under
+    # "loss/deterministic/": MLflow's file store keeps "loss/deterministic" as a file, not a folder.
+    values.update({f"loss/deterministic_per_timestep/{label.replace('=', '_')}": v
+                   for label, v in (record.timestep_losses or {}).items()})
     values.update({f"stats/{name}": v for name, v in (record.stats or {}).items()})
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
