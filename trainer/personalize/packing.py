@@ -28,7 +28,7 @@ from personalize.reporting.trackers import Trackers
 from personalize.run_files import RESULT_FILE, write_json
 from personalize.shutdown import GracefulShutdown, TrainingInterrupted
 from personalize.slot import Slot
-from personalize.spec import EarlyStop, MixedPrecision, PersonalizationJob, SpecError, StopReason, load_job
+from personalize.spec import EarlyStop, MixedPrecision, PersonalizationJob, SpecError, StopReason, TrainerReport, load_job
 from personalize.status_reporter import StatusReporter, StatusReportError
 
 log = logging.getLogger("personalize")
@@ -376,6 +376,15 @@ class PackRunner:
         write_json({"phase": "Failed", "message": message,
                     "earlyStop": {"stopped": False, "reason": StopReason.failed.value}}, folder / RESULT_FILE)
         log.error("pack: %s: %s", name, message)
+        if self.pod_namespace:  # in a cluster: the member's own status says so now, not when the pack ends
+            report = TrainerReport(message=message, early_stop=EarlyStop(stopped=False, reason=StopReason.failed))
+            try:
+                reporter = StatusReporter.from_env({**os.environ, "PJ_NAMESPACE": self.pod_namespace, "PJ_NAME": name})
+                if reporter is not None:
+                    reporter.report(report, final=True)
+                    reporter.close()
+            except StatusReportError as err:
+                log.error("pack: %s: the status could not say so: %s", name, err)
 
 
 def _finished(output: Path) -> bool:
