@@ -141,7 +141,10 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu, 1 thread"
+    from personalize.world.provenance import installed_world
+
     record = {"command": "python benchmarks/packing.py " + " ".join(argv), "device": device, "model": args.model,
+              "world": installed_world() if args.model == "tiny-world" else None,
               "size": args.size, "precision": args.precision, "stepsPerConcept": args.steps, "training": training,
               "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -104,7 +104,9 @@ def main(argv: list[str]) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = Path(args.output)
-    record = {"command": "python benchmarks/packing_equivalence.py " + " ".join(argv), "world": "tiny-world (installed)",
+    from personalize.world.provenance import installed_world
+
+    record = {"command": "python benchmarks/packing_equivalence.py " + " ".join(argv), "world": installed_world(),
               "device": "cpu, fp32, 1 thread", "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# A packed concept against its solo run (tiny world, fp32, CPU)", "",
