@@ -154,6 +154,15 @@ def log_a_short_run(trackers: Trackers, grid: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
+def accelerate_state():
+    """accelerate's trackers log through its logger, which needs the process state that a user's run
+    has from its Accelerator; a test creates it itself rather than count on an earlier test's."""
+    from accelerate import PartialState
+
+    PartialState()
+
+
+@pytest.fixture(autouse=True)
 def no_mlflow_run_left_active():
     """A test that fails inside an MLflow run would leave it active for the next test's start."""
     yield
@@ -203,3 +212,26 @@ def test_mlflow_without_a_tracking_uri_keeps_its_runs_in_the_output(tmp_path, ti
     client = MlflowClient((tmp_path / "trackers" / "mlruns").as_uri())
     [run] = client.search_runs([client.get_experiment_by_name("personalization").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "stop/early")] == [1.0]
+
+
+def test_wandb_offline_gets_losses_timesteps_statistics_the_decision_and_the_grid(
+        tmp_path, tiny_pipeline_dir, concept_dir, monkeypatch):
+    """An offline run keeps its records in run-<id>.wandb, which only wandb-core reads (W&B 0.31 has
+    no Python reader and writes no wandb-summary.json offline): the keys and the values, as the JSON
+    text W&B stores them, are looked for in its bytes; the grid is a PNG among the run's media."""
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "wandb-dir").mkdir()
+    spec = parse_spec(job_spec(tiny_pipeline_dir, concept_dir, "lora", reporting={"trackers": ["wandb"]}))
+    log_a_short_run(Trackers.from_spec(spec, tmp_path / "out", "cat"), tmp_path / "samples.png")
+
+    [run] = (tmp_path / "out" / "trackers" / "wandb").glob("offline-run-*")  # the tracker's dir, not WANDB_DIR
+    [records_file] = run.glob("run-*.wandb")
+    stored = records_file.read_bytes()
+    for text in ["loss/train", "loss/deterministic", "loss/deterministic_per_timestep/t_0911", "0.0101",
+                 "stats/grad_norm", "convergence/value", "0.41234567", "stop/step", "stop/early",
+                 "stop/steps_saved", "stop/reason", StopReason.convergence_threshold.value, "samples"]:
+        assert text.encode() in stored, text
+    [image] = (run / "files" / "media" / "images").glob("samples_3_*.png")  # logged at step 3
+    with Image.open(image) as grid:
+        assert grid.size == (16, 24)
