@@ -20,7 +20,7 @@ REPORT = {
     "earlyStop": {"stopped": True, "reason": "ConvergenceThreshold", "criterion": "dvar", "value": 0.12,
                   "threshold": 0.15, "window": 60, "step": 180, "stepsSaved": 220, "fractionSaved": 0.55},
     "identifier": "<sks>",
-    "artifact": {"location": "/output/runs/x", "files": ["learned_embeds.safetensors"]},
+    "artifact": {"location": "/output/runs/x", "files": ["learned_embeds.safetensors"], "snapshots": []},
     "wallSeconds": 90.0,
 }
 
