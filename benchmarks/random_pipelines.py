@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "trainer" / "personalize" / "assets" / "clip_tokenizer"
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+                 prediction_type="epsilon", steps_offset=1, clip_sample=False)
 
 
 def _text(hidden: int, layers: int, heads: int, projection: int = 0) -> CLIPTextConfig:
