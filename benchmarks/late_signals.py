@@ -39,7 +39,7 @@ from personalize.criteria import build_criterion
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import RESULTS, command_line, every_step_runs, study_parser, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import RESULTS, command_line, every_step_runs, find_run, read_run, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN  # noqa: E402
 from stop_sweep import curve_gains, gain_at  # noqa: E402
 
@@ -65,11 +65,11 @@ def load_runs(runs_dir: Path, method: str, concepts: list[str]) -> dict[str, dic
     statistics, embedding (TI), CLIP-I gains over the base model, budget and DVAR settings."""
     out = {}
     for run in every_step_runs(runs_dir, method=method, concepts=concepts, variants=("baseline",)):
-        series, base_path = run["series"], runs_dir / f"base_{run['concept']}.json"
-        if not (base_path.is_file() and series.get("curve_steps") and series.get("timestep_losses")
+        series, base_path = run["series"], find_run(runs_dir, f"base_{run['concept']}")
+        if not (base_path is not None and series.get("curve_steps") and series.get("timestep_losses")
                 and series.get("stats")):
             continue  # recorded before the per-slot series (or no CLIP-I curve): nothing to replay
-        steps, gains = curve_gains(series, json.loads(base_path.read_text())["clip_i"])
+        steps, gains = curve_gains(series, read_run(base_path)["clip_i"])
         out[run["concept"]] = {
             "budget": run["steps"], "window": run["window"], "threshold": run["threshold"],
             "losses": series["deterministic_loss"], "slots": series["timestep_losses"], "stats": series["stats"],

@@ -36,7 +36,7 @@ from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guard_study import dvar_stop, guarded_outcome  # noqa: E402  (sibling script modules)
-from recorded_runs import RESULTS, STUDIED_METHODS, command_line, every_step_stop, relative_to_repo, study_parser, write_study  # noqa: E402
+from recorded_runs import RESULTS, find_run, read_run, STUDIED_METHODS, command_line, every_step_stop, relative_to_repo, study_parser, write_study  # noqa: E402
 from stop_quality import TARGET_MIN_KEPT  # noqa: E402
 from stop_sweep import load_baselines  # noqa: E402
 
@@ -64,9 +64,9 @@ def clip_check_seconds(runs_dir: Path, concepts: list[str], templates: int) -> O
     base-model evaluations' seconds (eval_images_per_prompt x templates images at eval_inference_steps)."""
     per_check = []
     for concept in concepts:
-        path = runs_dir / f"base_{concept}.json"
-        if path.is_file():
-            base = json.loads(path.read_text())
+        path = find_run(runs_dir, f"base_{concept}")
+        if path is not None:
+            base = read_run(path)
             denoising = base["eval_images_per_prompt"] * templates * base["eval_inference_steps"]
             per_check.append(base["seconds"] * base["clip_num_samples"] * base["clip_inference_steps"] / denoising)
     return statistics.median(per_check) if per_check else None

@@ -68,6 +68,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stop_quality  # noqa: E402  (a sibling script module, not a package)
+from recorded_runs import find_run, read_run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("textualInversion", "lora", "customDiffusion", "dreambooth")
@@ -555,10 +556,10 @@ def run_all(args, concepts: list[str], work: Path, runs_dir: Path) -> list[dict]
     waiting_few = {m for m in args.methods} if "fewIterations" in args.variants else set()
 
     def cached(task: Task) -> Optional[dict]:
-        path = runs_dir / f"{task.name}.json"
-        if args.rerun or not path.is_file():
+        path = find_run(runs_dir, task.name)
+        if args.rerun or path is None:
             return None
-        record = {**asdict(Task(kind="", concept="")), **json.loads(path.read_text())}  # older files: defaults
+        record = {**asdict(Task(kind="", concept="")), **read_run(path)}  # older files: defaults
         same = all(record[k] == v for k, v in asdict(task).items()) and record.get("world") == args.world
         return record if same else None
 

@@ -6,7 +6,7 @@ encoder, the 84M-parameter VAE; SDXL: the 2.6B-parameter UNet and both text enco
 keeps every block type and the conditioning (SDXL's pooled text and time ids) at a width a CPU
 runs in seconds, so that the test suite walks the same path. Weights are random: step times and
 memory are the real ones, losses are not. The tokenizer is the CLIP BPE vocabulary the trainer
-ships (trainer/personalize/assets/clip_tokenizer).
+ships (trainer/personalize/assets/tiny_world/tokenizer).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "trainer" / "personalize" / "assets" / "clip_tokenizer"
+TOKENIZER = Path(__file__).resolve().parents[1] / "trainer" / "personalize" / "assets" / "tiny_world" / "tokenizer"
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  prediction_type="epsilon", steps_offset=1, clip_sample=False)
 

@@ -8,6 +8,7 @@ baseline that observed DVAR has its whole budget, a DVAR run stops at its own st
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shlex
 import sys
@@ -39,13 +40,35 @@ def command_line(script: str, argv: Optional[list[str]]) -> str:
     return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
+def run_paths(runs_dir: Path) -> list[Path]:
+    """The run files in runs_dir, sorted by name: <name>.json as the benchmark writes them, or
+    <name>.json.gz as recorded runs are kept in the repository (`gzip -9`: a tenth of the bytes).
+    Where both exist (a rerun wrote the plain file), the plain one is the newer."""
+    stems = {p.name.removesuffix(".gz").removesuffix(".json") for p in runs_dir.glob("*.json*")}
+    return [path for stem in sorted(stems) if (path := find_run(runs_dir, stem)) is not None]
+
+
+def find_run(runs_dir: Path, stem: str) -> Optional[Path]:
+    """runs_dir/<stem>.json or, if only that exists, its gzipped copy; None if neither."""
+    for path in (runs_dir / f"{stem}.json", runs_dir / f"{stem}.json.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_run(path: Path) -> dict:
+    """A run file's record, whether plain or gzipped."""
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.name.endswith(".gz") else data)
+
+
 def every_step_runs(runs_dir: Path, *, method: Optional[str] = None, concepts: Optional[Iterable[str]] = None,
                     variants: tuple[str, ...] = ("baseline", "dvar")) -> list[dict]:
     """Run records (sorted by file name) whose L_det was evaluated at every step they trained."""
     wanted = None if concepts is None else set(concepts)
     found = []
-    for path in sorted(runs_dir.glob("*.json")):
-        record = json.loads(path.read_text())
+    for path in run_paths(runs_dir):
+        record = read_run(path)
         if record.get("kind") != "run" or record.get("variant") not in variants:
             continue
         if (method is not None and record.get("method") != method) or (wanted is not None and record["concept"] not in wanted):
@@ -95,7 +118,7 @@ def relative_to_repo(path: Path) -> str:
 def runs_world(runs_dir: Path) -> Optional[str]:
     """The tiny world (provenance.world_fingerprint) the run files in runs_dir trained on: a
     replay's numbers belong to that world, whichever world is installed when it is replayed."""
-    worlds = {json.loads(path.read_text()).get("world") for path in runs_dir.glob("*.json")}
+    worlds = {read_run(path).get("world") for path in run_paths(runs_dir)}
     if len(worlds) > 1:
         raise SystemExit(f"error: {runs_dir} holds runs of several worlds ({', '.join(sorted(map(str, worlds)))})")
     return worlds.pop() if worlds else None

@@ -34,7 +34,7 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import command_line, study_parser, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import command_line, find_run, read_run, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_sweep import load_baselines, stop_outcome, summarize  # noqa: E402
 
 SIZES = (1, 2, 4, 8)
@@ -56,10 +56,10 @@ def load_study(study_runs: Path, method: str, baselines: dict[str, dict]) -> dic
     training is the recorded baseline's (`same_training`)."""
     out = {}
     for concept, baseline in baselines.items():
-        path = study_runs / f"{method}_baseline_{concept}.json"
-        if not path.is_file():
+        path = find_run(study_runs, f"{method}_baseline_{concept}")
+        if path is None:
             continue
-        run = json.loads(path.read_text())
+        run = read_run(path)
         if "slots" not in run:
             continue
         if not same_training(run["series"].get("deterministic_loss") or [], baseline["losses"]):

@@ -33,7 +33,7 @@ from typing import Optional
 from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorded_runs import RESULTS, command_line, every_step_runs, every_step_stop, study_parser, write_study  # noqa: E402  (sibling script modules)
+from recorded_runs import RESULTS, command_line, every_step_runs, every_step_stop, find_run, read_run, study_parser, write_study  # noqa: E402  (sibling script modules)
 from stop_quality import MIN_JUDGED_GAIN, meets_target  # noqa: E402
 
 WINDOWS = (40, 60, 80, 100, 120)
@@ -60,10 +60,10 @@ def load_baselines(runs_dir: Path, method: str, concepts: list[str]) -> dict[str
     observed DVAR and scored a CLIP-I curve."""
     out = {}
     for run in every_step_runs(runs_dir, method=method, concepts=concepts, variants=("baseline",)):
-        base_path = runs_dir / f"base_{run['concept']}.json"
-        if not (base_path.is_file() and run["series"].get("curve_steps")):
+        base_path = find_run(runs_dir, f"base_{run['concept']}")
+        if base_path is None or not run["series"].get("curve_steps"):
             continue
-        steps, gains = curve_gains(run["series"], json.loads(base_path.read_text())["clip_i"])
+        steps, gains = curve_gains(run["series"], read_run(base_path)["clip_i"])
         out[run["concept"]] = {"losses": run["series"]["deterministic_loss"], "budget": run["steps"],
                                "steps": steps, "gains": gains,
                                "window": run.get("window"), "threshold": run.get("threshold")}  # the run's DVAR

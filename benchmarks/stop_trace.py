@@ -34,7 +34,7 @@ from personalize.world.shapes import CONCEPT_SETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from personalization import METHODS, PLATEAU_POINTS  # noqa: E402  (sibling script modules)
-from recorded_runs import relative_to_repo, write_study  # noqa: E402
+from recorded_runs import find_run, read_run, relative_to_repo, write_study  # noqa: E402
 from stop_quality import MIN_JUDGED_GAIN, s90  # noqa: E402
 from stop_sweep import curve_gains, gain_at  # noqa: E402
 
@@ -121,13 +121,13 @@ def medians_table(medians: dict[str, dict]) -> str:
 
 def load_trace(runs: Path, method: str, concept: str) -> dict:
     """The trace of `method`'s baseline on `concept` in `runs`; ValueError saying why it cannot be traced."""
-    path, base = runs / f"{method}_baseline_{concept}.json", runs / f"base_{concept}.json"
-    if not (path.is_file() and base.is_file()):
-        raise ValueError(f"needs {path.name} and {base.name} in {runs}")
-    run = json.loads(path.read_text())
+    path, base = find_run(runs, f"{method}_baseline_{concept}"), find_run(runs, f"base_{concept}")
+    if path is None or base is None:
+        raise ValueError(f"needs {method}_baseline_{concept}.json and base_{concept}.json in {runs}")
+    run = read_run(path)
     if not (run["series"].get("curve_steps") and "dvar_stop" in run):
         raise ValueError(f"{path.name} is not a baseline that observed DVAR and scored a CLIP-I curve")
-    return trace(run, json.loads(base.read_text())["clip_i"])
+    return trace(run, read_run(base)["clip_i"])
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -4,7 +4,7 @@ Run once (needs open_clip_torch installed, or pass the .gz path explicitly):
 
     python tinyworld/convert_tokenizer.py [--bpe path/to/bpe_simple_vocab_16e6.txt.gz]
 
-Writes trainer/personalize/assets/clip_tokenizer/{vocab.json,merges.txt,...}.
+Writes trainer/personalize/assets/tiny_world/tokenizer/{vocab.json,merges.txt,...}.
 open_clip is only needed here, never at runtime: the product ships the converted files.
 
 Token ids follow open_clip's SimpleTokenizer construction exactly:
@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "trainer" / "personalize" / "assets" / "clip_tokenizer"
+DEFAULT_OUT = REPO_ROOT / "trainer" / "personalize" / "assets" / "tiny_world" / "tokenizer"
 
 # open_clip keeps lines 1 .. 49152-256-2 of the file (line 0 is a header): 48,894 merges.
 N_MERGES = 49152 - 256 - 2
@@ -81,7 +81,7 @@ def write_tokenizer(bpe_gz: Path, out_dir: Path) -> None:
     merges = read_merges(bpe_gz)
     vocab = build_vocab(merges)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     merges_text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
     (out_dir / "merges.txt").write_text(merges_text, encoding="utf-8")
     special = {

@@ -12,6 +12,7 @@ the folder of another world: `first_world/` (the world installed until 2026-11-2
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import re
@@ -41,8 +42,8 @@ def recorded_world(path: Path) -> tuple[bool, str | None]:
     """(whether the file records a world, the world): JSON `world`, a report's JSON twin, or a `world:` line."""
     if path.suffix == ".md" and path.with_suffix(".json").is_file():
         path = path.with_suffix(".json")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
+    if path.name.endswith((".json", ".json.gz")):  # recorded run files are gzipped
+        data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
         return (isinstance(data, dict) and "world" in data), (data.get("world") if isinstance(data, dict) else None)
     match = MARKDOWN_WORLD.search(path.read_text())
     return match is not None, (None if match is None or match.group(1) == "null" else match.group(1))
@@ -87,7 +88,7 @@ def world_problems(results: Path, doc_texts: list[str], installed: str, others: 
 def test_every_results_file_records_its_world():
     missing, malformed = [], []
     for path in sorted(RESULTS.rglob("*")):
-        if path.suffix not in (".json", ".md"):
+        if not path.name.endswith((".json", ".json.gz", ".md")):
             continue
         recorded, world = recorded_world(path)
         if not recorded:
@@ -99,7 +100,7 @@ def test_every_results_file_records_its_world():
 
 @pytest.mark.parametrize("folder", ["first_world", "fresh"])
 def test_another_worlds_folder_holds_only_that_worlds_results(folder):
-    worlds = {recorded_world(p)[1] for p in (RESULTS / folder).rglob("*.json")}
+    worlds = {recorded_world(p)[1] for p in (RESULTS / folder).rglob("*.json*")}
     assert worlds == {other_worlds()[folder]}
 
 

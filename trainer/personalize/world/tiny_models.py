@@ -5,7 +5,7 @@ Two sizes share one architecture family:
   * `TinyConfig.pretrained()` the tiny world's pretrained model (see tinyworld/pretrain.py)
 
 Images are 32x32 RGB; the VAE downsamples 4x to 8x8x4 latents; the text encoder is the text
-tower of a small CLIPModel using the real CLIP BPE tokenizer shipped in assets/clip_tokenizer.
+tower of a small CLIPModel using the real CLIP BPE tokenizer shipped in assets/tiny_world/tokenizer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
-TOKENIZER_DIR = ASSETS_DIR / "clip_tokenizer"
+TOKENIZER_DIR = ASSETS_DIR / "tiny_world" / "tokenizer"  # vocab.json + merges.txt, as in real SD folders
 TINY_WORLD_DIR = ASSETS_DIR / "tiny_world"
 
 VOCAB_SIZE = 49408
