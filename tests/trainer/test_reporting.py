@@ -214,8 +214,6 @@ def test_mlflow_without_a_tracking_uri_keeps_its_runs_in_the_output(tmp_path, ti
     assert [m.value for m in client.get_metric_history(run.info.run_id, "stop/early")] == [1.0]
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone (test_reporting.py 8/8) but failed once late in the full "
-                   "suite (state another test leaves in wandb or accelerate); not yet found")
 def test_wandb_offline_gets_losses_timesteps_statistics_the_decision_and_the_grid(
         tmp_path, tiny_pipeline_dir, concept_dir, monkeypatch):
     """An offline run keeps its records in run-<id>.wandb, which only wandb-core reads (W&B 0.31 has
