@@ -99,6 +99,8 @@ def _sliced_lora_forward(layer, routing: BatchRouting, component: str, peft_forw
         if any(name in layer.lora_variant for name, _, _ in runs):  # e.g. DoRA: peft's own routing
             return peft_forward(x, *args, adapter_names=names, **kwargs)
         result = layer.base_layer(x, *args, **kwargs)
+        if _groupable(layer, runs, x):
+            return result + _grouped_lora_delta(layer, runs, x).to(result.dtype)
         parts = []
         for name, start, end in runs:
             part = result[start:end]
@@ -110,6 +112,31 @@ def _sliced_lora_forward(layer, routing: BatchRouting, component: str, peft_forw
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     return forward
+
+
+def _groupable(layer, runs: list[tuple[str, int, int]], x: torch.Tensor) -> bool:
+    """Whether every slot's adapter can run in one batched matmul: several slots with as many rows
+    each, all with a plain adapter of one shape here (no dropout, no bias), on contiguous input."""
+    if len(runs) < 2 or len({end - start for _, start, end in runs}) != 1 or not x.is_contiguous():
+        return False
+    names = [name for name, _, _ in runs]
+    if not all(name in layer.lora_A for name in names):
+        return False
+    return (len({tuple(layer.lora_A[n].weight.shape) + tuple(layer.lora_B[n].weight.shape) for n in names}) == 1
+            and all(isinstance(layer.lora_dropout[n], torch.nn.Identity) and layer.lora_B[n].bias is None
+                    for n in names))
+
+
+def _grouped_lora_delta(layer, runs: list[tuple[str, int, int]], x: torch.Tensor) -> torch.Tensor:
+    """Every slot's LoRA delta, B_s(A_s(x_s)) * scale_s, in two batched matmuls over [slots, rows, in]:
+    the number of kernels stays the same as slots are added (a loop over slots launches 3 per slot)."""
+    names = [name for name, _, _ in runs]
+    lora_A = torch.stack([layer.lora_A[n].weight for n in names])  # [S, r, in]
+    lora_B = torch.stack([layer.lora_B[n].weight for n in names])  # [S, out, r]
+    scale = torch.tensor([layer.scaling[n] for n in names], dtype=lora_A.dtype, device=x.device)
+    rows = x.to(lora_A.dtype).reshape(len(names), -1, x.shape[-1])  # [S, rows x tokens, in]
+    delta = torch.bmm(torch.bmm(rows, lora_A.transpose(1, 2)), lora_B.transpose(1, 2)) * scale[:, None, None]
+    return delta.reshape(*x.shape[:-1], lora_B.shape[1])
 
 
 def route_lora_layers(module: torch.nn.Module, routing: BatchRouting, component: str) -> None:
