@@ -27,3 +27,12 @@ def test_the_packing_benchmark_runs_the_gpu_path_at_tiny_size(model, tmp_path):
         assert row["conceptSteps"] == 2 * row["slots"]
         assert row["soloConceptStepsPerSecond"] > 0 and row["packConceptStepsPerSecond"] > 0
     assert "| lora | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_models_own_batch_scaling_is_relative_to_one_concepts_batch():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import packing
+
+    scaling = packing.model_scaling([1, 2], batch=1, repeats=1)
+    assert set(scaling) == {1, 2} and scaling[1] == 1.0  # a pack of one is its own reference
+    assert scaling[2] > 0  # a measured ratio (its size is machine-dependent: no timed assert)

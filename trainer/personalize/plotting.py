@@ -121,8 +121,8 @@ def build_convergence_figure(
         # a tick of its own, so that the line reads as its value and not as a neighbour's
         conv_ax.set_yscale("log")
         _plain_log_ticks(conv_ax)
-        conv_ax.figure.canvas.draw()  # settles the automatic ticks before one is added
-        ticks = [t for t in conv_ax.get_yticks() if conv_ax.get_ylim()[0] <= t <= conv_ax.get_ylim()[1]]
+        low, high = conv_ax.get_ylim()  # autoscaled to the data and the threshold line
+        ticks = [t for t in conv_ax.get_yticks() if low <= t <= high]
         conv_ax.set_yticks(sorted({*ticks, threshold}))
         conv_ax.annotate(f"stop below {threshold:g}", xy=(1.0, threshold), xycoords=("axes fraction", "data"),
                          xytext=(4, 0), textcoords="offset points", va="center", color="tab:red", fontsize="small")
