@@ -102,11 +102,13 @@ def check_clis(operator_image: str, trainer_image: str, work: Path) -> None:
         check(code == 0 and f"usage: {prog}" in out, f"{prog} --help: exit {code}, output:\n{out}")
         code, out = run_cli(image, ["--version"], work, f"{prog}-version")
         check(code == 0 and out.strip() == f"{prog} {version}", f"{prog} --version: exit {code}, output:\n{out}")
+    code, out = run_cli(trainer_image, ["pack", "--help"], work, "personalize-train-pack-help")
+    check(code == 0 and "--jobs" in out, f"personalize-train pack --help: exit {code}, output:\n{out}")
     code, out = run_cli(operator_image, [], work, "operator-no-cluster")
     lines = out.strip().splitlines()
     check(code == 2 and len(lines) == 1 and lines[0].startswith("error: no Kubernetes cluster"),
           f"personalization-operator without a cluster: exit {code}, output:\n{out}")
-    say(f"CLIs: --help and --version ({version}) in both images; the operator without a cluster: "
+    say(f"CLIs: --help and --version ({version}) in both images, pack --help in the trainer's; the operator without a cluster: "
         f"exit {code}, {lines[0]!r}")
 
 
@@ -145,6 +147,10 @@ def pj_manifest() -> dict:
     manifest["metadata"] = {"name": PJ_NAME, "namespace": NAMESPACE}
     manifest["spec"]["concept"]["images"] = {"claimName": "concept-images", "path": CONCEPT}
     manifest["spec"]["output"] = {"claimName": "artifacts", "path": f"runs/{PJ_NAME}"}
+    # The job's own Job, ConfigMap and pod: the road this smoke walks. A packable job would go to a
+    # pack Job by default (the chart enables packing); the pack command's --help is checked above,
+    # packed training itself by tests/trainer/test_packed_training.py.
+    manifest["spec"]["packing"] = "never"
     return manifest
 
 
