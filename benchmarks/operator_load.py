@@ -36,6 +36,19 @@ the numbers are upper bounds for a quiet machine. These three measurements are o
     python benchmarks/operator_load.py --placement [--count 200] [--namespaces 4]
 
 writes benchmarks/results/operator_packing.json and .md.
+
+5. With --scale LABEL: steady state at scale (issue 32, point 13). N solo jobs (--count, e.g. 2000)
+   across M namespaces (--namespaces, e.g. 200), all Running: the harness writes the cluster as the
+   operator would have left it (each resource admitted, its Job built by the operator's own
+   builder, its pod running), then starts the operator with its defaults (10 s pump) and no cap.
+   After start-up settles, the operator's API requests are counted over --window seconds (by verb
+   and resource; the rate is per minute) and its resident memory (VmRSS, VmHWM) read. Then one
+   more job's pod can never start (CreateContainerConfigError, the default 60 s grace): seconds
+   from the pod getting stuck to the resource's Failed phase.
+
+    python benchmarks/operator_load.py --scale before --count 2000 --namespaces 200
+
+merges its run under LABEL into benchmarks/results/operator_scale.json and rewrites the .md.
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ from fake_cluster import PJ, FakeCluster, pj_manifest, wait_for  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "operator_load.json"
 PACKING_RESULTS = ROOT / "benchmarks" / "results" / "operator_packing.json"
+SCALE_RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -73,7 +87,8 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def start_operator(cluster: FakeCluster, workdir: Path, env_extra: dict[str, str]) -> subprocess.Popen:
+def start_operator(cluster: FakeCluster, workdir: Path, env_extra: dict[str, str],
+                   timeout: float = 60.0) -> subprocess.Popen:
     env = dict(os.environ)
     env.update({
         "KUBECONFIG": str(cluster.write_kubeconfig(workdir / "kubeconfig")),
@@ -84,7 +99,7 @@ def start_operator(cluster: FakeCluster, workdir: Path, env_extra: dict[str, str
     env.pop("KUBERNETES_SERVICE_HOST", None)
     log = open(workdir / "operator.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "pj_operator.main"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_for(lambda: cluster.watching("personalizationjobs") and cluster.watching("jobs"), timeout=60,
+    wait_for(lambda: cluster.watching("personalizationjobs") and cluster.watching("jobs"), timeout=timeout,
              what="the operator's watches")
     time.sleep(1.0)  # let kopf finish its initial listing round
     return proc
@@ -357,6 +372,194 @@ def main_placement(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- 5. steady state at scale ----------------------------------------------------------------------
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def populate_running(cluster: FakeCluster, jobs: list[tuple[str, str]]) -> None:
+    """Write each resource as admitted and Running, its Job as the operator builds it, its pod
+    running: the state a busy cluster is in, without waiting for thousands of admissions."""
+    from pj_operator import children, names as pj_names
+    from pj_operator.settings import Settings
+    from pj_operator.validation import parse_body
+    import kopf
+
+    settings = Settings()
+    for namespace, name in jobs:
+        pj = cluster.create(pj_manifest(name, namespace))
+        job_name = pj_names.job_name(name)
+        job = next(m for m in children.all_children(parse_body(pj), name, namespace, settings) if m["kind"] == "Job")
+        kopf.append_owner_reference(job, owner=pj)
+        cluster.create(job)
+        started = "2026-01-01T00:00:00Z"
+        message = f"Job {job_name} is running"
+        cluster.patch_status(*PJ, namespace, name, {
+            "phase": "Running", "jobName": job_name, "startTime": started, "attempts": 1,
+            "observedGeneration": pj["metadata"].get("generation"),
+            "conditions": [
+                {"type": "Valid", "status": "True", "reason": "Validated", "message": "spec is valid",
+                 "lastTransitionTime": started},
+                {"type": "Running", "status": "True", "reason": "PodRunning", "message": message,
+                 "lastTransitionTime": started}]})
+        cluster.start_pod(job_name, namespace)
+        cluster.pod_running(job_name, namespace)
+
+
+def _settle(cluster: FakeCluster, since: int, resources: int, quiet: float, timeout: float) -> float:
+    """Wait until kopf has taken up every resource (its first handling patches each one's
+    annotations), then until the operator sent no write (create, patch, delete) for `quiet` s."""
+    started = time.monotonic()
+
+    def taken_up() -> bool:
+        return sum(1 for r in cluster.operator_requests(since)
+                   if r.action is not None and r.action.name == "UPDATE" and r.resource is not None
+                   and r.resource.plural == "personalizationjobs" and not r.subresource) >= resources
+
+    wait_for(taken_up, timeout=timeout, what="every resource taken up by the operator")
+    while time.monotonic() - started < timeout:
+        mark = len(cluster.requests)
+        time.sleep(quiet)
+        writes = [r for r in cluster.operator_requests(mark)
+                  if r.action is not None and r.action.name in ("CREATE", "UPDATE", "DELETE")]
+        if not writes:
+            break
+    return round(time.monotonic() - started, 1)
+
+
+def scale(cluster: FakeCluster, workdir: Path, count: int, namespaces: int, window: float) -> dict:
+    spaces = [f"team-{i:03d}" for i in range(namespaces)]
+    cluster.server.namespaces |= set(spaces)
+    jobs = [(spaces[i % namespaces], f"concept-{i:04d}") for i in range(count)]
+    began = time.monotonic()
+    populate_running(cluster, jobs)
+    populated = time.monotonic() - began
+    began = time.monotonic()
+    since = len(cluster.requests)
+    # kopf lists every kind before it watches any: thousands of objects take a while.
+    proc = start_operator(cluster, workdir, {"PJ_MAX_CONCURRENT_JOBS": "0", "PJ_POLL_INTERVAL": "10"}, timeout=600)
+    watching = time.monotonic() - began
+    try:
+        settle_seconds = _settle(cluster, since, count, quiet=15.0, timeout=900.0)
+        mark = len(cluster.requests)
+        server_cpu = cluster.server_cpu_seconds()
+        operator_cpu = process_cpu_seconds(proc.pid)
+        time.sleep(window)
+        ops = cluster.operator_requests(mark)
+        by_verb = cluster.requests_by_verb(ops)
+        per_minute = {k: round(v * 60.0 / window, 1) for k, v in by_verb.items()}
+        steady = {
+            "window_seconds": window,
+            "requests_per_minute": round(sum(by_verb.values()) * 60.0 / window, 1),
+            "list_requests_per_minute": round(sum(v for k, v in by_verb.items() if k.startswith("list ")) * 60.0
+                                              / window, 1),
+            "requests_per_minute_by_verb_and_resource": per_minute,
+            "cpu_seconds_per_minute": {
+                "operator": round((process_cpu_seconds(proc.pid) - operator_cpu) * 60.0 / window, 2),
+                "fake_apiserver": round((cluster.server_cpu_seconds() - server_cpu) * 60.0 / window, 2)},
+            "operator_rss_mib": round(vm_rss_kib(proc.pid) / 1024, 1),
+            "operator_peak_rss_mib": round(vm_hwm_kib(proc.pid) / 1024, 1),
+        }
+        # A pod that can never start, among all the others.
+        stuck = ("team-000" if namespaces else "default", "stuck")
+        cluster.create(pj_manifest(stuck[1], stuck[0]))
+        wait_for(lambda: cluster.job(stuck[1], stuck[0]), timeout=300, what="the stuck job's Job")
+        cluster.start_pod(stuck[1], stuck[0])
+        cluster.pod_waiting(stuck[1], "CreateContainerConfigError", 'secret "s3-credz" not found', stuck[0])
+        stuck_at = time.monotonic()
+        wait_for(lambda: (cluster.pj(stuck[1], stuck[0]).get("status") or {}).get("phase") == "Failed",
+                 timeout=400, what="Failed")
+        failed_after = time.monotonic() - stuck_at
+        reason = next(c["reason"] for c in cluster.pj(stuck[1], stuck[0])["status"]["conditions"]
+                      if c["type"] == "Failed")
+        return {
+            "count": count, "namespaces": namespaces,
+            "seconds_to_populate": round(populated, 1), "seconds_to_watch": round(watching, 1),
+            "seconds_to_settle": settle_seconds,
+            "steady_state": steady,
+            "never_starting_pod": {"settings": {"poll_interval_seconds": 10, "start_failure_grace_seconds": 60},
+                                   "failed_reason": reason, "seconds_to_failed": round(failed_after, 1),
+                                   "job_deleted": cluster.job(stuck[1], stuck[0]) is None},
+            "operator_peak_rss_mib_at_end": round(vm_hwm_kib(proc.pid) / 1024, 1),
+            "violations": cluster.violations,
+        }
+    finally:
+        stop_operator(proc)
+
+
+def scale_report(result: dict) -> str:
+    runs = result["runs"]
+    labels = list(runs)
+    rows = ["| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+
+    def row(title: str, get) -> None:
+        rows.append(f"| {title} | " + " | ".join(str(get(runs[label])) for label in labels) + " |")
+
+    row("jobs / namespaces", lambda r: f"{r['count']} / {r['namespaces']}")
+    row("API requests per minute, steady state", lambda r: r["steady_state"]["requests_per_minute"])
+    row("of which LIST", lambda r: r["steady_state"]["list_requests_per_minute"])
+    row("operator CPU seconds per minute", lambda r: r["steady_state"]["cpu_seconds_per_minute"]["operator"])
+    row("operator RSS, MiB (peak)", lambda r: f"{r['steady_state']['operator_rss_mib']} "
+                                              f"({r['operator_peak_rss_mib_at_end']})")
+    row("s until a pod that can never start is Failed", lambda r: r["never_starting_pod"]["seconds_to_failed"])
+    detail = []
+    for label in labels:
+        by = runs[label]["steady_state"]["requests_per_minute_by_verb_and_resource"]
+        detail.append(f"- {label}: " + (", ".join(f"{k} {v}" for k, v in by.items()) or "none"))
+    return "\n".join([
+        "# The operator at steady state, at scale",
+        "",
+        "Solo jobs, all Running, spread evenly over the namespaces, on the strict fake API server; the "
+        "operator with its defaults (10 s pump, 60 s start-failure grace), no concurrency cap. Requests: the "
+        "operator's, over a window after start-up settled (kopf took up every resource, then no write for 15 s), per minute. The never-starting "
+        "pod: CreateContainerConfigError (a missing Secret) on one more job, seconds from the pod's waiting "
+        "state to the resource's Failed phase (the grace is 60 s of it).",
+        "",
+        *rows,
+        "",
+        "Requests per minute by verb and resource:",
+        "",
+        *detail,
+        "",
+        *[f"{label}: `{runs[label]['command']}` at commit {runs[label]['commit']}; machine "
+          f"{runs[label]['machine']['cpus']} shared CPUs, load average "
+          f"{runs[label]['machine']['load_average_at_start'][0]:.1f} at the start." for label in labels],
+        "",
+    ])
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = FakeCluster().start()
+        try:
+            run = scale(cluster, Path(tmp), args.count, args.namespaces, args.window)
+        finally:
+            cluster.stop()
+    # A run of an exported tree (git archive, no .git) names its commit in PJ_BENCH_COMMIT.
+    commit = os.environ.get("PJ_BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    run.update({
+        "command": f"python benchmarks/operator_load.py --scale {args.scale} --count {args.count} "
+                   f"--namespaces {args.namespaces} --window {args.window:g}",
+        "commit": commit or None,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+    })
+    result = json.loads(SCALE_RESULTS.read_text()) if SCALE_RESULTS.exists() else {}
+    result.update({"world": None,  # no tiny world: the operator alone
+                   "what": "the operator at steady state with many running jobs, against the strict fake API server"})
+    result.setdefault("runs", {})[args.scale] = run
+    SCALE_RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    SCALE_RESULTS.with_suffix(".md").write_text(scale_report(result))
+    print(scale_report(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
@@ -366,10 +569,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-start-failure", action="store_true", help="skip measurement 3 (about 70 s)")
     parser.add_argument("--placement", action="store_true",
                         help="only measurement 4: packed against solo placement (operator_packing.json)")
-    parser.add_argument("--namespaces", type=int, default=4, help="namespaces of the --placement jobs")
+    parser.add_argument("--namespaces", type=int, default=4, help="namespaces of the --placement and --scale jobs")
+    parser.add_argument("--scale", metavar="LABEL",
+                        help="only measurement 5: steady state with --count running jobs across --namespaces "
+                             "namespaces, stored under LABEL (e.g. before, after) in operator_scale.json")
+    parser.add_argument("--window", type=float, default=120.0,
+                        help="seconds of steady state over which --scale counts requests")
     args = parser.parse_args(argv)
     if args.placement:
         return main_placement(args)
+    if args.scale:
+        return main_scale(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -8,13 +8,13 @@ annotations under the API group (see `configure`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import kopf
 
 from personalize import spec as api
 
-from . import job_table, lifecycle, metrics, names, pack_handlers, reconcile, status  # noqa: F401 (pack_handlers: registers)
+from . import job_table, lifecycle, metrics, names, pack_handlers, reconcile, status, watched  # noqa: F401 (registers)
 from .pack_book import BOOK
 from .kube import Kube
 from .pump import Pump
@@ -41,6 +41,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.config = Settings.from_env()
     # Watch only our own Jobs: the API server filters, so other Jobs never reach the operator.
     settings.watching.label_selectors["batch", "jobs"] = f"{names.LABEL_MANAGED_BY}={OPERATOR_NAME}"
+    watched.configure(settings)  # and only trainer pods, and only Warning events
     # The server ends every watch stream after this long (an integer, as the API requires) and
     # kopf opens a new one; no request waits forever while a per-resource lock is held.
     settings.watching.server_timeout = int(memo.config.watch_timeout)
@@ -64,27 +65,30 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(*PJ)
 @kopf.on.resume(*PJ)
 @metrics.counting_errors("reconcile")
-def on_create_or_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_create_or_resume(body: kopf.Body, memo: kopf.Memo, pj_index: kopf.Index, **_: Any) -> None:
     status.remember(body)
-    reconcile.reconcile(memo.kube, dict(body), memo.config)
+    reconcile.reconcile(memo.kube, dict(body), memo.config, everyone=lambda: watched.pjs(pj_index, status.newer))
 
 
 @kopf.on.update(*PJ, field="spec")
 @metrics.counting_errors("spec_change")
-def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+def on_spec_change(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, pj_index: kopf.Index, **_: Any) -> None:
     status.remember(body)
     if (body.get("status") or {}).get("jobName"):
         changed = sorted({".".join(("spec",) + tuple(d[1])) for d in diff})
         reconcile.refuse_change(memo.kube, dict(body), changed)
     else:
-        reconcile.reconcile(memo.kube, dict(body), memo.config)
+        reconcile.reconcile(memo.kube, dict(body), memo.config,
+                            everyone=lambda: watched.pjs(pj_index, status.newer))
 
 
 @kopf.on.event(*PJ)
-def on_pj_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_pj_event(type: Optional[str], body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """Keep the jobs-by-phase gauge and the latest copy of the resource current (caches of the
-    watch; they decide nothing)."""
-    memo.pump.ensure_started()
+    watch; they decide nothing). Hands kopf's indexes to the queue pump."""
+    memo.pump.ensure_started(watched.Indexes.from_kwargs(kwargs))
+    if type is None:  # the watch listed again (at the start, or after its stream expired)
+        memo.pump.list_again()
     uid = body.get("metadata", {}).get("uid", "")
     if type == "DELETED":
         metrics.PHASES.forget(uid)
@@ -105,7 +109,9 @@ def _owner_uid(job: kopf.Body) -> str | None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: OPERATOR_NAME})
 @metrics.counting_errors("job_event")
-def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_job_event(type: Optional[str], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type is None:  # the watch listed again: Jobs deleted meanwhile are still in the index
+        memo.pump.list_again()
     owner = _owner_uid(body)
     pj_name = body.get("metadata", {}).get("labels", {}).get(names.LABEL_JOB)
     if owner is None or not pj_name:

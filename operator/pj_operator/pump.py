@@ -1,4 +1,4 @@
-"""The queue pump: every PJ_POLL_INTERVAL seconds, one listing decides what moves.
+"""The queue pump: every PJ_POLL_INTERVAL seconds, one look at the cluster decides what moves.
 
 - Admit waiting jobs while the concurrency cap has room (highest priority, then oldest first)
   and refresh every waiting job's queue position.
@@ -9,8 +9,14 @@
   a missing Secret, refused by a quota or webhook, or on a volume attached elsewhere never fails
   its Job by itself and would hold its slot and its node's GPU.
 
-It runs in a thread started by the first resource event and stopped by kopf's cleanup handler. It keeps
-no state between ticks: each tick recomputes everything from what the API server lists.
+The look is the watches' indexes (watched.py): a tick sends no request unless something must
+change. A full listing of every kind replaces them for one tick at the start, after a
+PersonalizationJob or Job watch had to list again (its stream expired), and every
+PJ_RESYNC_INTERVAL seconds: the safety net for an event no watch delivered.
+
+It runs in a thread started by the first resource event and stopped by kopf's cleanup handler.
+What it keeps between ticks is when to list next and which indexed objects that listing found
+gone; every decision is recomputed from the look of its tick.
 """
 
 from __future__ import annotations
@@ -18,23 +24,23 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 from typing import Optional
 
 from personalize import spec as api
 
-from . import capacity, lifecycle, metrics, names, pack_reconcile, reconcile
+from . import capacity, lifecycle, metrics, pack_reconcile, reconcile, watched
 from .kube import Kube
-from .settings import OPERATOR_NAME, Settings
+from .settings import Settings
 from .validation import validate_job
 
 logger = logging.getLogger(__name__)
 
 
-def tick(kube: Kube, settings: Settings) -> None:
-    pjs = reconcile.list_pjs(kube, settings)
+def tick(kube: Kube, settings: Settings, view: watched.View) -> None:
     if settings.max_concurrent_jobs > 0:
-        admit_waiting(kube, settings, pjs)
-    resync(kube, settings, pjs)
+        admit_waiting(kube, settings, view.pjs)
+    resync(kube, settings, view)
 
 
 def admit_waiting(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
@@ -83,23 +89,19 @@ def _admitted_unfinished(pj: dict) -> bool:
         and not pj["metadata"].get("deletionTimestamp")
 
 
-def resync(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
-    """Per namespace with unfinished jobs: one listing of our Jobs, one of trainer pods, and one
-    of Warning events while a job waits for its pod. A job's status is written only when what
-    the listings show differs from it."""
+def resync(kube: Kube, settings: Settings, view: watched.View) -> None:
+    """Every admitted, unfinished job against its Job, its pods and (while one waits) the Warning
+    events of its namespace. A job's status is written only when what they show differs from it."""
     limits = lifecycle.StartLimits(image_pull_grace=settings.image_pull_grace_seconds,
                                    start_failure_grace=settings.start_failure_grace_seconds,
                                    pending_deadline=settings.pending_deadline_seconds)
-    unfinished = [pj for pj in pjs if _admitted_unfinished(pj)]
-    for namespace in sorted({pj["metadata"]["namespace"] for pj in unfinished}):
-        here = [pj for pj in unfinished if pj["metadata"]["namespace"] == namespace]
-        jobs = {job["metadata"]["name"]: job for job in kube.list(
-            "batch/v1", "Job", namespace, {names.LABEL_MANAGED_BY: OPERATOR_NAME})}
-        pods = kube.list("v1", "Pod", namespace, {names.LABEL_APP: names.TRAINER_APP})
-        waiting = any((pj.get("status") or {}).get("phase") == api.Phase.pending.value for pj in here)
-        events = kube.list("v1", "Event", namespace, field_selector={"type": "Warning"}) if waiting else []
-        for pj in here:
-            _resync_one(kube, pj, jobs, pods, events, limits, settings)
+    unfinished = [pj for pj in view.pjs if _admitted_unfinished(pj)]
+    if not unfinished:
+        return
+    spaces = view.by_namespace()
+    for pj in sorted(unfinished, key=lambda pj: (pj["metadata"]["namespace"], pj["metadata"]["name"])):
+        jobs, pods, events = spaces.get(pj["metadata"]["namespace"], ({}, [], []))
+        _resync_one(kube, pj, jobs, pods, events, limits, settings)
 
 
 def _resync_one(kube: Kube, pj: dict, jobs: dict[str, dict], pods: list[dict], events: list[dict],
@@ -143,11 +145,16 @@ class Pump:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
+        self._indexes: Optional[watched.Indexes] = None
+        self._next_listing = 0.0  # time.monotonic() of the next full listing: at once
 
-    def ensure_started(self) -> None:
+    def ensure_started(self, indexes: Optional[watched.Indexes] = None) -> None:
         """Start once, from a resource handler: kopf.event needs the context variables of kopf's
-        event poster, which exist in resource handlers but not yet in startup handlers."""
+        event poster, which exist in resource handlers but not yet in startup handlers. The
+        handler hands over kopf's indexes (the same objects for the operator's whole run)."""
         with self._start_lock:
+            if self._indexes is None and indexes is not None:
+                self._indexes = indexes
             if self._thread is not None or self._stop.is_set():
                 return
             context = contextvars.copy_context()
@@ -155,16 +162,33 @@ class Pump:
                                             daemon=True)
             self._thread.start()
 
+    def list_again(self) -> None:
+        """A watch listed its kind again (its stream expired): the indexes may hold objects
+        deleted in the gap, so the next tick lists everything."""
+        self._next_listing = 0.0
+
     def stop(self) -> None:
         with self._start_lock:
             self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def look(self) -> watched.View:
+        """The indexes, or a full listing when one is due (or no index was handed over)."""
+        indexes = self._indexes
+        if indexes is not None and time.monotonic() < self._next_listing:
+            return indexes.view()
+        before = indexes.uids() if indexes is not None else set()
+        view = watched.listed(self.kube, self.settings)
+        if indexes is not None:
+            indexes.forget_missing(view, before)
+        self._next_listing = time.monotonic() + self.settings.resync_interval
+        return view
+
     def _run(self) -> None:
         while not self._stop.wait(self.settings.poll_interval):
             try:
-                tick(self.kube, self.settings)
+                tick(self.kube, self.settings, self.look())
             except Exception:  # keep pumping: the next tick recomputes everything anyway
                 metrics.RECONCILE_ERRORS.labels(handler="queue_pump").inc()
                 logger.exception("queue pump tick failed")

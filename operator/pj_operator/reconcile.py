@@ -10,7 +10,7 @@ Everything starts from the resource as the API server has it; nothing is remembe
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import kopf
 import yaml
@@ -200,7 +200,10 @@ def report_child_failure(kube: Kube, owner: dict, reason: str, message: str, war
         status.event(before, warning=warning, reason=reason, message=message)
 
 
-def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
+def reconcile(kube: Kube, body: dict, settings: Settings,
+              everyone: Optional[Callable[[], list[dict]]] = None) -> None:
+    """`everyone`: the PersonalizationJobs as the watches show them (the create and update
+    handlers pass kopf's index); without it, the capacity decision lists them."""
     st = body.get("status") or {}
     phase, reason = lifecycle.phase_reason(st)
     if phase in TERMINAL and reason != lifecycle.INVALID_SPEC:
@@ -231,7 +234,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings) -> None:
     if checked.job.spec.queue_name or cap <= 0:
         admit_any(kube, body, checked.job, settings)
         return
-    decision = decide(kube, body, settings)
+    decision = decide(kube, body, settings, everyone)
     if decision.admit:
         admit_any(kube, body, checked.job, settings)
     else:
@@ -261,9 +264,11 @@ def priorities(kube: Kube) -> tuple[dict[str, int], int]:
         return {}, 0
 
 
-def decide(kube: Kube, body: dict, settings: Settings) -> capacity.Decision:
+def decide(kube: Kube, body: dict, settings: Settings,
+           everyone: Optional[Callable[[], list[dict]]] = None) -> capacity.Decision:
     values, default = priorities(kube)
-    return capacity.decide(body, list_pjs(kube, settings), settings.max_concurrent_jobs, values, default)
+    pjs = everyone() if everyone is not None else list_pjs(kube, settings)
+    return capacity.decide(body, pjs, settings.max_concurrent_jobs, values, default)
 
 
 # ---- spec changes ------------------------------------------------------------------------------

@@ -99,8 +99,13 @@ class Settings:
     trainer_uid: int = 10001
     # Namespaces to serve; empty: the whole cluster.
     namespaces: tuple[str, ...] = ()
-    # How often queued jobs re-check capacity and pending jobs check their pod (seconds).
+    # How often queued jobs re-check capacity and pending jobs check their pod (seconds). A tick
+    # reads what the watches keep (watched.py) and sends no request unless something changes.
     poll_interval: float = 10.0
+    # Every this many seconds a tick lists every kind instead: the safety net for an event no
+    # watch delivered (an object deleted while a watch was away). One listing per kind (per served
+    # namespace), whatever the number of jobs or tenants.
+    resync_interval: float = 300.0
     # Back-off before kopf retries a reconcile that the API server refused (quota, webhook...).
     retry_delay: float = 30.0
     # Our API client retries 429/5xx answers and unanswered requests this many times, waiting
@@ -180,6 +185,7 @@ class Settings:
             trainer_uid=int(get("TRAINER_UID", d.trainer_uid)),
             namespaces=namespaces,
             poll_interval=float(get("POLL_INTERVAL", d.poll_interval)),
+            resync_interval=_seconds("RESYNC_INTERVAL", get("RESYNC_INTERVAL", str(d.resync_interval))),
             retry_delay=float(get("RETRY_DELAY", d.retry_delay)),
             api_retries=int(get("API_RETRIES", d.api_retries)),
             api_backoff=float(get("API_BACKOFF", d.api_backoff)),
@@ -232,4 +238,6 @@ class Settings:
             raise ValueError("PJ_PACKING_MAX_SLOTS must be between 1 and 64")
         if settings.poll_interval <= 0:
             raise ValueError("PJ_POLL_INTERVAL must be > 0")
+        if settings.resync_interval <= 0:
+            raise ValueError("PJ_RESYNC_INTERVAL must be > 0")
         return settings

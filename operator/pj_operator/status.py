@@ -65,6 +65,16 @@ def latest(namespace: str, name: str) -> Optional[dict]:
     return _cached(namespace, name)
 
 
+def newer(namespace: str, name: str, uid: Optional[str], resource_version: Optional[str]) -> Optional[dict]:
+    """The latest copy of the resource if it is another version of it than `resource_version`."""
+    with _locks_guard:
+        obj = _latest.get((namespace, name))
+        meta = (obj or {}).get("metadata") or {}
+        if obj is None or meta.get("uid") != uid or meta.get("resourceVersion") == resource_version:
+            return None
+        return copy.deepcopy(obj)
+
+
 def get_pj(kube: Kube, namespace: str, name: str) -> Optional[dict]:
     return kube.get(PJ_API_VERSION, api.KIND, namespace, name)
 

@@ -49,7 +49,8 @@ def run_operator(cluster, monkeypatch):
             # Objects created before kopf's watch is established would arrive in its initial
             # listing instead; wait so that tests see the steady-state path.
             def watches_started() -> bool:
-                return cluster.watching("personalizationjobs", since=before) and cluster.watching("jobs", since=before)
+                return all(cluster.watching(plural, since=before)
+                           for plural in ("personalizationjobs", "jobs", "pods", "events"))
 
             wait_for(watches_started, what="kopf's watch requests")
             yield runner

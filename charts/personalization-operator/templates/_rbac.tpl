@@ -35,13 +35,14 @@ namespace, in a Role per namespace when operator.watchNamespaces is set. */}}
   - apiGroups: ["rbac.authorization.k8s.io"]
     resources: ["rolebindings"]
     verbs: ["create", "get"]
-  # Trainer pods are listed to explain failures (image pull, OOM, a pod that cannot start).
+  # Trainer pods are watched (label app=trainer) and listed to explain failures (image pull,
+  # OOM, a pod that cannot start).
   - apiGroups: [""]
     resources: ["pods"]
-    verbs: ["get", "list"]
-  # Events on every transition; Warning events of Jobs and pods are read to tell why a pod
-  # does not start (FailedCreate, FailedAttachVolume, FailedScheduling).
+    verbs: ["get", "list", "watch"]
+  # Events on every transition; Warning events of Jobs and pods are watched (type=Warning) to
+  # tell why a pod does not start (FailedCreate, FailedAttachVolume, FailedScheduling).
   - apiGroups: [""]
     resources: ["events"]
-    verbs: ["create", "patch", "list"]
+    verbs: ["create", "patch", "list", "watch"]
 {{- end }}
