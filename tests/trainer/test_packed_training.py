@@ -190,6 +190,41 @@ def test_pack_command_line_refuses_a_missing_folder(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_pack_command_line_refuses_several_processes(tmp_path, capsys, monkeypatch):
+    from personalize.cli import main
+
+    (tmp_path / "jobs").mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun every rank would train every member
+    assert main(["pack", "--jobs", str(tmp_path / "jobs"), "--output", str(tmp_path / "out")]) == 2
+    assert "runs in one process" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_members_failing_step_callback_fails_it_alone(tiny_pipeline_dir, concept_dirs, tmp_path, monkeypatch):
+    """Its log line, metrics, trackers or samples raise (say a grid out of memory): it fails, the rest go on."""
+    from personalize.job_runner import JobRunner
+
+    on_step = JobRunner._on_step
+
+    def failing_for_c1(self, *args, **kwargs):
+        callback = on_step(self, *args, **kwargs)
+        if self.output.name != "c1":
+            return callback
+
+        def callback_that_fails(record):
+            if record.step == 2:
+                raise RuntimeError("the sample grid ran out of memory")
+            return callback(record)
+        return callback_that_fails
+
+    monkeypatch.setattr(JobRunner, "_on_step", failing_for_c1)
+    manifests = member_specs(tiny_pipeline_dir, concept_dirs, "textualInversion", 2)
+    record = run_pack(write_jobs(tmp_path / "jobs", manifests), tmp_path / "pack")
+    slots = {s["name"]: s for s in record["slots"]}
+    assert slots["c1"]["phase"] == "Failed" and "ran out of memory" in slots["c1"]["message"]
+    assert json.loads((tmp_path / "pack" / "c1" / "result.json").read_text())["earlyStop"]["reason"] == "Failed"
+    assert slots["c0"]["phase"] == "Succeeded" and slots["c0"]["steps"] >= 3
+
+
 class StopRequest:
     """What GracefulShutdown gives the checkpoints: a flag the test raises at a chosen step."""
 
@@ -203,6 +238,8 @@ def test_a_pack_stopped_mid_run_resumes_every_slot_where_it_would_have_stopped(t
 
     manifests = member_specs(tiny_pipeline_dir, concept_dirs, "textualInversion", 3)
     manifests["c0"]["spec"]["training"]["maxSteps"] = 3  # leaves before the interruption
+    # auto tokens: c2's avoids c0's, which is gone after the restart; c2 must keep the one it trains
+    manifests["c0"]["spec"]["concept"]["token"] = manifests["c2"]["spec"]["concept"]["token"] = "auto"
     straight = run_pack(write_jobs(tmp_path / "jobs-straight", manifests), tmp_path / "straight")
     jobs = write_jobs(tmp_path / "jobs", manifests)
     shutdown = StopRequest()
@@ -222,8 +259,8 @@ def test_a_pack_stopped_mid_run_resumes_every_slot_where_it_would_have_stopped(t
     resumed = run_pack(jobs, tmp_path / "pack")  # the same command again
     assert (tmp_path / "pack" / "c0" / "result.json").stat().st_mtime_ns == done_before  # not trained again
     for slot, alone in zip(resumed["slots"], straight["slots"]):
-        assert (slot["name"], slot["phase"], slot["steps"], slot["stopReason"]) == \
-               (alone["name"], alone["phase"], alone["steps"], alone["stopReason"])
+        assert (slot["name"], slot["phase"], slot["steps"], slot["stopReason"], slot["token"]) == \
+               (alone["name"], alone["phase"], alone["steps"], alone["stopReason"], alone["token"])
         assert max_relative_error(det_series(tmp_path / "pack" / slot["name"]),
                                   det_series(tmp_path / "straight" / slot["name"])) <= 1e-6
 

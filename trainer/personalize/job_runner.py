@@ -353,12 +353,13 @@ class JobRunner:
         return models, spec.training.resolution or default_resolution(pipe)
 
     def prepare_concept(self, models: Models, resolution: int, routing: Optional[BatchRouting] = None,
-                        taken: tuple[str, ...] = ()) -> "ConceptSetup":
+                        taken: tuple[str, ...] = (), chosen_token: Optional[str] = None) -> "ConceptSetup":
         """Everything before the first step: the identifier (new tokens in the shared tokenizer
         and text encoders), class images, the checkpoint to resume from, the concept's examples
         and the grid before training. `routing`: the pack's, whose other concepts' weights the
         class images and the first grid must not see, and `taken` their identifiers (an auto
-        token avoids them)."""
+        token avoids them). `chosen_token`: the token an earlier attempt chose for `token: auto`
+        (a restarted pack: other members, whose tokens the choice avoided, may be gone)."""
         spec, output, accelerator = self.spec, self.output, self.accelerator
         device = accelerator.device
         base_only = routing.uniform(BASE) if routing is not None else contextlib.nullcontext()
@@ -369,7 +370,7 @@ class JobRunner:
         self.identifier = identifier = setup_identifier(
             models.tokenizer,
             models.text_encoder,
-            concept.token,
+            chosen_token if concept.token == "auto" and chosen_token else concept.token,
             learns_embedding=learns_embedding(spec),
             num_identifier_tokens=concept.num_identifier_tokens,
             num_vectors=spec.textual_inversion.num_vectors,

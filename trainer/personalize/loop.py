@@ -44,7 +44,7 @@ from personalize.resume import StageCheckpoints
 from personalize.routing import DENOISER, TEXT, BatchRouting
 from personalize.shutdown import TrainingInterrupted
 from personalize.slot import Rows, Slot, StepCallback, StepRecord, TrainingDiverged, process_seed
-from personalize.spec import PersonalizationJobSpec
+from personalize.spec import PersonalizationJobSpec, StopReason
 from personalize.stage_outcome import StageOutcome
 
 __all__ = ["Pack", "StepRecord", "StepCallback", "TrainingDiverged", "process_seed", "train", "train_stage"]
@@ -86,6 +86,7 @@ class Pack:
         the frozen ones in the half dtype; peft re-marks adapters on every injection, so every
         slot's parameters are marked trainable again."""
         self.slots.append(slot)
+        self._modes.clear()  # its adapters or processors joined the module trees
         self.refresh_trainable()
         for s in self.slots:
             s.method.attach()  # another slot's new token may have replaced an embedding table
@@ -112,8 +113,13 @@ class Pack:
             module.train()
 
     def leave(self, slot: Slot) -> None:
+        """A slot stops training: nothing of it stays referenced by the pack (a long-running pack
+        sees many slots come and go), and the module trees are listed again on their next switch."""
         if slot in self.slots:
             self.slots.remove(slot)
+        optimizers = self.accelerator._optimizers  # accelerate keeps every prepared optimizer
+        optimizers[:] = [o for o in optimizers if o is not slot.optimizer]
+        self._modes.clear()
 
     def refresh_trainable(self) -> None:
         """After a slot's weights were removed: peft re-marks the remaining adapters, so every
@@ -271,8 +277,14 @@ def train(pack: Pack, between_steps: Optional[Callable[[Pack, list[Slot]], None]
             if accelerator.num_processes > 1:
                 slot.reason = broadcast_object_list([slot.reason])[0]  # every process stops together
             slot.tracking_seconds += eval_seconds or 0.0
-            slot.on_step(StepRecord(slot.step, slot.train_loss, det, conv, time.monotonic() - step_started,
-                                    eval_seconds, timestep_losses, slot.stats))
+            try:  # its log line, metrics, trackers and samples: a failure there is this slot's alone
+                slot.on_step(StepRecord(slot.step, slot.train_loss, det, conv, time.monotonic() - step_started,
+                                        eval_seconds, timestep_losses, slot.stats))
+            except TrainingInterrupted:
+                raise
+            except Exception as err:  # noqa: BLE001 (re-raised by a solo run, reported by a pack)
+                slot.failure, slot.reason = err, StopReason.failed
+                continue
             try:
                 slot.after_step()  # checkpoint when due
             except TrainingInterrupted as stop:  # SIGTERM: every slot saves first

@@ -25,16 +25,17 @@ class MemberRecord:
     """One member's line in pack.json."""
 
     name: str
-    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Cancelled
+    phase: str = "Pending"  # Pending | Running | Succeeded | UploadFailed | Failed | Cancelled
     joined_at: Optional[int] = None  # pack step after which it joined
     left_at: Optional[int] = None
     steps: int = 0
     stop_reason: Optional[str] = None
     message: Optional[str] = None
+    token: Optional[str] = None  # the identifier it trains: a restart gives `token: auto` the same one
 
     def to_json(self) -> dict:
         return {"name": self.name, "phase": self.phase, "joinedAt": self.joined_at, "leftAt": self.left_at,
-                "steps": self.steps, "stopReason": self.stop_reason, "message": self.message}
+                "steps": self.steps, "stopReason": self.stop_reason, "message": self.message, "token": self.token}
 
 
 @dataclass
@@ -59,7 +60,9 @@ class PackRecord:
         data = json.loads(path.read_text())
         members = {}
         for m in data.get("slots", []):
-            members[m["name"]] = MemberRecord(m["name"], m.get("phase", "Pending"), m.get("joinedAt"), m.get("leftAt"),
-                                              m.get("steps", 0), m.get("stopReason"), m.get("message"))
+            # an upload that failed is retried by the next attempt: the member is read again
+            phase = "Pending" if m.get("phase") == "UploadFailed" else m.get("phase", "Pending")
+            members[m["name"]] = MemberRecord(m["name"], phase, m.get("joinedAt"), m.get("leftAt"),
+                                              m.get("steps", 0), m.get("stopReason"), m.get("message"), m.get("token"))
         return cls(members, data.get("step", 0), data.get("conceptSteps", 0), data.get("wallSeconds", 0.0),
                    data.get("trainingSeconds", 0.0))

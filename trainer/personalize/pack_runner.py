@@ -61,6 +61,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = Path(args.jobs)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: every rank would train every member
+        print("error: personalize-train pack runs in one process (WORLD_SIZE is "
+              f"{os.environ['WORLD_SIZE']}); data-parallel jobs run solo with --config", file=sys.stderr)
+        return 2
     try:
         read_manifests(folder)
     except OSError as err:

@@ -145,7 +145,7 @@ class PackRunner:
                     self.record.training_seconds += time.monotonic() - started - self._between
                     idle_since = time.monotonic()
                     continue
-                if time.monotonic() - idle_since >= self.idle_exit:
+                if time.monotonic() - idle_since >= self.idle_exit or self._stopping():
                     break
                 time.sleep(POLL_SECONDS)
         except TrainingInterrupted as stop:  # every slot saved a checkpoint: say so in each member's files
@@ -159,7 +159,12 @@ class PackRunner:
             raise
         finally:
             self.write_record()
-        return 0
+        # an owed upload: the pod's next attempt retries it (as a solo run's does)
+        return 1 if any(m.phase == "UploadFailed" for m in self.record.members.values()) else 0
+
+    def _stopping(self) -> bool:
+        """SIGTERM came: no new member joins (its setup would spend the grace period)."""
+        return self.shutdown is not None and self.shutdown.requested
 
     def between_steps(self, pack: Pack, left: list[Slot]) -> None:
         """After each pack step: count it, write what left, read DIR (cancel, join)."""
@@ -212,7 +217,7 @@ class PackRunner:
         for name in [n for n in self.active if n not in jobs]:
             self.cancel(self.active[name])
         for name, (path, job, error) in jobs.items():
-            if name in self.active or self._ended(name):
+            if name in self.active or self._ended(name) or self._stopping():
                 continue
             if len(self.active) >= self.max_slots:
                 break
@@ -242,7 +247,7 @@ class PackRunner:
 
     def _ended(self, name: str) -> bool:
         record = self.record.members.get(name)
-        return record is not None and record.phase in ("Succeeded", "Failed", "Cancelled")
+        return record is not None and record.phase in ("Succeeded", "UploadFailed", "Failed", "Cancelled")
 
     def join(self, name: str, job: PersonalizationJob) -> None:
         record = self.record.members.setdefault(name, MemberRecord(name))
@@ -260,27 +265,40 @@ class PackRunner:
         output = self.output / name
         try:
             output = preflight(job, output)
-            if _finished(output):  # left before a restart: not trained again
-                record.phase = record.phase if record.phase != "Running" else "Succeeded"
+            if _finished(output):  # left before a restart: not trained again (an owed upload is retried)
+                record.phase = self._retry_upload(name, job, output)
                 return
             if self.pack is None:
                 self._start(job)
             runner = self._runner(name, job, output)
-            taken = tuple(m.slot.identifier.token for m in self.active.values())
-            setup = runner.prepare_concept(self.models, self.resolution, self.pack.routing, taken)
+            # an auto token avoids the tokens other members add (LoRA's rows are routed: no need)
+            taken = tuple(m.slot.identifier.token for m in self.active.values()) \
+                if METHODS[job.spec.method.value].learns_embedding else ()
+            # a restart: an auto token is the one its checkpoint trained (record.token), whatever left since
+            setup = runner.prepare_concept(self.models, self.resolution, self.pack.routing, taken, record.token)
         except (TrainerInputError, SpecError, StatusReportError) as err:
             self._fail_unjoined(name, str(err))
             return
+        record.token = setup.identifier.token
         stage = runner.stages[0]
         printer = runner.printer(stage)
         self.routes += 1
-        slot = Slot(name, stage, job.spec, self.models, setup.identifier, setup.examples, setup.class_examples,
-                    self.accelerator, self.pack.routing, runner._on_step(stage, 0, printer, self.models, self.resolution),
-                    route=f"slot{self.routes}")
-        self.pack.add(slot)
-        runner.sampling_scope = lambda: self.pack.routing.uniform(slot.route)  # its grids show its own weights
-        slot.restore(setup.checkpoints.for_stage(0, stage.name))
-        slot.snapshots = Snapshots.for_stage(job.spec, runner.output, 0, True)  # output.snapshotEvery
+        slot = None
+        try:  # this member's own setup: its failure (e.g. a checkpoint of other images) is its alone
+            slot = Slot(name, stage, job.spec, self.models, setup.identifier, setup.examples, setup.class_examples,
+                        self.accelerator, self.pack.routing, runner._on_step(stage, 0, printer, self.models, self.resolution),
+                        route=f"slot{self.routes}")
+            self.pack.add(slot)
+            runner.sampling_scope = lambda: self.pack.routing.uniform(slot.route)  # its grids show its own weights
+            slot.restore(setup.checkpoints.for_stage(0, stage.name))
+            slot.snapshots = Snapshots.for_stage(job.spec, runner.output, 0, True)  # output.snapshotEvery
+        except Exception as err:  # noqa: BLE001
+            if slot is not None:
+                self.pack.leave(slot)
+                self._release(slot)
+            runner.trackers.finish()
+            self._fail_unjoined(name, f"{type(err).__name__}: {err}")
+            return
         self.active[name] = Member(name, runner, setup, slot, printer)
         record.phase = "Running"
         if record.joined_at is None:
@@ -329,9 +347,12 @@ class PackRunner:
             runner.stage_done(slot.stage, outcome, slot.method, member.printer)
             half = self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else contextlib.nullcontext()
             with half:
-                runner.finish_concept(self.models, self.resolution, outcome.stop_step, member.setup,
-                                      self.pack.routing, slot.route)
-            record.phase, record.stop_reason = "Succeeded", outcome.reason.value
+                code = runner.finish_concept(self.models, self.resolution, outcome.stop_step, member.setup,
+                                             self.pack.routing, slot.route)
+            record.stop_reason = outcome.reason.value
+            # 1: trained and saved, but the upload failed (result.json says so; the next attempt retries)
+            record.phase = "UploadFailed" if code == 1 else "Succeeded"
+            record.message = runner.report.message if code == 1 else None
         except Exception as err:  # this member alone fails; the pack goes on
             self._fail_member(member, f"{type(err).__name__}: {err}", record)
         finally:
@@ -353,6 +374,17 @@ class PackRunner:
         runner._write_final_report()
         self._release(slot)
         log.info("pack: %s cancelled at its step %d", member.name, slot.step)
+
+    def _retry_upload(self, name: str, job: PersonalizationJob, output: Path) -> str:
+        """A member that finished in an earlier attempt: upload what it still owes; its phase."""
+        if not job.spec.output.uri:
+            return "Succeeded"
+        from personalize.storage.publish import retry_pending_upload  # noqa: PLC0415 (boto3 only with a store)
+
+        namespace = (job.metadata.namespace if job.metadata is not None else None) or self.pod_namespace
+        environ = {**os.environ, "PJ_NAMESPACE": namespace, "PJ_NAME": name} if self.pod_namespace else {}
+        code = retry_pending_upload(job, output, write_json, environ=environ, termination_message=False)
+        return "UploadFailed" if code == 1 else "Succeeded"
 
     def _release(self, slot: Slot) -> None:
         slot.method.release()

@@ -50,11 +50,13 @@ def finish_upload(upload: OutputUpload, report: TrainerReport, write_result: Cal
     return True
 
 
-def retry_pending_upload(job: PersonalizationJob, output: Path,
-                         write_json: Callable[[dict, Path], None]) -> Optional[int]:
+def retry_pending_upload(job: PersonalizationJob, output: Path, write_json: Callable[[dict, Path], None],
+                         environ: Optional[dict[str, str]] = None, termination_message: bool = True) -> Optional[int]:
     """Exit code of an upload-only attempt, or None when no upload is owed (then train as usual).
 
-    `write_json(data, path)` writes result.json the way the trainer always does (atomically)."""
+    `write_json(data, path)` writes result.json the way the trainer always does (atomically).
+    `environ`: where the status reporter finds the job's resource (default: the process's);
+    `termination_message`: whether the report is also the pod's (not for one member of a pack)."""
     upload = OutputUpload.for_job(job.spec, output)
     if upload is None or not upload.pending():
         return None
@@ -68,7 +70,7 @@ def retry_pending_upload(job: PersonalizationJob, output: Path,
     from personalize.termination import write_termination_message
 
     try:
-        reporter = StatusReporter.from_env()
+        reporter = StatusReporter.from_env(environ)
     except StatusReportError as err:
         raise TrainerInputError(str(err)) from None
     sync = CheckpointSync.for_job(job.spec)
@@ -78,7 +80,8 @@ def retry_pending_upload(job: PersonalizationJob, output: Path,
         write_json(whole.to_api(), output / RESULT_FILE)
 
     ok = finish_upload(upload, report, write_result, after_success=sync.remove if sync is not None else None)
-    write_termination_message(report)
+    if termination_message:
+        write_termination_message(report)
     if reporter is not None:
         try:
             reporter.report(report, final=True)
