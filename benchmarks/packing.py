@@ -60,9 +60,11 @@ def solo_training_seconds(root: Path, manifests: list[dict]) -> float:
 
 
 def model_scaling(sizes: list[int], batch: int, repeats: int = 5) -> dict[int, float]:
-    """The frozen tiny-world models' own batch scaling, the most a pack of N can gain on this
-    machine: N x seconds(batch) / seconds(N x batch) for one text-encoder and UNet forward and
-    backward to their inputs (what every packed method runs; the trained weights add little).
+    """The frozen tiny-world models' own batch scaling, what a pack of N gains on the model compute
+    alone on this machine: N x seconds(batch) / seconds(N x batch) for one text-encoder and UNet
+    forward and backward to their inputs (what every packed method runs). A pack also shares the
+    per-step work around the models (drawing data, launching the optimizers' kernels, logging), so
+    it may gain more than this.
     Sizes are interleaved over `repeats` rounds and the fastest round of each is kept."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -145,8 +147,8 @@ def main(argv: list[str]) -> int:
         write_concept_images(concept_by_name(name), 8, folder, seed=i)
         images.append(folder)
     rows = []
-    # the most a pack can gain here: the frozen models' own batch scaling (tiny world only: the
-    # full-size architectures are measured by the packs themselves)
+    # what a pack gains on the model compute alone: the frozen models' own batch scaling (tiny world
+    # only: the full-size architectures are measured by the packs themselves)
     ceiling = model_scaling(sizes, training["batchSize"]) if args.model == "tiny-world" else {}
     # one short run first: imports, allocator and kernel caches warm up outside the measurements
     solo([manifest("warm-up", images[0], args.methods.split(",")[0], 2, 0, base, training)], scratch / "warm-up")
@@ -196,7 +198,8 @@ def main(argv: list[str]) -> int:
              "(the convergence plot alone takes about a second per concept here).", "",
              "`model's own scaling`: N x the seconds of one text-encoder and UNet forward and backward at the "
              "concept's batch over the seconds at N times that batch, frozen tiny-world models alone, best of 5 "
-             "interleaved rounds: the most a pack of N can gain on this machine.", "",
+             "interleaved rounds: what a pack of N gains on the model compute alone (a pack also shares the "
+             "per-step work around the models, so it may gain more).", "",
              f"| method | slots | solo concept-steps/s | pack concept-steps/s | pack / solo | pack / solo, steps only | "
              f"model's own scaling | {memory}: solo | pack |",
              "|---|---|---|---|---|---|---|---|---|"]
