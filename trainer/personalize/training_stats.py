@@ -61,7 +61,8 @@ class UpdateStatistics:
         """What a resumed run needs to go on with the same numbers: the last update of each
         parameter (by its position in `parameters`) and the signal-to-noise window."""
         index = {id(p): i for i, p in enumerate(self.parameters)}
-        return {"snr": list(self._snr), "previous": {str(index[k]): t for k, t in self._previous.items()}}
+        # clones: the updates are views of one flat tensor per group, which a checkpoint cannot share
+        return {"snr": list(self._snr), "previous": {str(index[k]): t.clone() for k, t in self._previous.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self._snr.clear()
@@ -79,7 +80,7 @@ class UpdateStatistics:
         """Right after backward, before clipping. `grad_scale`: the loss scale the gradients
         still carry (fp16's GradScaler before unscaling), divided out of the norm."""
         grads = [self._part(p, p.grad) for p in self.parameters if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self._observed = {
             "grad_norm": norm / grad_scale if norm is not None else None,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -95,28 +96,40 @@ class UpdateStatistics:
     @torch.no_grad()
     def after_step(self) -> dict[str, float]:
         """Right after optimizer.step() (before zero_grad and the lr schedule's step): this step's
-        statistics, keyed by STAT_NAMES; NaN where undefined (the cosine at the first step)."""
+        statistics, keyed by STAT_NAMES; NaN where undefined (the cosine at the first step).
+
+        Parameters that share an optimizer group, a step count and whether this step moved them
+        are measured together, flattened into one vector: a LoRA's dozens of small tensors cost a
+        few elementwise passes, not a few per tensor."""
         if self._observed is None:
             raise RuntimeError("after_step() without observe_gradients() before the optimizer step")
         observed, self._observed = self._observed, None
+        buckets: dict[tuple[int, int, bool], list[torch.nn.Parameter]] = {}
+        for p in self.parameters:
+            t = self._step_count(p)
+            # AdamW moves only parameters that had a gradient, and none on a skipped step
+            moved = id(p) in observed["steps"] and t != observed["steps"][id(p)]
+            buckets.setdefault((id(self.groups[id(p)]), t, moved), []).append(p)
         sums = None  # |dw|^2, |w|^2, dw.dw', |dw'|^2, snr sum, snr count (on the device: one sync)
         stepped = False
-        for p in self.parameters:
-            key, w = id(p), self._part(p, p.detach())
-            # AdamW moves only parameters that had a gradient, and none on a skipped step
-            moved = key in observed["steps"] and self._step_count(p) != observed["steps"][key]
+        for (_, t, moved), params in buckets.items():
+            group = self.groups[id(params[0])]
+            w = self._flat(params, lambda p: p.detach())
             zero = w.new_zeros(())
-            update, previous = None, self._previous.get(key)
-            before, snr = w, w.new_zeros(0)
-            if self._step_count(p) > 0:
-                m_hat, v_hat = self._moments(p)
+            update, before, snr = None, w, w.new_zeros(0)
+            if t > 0:
+                beta1, beta2 = group["betas"]
+                m_hat = self._flat(params, lambda p: self.optimizer.state[p]["exp_avg"]) / (1 - beta1**t)
+                v_hat = self._flat(params, lambda p: self.optimizer.state[p]["exp_avg_sq"]) / (1 - beta2**t)
                 positive = v_hat > 0  # elements that never had a gradient have no ratio
                 snr = m_hat[positive].square() / v_hat[positive]
-                if moved:
-                    lr, group = observed["lrs"][key], self.groups[key]
+                if moved:  # AdamW's step solved for the weights before it
+                    lr = observed["lrs"][id(params[0])]
                     before = (w + lr * m_hat / (v_hat.sqrt() + group["eps"])) / (1 - lr * group["weight_decay"])
                     update = w - before
             stepped |= moved
+            had_previous = any(id(p) in self._previous for p in params)
+            previous = self._flat(params, lambda p: None) if had_previous else None
             part = torch.stack([
                 update.square().sum() if update is not None else zero,
                 before.square().sum(),
@@ -126,10 +139,12 @@ class UpdateStatistics:
                 w.new_tensor(float(snr.numel())),
             ]).double()
             sums = part if sums is None else sums + part.to(sums.device)
-            if update is not None:
-                self._previous[key] = update
-            else:
-                self._previous.pop(key, None)  # not moved by this step: nothing to compare the next with
+            sizes = [self._part(p, p.detach()).numel() for p in params] if update is not None else []
+            for p, piece in zip(params, update.split(sizes) if update is not None else [None] * len(params)):
+                if piece is not None:
+                    self._previous[id(p)] = piece
+                else:
+                    self._previous.pop(id(p), None)  # not moved by this step: nothing to compare the next with
         dw2, w2, dot, prev2, snr_sum, snr_count = sums.tolist() if sums is not None else [0.0] * 6
         if snr_count:
             self._snr.append(snr_sum / snr_count)
@@ -142,6 +157,20 @@ class UpdateStatistics:
             "update_cosine": dot / math.sqrt(dw2 * prev2) if dw2 > 0 and prev2 > 0 else nan,
             "adam_snr": sum(self._snr) / len(self._snr) if self._snr else nan,
         }
+
+    def _flat(self, params: list[torch.nn.Parameter], tensor_of) -> torch.Tensor:
+        """What trains of each parameter's `tensor_of(p)`, flattened and concatenated (fp32); with
+        `tensor_of` returning None: the previous update of each (zeros where it has none)."""
+        parts = []
+        for p in params:
+            t = tensor_of(p)
+            if t is None:
+                previous = self._previous.get(id(p))
+                parts.append(previous.reshape(-1).float() if previous is not None
+                             else self._part(p, p.detach()).new_zeros(self._part(p, p.detach()).numel()))
+            else:
+                parts.append(self._part(p, t).reshape(-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """AdamW's bias-corrected moments m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) on
