@@ -114,13 +114,16 @@ class UpdateStatistics:
         stepped = False
         for (_, t, moved), params in buckets.items():
             group = self.groups[id(params[0])]
-            w = self._flat(params, lambda p: p.detach())
+            weights = [self._part(p, p.detach()).reshape(-1) for p in params]
+            sizes = [len(part) for part in weights]
+            w = torch.cat(weights)
             zero = w.new_zeros(())
             update, before, snr = None, w, w.new_zeros(0)
             if t > 0:
+                # AdamW's bias-corrected moments; its step is w_t = w_{t-1} (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
                 beta1, beta2 = group["betas"]
-                m_hat = self._flat(params, lambda p: self.optimizer.state[p]["exp_avg"]) / (1 - beta1**t)
-                v_hat = self._flat(params, lambda p: self.optimizer.state[p]["exp_avg_sq"]) / (1 - beta2**t)
+                m_hat = self._state(params, "exp_avg") / (1 - beta1**t)
+                v_hat = self._state(params, "exp_avg_sq") / (1 - beta2**t)
                 positive = v_hat > 0  # elements that never had a gradient have no ratio
                 snr = m_hat[positive].square() / v_hat[positive]
                 if moved:  # AdamW's step solved for the weights before it
@@ -128,8 +131,10 @@ class UpdateStatistics:
                     before = (w + lr * m_hat / (v_hat.sqrt() + group["eps"])) / (1 - lr * group["weight_decay"])
                     update = w - before
             stepped |= moved
-            had_previous = any(id(p) in self._previous for p in params)
-            previous = self._flat(params, lambda p: None) if had_previous else None
+            previous = None  # the last update of each, zeros where a parameter has none
+            if any(id(p) in self._previous for p in params):
+                previous = torch.cat([self._previous[id(p)].reshape(-1).float() if id(p) in self._previous
+                                      else w.new_zeros(n) for p, n in zip(params, sizes)])
             part = torch.stack([
                 update.square().sum() if update is not None else zero,
                 before.square().sum(),
@@ -139,7 +144,6 @@ class UpdateStatistics:
                 w.new_tensor(float(snr.numel())),
             ]).double()
             sums = part if sums is None else sums + part.to(sums.device)
-            sizes = [self._part(p, p.detach()).numel() for p in params] if update is not None else []
             for p, piece in zip(params, update.split(sizes) if update is not None else [None] * len(params)):
                 if piece is not None:
                     self._previous[id(p)] = piece
@@ -158,26 +162,6 @@ class UpdateStatistics:
             "adam_snr": sum(self._snr) / len(self._snr) if self._snr else nan,
         }
 
-    def _flat(self, params: list[torch.nn.Parameter], tensor_of) -> torch.Tensor:
-        """What trains of each parameter's `tensor_of(p)`, flattened and concatenated (fp32); with
-        `tensor_of` returning None: the previous update of each (zeros where it has none)."""
-        parts = []
-        for p in params:
-            t = tensor_of(p)
-            if t is None:
-                previous = self._previous.get(id(p))
-                parts.append(previous.reshape(-1).float() if previous is not None
-                             else self._part(p, p.detach()).new_zeros(self._part(p, p.detach()).numel()))
-            else:
-                parts.append(self._part(p, t).reshape(-1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """AdamW's bias-corrected moments m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) on
-        what trains of p. AdamW's step is w_t = w_{t-1} (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps),
-        which `after_step` solves for w_{t-1}."""
-        group, state = self.groups[id(p)], self.optimizer.state[p]
-        beta1, beta2 = group["betas"]
-        t = self._step_count(p)
-        return (self._part(p, state["exp_avg"]) / (1 - beta1**t),
-                self._part(p, state["exp_avg_sq"]) / (1 - beta2**t))
+    def _state(self, params: list[torch.nn.Parameter], key: str) -> torch.Tensor:
+        """AdamW's state `key` of each parameter, on what trains of it, flattened and concatenated."""
+        return torch.cat([self._part(p, self.optimizer.state[p][key]).reshape(-1) for p in params])
