@@ -324,10 +324,10 @@ class PackRunner:
         runner = JobRunner(job, output, shutdown=self.shutdown)
         runner.accelerator = self.accelerator
         runner.termination_message = False  # one pod, many members: each reports through its status
-        namespace = (job.metadata.namespace if job.metadata is not None else None) or self.pod_namespace
+        namespace = self._namespace(job)
         runner.reporter = None
         if self.pod_namespace:  # in a cluster: this member's own resource
-            runner.reporter = StatusReporter.from_env({**os.environ, "PJ_NAMESPACE": namespace, "PJ_NAME": name})
+            runner.reporter = StatusReporter.from_env(member_environ(namespace, name))
         runner.metrics = TrainerMetrics(namespace, name, job.spec.method.value, job.spec.early_stopping.criterion.value)
         runner.trackers = Trackers.from_spec(job.spec, output, name)
         self.metrics.registries.append(runner.metrics.registry)
@@ -381,10 +381,13 @@ class PackRunner:
             return "Succeeded"
         from personalize.storage.publish import retry_pending_upload  # noqa: PLC0415 (boto3 only with a store)
 
-        namespace = (job.metadata.namespace if job.metadata is not None else None) or self.pod_namespace
-        environ = {**os.environ, "PJ_NAMESPACE": namespace, "PJ_NAME": name} if self.pod_namespace else {}
+        environ = member_environ(self._namespace(job), name) if self.pod_namespace else {}
         code = retry_pending_upload(job, output, write_json, environ=environ, termination_message=False)
         return "UploadFailed" if code == 1 else "Succeeded"
+
+    def _namespace(self, job: PersonalizationJob) -> Optional[str]:
+        """The member's namespace: its manifest's, else the pod's."""
+        return (job.metadata.namespace if job.metadata is not None else None) or self.pod_namespace
 
     def _release(self, slot: Slot) -> None:
         slot.method.release()
@@ -411,12 +414,17 @@ class PackRunner:
         if self.pod_namespace:  # in a cluster: the member's own status says so now, not when the pack ends
             report = TrainerReport(message=message, early_stop=EarlyStop(stopped=False, reason=StopReason.failed))
             try:
-                reporter = StatusReporter.from_env({**os.environ, "PJ_NAMESPACE": self.pod_namespace, "PJ_NAME": name})
+                reporter = StatusReporter.from_env(member_environ(self.pod_namespace, name))
                 if reporter is not None:
                     reporter.report(report, final=True)
                     reporter.close()
             except StatusReportError as err:
                 log.error("pack: %s: the status could not say so: %s", name, err)
+
+
+def member_environ(namespace: Optional[str], name: str) -> dict[str, str]:
+    """The environment a member's status reporter reads (StatusReporter.from_env): its own resource."""
+    return {**os.environ, "PJ_NAMESPACE": namespace or "", "PJ_NAME": name}
 
 
 def _finished(output: Path) -> bool:
