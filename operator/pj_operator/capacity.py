@@ -47,13 +47,13 @@ def _uses_kueue(pj: dict) -> bool:
     return bool((pj.get("spec") or {}).get("queueName") or labels.get(KUEUE_QUEUE_LABEL))
 
 
-def _priority_class(pj: dict) -> Optional[str]:
+def priority_class(pj: dict) -> Optional[str]:
     return ((pj.get("spec") or {}).get("resources") or {}).get("priorityClassName")
 
 
 def queue_key(pj: dict, priorities: dict[str, int], default_priority: int) -> tuple:
     """Higher priority first, then older first; names break ties so every caller agrees."""
-    pc = _priority_class(pj)
+    pc = priority_class(pj)
     priority = priorities.get(pc, default_priority) if pc else default_priority
     meta = pj.get("metadata", {})
     return (-priority, meta.get("creationTimestamp", ""), meta.get("namespace", ""), meta.get("name", ""))

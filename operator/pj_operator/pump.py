@@ -47,7 +47,7 @@ def admit_waiting(kube: Kube, settings: Settings, pjs: list[dict]) -> None:
     waiting = [pj for pj in pjs if capacity.is_waiting(pj)]
     if not waiting:
         return
-    values, default = reconcile.priorities(kube)
+    values, default = reconcile.priorities(kube, waiting)
     waiting.sort(key=lambda pj: capacity.queue_key(pj, values, default))
     free = max(settings.max_concurrent_jobs - capacity.slots_held(pjs), 0)
     queued = []

@@ -256,7 +256,11 @@ def list_pjs(kube: Kube, settings: Settings) -> list[dict]:
     return [pj for ns in settings.namespaces for pj in kube.list(PJ_API_VERSION, api.KIND, ns)]
 
 
-def priorities(kube: Kube) -> tuple[dict[str, int], int]:
+def priorities(kube: Kube, waiting: list[dict]) -> tuple[dict[str, int], int]:
+    """The PriorityClass values that order `waiting`. Listed only when one of them names a class:
+    otherwise every one has the global default's value, and age alone orders them."""
+    if not any(capacity.priority_class(pj) for pj in waiting):
+        return {}, 0
     try:
         return capacity.priority_values(kube.list("scheduling.k8s.io/v1", "PriorityClass"))
     except ApiError as err:
@@ -266,8 +270,8 @@ def priorities(kube: Kube) -> tuple[dict[str, int], int]:
 
 def decide(kube: Kube, body: dict, settings: Settings,
            everyone: Optional[Callable[[], list[dict]]] = None) -> capacity.Decision:
-    values, default = priorities(kube)
     pjs = everyone() if everyone is not None else list_pjs(kube, settings)
+    values, default = priorities(kube, [body, *(pj for pj in pjs if capacity.is_waiting(pj))])
     return capacity.decide(body, pjs, settings.max_concurrent_jobs, values, default)
 
 

@@ -2,6 +2,8 @@
 
 At steady state a tick sends no LIST of PersonalizationJobs, Jobs, pods or events, whatever the
 number of jobs and namespaces; a full listing is the safety net for what no watch delivered.
+PriorityClasses are listed only while a waiting job names one: without a named class every
+waiting job has the same (global default) priority, and the queue is ordered by age alone.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import time
 
 from fake_cluster import condition, pj_manifest, status_of, wait_for
 
-PUMP_KINDS = ("personalizationjobs", "jobs", "pods", "events")
+PUMP_KINDS = ("personalizationjobs", "jobs", "pods", "events", "priorityclasses")
 
 
 def pump_listings(cluster, since: int) -> list[str]:
