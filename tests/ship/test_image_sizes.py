@@ -64,3 +64,15 @@ parts_of trainer img torch=torch "torch test,include=torch/test,torch/include" m
     assert 8 <= parts["trainer", "torch"] <= 9
     assert 3 <= parts["trainer", "torch test,include"] <= 4
     assert parts["trainer", "missing"] == 0
+
+
+def test_the_sizes_in_the_deploy_guide_are_the_committed_results_file():
+    """docs/deploy.md quotes the committed image_sizes.json, and names its commit."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "image_sizes.json").read_text())
+    guide = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    operator, trainer = data["images"]["operator"], data["images"]["trainer"]
+    assert f"run at commit {data['commit']}" in guide
+    assert f"stand-in base: operator {operator['mb']} MB, CPU trainer {trainer['mb']} MB" in guide
+    assert f"`kubernetes` client is {operator['parts_mb']['kubernetes']} MB of the operator's " \
+           f"{operator['over_base_mb']} MB over the base" in guide
+    assert f"torch {trainer['parts_mb']['torch']} MB of the trainer's {trainer['over_base_mb']} MB" in guide
