@@ -51,6 +51,8 @@ def test_log_mode_prints_every_n_steps_or_every_s_seconds_whichever_comes_first_
     p.close("stopped at step 260/1000")
     printed = [int(line.split("/")[0].split()[-1]) for line in out.getvalue().splitlines()[:-1]]
     assert printed == [1, 101, 201, 253, 256, 259, 260]  # 260: the last step, printed at the close
+    last = out.getvalue().splitlines()[-2]
+    assert last.endswith("| done") and "ETA" not in last  # a run that stopped early leaves no ETA behind
     assert out.getvalue().splitlines()[-1] == "stopped at step 260/1000"
 
 

@@ -4,7 +4,8 @@
 
 In a pod's log, a CI job or a pipe (stdout not a TTY) a line is printed every `every_steps` steps
 or every `every_seconds` seconds, whichever comes first, and always at the first and the last
-step: a 6,100-step run leaves a readable `kubectl logs`, not 6,100 lines (reporting.logEverySteps
+step; the last step's line, printed when the run ends, says `done` where the ETA was (no ETA is
+left behind by a run that stopped early): a 6,100-step run leaves a readable `kubectl logs`, not 6,100 lines (reporting.logEverySteps
 and logEverySeconds). On a terminal, tqdm draws a live bar with the same numbers beside it.
 The ETA is to maxSteps at the mean pace so far: an upper bound, since the criterion may stop
 the run earlier.
@@ -60,7 +61,7 @@ class ProgressPrinter:
         self._clock = clock
         self._start: Optional[tuple[int, float]] = None  # (step, time) of the first report
         self._printed: Optional[tuple[int, float]] = None  # (step, time) of the last printed line
-        self._pending: Optional[str] = None  # the last line, when it was not printed
+        self._pending: Optional[tuple] = None  # the last update's (step, numbers...), when not printed
         self._bar: Optional[tqdm] = None
 
     def eta_seconds(self, step: int) -> Optional[float]:
@@ -84,13 +85,14 @@ class ProgressPrinter:
         train_loss: Optional[float] = None,
         deterministic_loss: Optional[float] = None,
         convergence_value: Optional[float] = None,
+        done: bool = False,
     ) -> str:
         width = len(str(self.max_steps))
         percent = 100.0 * step / self.max_steps if self.max_steps else 0.0
+        eta = "done" if done else f"ETA {format_duration(self.eta_seconds(step))}"
         return (
             f"step {step:>{width}}/{self.max_steps} {percent:5.1f}% | "
-            f"{self._numbers(train_loss, deterministic_loss, convergence_value)} | "
-            f"ETA {format_duration(self.eta_seconds(step))}"
+            f"{self._numbers(train_loss, deterministic_loss, convergence_value)} | {eta}"
         )
 
     def _due(self, step: int, now: float) -> bool:
@@ -122,7 +124,7 @@ class ProgressPrinter:
             self._emit(line)
             self._printed, self._pending = (step, now), None
         else:
-            self._pending = line
+            self._pending = (step, train_loss, deterministic_loss, convergence_value)
         return line
 
     def _emit(self, line: str) -> None:
@@ -130,12 +132,13 @@ class ProgressPrinter:
         self.stream.flush()
 
     def close(self, message: Optional[str] = None) -> None:
-        """Print the last step's line if it was skipped (or end the bar), then an optional message."""
+        """Print the last step's line if it was skipped, marked `done` (or end the bar), then an
+        optional message."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self._pending is not None:
-            self._emit(self._pending)
+            self._emit(self.format(*self._pending, done=True))
             self._pending = None
         if message:
             self._emit(message)
