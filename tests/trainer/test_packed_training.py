@@ -280,3 +280,30 @@ def test_one_metrics_endpoint_carries_every_member_and_the_pack(tiny_pipeline_di
     assert 'personalization_pack_slots{state="free"} 8.0' in text
     steps = sum(s["steps"] for s in json.loads((tmp_path / "pack" / "pack.json").read_text())["slots"])
     assert f"personalization_pack_concept_steps_total {float(steps)}" in text
+
+
+def test_a_member_that_left_goes_from_metrics_after_the_linger(tiny_pipeline_dir, concept_dirs, tmp_path):
+    """A long-lived pack does not pile up departed members' series: each stays for the linger
+    (so scrapes see its last values), then goes, as a solo run's go with its pod."""
+    from prometheus_client import generate_latest
+
+    from personalize.packing import PackRunner
+
+    manifests = member_specs(tiny_pipeline_dir, concept_dirs, "textualInversion", 2)
+    manifests["c0"]["spec"]["training"]["maxSteps"] = 2  # leaves while c1 trains on
+    seen, now = {}, [0.0]
+
+    class Watched(PackRunner):
+        def between_steps(self, pack, left):
+            super().between_steps(pack, left)
+            text = generate_latest(self.metrics).decode()
+            seen[self.record.step] = {name for name in manifests if f'personalizationjob="{name}"' in text}
+            if self.record.step == 3:
+                now[0] = 60.0  # the next scrape comes after the linger
+
+    runner = Watched(write_jobs(tmp_path / "jobs", manifests), tmp_path / "pack", metrics_linger=50.0)
+    runner.metrics.clock = lambda: now[0]
+    runner.run()
+    assert seen[2] == seen[3] == {"c0", "c1"}  # c0 left after step 2: still there within its linger
+    assert seen[4] == {"c1"}  # its linger over: gone, c1 still reported
+    assert 'personalization_pack_slots{state="free"}' in generate_latest(runner.metrics).decode()

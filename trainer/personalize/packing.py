@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.metrics_core import Metric
@@ -34,6 +34,9 @@ from personalize.status_reporter import StatusReporter, StatusReportError
 log = logging.getLogger("personalize")
 
 RECORD_SECONDS = 5.0  # pack.json is rewritten when a member comes or goes, and at least this often
+# A member's series stay on /metrics this long after it left, so that scrapes (every 30-60 s as a
+# rule) see its last values; then they go, as a solo run's go with its pod.
+METRICS_LINGER_SECONDS = 120.0
 
 
 def solo_only(job: PersonalizationJob) -> Optional[str]:
@@ -81,12 +84,28 @@ class PackKey:
 
 
 class MergedRegistry:
-    """One /metrics for the pack: the pack's own series and every member's, merged by family."""
+    """One /metrics for the pack: the pack's own series and every member's, merged by family. A
+    member that left is dropped `linger` seconds later."""
 
-    def __init__(self, own: CollectorRegistry):
+    def __init__(self, own: CollectorRegistry, linger: float = METRICS_LINGER_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.registries = [own]
+        self.linger, self.clock = linger, clock
+        self._until: dict[CollectorRegistry, float] = {}  # a departed member's registry -> when it goes
+
+    def add(self, registry: CollectorRegistry) -> None:
+        self.registries = [*self.registries, registry]
+
+    def retire(self, registry: CollectorRegistry) -> None:
+        self._until.setdefault(registry, self.clock() + self.linger)
 
     def collect(self):
+        now = self.clock()
+        gone = [r for r, until in list(self._until.items()) if until <= now]
+        if gone:  # a new list, not an edit: the HTTP server's thread may be iterating the old one
+            self.registries = [r for r in self.registries if r not in gone]
+            for registry in gone:
+                del self._until[registry]
         families: dict[str, Metric] = {}
         for registry in self.registries:
             for family in registry.collect():
@@ -106,7 +125,8 @@ class Member:
 
 class PackRunner:
     def __init__(self, folder: Path, output: Path, max_slots: int = 8, idle_exit: float = 0.0,
-                 metrics_port: Optional[int] = None, shutdown: Optional[GracefulShutdown] = None):
+                 metrics_port: Optional[int] = None, shutdown: Optional[GracefulShutdown] = None,
+                 metrics_linger: float = METRICS_LINGER_SECONDS):
         self.folder, self.output, self.max_slots, self.idle_exit = folder, output, max_slots, idle_exit
         self.metrics_port, self.shutdown = metrics_port, shutdown
         output.mkdir(parents=True, exist_ok=True)
@@ -126,7 +146,7 @@ class PackRunner:
         self.slots_gauge = Gauge("personalization_pack_slots", "Slots of the pack by state.", ["state"], registry=self.registry)
         self.concept_steps = Counter("personalization_pack_concept_steps", "Concept-steps trained by the pack.",
                                      registry=self.registry)
-        self.metrics = MergedRegistry(self.registry)
+        self.metrics = MergedRegistry(self.registry, linger=metrics_linger)
         self._update_slot_gauges()
 
     # ---- the run -----------------------------------------------------------------------------
@@ -330,7 +350,7 @@ class PackRunner:
             runner.reporter = StatusReporter.from_env(member_environ(namespace, name))
         runner.metrics = TrainerMetrics(namespace, name, job.spec.method.value, job.spec.early_stopping.criterion.value)
         runner.trackers = Trackers.from_spec(job.spec, output, name)
-        self.metrics.registries.append(runner.metrics.registry)
+        self.metrics.add(runner.metrics.registry)
         return runner
 
     def leave(self, member: Member) -> None:
@@ -357,6 +377,7 @@ class PackRunner:
             self._fail_member(member, f"{type(err).__name__}: {err}", record)
         finally:
             runner.trackers.finish()
+            self.metrics.retire(runner.metrics.registry)
             self._release(slot)
         log.info("pack: %s left at pack step %d after %d steps (%s)", member.name, self.record.step, slot.step,
                  record.stop_reason)
@@ -372,6 +393,7 @@ class PackRunner:
         runner.report.early_stop = EarlyStop(stopped=False, reason=StopReason.cancelled, step=slot.step)
         runner.report.message = "its manifest was removed from the pack's folder"
         runner._write_final_report()
+        self.metrics.retire(runner.metrics.registry)
         self._release(slot)
         log.info("pack: %s cancelled at its step %d", member.name, slot.step)
 
@@ -401,6 +423,7 @@ class PackRunner:
         runner.report.message = message
         runner.report.early_stop = EarlyStop(stopped=False, reason=StopReason.failed)
         runner._write_final_report()
+        self.metrics.retire(runner.metrics.registry)
 
     def _fail_unjoined(self, name: str, message: str) -> None:
         """A manifest that never trained: OUT/NAME/result.json says why, in one line."""
