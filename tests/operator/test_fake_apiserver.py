@@ -126,3 +126,37 @@ def test_watch_timeouts_must_be_integers(cluster):
         cluster.kube.request("GET", "/api/v1/namespaces/default/configmaps", query={"timeoutSeconds": "300.0"})
     assert err.value.status == 400
     assert cluster.kube.request("GET", "/api/v1/namespaces/default/configmaps", query={"timeoutSeconds": "300"})
+
+
+def watched_names(cluster, query: str) -> list[tuple[str, str]]:
+    """(type, name) of the events a ConfigMap watch stream sends before 1 s of silence."""
+    import json
+    import urllib.request
+
+    events = []
+    with urllib.request.urlopen(f"{cluster.url}/api/v1/namespaces/default/configmaps?watch=true{query}",
+                                timeout=1.0) as stream:
+        try:
+            for line in iter(stream.readline, b""):
+                if line.strip():
+                    events.append(json.loads(line))
+        except TimeoutError:
+            pass  # the stream stays open: what came before the silence is what it sends
+    return [(e["type"], e["object"]["metadata"]["name"]) for e in events]
+
+
+def test_a_watch_from_a_resource_version_sends_only_later_changes_when_asked(cluster):
+    def config_map(name: str) -> dict:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"}}
+
+    cluster.create(config_map("old"))
+    # kmock's own way, kept for the tests: every stream starts with every object
+    assert watched_names(cluster, "&resourceVersion=999999") == [("ADDED", "old")]
+
+    cluster.server.watches_resume = True  # a real API server's way
+    listed = cluster.kube.request("GET", "/api/v1/namespaces/default/configmaps")
+    version = listed["metadata"]["resourceVersion"]
+    assert version == cluster.kube.get("v1", "ConfigMap", "default", "old")["metadata"]["resourceVersion"]
+    cluster.create(config_map("new"))
+    assert watched_names(cluster, f"&resourceVersion={version}") == [("ADDED", "new")]
+    assert watched_names(cluster, "") == [("ADDED", "old"), ("ADDED", "new")]  # no version: everything
