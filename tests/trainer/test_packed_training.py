@@ -307,3 +307,22 @@ def test_a_member_that_left_goes_from_metrics_after_the_linger(tiny_pipeline_dir
     assert seen[2] == seen[3] == {"c0", "c1"}  # c0 left after step 2: still there within its linger
     assert seen[4] == {"c1"}  # its linger over: gone, c1 still reported
     assert 'personalization_pack_slots{state="free"}' in generate_latest(runner.metrics).decode()
+
+
+def test_a_token_a_departed_member_trained_can_be_trained_again(tiny_pipeline_dir, concept_dirs, tmp_path):
+    """The shared tokenizer keeps a member's new token after it left (it cannot drop one). A later
+    member asking for the same token waits while the first trains, then trains it afresh: from
+    the initializer, as it would alone, not from the first member's embedding."""
+    manifests = member_specs(tiny_pipeline_dir, concept_dirs, "textualInversion", 2)
+    for m in manifests.values():
+        m["spec"]["concept"]["token"] = "<same>"
+    manifests["c0"]["spec"]["training"]["maxSteps"] = 3
+    record = run_pack(write_jobs(tmp_path / "jobs", manifests), tmp_path / "pack")
+    by_name = {s["name"]: s for s in record["slots"]}
+    assert by_name["c0"]["phase"] == "Succeeded" and by_name["c0"]["steps"] == 3
+    assert by_name["c1"]["phase"] == "Succeeded", by_name["c1"]["message"]
+    assert by_name["c1"]["joinedAt"] == 3  # it waited for c0's token to be free
+    alone = run_solo(manifests["c1"], tmp_path / "solo")
+    assert max_relative_error(det_series(tmp_path / "pack" / "c1"), det_series(alone)) <= 1e-4
+    assert artifact_error(tmp_path / "pack" / "c1" / ARTIFACT["textualInversion"],
+                          alone / ARTIFACT["textualInversion"]) <= ARTIFACT_TOLERANCE["textualInversion"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
 import torch
 
@@ -102,15 +102,20 @@ def _initial_embedding(tokenizer, embeddings: torch.nn.Embedding, initializer: O
     return table[ids].mean(dim=0)
 
 
-def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initializer: Optional[str]) -> Identifier:
-    """Add `token` (and `token_1` ... for multi-vector embeddings) and grow the embedding table."""
+def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initializer: Optional[str],
+               reusable: Collection[str] = ()) -> Identifier:
+    """Add `token` (and `token_1` ... for multi-vector embeddings) and grow the embedding table.
+    Names in `reusable` that the tokenizer has already added (a pack's departed concepts' tokens:
+    a shared tokenizer cannot drop one) are taken over instead; all rows start from the initializer."""
     names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-    added = tokenizer.add_tokens(names)
-    if added != num_vectors:
+    present = tokenizer.get_added_vocab()
+    new = [name for name in names if not (name in reusable and name in present)]
+    if tokenizer.add_tokens(new) != len(new):
         raise TrainerInputError(f"token {token!r} (or one of {names}) already exists in the tokenizer")
     new_ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
     init = _initial_embedding(tokenizer, text_encoder.get_input_embeddings(), initializer)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
+    if new:
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         for new_id in new_ids:
@@ -142,17 +147,19 @@ def setup_identifier(
     initializer: Optional[str] = None,
     exclude_texts: Iterable[str] = (),
     method: str = "this method",
+    reusable: Collection[str] = (),
 ) -> Identifier:
     """Resolve the concept's `token` setting into an Identifier, changing tokenizer/text encoder
-    in place when new tokens are needed."""
+    in place when new tokens are needed. `reusable`: tokens of concepts that left the pack (see
+    add_tokens); a new concept may train one of them again."""
     if token != "auto" and learns_embedding:
-        if exists_in_vocabulary(tokenizer, token):
+        if token not in reusable and exists_in_vocabulary(tokenizer, token):
             raise TrainerInputError(
                 f"concept.token {token!r} already exists in the tokenizer's vocabulary; {method} trains a new "
                 "embedding for its token: choose a word the tokenizer does not know (e.g. '<my-concept>') "
                 "or use token: auto"
             )
-        return add_tokens(tokenizer, text_encoder, token, num_vectors, initializer)
+        return add_tokens(tokenizer, text_encoder, token, num_vectors, initializer, reusable)
     if token != "auto":
         if token.lower() in words_in(exclude_texts):
             raise TrainerInputError(
@@ -172,11 +179,13 @@ def setup_identifier(
     return identifier
 
 
-def add_to_more_encoders(identifier: Identifier, encoders: Iterable, initializer: Optional[str]) -> None:
+def add_to_more_encoders(identifier: Identifier, encoders: Iterable, initializer: Optional[str],
+                         reusable: Collection[str] = ()) -> None:
     """Add a new identifier's tokens to further text encoders too (each `encoder` has `.name`,
     `.tokenizer`, `.module`), each row starting from that encoder's own initializer embedding."""
     if not identifier.added:
         return
     for encoder in encoders:
-        added = add_tokens(encoder.tokenizer, encoder.module, identifier.token, len(identifier.names), initializer)
+        added = add_tokens(encoder.tokenizer, encoder.module, identifier.token, len(identifier.names), initializer,
+                           reusable)
         identifier.more_token_ids[encoder.name] = added.token_ids

@@ -31,7 +31,7 @@ import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import diffusers
 import torch
@@ -353,13 +353,15 @@ class JobRunner:
         return models, spec.training.resolution or default_resolution(pipe)
 
     def prepare_concept(self, models: Models, resolution: int, routing: Optional[BatchRouting] = None,
-                        taken: tuple[str, ...] = (), chosen_token: Optional[str] = None) -> "ConceptSetup":
+                        taken: tuple[str, ...] = (), chosen_token: Optional[str] = None,
+                        reusable: Collection[str] = ()) -> "ConceptSetup":
         """Everything before the first step: the identifier (new tokens in the shared tokenizer
         and text encoders), class images, the checkpoint to resume from, the concept's examples
         and the grid before training. `routing`: the pack's, whose other concepts' weights the
         class images and the first grid must not see, and `taken` their identifiers (an auto
         token avoids them). `chosen_token`: the token an earlier attempt chose for `token: auto`
-        (a restarted pack: other members, whose tokens the choice avoided, may be gone)."""
+        (a restarted pack: other members, whose tokens the choice avoided, may be gone).
+        `reusable`: the pack's departed members' new tokens, which this concept may train again."""
         spec, output, accelerator = self.spec, self.output, self.accelerator
         device = accelerator.device
         base_only = routing.uniform(BASE) if routing is not None else contextlib.nullcontext()
@@ -378,9 +380,11 @@ class JobRunner:
             exclude_texts=[*spec.caption_templates, *spec.validation.prompts, class_prompt(spec), concept.class_noun or "",
                            *caption_file_words(concept), *(taken if concept.token == "auto" else ())],
             method=spec.method.value,
+            reusable=reusable,
         )
         # a new token gets a row in every text encoder that reads the identifier (SDXL: two)
-        add_to_more_encoders(identifier, models.family.identifier_encoders(models)[1:], spec.initializer_token)
+        add_to_more_encoders(identifier, models.family.identifier_encoders(models)[1:], spec.initializer_token,
+                             reusable)
         class_examples = None
         if any(stage.prior_preservation for stage in self.stages):
             with accelerator.main_process_first(), base_only:

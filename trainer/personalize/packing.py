@@ -138,6 +138,9 @@ class PackRunner:
         self.pack: Optional[Pack] = None
         self.models = self.resolution = self.accelerator = None
         self.routes = 0
+        # New tokens of members that left: a shared tokenizer cannot drop a token, so a later
+        # member that asks for one of them trains it again (its rows start afresh).
+        self.released_tokens: set[str] = set()
         self._manifests: dict[Path, tuple[tuple, tuple]] = {}  # path -> (stat key, (job, error))
         self._written = 0.0  # when pack.json was last written
         self._between = 0.0  # seconds spent between steps (outputs, joins) in the current train()
@@ -283,6 +286,7 @@ class PackRunner:
         if self._token_in_use(job):
             return  # the same new token as a training member: it joins once that one has left
         output = self.output / name
+        runner: Optional[JobRunner] = None
         try:
             output = preflight(job, output)
             if _finished(output):  # left before a restart: not trained again (an owed upload is retried)
@@ -295,10 +299,15 @@ class PackRunner:
             taken = tuple(m.slot.identifier.token for m in self.active.values()) \
                 if METHODS[job.spec.method.value].learns_embedding else ()
             # a restart: an auto token is the one its checkpoint trained (record.token), whatever left since
-            setup = runner.prepare_concept(self.models, self.resolution, self.pack.routing, taken, record.token)
+            setup = runner.prepare_concept(self.models, self.resolution, self.pack.routing, taken, record.token,
+                                           frozenset(self.released_tokens))
         except (TrainerInputError, SpecError, StatusReportError) as err:
+            if runner is not None:  # tokens it added before it failed are free again
+                self._release_tokens(runner.identifier)
             self._fail_unjoined(name, str(err))
             return
+        if setup.identifier.added:
+            self.released_tokens -= set(setup.identifier.names)
         record.token = setup.identifier.token
         stage = runner.stages[0]
         printer = runner.printer(stage)
@@ -316,6 +325,8 @@ class PackRunner:
             if slot is not None:
                 self.pack.leave(slot)
                 self._release(slot)
+            else:
+                self._release_tokens(setup.identifier)
             runner.trackers.finish()
             self._fail_unjoined(name, f"{type(err).__name__}: {err}")
             return
@@ -413,7 +424,12 @@ class PackRunner:
 
     def _release(self, slot: Slot) -> None:
         slot.method.release()
+        self._release_tokens(slot.identifier)
         self.pack.refresh_trainable()
+
+    def _release_tokens(self, identifier) -> None:
+        if identifier is not None and identifier.added:
+            self.released_tokens |= set(identifier.names)
 
     def _fail_member(self, member: Member, message: str, record: Optional[MemberRecord] = None) -> None:
         record = record or self.record.members[member.name]
