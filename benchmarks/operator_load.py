@@ -520,6 +520,11 @@ def scale_report(result: dict) -> str:
     for label in labels:
         by = runs[label]["steady_state"]["requests_per_minute_by_verb_and_resource"]
         detail.append(f"- {label}: " + (", ".join(f"{k} {v}" for k, v in by.items()) or "none"))
+        ticks = by.get("list personalizationjobs", 0.0)  # a listing pump lists them once per tick
+        if ticks:
+            detail.append(f"  (a tick lists every kind: {ticks:g} ticks a minute, one every {60 / ticks:.0f} s "
+                          f"against the 10 s interval, so the listings are bounded by how fast the fake API "
+                          f"server answers them; a faster server gets more)")
     return "\n".join([
         "# The operator at steady state, at scale",
         "",
