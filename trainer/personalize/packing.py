@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 
 from personalize.artifacts import Snapshots
 from personalize.errors import TrainerInputError
+from personalize.identifier import Identifier
 from personalize.job_runner import ConceptSetup, JobRunner, make_job_accelerator
 from personalize.loop import Pack, train
 from personalize.metrics import TrainerMetrics
@@ -302,8 +303,9 @@ class PackRunner:
             setup = runner.prepare_concept(self.models, self.resolution, self.pack.routing, taken, record.token,
                                            frozenset(self.released_tokens))
         except (TrainerInputError, SpecError, StatusReportError) as err:
-            if runner is not None:  # tokens it added before it failed are free again
+            if runner is not None:  # tokens it added before it failed are free again; its series go
                 self._release_tokens(runner.identifier)
+                self.metrics.retire(runner.metrics.registry)
             self._fail_unjoined(name, str(err))
             return
         if setup.identifier.added:
@@ -328,6 +330,7 @@ class PackRunner:
             else:
                 self._release_tokens(setup.identifier)
             runner.trackers.finish()
+            self.metrics.retire(runner.metrics.registry)
             self._fail_unjoined(name, f"{type(err).__name__}: {err}")
             return
         self.active[name] = Member(name, runner, setup, slot, printer)
@@ -427,7 +430,7 @@ class PackRunner:
         self._release_tokens(slot.identifier)
         self.pack.refresh_trainable()
 
-    def _release_tokens(self, identifier) -> None:
+    def _release_tokens(self, identifier: Optional[Identifier]) -> None:
         if identifier is not None and identifier.added:
             self.released_tokens |= set(identifier.names)
 
