@@ -126,10 +126,12 @@ def command(founder: api.PersonalizationJobSpec, settings: Settings) -> list[str
         "personalize-train", "pack",
         "--jobs", JOBS_DIR,
         "--output", packing.output_root(founder),
-        "--metrics-port", str(getattr(settings, "trainer_metrics_port", 9400)),
+        "--metrics-port", str(settings.trainer_metrics_port),
         # After its last member finished, the trainer waits this long for a new one (see Settings).
         "--idle-exit", _seconds(settings.packing_idle_exit_seconds),
         "--max-slots", str(settings.packing_max_slots),
+        # A member that left stays on /metrics this long, as a solo trainer's final values do.
+        "--metrics-linger", _seconds(settings.trainer_metrics_linger_seconds),
     ]
 
 

@@ -47,6 +47,7 @@ def test_eight_compatible_jobs_make_one_job_and_a_ninth_a_second(cluster, run_op
                                             "--output", "/output/runs"]
         assert container["command"][container["command"].index("--max-slots") + 1] == "8"
         assert container["command"][container["command"].index("--idle-exit") + 1] == "120"
+        assert container["command"][container["command"].index("--metrics-linger") + 1] == "30"  # the solo linger
         assert {e["name"] for e in container["env"]} >= {"PJ_NAMESPACE"} and \
             "PJ_NAME" not in {e["name"] for e in container["env"]}
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -47,11 +47,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
                         help="exit 0 once no slot trains and no new manifest came for this long (default 0)")
     parser.add_argument("--max-slots", type=int, default=8, metavar="N", help="concepts training at once (default 8)")
+    parser.add_argument("--metrics-linger", type=float, default=120.0, metavar="SECONDS",
+                        help="a member's series stay on /metrics this long after it left, so a scrape sees its "
+                             "decision (default 120)")
     args = parser.parse_args(argv)
     if args.max_slots < 1:
         parser.error("--max-slots must be at least 1")
     if args.idle_exit < 0:
         parser.error("--idle-exit must be >= 0")
+    if args.metrics_linger < 0:
+        parser.error("--metrics-linger must be >= 0")
     return args
 
 
@@ -75,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with GracefulShutdown() as shutdown:
         runner = PackRunner(folder, Path(args.output), max_slots=args.max_slots, idle_exit=args.idle_exit,
-                            metrics_port=args.metrics_port, shutdown=shutdown)
+                            metrics_port=args.metrics_port, shutdown=shutdown, metrics_linger=args.metrics_linger)
         try:
             return runner.run()
         except TrainingInterrupted as stop:

@@ -35,8 +35,9 @@ from personalize.status_reporter import StatusReporter, StatusReportError
 log = logging.getLogger("personalize")
 
 RECORD_SECONDS = 5.0  # pack.json is rewritten when a member comes or goes, and at least this often
-# A member's series stay on /metrics this long after it left, so that scrapes (every 30-60 s as a
-# rule) see its last values; then they go, as a solo run's go with its pod.
+# A member's series stay on /metrics this long after it left (`pack --metrics-linger`; the operator
+# passes its trainer linger), so that scrapes see its last values; then they go, as a solo run's
+# go with its pod.
 METRICS_LINGER_SECONDS = 120.0
 
 
