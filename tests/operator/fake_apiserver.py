@@ -406,7 +406,10 @@ class StrictApiServer(kmock.KubernetesEmulator):
             self._loop_call_later(float(timeout), self._wake, request.resource)
         since = _version(request.params.get("resourceVersion")) if self.watches_resume else None
         async for event in super()._serve_watch(request):
-            if since and isinstance(event, dict) and event.get("type") in ("ADDED", "MODIFIED") and \
+            # kmock's replay at the stream's start is all ADDED; a live ADDED (a creation) always
+            # has a newer version. Live MODIFIED/DELETED events pass whatever their version (kmock's
+            # deletion mark on an object with finalizers keeps the old one).
+            if since and isinstance(event, dict) and event.get("type") == "ADDED" and \
                     _version(((event.get("object") or {}).get("metadata") or {}).get("resourceVersion")) <= since:
                 continue  # seen by the client before this stream: a real server would not resend it
             if deadline is not None and time.monotonic() >= deadline:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,22 +95,28 @@ class MergedRegistry:
         self.registries = [own]
         self.linger, self.clock = linger, clock
         self._until: dict[CollectorRegistry, float] = {}  # a departed member's registry -> when it goes
+        # The training thread adds and retires; every scrape (a thread each) prunes and reads.
+        self._lock = threading.Lock()
 
     def add(self, registry: CollectorRegistry) -> None:
-        self.registries = [*self.registries, registry]
+        with self._lock:
+            self.registries = [*self.registries, registry]
 
     def retire(self, registry: CollectorRegistry) -> None:
-        self._until.setdefault(registry, self.clock() + self.linger)
+        with self._lock:
+            self._until.setdefault(registry, self.clock() + self.linger)
 
     def collect(self):
-        now = self.clock()
-        gone = [r for r, until in list(self._until.items()) if until <= now]
-        if gone:  # a new list, not an edit: the HTTP server's thread may be iterating the old one
-            self.registries = [r for r in self.registries if r not in gone]
-            for registry in gone:
-                del self._until[registry]
+        with self._lock:
+            now = self.clock()
+            gone = {r for r, until in self._until.items() if until <= now}
+            if gone:
+                self.registries = [r for r in self.registries if r not in gone]
+                for registry in gone:
+                    del self._until[registry]
+            registries = self.registries
         families: dict[str, Metric] = {}
-        for registry in self.registries:
+        for registry in registries:
             for family in registry.collect():
                 merged = families.get(family.name)
                 if merged is None:
@@ -306,6 +313,7 @@ class PackRunner:
         except (TrainerInputError, SpecError, StatusReportError) as err:
             if runner is not None:  # tokens it added before it failed are free again; its series go
                 self._release_tokens(runner.identifier)
+                runner.trackers.finish()
                 self.metrics.retire(runner.metrics.registry)
             self._fail_unjoined(name, str(err))
             return
