@@ -108,12 +108,10 @@ def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initialize
     Names in `reusable` that the tokenizer has already added (a pack's departed concepts' tokens:
     a shared tokenizer cannot drop one) are taken over instead; all rows start from the initializer."""
     names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-    present = tokenizer.get_added_vocab()
-    new = [name for name in names if not (name in reusable and name in present)]
-    vocab = tokenizer.get_vocab()
-    if any(name in vocab for name in new):  # checked first: add_tokens would add the others anyway
-        raise TrainerInputError(f"token {token!r} (or one of {names}) already exists in the tokenizer")
-    if tokenizer.add_tokens(new) != len(new):
+    vocab = tokenizer.get_vocab()  # added tokens included
+    new = [name for name in names if not (name in reusable and name in vocab)]
+    # checked before adding: add_tokens would add the other names and leave them without rows
+    if any(name in vocab for name in new) or tokenizer.add_tokens(new) != len(new):
         raise TrainerInputError(f"token {token!r} (or one of {names}) already exists in the tokenizer")
     new_ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
     init = _initial_embedding(tokenizer, text_encoder.get_input_embeddings(), initializer)

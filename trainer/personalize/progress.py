@@ -4,9 +4,9 @@
 
 In a pod's log, a CI job or a pipe (stdout not a TTY) a line is printed every `every_steps` steps
 or every `every_seconds` seconds, whichever comes first, and always at the first and the last
-step; the last step's line, printed when the run ends, says `done` where the ETA was (no ETA is
-left behind by a run that stopped early): a 6,100-step run leaves a readable `kubectl logs`, not 6,100 lines (reporting.logEverySteps
-and logEverySeconds). On a terminal, tqdm draws a live bar with the same numbers beside it.
+step: a 6,100-step run leaves a readable `kubectl logs`, not 6,100 lines (reporting.logEverySteps
+and logEverySeconds). A last step's line held back until the run ends says `done` where the ETA
+was. On a terminal, tqdm draws a live bar with the same numbers beside it.
 The ETA is to maxSteps at the mean pace so far: an upper bound, since the criterion may stop
 the run earlier.
 """
