@@ -311,10 +311,9 @@ class PackRunner:
             setup = runner.prepare_concept(self.models, self.resolution, self.pack.routing, taken, record.token,
                                            frozenset(self.released_tokens))
         except (TrainerInputError, SpecError, StatusReportError) as err:
-            if runner is not None:  # tokens it added before it failed are free again; its series go
+            if runner is not None:  # tokens it added before it failed are free again
                 self._release_tokens(runner.identifier)
-                runner.trackers.finish()
-                self.metrics.retire(runner.metrics.registry)
+                self._close(runner)
             self._fail_unjoined(name, str(err))
             return
         if setup.identifier.added:
@@ -338,8 +337,7 @@ class PackRunner:
                 self._release(slot)
             else:
                 self._release_tokens(setup.identifier)
-            runner.trackers.finish()
-            self.metrics.retire(runner.metrics.registry)
+            self._close(runner)
             self._fail_unjoined(name, f"{type(err).__name__}: {err}")
             return
         self.active[name] = Member(name, runner, setup, slot, printer)
@@ -399,8 +397,7 @@ class PackRunner:
         except Exception as err:  # this member alone fails; the pack goes on
             self._fail_member(member, f"{type(err).__name__}: {err}", record)
         finally:
-            runner.trackers.finish()
-            self.metrics.retire(runner.metrics.registry)
+            self._close(runner)
             self._release(slot)
         log.info("pack: %s left at pack step %d after %d steps (%s)", member.name, self.record.step, slot.step,
                  record.stop_reason)
@@ -416,7 +413,7 @@ class PackRunner:
         runner.report.early_stop = EarlyStop(stopped=False, reason=StopReason.cancelled, step=slot.step)
         runner.report.message = "its manifest was removed from the pack's folder"
         runner._write_final_report()
-        self.metrics.retire(runner.metrics.registry)
+        self._close(runner)
         self._release(slot)
         log.info("pack: %s cancelled at its step %d", member.name, slot.step)
 
@@ -438,6 +435,12 @@ class PackRunner:
         slot.method.release()
         self._release_tokens(slot.identifier)
         self.pack.refresh_trainable()
+
+    def _close(self, runner: JobRunner) -> None:
+        """A member is done with (it left, was cancelled or could not join): its trackers end, and
+        its series leave /metrics after the linger."""
+        runner.trackers.finish()
+        self.metrics.retire(runner.metrics.registry)
 
     def _release_tokens(self, identifier: Optional[Identifier]) -> None:
         if identifier is not None and identifier.added:
